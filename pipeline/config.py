@@ -1,0 +1,287 @@
+"""pipeline.yaml: the schema, its validation, and flag overrides.
+
+Every key is declared once in SCHEMA with its type, default, bounds and a one-line help. Loading rejects
+unknown keys, wrong types and out-of-range values with one line naming the key and the file.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+
+DEFAULT_CONFIG_NAME = "pipeline.yaml"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its type, default, bounds and meaning."""
+
+    kind: type | tuple[type, ...]     # accepted Python type(s) after YAML parsing
+    default: Any                      # value when the file omits the key
+    help: str                         # one line, shown by `dra-pipe config --explain`
+    min: float | None = None          # inclusive lower bound for numbers
+    max: float | None = None          # inclusive upper bound for numbers
+    choices: tuple | None = None      # allowed values
+    nullable: bool = False            # whether null is allowed
+    item: type | None = None          # element type for lists
+    below_max: bool = False           # max is exclusive
+
+
+def _k(kind, default, help, **kw) -> Key:
+    return Key(kind, default, help, **kw)
+
+
+SCHEMA: dict[str, Any] = {
+    "root": _k(str, "./dra-data", "workspace root holding images/, features/, models/, runs/"),
+    "data": {
+        "importer": _k(str, "digits", "real data set to import", choices=("digits", "cifar10", "cifar100", "npz", "folder")),
+        "source": _k(str, None, "file or folder to import from (not needed for digits)", nullable=True),
+        "name": _k(str, None, "image-set name prefix; default: the importer's name", nullable=True),
+        "shard_size": _k(int, 10000, "samples per image shard (and per feature shard)", min=1, max=10_000_000),
+        "image_format": _k(str, "png", "image encoding inside shards: png (lossless) or npy (raw)", choices=("png", "npy")),
+        "test_fraction": _k(float, 0.2, "digits only: fraction held out as the test split", min=0.01, max=0.9),
+        "split_seed": _k(int, 0, "digits only: seed of the deterministic train/test split", min=0),
+    },
+    "model": {
+        "spec": _k(str, "fit", "diffusion model: fit (train one with fit-diffusion) | edm:PATH.pkl | diffusers:DIR | dra:DIR"),
+        "dtype": _k(str, "float32", "compute dtype of the frozen model", choices=("float32", "bfloat16", "float16")),
+    },
+    "fit_diffusion": {
+        "model_channels": _k(int, 32, "base channel count of the SongUNet trained by fit-diffusion", min=4, max=512),
+        "channel_mult": _k(list, [1, 2], "channel multiplier per resolution level", item=int),
+        "num_blocks": _k(int, 2, "residual blocks per resolution level", min=1, max=8),
+        "batch_size": _k(int, 128, "training batch size", min=1, max=65536),
+        "lr": _k(float, 1e-3, "Adam learning rate", min=0.0, max=1.0),
+        "ema_halflife_kimg": _k(float, 50.0, "EMA half-life in thousands of images", min=0.0),
+        "duration_kimg": _k(float, 2000.0, "training length in thousands of images", min=0.001),
+        "seed": _k(int, 0, "training seed", min=0),
+    },
+    "generate": {
+        "n": _k((int, str), 10000, "images to generate (accepts 20M, 1.5k, 1e6)"),
+        "name": _k(str, None, "generated image-set name; default: <data name>-gen", nullable=True),
+        "seed": _k(int, 0, "run seed: sample i's label and noise depend only on (seed, i)", min=0),
+        "sampler": _k(str, "heun", "sampler", choices=("heun", "euler", "dpm-solver")),
+        "steps": _k(int, 18, "sampler steps (Heun: 2*steps-1 network evaluations)", min=1, max=1000),
+        "churn": _k(float, 0.0, "EDM S_churn (0 = deterministic)", min=0.0),
+        "batch_size": _k(int, 256, "images per sampler batch", min=1, max=65536),
+    },
+    "features": {
+        "timesteps": _k(list, [100], "DDPM timesteps t in [0, 999]; sigma(t) on the linear schedule", item=int),
+        "layer": _k(str, "auto", "diffusion layer to cache; auto = the bottleneck (e.g. dec.8x8_in1)"),
+        "pool": _k((str, int), "none", "spatial pooling of targets", choices=("none", "2", "4", "global")),
+        "flip": _k(bool, True, "also store the target of the horizontally flipped image"),
+        "noise_seed": _k(int, 0, "seed of the noise eps drawn per (seed, sample id, timestep)", min=0),
+        "dtype": _k(str, "float16", "stored dtype of targets", choices=("float16",)),
+        "compression": _k(str, "none", "compression of target chunks (float16 features barely compress)", choices=("none", "zstd", "blosc")),
+        "batch_size": _k(int, 256, "images per forward pass", min=1, max=65536),
+    },
+    "train": {
+        "arch": _k(str, "small-cnn", "classifier architecture",
+                   choices=("small-cnn", "preact-resnet18", "resnet18", "wrn-28-10", "wrn-34-10", "wrn-70-16")),
+        "objective": _k(str, "trades", "adversarial objective", choices=("pgd-at", "trades", "clean")),
+        "epochs": _k(int, 10, "epochs of ceil(N_real / batch) batches", min=1),
+        "batch_size": _k(int, 128, "batch size", min=1, max=65536),
+        "unsup_fraction": _k(float, 0.5, "fraction of each batch drawn from generated data, in [0, 1)", min=0.0, max=1.0, below_max=True),
+        "lr": _k(float, 0.1, "peak SGD learning rate", min=0.0),
+        "weight_decay": _k(float, 5e-4, "weight decay (skipped on BN and biases)", min=0.0),
+        "label_smoothing": _k(float, 0.1, "label smoothing of the clean cross-entropy", min=0.0, max=1.0),
+        "trades_beta": _k(float, 5.0, "TRADES beta", min=0.0),
+        "epsilon": _k(float, 0.25, "L-inf radius in [0, 1] pixel units (digits have 16 grey levels: 8/255 is meaningless)", min=0.0, max=1.0),
+        "attack_steps": _k(int, 10, "PGD steps during training", min=1),
+        "attack_step_size": _k(float, 0.0625, "PGD step size in [0, 1] pixel units", min=0.0, max=1.0),
+        "ema_decay": _k(float, 0.995, "EMA decay tau (with warmup)", min=0.0, max=1.0),
+        "dra": _k(bool, True, "add the diffusion representation alignment loss"),
+        "dra_lambda": _k(float, 0.5, "weight of the DRA loss", min=0.0),
+        "dra_layer": _k(str, "auto", "classifier feature map aligned with the targets; auto = per architecture"),
+        "dra_view": _k(str, "adversarial", "input view whose features are aligned", choices=("adversarial", "clean")),
+        "dra_hidden": _k(int, 2048, "hidden width of the projection head", min=1),
+        "seed": _k(int, 0, "training seed", min=0),
+        "workers": _k(int, 1, "data-parallel Ray Train workers", min=1),
+        "loader_workers": _k(int, 2, "DataLoader worker processes per rank", min=0, max=64),
+    },
+    "eval": {
+        "n": _k(int, 0, "evaluate the first n test images (0 = all)", min=0),
+        "pgd_steps": _k(int, 20, "PGD steps", min=1),
+        "pgd_restarts": _k(int, 1, "PGD restarts", min=1),
+        "autoattack": _k(bool, True, "run AutoAttack standard (pyautoattack)"),
+    },
+    "ray": {
+        "address": _k(str, None, "null = local ray.init(); auto or HOST:PORT joins a cluster", nullable=True),
+        "num_cpus": _k(int, 2, "CPUs of the local Ray instance", min=1),
+        "cpu_actors": _k(int, 1, "stage-1 actors when there is no GPU", min=1),
+        "max_retries": _k(int, 3, "attempts per shard before the job stops with the shard's error", min=1),
+    },
+}
+
+
+class Config(dict):
+    """Resolved configuration: a nested dict with attribute access (cfg.train.batch_size)."""
+
+    _origin: str = "<defaults>"   # the file it was read from (keys never start with "_")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _wrap(d: dict, source: str) -> Config:
+    out = Config({k: _wrap(v, source) if isinstance(v, dict) else v for k, v in d.items()})
+    out._origin = source
+    return out
+
+
+def defaults() -> dict:
+    """The full default configuration as plain nested dicts."""
+    def walk(schema):
+        return {k: walk(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
+    return walk(SCHEMA)
+
+
+def _type_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({int: "integer", float: "number", str: "string", bool: "true/false", list: "list"}[k] for k in kinds)
+
+
+def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
+    """Validate (and normalise int->float) one value; raise UserError naming the key and file."""
+    prefix = f"{where}: key '{dotted}'"
+    if value is None:
+        if key.nullable:
+            return None
+        raise UserError(f"{prefix} must not be null (expected {_type_name(key.kind)})")
+    kinds = key.kind if isinstance(key.kind, tuple) else (key.kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and bool not in kinds:
+        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{prefix} must be finite, got {value!r}")
+    if key.choices is not None and isinstance(value, int) and str(value) in key.choices:
+        value = str(value)          # `pool: 2` in YAML means the choice "2"
+    if key.choices is not None and value not in key.choices:
+        raise UserError(f"{prefix} must be one of {', '.join(map(str, key.choices))}; got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key.min is not None and value < key.min:
+            raise UserError(f"{prefix} must be >= {key.min}, got {value!r}")
+        if key.max is not None and (value >= key.max if key.below_max else value > key.max):
+            bound = f"< {key.max}" if key.below_max else f"<= {key.max}"
+            raise UserError(f"{prefix} must be {bound}, got {value!r}")
+    if isinstance(value, list) and key.item is not None:
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, key.item):
+                raise UserError(f"{prefix} must be a list of {_type_name(key.item)}, got {value!r}")
+    return value
+
+
+def _validate(schema: dict, data: Any, where: str, path: str = "") -> dict:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: section '{path or '<top level>'}' must be a mapping, got {data!r}")
+    out = {}
+    for name, value in data.items():
+        dotted = f"{path}.{name}" if path else str(name)
+        if name not in schema:
+            valid = ", ".join(schema)
+            raise UserError(f"{where}: unknown key '{dotted}' (valid here: {valid})")
+        spec = schema[name]
+        out[name] = _validate(spec, value, where, dotted) if isinstance(spec, dict) else check_value(dotted, spec, value, where)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def key_spec(dotted: str) -> Key:
+    node: Any = SCHEMA
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise UserError(f"unknown configuration key '{dotted}'")
+        node = node[part]
+    if isinstance(node, dict):
+        raise UserError(f"'{dotted}' is a section, not a key")
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- the YAML file (if it exists or was asked for) <- flag overrides (dotted keys)."""
+    resolved = defaults()
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            if path.name != DEFAULT_CONFIG_NAME or path.parent != Path("."):
+                raise UserError(f"config file {path} does not exist; pass --config with an existing pipeline.yaml")
+        else:
+            source = str(path)
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                at = f" at line {mark.line + 1}" if mark else ""
+                raise UserError(f"{path}: not valid YAML{at}; fix the syntax") from None
+            _merge(resolved, _validate(SCHEMA, data, str(path)))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        checked = check_value(dotted, key_spec(dotted), value, "command line")
+        node = resolved
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = checked
+    return _wrap(resolved, source)
+
+
+def to_yaml(cfg: dict) -> str:
+    def plain(d):
+        return {k: plain(v) if isinstance(v, dict) else v for k, v in d.items()}
+    return yaml.safe_dump(plain(cfg), sort_keys=False)
+
+
+def explain() -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every key, in schema order."""
+    rows = []
+
+    def walk(schema, prefix):
+        for k, v in schema.items():
+            dotted = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, dotted + ".")
+            else:
+                rows.append((dotted, repr(v.default), v.help))
+    walk(SCHEMA, "")
+    return rows
+
+
+def parse_count(text: str | int) -> int:
+    """'20M' -> 20_000_000, '1.5k' -> 1500, '1e6' -> 1_000_000, 50000 -> 50000. Positive integers only."""
+    if isinstance(text, bool):
+        raise UserError(f"invalid count {text!r}: use a positive integer such as 50000, 1.5k, 20M or 1e6")
+    if isinstance(text, int):
+        value = float(text)
+    else:
+        s = str(text).strip()
+        scale = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "b": 1e9, "B": 1e9}.get(s[-1:] if s else "", 1.0)
+        body = s[:-1] if scale != 1.0 else s
+        try:
+            value = float(body) * scale
+        except ValueError:
+            raise UserError(f"invalid count {text!r}: use a positive integer such as 50000, 1.5k, 20M or 1e6") from None
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        raise UserError(f"invalid count {text!r}: must be a positive whole number of samples (e.g. 50000, 1.5k, 20M)")
+    return int(value)

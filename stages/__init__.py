@@ -1,0 +1,1 @@
+"""Stage 1: diffusion models, samplers, generate, extract-features, fit-diffusion."""

@@ -1,0 +1,63 @@
+"""Shared fixtures: a CLI runner that goes through `main()` (so exit codes are the user's), small data makers."""
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, tmp_path):
+    """Run `dra-pipe ARGS` in-process from tmp_path; returns (exit code, stdout, stderr)."""
+    from pipeline.cli import main
+
+    def run(*args: str):
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", ["dra-pipe", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
+def make_cifar_tarball(path: Path, classes: int = 10, n_train: int = 30, n_test: int = 12, seed: int = 0,
+                       bad_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A small tarball in the layout of the official python CIFAR archives; returns (train rows, train labels)."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 256, (n_train + n_test, 3072), dtype=np.uint8)
+    labels = rng.integers(0, classes, n_train + n_test)
+    if bad_label:
+        labels[3] = classes + 4
+    def blob(obj):
+        return pickle.dumps(obj, protocol=2)
+    members = {}
+    if classes == 10:
+        folder, key = "cifar-10-batches-py", b"labels"
+        per = n_train // 5
+        for i in range(5):
+            sl = slice(i * per, (i + 1) * per)
+            members[f"{folder}/data_batch_{i + 1}"] = blob({b"data": rows[sl], key: labels[sl].tolist()})
+        members[f"{folder}/test_batch"] = blob({b"data": rows[n_train:], key: labels[n_train:].tolist()})
+        members[f"{folder}/batches.meta"] = blob({b"label_names": [f"class{i}".encode() for i in range(10)]})
+    else:
+        folder, key = "cifar-100-python", b"fine_labels"
+        members[f"{folder}/train"] = blob({b"data": rows[:n_train], key: labels[:n_train].tolist()})
+        members[f"{folder}/test"] = blob({b"data": rows[n_train:], key: labels[n_train:].tolist()})
+        members[f"{folder}/meta"] = blob({b"fine_label_names": [f"c{i}".encode() for i in range(100)]})
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return rows[:n_train], labels[:n_train]

@@ -1,0 +1,63 @@
+import yaml
+
+from pipeline.cli import app
+
+
+def command_names():
+    import typer.main
+    return sorted(typer.main.get_command(app).commands)
+
+
+def test_help_lists_every_command_with_purpose(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    for name in command_names():
+        assert name in out
+    assert "import" in command_names() and "verify" in command_names()
+
+
+def test_every_command_takes_config_and_root(cli):
+    for name in command_names():
+        code, out, _ = cli(name, "--help")
+        assert code == 0 and "--config" in out and "--root" in out, name
+
+
+def test_config_prints_resolved_values_with_overrides(cli, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("train:\n  epochs: 3\n")
+    code, out, _ = cli("config", "--root", tmp_path / "elsewhere")
+    assert code == 0
+    resolved = yaml.safe_load(out.split("\n", 1)[1])
+    assert resolved["train"]["epochs"] == 3 and resolved["root"] == str(tmp_path / "elsewhere")
+    assert resolved["features"]["timesteps"] == [100]
+
+
+def test_bad_config_key_exit_2_one_line(cli, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("train:\n  epoch: 3\n")
+    code, _, err = cli("ls")
+    assert code == 2 and "unknown key 'train.epoch'" in err and "pipeline.yaml" in err and err.count("\n") == 1
+
+
+def test_run_imports_and_lists_then_reuses(cli, tmp_path):
+    code, out, _ = cli("run", "--root", tmp_path / "ws")
+    assert code == 0 and "imported digits-train" in out and "complete" in out
+    code, out, _ = cli("run", "--root", tmp_path / "ws")
+    assert code == 0 and "already imported: digits-train" in out
+
+
+def test_ls_shows_partial_sets(cli, tmp_path):
+    cli("import", "digits", "--shard-size", "400")
+    from pipeline.stores.images import ImageSet
+    from pipeline.stores.manifest import write_manifest
+    s = ImageSet.open(tmp_path / "dra-data", "digits-train")
+    write_manifest(s.path, {i: r for i, r in s.records.items() if i != 1})
+    code, out, _ = cli("ls")
+    assert code == 0
+    row = next(line for line in out.splitlines() if "digits-train" in line)
+    assert "partial 3/4" in row and "1,038/1,438" in row
+    code, out, _ = cli("verify", "digits-train")
+    assert code == 1 and "digits-train: shard 1 missing" in out
+
+
+def test_verify_unknown_set(cli):
+    code, _, err = cli("verify", "nope")
+    assert code == 2 and "no image or feature set named 'nope'" in err

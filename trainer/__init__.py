@@ -1,0 +1,1 @@
+"""Stage 2: streaming loader, classifiers, attacks, DRA, training, evaluation."""
