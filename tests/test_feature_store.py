@@ -102,3 +102,25 @@ def test_layout_change_refused(tmp_path):
     build(tmp_path)
     with pytest.raises(UserError, match="exists with layout"):
         FeatureSetWriter(tmp_path, IDENTITY, 10, 4, (3, 4, 4), True)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_fast_reader_equals_zarr(tmp_path, compression):
+    from pipeline.stores.tarshard import ShardBuffer
+    fs, targets = build(tmp_path, n=150, shard=64, shape=(256, 8, 8), compression=compression)
+    buffer, out = ShardBuffer(), np.empty((64, 256, 8, 8), np.float16)
+    for index, first in ((0, 0), (1, 64), (2, 128)):      # the last shard is partial (22 samples)
+        got = fs.read_targets_fast(index, "targets_flip", buffer, out)
+        assert np.array_equal(got, fs.read_shard(index)["targets_flip"])
+        assert np.array_equal(got, -targets[first:first + 64])
+
+
+def test_fast_reader_detects_flipped_byte(tmp_path):
+    from pipeline.stores.tarshard import ShardBuffer
+    fs, _ = build(tmp_path, n=64, shard=64, shape=(256, 8, 8))
+    path = fs.file_path("targets", 0)
+    raw = bytearray(path.read_bytes())
+    raw[2_000_000] ^= 0x01
+    path.write_bytes(raw)
+    with pytest.raises(IntegrityError, match="crc32c"):
+        fs.read_targets_fast(0, "targets", ShardBuffer(), np.empty((64, 256, 8, 8), np.float16))

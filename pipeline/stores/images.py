@@ -137,14 +137,14 @@ class ImageSet:
         data = self._buffer.read(path, record.bytes)
         if verify and hashlib.sha256(data).hexdigest() != record.sha256:
             raise IntegrityError(f"{path}: sha256 differs from the manifest (corrupted); run `dra-pipe verify {self.name}`")
-        return self._decode(data, record, path)
+        return self._decode(data, record, path, check_headers=not verify)
 
-    def _decode(self, data: memoryview, record: ShardRecord, path: Path) -> ShardData:
+    def _decode(self, data: memoryview, record: ShardRecord, path: Path, check_headers: bool) -> ShardData:
         h = w = self.resolution
         images = np.empty((record.count, h, w, self.channels), dtype=np.uint8)
         labels = np.full(record.count, -1, dtype=np.int64)
         seen = np.zeros(record.count, dtype=bool)
-        for name, payload in iter_members(data, path):
+        for name, payload in iter_members(data, path, check_headers):
             key, _, ext = name.partition(".")
             slot = int(key) - record.first_id
             if not 0 <= slot < record.count:

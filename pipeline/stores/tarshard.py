@@ -110,25 +110,32 @@ class ShardBuffer:
         return view
 
 
-def iter_members(data: memoryview, path: Path):
-    """Yield (name, payload memoryview) for each regular member of a tar held in memory."""
+def iter_members(data: memoryview, path: Path, check_headers: bool = True):
+    """Yield (name, payload memoryview) for each regular member of a tar held in memory.
+
+    check_headers=False skips the per-header checksum when the whole file's sha256 was already verified.
+    """
     offset, end = 0, len(data)
     while offset + BLOCK <= end:
-        header = bytes(data[offset:offset + BLOCK])
-        if header == b"\0" * BLOCK:
+        header = bytes(data[offset:offset + 512])
+        if header[0] == 0 and header == _ZERO_BLOCK:
             return
-        if _header_checksum(header) != _octal(header[148:156]):
+        if check_headers and _header_checksum(header) != _octal(header[148:156]):
             raise IntegrityError(f"{path}: corrupt tar header at byte {offset}")
         name = header[0:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        size = _octal(header[124:136])
+        if header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         start = offset + BLOCK
         if start + size > end:
             raise IntegrityError(f"{path}: truncated tar member {name}")
-        if header[156:157] in (b"0", b"\0"):
-            yield (f"{prefix}/{name}" if prefix else name), data[start:start + size]
+        if header[156] in (48, 0):          # b"0" or NUL: a regular file
+            yield name, data[start:start + size]
         offset = start + (size + BLOCK - 1) // BLOCK * BLOCK
     raise IntegrityError(f"{path}: tar ends without its end-of-archive blocks (truncated)")
+
+
+_ZERO_BLOCK = bytes(BLOCK)
 
 
 def _octal(field: bytes) -> int:

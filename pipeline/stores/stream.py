@@ -1,0 +1,129 @@
+"""Streaming batches of (id, image, label[, target, target_flip]) from an image set and its feature set.
+
+Shards are split across ranks and DataLoader workers (each shard read by exactly one of them), shuffled by
+shard order and within each shard, and decoded into reused buffers. Targets are matched to images by id:
+a feature set built from other images is refused, naming both fingerprints.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.errors import IntegrityError, UserError
+from pipeline.stores.features import FeatureSet
+from pipeline.stores.images import ImageSet
+from pipeline.stores.tarshard import ShardBuffer
+
+
+def check_pairing(images: ImageSet, features: FeatureSet) -> None:
+    """The feature set must have been computed from exactly this image set."""
+    expected = features.identity.get("image_set")
+    if expected != images.fingerprint:
+        raise UserError(f"feature set {features.key} was computed from image set {str(expected)[:12]}, not from "
+                        f"{images.name} ({images.fingerprint[:12]}); extract features for {images.name} first")
+
+
+class PairedShardReader:
+    """One process's reader: decodes a shard's images and its target slab into reused buffers."""
+
+    def __init__(self, image_path: Path, feature_path: Path | None = None):
+        self.images = ImageSet(image_path)
+        self.features = FeatureSet(feature_path) if feature_path else None
+        if self.features is not None:
+            check_pairing(self.images, self.features)
+        self._buffer = ShardBuffer()
+        self._targets: dict[str, np.ndarray] = {}
+
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        shard = self.images.read_shard(index)
+        out = {"ids": shard.ids, "images": shard.images, "labels": shard.labels}
+        if self.features is None:
+            return out
+        for name in ("targets", "targets_flip") if self.features.flip else ("targets",):
+            out[name] = self.features.read_targets_fast(index, name, self._buffer, self._target_buffer(name))
+        slab_ids = self.features.read_shard_ids(index)
+        if not np.array_equal(slab_ids, shard.ids):
+            raise IntegrityError(f"{self.features.path}: ids of shard {index} differ from the images' ids")
+        return out
+
+    def _target_buffer(self, name: str) -> np.ndarray:
+        shape = (self.images.shard_size, *self.features.shape)
+        if name not in self._targets:
+            self._targets[name] = np.empty(shape, dtype=np.float16)
+        return self._targets[name]
+
+
+class ShardStream(IterableDataset):
+    """Iterable of batches; pass to DataLoader(batch_size=None). One pass = one epoch over the given shards."""
+
+    def __init__(self, image_path: Path, feature_path: Path | None, shards: list[int], batch_size: int,
+                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        self.image_path, self.feature_path = Path(image_path), feature_path
+        self.shards, self.batch_size, self.seed, self.shuffle = list(shards), batch_size, seed, shuffle
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def my_shards(self) -> list[int]:
+        """This rank's and this worker's shards, in this epoch's order."""
+        order = list(self.shards)
+        if self.shuffle:
+            order = [order[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        return order[slot::slots]
+
+    def __iter__(self):
+        reader = PairedShardReader(self.image_path, self.feature_path)
+        shared = get_worker_info() is not None       # in a worker: fill shared memory, so handing over is free
+        pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+        held = 0
+        for index in self.my_shards():
+            pending = _detach(pending)               # the reader is about to reuse its buffers
+            shard = reader.read(index)
+            n = len(shard["ids"])
+            perm = np.random.default_rng([self.seed, self.epoch, index]).permutation(n) if self.shuffle else np.arange(n)
+            start = 0
+            while start < n:
+                take = min(self.batch_size - held, n - start)
+                pending.append((shard, perm[start:start + take]))
+                held += take
+                start += take
+                if held == self.batch_size:
+                    yield _gather(pending, held, shared)
+                    pending, held = [], 0
+        if pending and not self.drop_last:
+            yield _gather(pending, held, shared)
+
+
+def _detach(parts: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Copy the rows a partial batch still needs out of the reader's buffers."""
+    return [({k: v[rows] for k, v in shard.items()}, np.arange(len(rows))) for shard, rows in parts]
+
+
+def _gather(parts: list[tuple[dict[str, np.ndarray], np.ndarray]], size: int, shared: bool) -> dict[str, torch.Tensor]:
+    """One batch from (shard, rows) parts, gathered straight into its output tensors.
+
+    images (B, H, W, C) uint8, labels (B,), ids (B,), targets (B, C, h, w) float16. Parts must be consumed
+    before the reader decodes its next shard (its buffers are reused): this function copies.
+    """
+    batch = {}
+    for key, value in parts[0][0].items():
+        out = torch.empty((size, *value.shape[1:]), dtype=_TORCH_DTYPES[value.dtype])
+        if shared:
+            out.share_memory_()
+        target, row = out.numpy(), 0
+        for shard, rows in parts:
+            np.take(shard[key], rows, axis=0, out=target[row:row + len(rows)])
+            row += len(rows)
+        batch[key] = out
+    return batch
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int64): torch.int64, np.dtype(np.float16): torch.float16}
