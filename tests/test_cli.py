@@ -8,6 +8,20 @@ def command_names():
     return sorted(typer.main.get_command(app).commands)
 
 
+def leaf_commands():
+    """Every runnable command as its argv prefix, e.g. ['model', 'info']."""
+    import typer.main
+    out = []
+    def walk(group, prefix):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                walk(cmd, prefix + [name])
+            else:
+                out.append(prefix + [name])
+    walk(typer.main.get_command(app), [])
+    return out
+
+
 def test_help_lists_every_command_with_purpose(cli):
     code, out, _ = cli("--help")
     assert code == 0
@@ -17,9 +31,9 @@ def test_help_lists_every_command_with_purpose(cli):
 
 
 def test_every_command_takes_config_and_root(cli):
-    for name in command_names():
-        code, out, _ = cli(name, "--help")
-        assert code == 0 and "--config" in out and "--root" in out, name
+    for argv in leaf_commands():
+        code, out, _ = cli(*argv, "--help")
+        assert code == 0 and "--config" in out and "--root" in out, argv
 
 
 def test_config_prints_resolved_values_with_overrides(cli, tmp_path):

@@ -1,0 +1,16 @@
+"""Names the stages agree on, derived from the configuration (no stage code here)."""
+from __future__ import annotations
+
+from pipeline.config import Config
+
+
+def data_prefix(cfg: Config) -> str:
+    return cfg.data.name or cfg.data.importer
+
+
+def real_train_set(cfg: Config) -> str:
+    return f"{data_prefix(cfg)}-train"
+
+
+def real_test_set(cfg: Config) -> str:
+    return f"{data_prefix(cfg)}-test"
