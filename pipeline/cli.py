@@ -1,7 +1,9 @@
 """The `dra-pipe` command line. Every command reads pipeline.yaml; its flags override the file's keys."""
 from __future__ import annotations
 
+import copy
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +14,7 @@ from rich.table import Table
 from pipeline.config import Config, explain, load_config, to_yaml
 from pipeline.errors import IntegrityError, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="dra-pipe: diffusion models as data source and as frozen teacher for adversarial training.\n\n"
                        "Stage 1 writes images and diffusion features once into sharded stores; stage 2 streams them.")
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -26,7 +28,9 @@ def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None
     over = dict(overrides or {})
     if root is not None:
         over["root"] = str(root)
-    return load_config(config, over)
+    cfg = load_config(config, over)
+    cfg["root"] = str(Path(cfg.root).expanduser().resolve())   # Ray workers run elsewhere: absolute paths only
+    return cfg
 
 
 def human_bytes(n: float) -> str:
@@ -110,8 +114,11 @@ def show_catalog(root: Path) -> None:
 
 @app.command("verify")
 def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name or feature key (default: every set)"),
+               recompute: int = typer.Option(0, "--recompute", help="feature sets: also recompute K random samples with the model and report the largest deviation"),
                config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
     """Recompute every shard's checksum; name each missing, truncated or corrupted shard (exit 1 if any)."""
+    if recompute < 0:
+        raise UserError(f"--recompute {recompute}: give a number of samples >= 0")
     from pipeline.catalog import resolve_set, verify_feature_set, verify_image_set
     from pipeline.stores.features import list_feature_sets
     from pipeline.stores.images import list_image_sets
@@ -133,6 +140,8 @@ def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name o
         problems += found
         if not found:
             console.print(f"ok: {kind[:-1] if kind == 'images' else 'feature'} set {path.name}", highlight=False)
+        if not found and kind == "features" and recompute:
+            report_recompute(base, path, recompute)
     if problems:
         console.print(f"{len(problems)} problem(s) found; rerun the stage that wrote the set to redo those shards")
         raise typer.Exit(1)
@@ -151,7 +160,7 @@ def fit_settings(cfg: Config):
     f = cfg.fit_diffusion
     return FitSettings(model_channels=f.model_channels, channel_mult=tuple(f.channel_mult), num_blocks=f.num_blocks,
                        batch_size=f.batch_size, lr=f.lr, ema_halflife_kimg=f.ema_halflife_kimg,
-                       duration_kimg=f.duration_kimg, seed=f.seed)
+                       duration_kimg=f.duration_kimg, dropout=f.dropout, seed=f.seed)
 
 
 def fitted_model_dir(cfg: Config, images_name: str | None = None) -> Path:
@@ -239,36 +248,167 @@ def run_fit_diffusion(cfg: Config, images_name: str | None) -> Path:
     return out
 
 
+def report_recompute(root: Path, path: Path, k: int) -> None:
+    """Recompute k cached samples of a feature set with the model recorded in its provenance."""
+    from pipeline.stores.features import FeatureSet
+    from pipeline.stores.images import ImageSet
+    from stages.extract import recompute_deviation
+    from stages.fingerprint import model_fingerprint
+    from stages.models import load_model
+    fs = FeatureSet(path)
+    spec = fs.meta.get("provenance", {}).get("model_spec")
+    if not spec:
+        raise UserError(f"feature set {fs.key} does not record its model spec; cannot recompute")
+    net = load_model(spec)
+    if model_fingerprint(net) != fs.identity["model"]:
+        raise UserError(f"model {spec} is not the one feature set {fs.key} was computed with (fingerprint differs)")
+    images = ImageSet.open(root, fs.identity["image_set_name"])
+    if images.fingerprint != fs.identity["image_set"]:
+        raise UserError(f"image set {images.name} changed since feature set {fs.key} was computed (fingerprint differs)")
+    result = recompute_deviation(net, images, fs, k)
+    console.print(f"recomputed {result['samples']} samples of {fs.key}: max abs deviation {result['max_abs']:.3g}, "
+                  f"max relative {result['max_rel']:.3g} (float16 storage rounds at ~1e-3 relative)", highlight=False)
+
+
 # --- run -----------------------------------------------------------------------------------------------------
 
 @app.command("run")
 def run_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
-    """Run every stage pipeline.yaml names, end to end, reusing what is cached (now: import, then ls)."""
+    """Run every stage pipeline.yaml names (run.stages), end to end, reusing what is cached."""
     cfg = resolve(config, root)
-    console.rule("import")
+    started = time.perf_counter()
+    runs = []
+    for stage in cfg.run.stages:
+        console.rule(stage)
+        runs = STAGE_RUNNERS[stage](cfg, runs) or runs
+    console.rule("done")
+    console.print(f"pipeline finished in {time.perf_counter() - started:,.0f} s", highlight=False)
+
+
+def _stage_import(cfg: Config, runs: list[str]) -> None:
     run_import(cfg, cfg.data.importer, cfg.data.source, cfg.data.name)
-    console.rule("stores")
     show_catalog(Path(cfg.root))
+
+
+def _stage_fit(cfg: Config, runs: list[str]) -> None:
+    if cfg.model.spec != "fit":
+        console.print(f"model.spec is {cfg.model.spec}: no model to fit", highlight=False)
+        return
+    run_fit_diffusion(cfg, None)
+
+
+def _stage_generate(cfg: Config, runs: list[str]) -> None:
+    from pipeline.cli_generate import run_generate
+    run_generate(cfg)
+
+
+def _stage_extract(cfg: Config, runs: list[str]) -> None:
+    from pipeline.cli_extract import run_extract
+    if not cfg.train.dra and not cfg.run.compare_dra:
+        console.print("DRA is off: no diffusion targets needed", highlight=False)
+        return
+    run_extract(cfg, [], [], False)
+
+
+def _train_variants(cfg: Config) -> list[Config]:
+    """DRA off and on when comparing, else the configured run."""
+    if not cfg.run.compare_dra:
+        return [cfg]
+    variants = []
+    for dra in (False, True):
+        variant = copy.deepcopy(cfg)
+        variant.train["dra"] = dra
+        variants.append(variant)
+    return variants
+
+
+def _stage_train(cfg: Config, runs: list[str]) -> list[str]:
+    from pipeline.cli_train import run_train
+    from trainer.plan import make_job
+    names = []
+    for variant in _train_variants(cfg):
+        name = make_job(variant).name
+        console.print(f"[bold]train {name}[/bold]")
+        run_train(variant, name)
+        names.append(name)
+    return names
+
+
+def _stage_eval(cfg: Config, runs: list[str]) -> None:
+    from pipeline.cli_eval import run_eval
+    from trainer.evaluate import find_run
+    for name in runs or [v.name for v in map(_job_for, _train_variants(cfg))]:
+        folder = find_run(Path(cfg.root), name)
+        result = folder.final.with_name("eval.json")
+        if result.exists() and result.stat().st_mtime >= folder.final.stat().st_mtime and _same_eval(result, cfg):
+            console.print(f"cached: {result} (newer than the run's weights, same settings)", highlight=False)
+            continue
+        run_eval(cfg, name, None)
+
+
+def _job_for(cfg: Config):
+    from trainer.plan import make_job
+    return make_job(cfg)
+
+
+def _same_eval(path: Path, cfg: Config) -> bool:
+    import json
+    return json.loads(path.read_text()).get("settings") == dict(cfg.eval)
+
+
+def _stage_report(cfg: Config, runs: list[str]) -> None:
+    from pipeline.cli_eval import run_report
+    run_report(cfg, runs or [v.name for v in map(_job_for, _train_variants(cfg))])
+
+
+STAGE_RUNNERS = {"import": _stage_import, "fit-diffusion": _stage_fit, "generate": _stage_generate,
+                 "extract-features": _stage_extract, "train": _stage_train, "eval": _stage_eval,
+                 "report": _stage_report}
 
 
 # --- bench ---------------------------------------------------------------------------------------------------
 
+BENCHES = ("stores", "generate", "extract", "sampler", "train")
+
+
 @app.command("bench")
 def bench_cmd(
-    what: str = typer.Argument("stores", help="stores: streaming read of image shards + feature slabs vs bare baselines"),
-    samples: int = typer.Option(100_000, "--samples", help="samples in the synthetic benchmark set"),
-    batch: int = typer.Option(512, "--batch", help="batch size of the streaming reader"),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes"),
-    cold: bool = typer.Option(True, "--cold/--warm-only", help="also time cold passes (drops the page cache; needs root)"),
-    work_dir: Optional[Path] = typer.Option(None, "--dir", help="where to build the benchmark data (default: <root>/bench)"),
+    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train"),
+    samples: int = typer.Option(100_000, "--samples", help="stores: samples in the synthetic benchmark set"),
+    batch: int = typer.Option(512, "--batch", help="stores: batch size of the streaming reader"),
+    workers: int = typer.Option(2, "--workers", help="stores: DataLoader worker processes"),
+    cold: bool = typer.Option(True, "--cold/--warm-only", help="stores: also time cold passes (drops the page cache; needs root)"),
+    n: Optional[int] = typer.Option(None, "--n", help="generate: images to generate per pass"),
+    work_dir: Optional[Path] = typer.Option(None, "--dir", help="where to build benchmark data (default: <root>/bench)"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Measure a stage against its bare baseline in the same run (ratios, not absolute times)."""
     cfg = resolve(config, root)
-    if what != "stores":
-        raise UserError(f"unknown benchmark {what!r}; available: stores")
-    from pipeline.bench import bench_stores
-    bench_stores(work_dir or Path(cfg.root) / "bench", samples, batch, workers, cold, console)
+    work = work_dir or Path(cfg.root) / "bench"
+    if what == "stores":
+        from pipeline.bench import bench_stores
+        bench_stores(work, samples, batch, workers, cold, console)
+    elif what == "generate":
+        from pipeline.bench_generate import bench_generate
+        bench_generate(cfg, work / "generate", n, console)
+    elif what == "extract":
+        from pipeline.bench_extract import bench_extract
+        bench_extract(cfg, console)
+    elif what == "sampler":
+        from pipeline.bench_sampler import bench_sampler
+        bench_sampler(cfg, console)
+    elif what == "train":
+        from pipeline.bench_train import bench_train
+        bench_train(cfg, console, work_dir=work / "train")
+    else:
+        raise UserError(f"unknown benchmark {what!r}; available: {', '.join(BENCHES)}")
+
+
+# --- registered command modules (each defines register(app); one line per module) --------------------------
+__import__("pipeline.cli_train", fromlist=["register"]).register(app)
+__import__("pipeline.cli_generate", fromlist=["register"]).register(app)
+__import__("pipeline.cli_extract", fromlist=["register"]).register(app)
+__import__("pipeline.cli_eval", fromlist=["register"]).register(app)
 
 
 def main() -> None:
@@ -281,6 +421,15 @@ def main() -> None:
     except IntegrityError as exc:
         print(f"data error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: finished shards and checkpoints are kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        from pipeline.shard_runner import ShardFailed, WorkerStartError
+        if isinstance(exc, (ShardFailed, WorkerStartError)):
+            print(f"error: {exc}; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+            sys.exit(1)
+        raise
 
 if __name__ == "__main__":
     main()

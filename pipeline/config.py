@@ -31,11 +31,14 @@ class Key:
     nullable: bool = False            # whether null is allowed
     item: type | None = None          # element type for lists
     below_max: bool = False           # max is exclusive
+    item_choices: tuple | None = None # allowed values of list elements
 
 
 def _k(kind, default, help, **kw) -> Key:
     return Key(kind, default, help, **kw)
 
+
+RUN_STAGES = ("import", "fit-diffusion", "generate", "extract-features", "train", "eval", "report")
 
 SCHEMA: dict[str, Any] = {
     "root": _k(str, "./dra-data", "workspace root holding images/, features/, models/, runs/"),
@@ -57,13 +60,14 @@ SCHEMA: dict[str, Any] = {
         "channel_mult": _k(list, [1, 2], "channel multiplier per resolution level", item=int),
         "num_blocks": _k(int, 2, "residual blocks per resolution level", min=1, max=8),
         "batch_size": _k(int, 128, "training batch size", min=1, max=65536),
-        "lr": _k(float, 1e-3, "Adam learning rate", min=0.0, max=1.0),
-        "ema_halflife_kimg": _k(float, 50.0, "EMA half-life in thousands of images", min=0.0),
-        "duration_kimg": _k(float, 2000.0, "training length in thousands of images", min=0.001),
+        "lr": _k(float, 1e-3, "Adam learning rate (ramped up linearly over the first 5% of the run)", min=0.0, max=1.0),
+        "ema_halflife_kimg": _k(float, 10.0, "EMA half-life in thousands of images (ramped: at most 5% of the images seen so far)", min=0.0),
+        "duration_kimg": _k(float, 250.0, "training length in thousands of images (digits: about 6.5 min on 2 idle cores)", min=0.001),
+        "dropout": _k(float, 0.1, "dropout probability inside the U-Net blocks while training", min=0.0, max=1.0, below_max=True),
         "seed": _k(int, 0, "training seed", min=0),
     },
     "generate": {
-        "n": _k((int, str), 10000, "images to generate (accepts 20M, 1.5k, 1e6)"),
+        "n": _k((int, str), 5000, "images to generate (accepts 20M, 1.5k, 1e6)"),
         "name": _k(str, None, "generated image-set name; default: <data name>-gen", nullable=True),
         "seed": _k(int, 0, "run seed: sample i's label and noise depend only on (seed, i)", min=0),
         "sampler": _k(str, "heun", "sampler", choices=("heun", "euler", "dpm-solver")),
@@ -84,37 +88,56 @@ SCHEMA: dict[str, Any] = {
     "train": {
         "arch": _k(str, "small-cnn", "classifier architecture",
                    choices=("small-cnn", "preact-resnet18", "resnet18", "wrn-28-10", "wrn-34-10", "wrn-70-16")),
-        "objective": _k(str, "trades", "adversarial objective", choices=("pgd-at", "trades", "clean")),
-        "epochs": _k(int, 10, "epochs of ceil(N_real / batch) batches", min=1),
-        "batch_size": _k(int, 128, "batch size", min=1, max=65536),
+        "objective": _k(str, "trades", "adversarial objective (clean = no attack, for reference)", choices=("pgd-at", "trades", "clean")),
+        "epochs": _k(int, 30, "epochs of ceil(N_real / batch) batches", min=1),
+        "batch_size": _k(int, 128, "global batch size (split evenly over the workers)", min=1, max=65536),
         "unsup_fraction": _k(float, 0.5, "fraction of each batch drawn from generated data, in [0, 1)", min=0.0, max=1.0, below_max=True),
-        "lr": _k(float, 0.1, "peak SGD learning rate", min=0.0),
+        "lr": _k(float, 0.1, "peak SGD learning rate (Nesterov 0.9; warmup then cosine, per step)", min=0.0),
         "weight_decay": _k(float, 5e-4, "weight decay (skipped on BN and biases)", min=0.0),
-        "label_smoothing": _k(float, 0.1, "label smoothing of the clean cross-entropy", min=0.0, max=1.0),
+        "label_smoothing": _k(float, 0.1, "label smoothing of the cross-entropy", min=0.0, max=1.0),
         "trades_beta": _k(float, 5.0, "TRADES beta", min=0.0),
-        "epsilon": _k(float, 0.25, "L-inf radius in [0, 1] pixel units (digits have 16 grey levels: 8/255 is meaningless)", min=0.0, max=1.0),
+        "epsilon": _k(float, 0.2, "L-inf radius in [0, 1] pixel units (digits: 17 grey levels, so 8/255 is meaningless; CIFAR: 8/255)", min=0.0, max=1.0),
         "attack_steps": _k(int, 10, "PGD steps during training", min=1),
-        "attack_step_size": _k(float, 0.0625, "PGD step size in [0, 1] pixel units", min=0.0, max=1.0),
-        "ema_decay": _k(float, 0.995, "EMA decay tau (with warmup)", min=0.0, max=1.0),
-        "dra": _k(bool, True, "add the diffusion representation alignment loss"),
+        "attack_step_size": _k(float, 0.05, "PGD step size in [0, 1] pixel units", min=0.0, max=1.0),
+        "crop_pad": _k(int, 1, "random-crop padding in pixels (DM-AT: 4 on 32x32)", min=0, max=64),
+        "flip": _k(bool, False, "random horizontal flips (needs flipped targets with DRA; off for digits)"),
+        "ema_decay": _k(float, 0.995, "EMA decay tau (copies the weights for the first 2.5% of the steps)", min=0.0, max=1.0, below_max=True),
+        "dra": _k(bool, True, "add the diffusion representation alignment loss (off or lambda 0 = plain (DM-)AT)"),
         "dra_lambda": _k(float, 0.5, "weight of the DRA loss", min=0.0),
         "dra_layer": _k(str, "auto", "classifier feature map aligned with the targets; auto = per architecture"),
         "dra_view": _k(str, "adversarial", "input view whose features are aligned", choices=("adversarial", "clean")),
-        "dra_hidden": _k(int, 2048, "hidden width of the projection head", min=1),
+        "dra_hidden": _k(int, 128, "hidden width of the projection head (REPA: 2048)", min=1),
+        "dra_depth": _k(int, 3, "linear layers of the projection head (SiLU between)", min=1, max=16),
+        "holdout": _k(int, 144, "last real training images held out for per-epoch clean/PGD accuracy (DM-AT: 1024)", min=0),
+        "holdout_pgd_steps": _k(int, 20, "PGD steps of the per-epoch held-out evaluation", min=1),
+        "checkpoint_every": _k(int, 0, "also checkpoint every this many steps (0 = at epoch ends only)", min=0),
         "seed": _k(int, 0, "training seed", min=0),
-        "workers": _k(int, 1, "data-parallel Ray Train workers", min=1),
-        "loader_workers": _k(int, 2, "DataLoader worker processes per rank", min=0, max=64),
+        "workers": _k(int, 1, "data-parallel Ray Train workers (ranks)", min=1),
+        "loader_workers": _k(int, 1, "DataLoader worker processes per rank", min=0, max=64),
     },
     "eval": {
-        "n": _k(int, 0, "evaluate the first n test images (0 = all)", min=0),
-        "pgd_steps": _k(int, 20, "PGD steps", min=1),
-        "pgd_restarts": _k(int, 1, "PGD restarts", min=1),
-        "autoattack": _k(bool, True, "run AutoAttack standard (pyautoattack)"),
+        "n": _k(int, 0, "evaluate the first n test images (0 = all; digits: all 359 take about 1 min here)", min=0),
+        "pgd_steps": _k(int, 20, "PGD steps (L-inf, random start)", min=1),
+        "pgd_step_size": _k(float, None, "PGD step size in [0, 1] pixel units; null = 2.5 eps / steps", min=0.0, max=1.0, nullable=True),
+        "pgd_restarts": _k(int, 1, "PGD restarts (each image keeps its worst)", min=1),
+        "autoattack": _k(bool, True, "run AutoAttack (needs `pip install pyautoattack`; false skips it)"),
+        "autoattack_version": _k(str, "standard", "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square) or plus", choices=("standard", "plus")),
+        "batch_size": _k(int, 512, "images per attack batch (AutoAttack's cost is per batch: fewer is faster)", min=1, max=65536),
+        "seed": _k(int, 0, "seed of PGD's random starts and of AutoAttack", min=0),
+        "device": _k(str, "auto", "auto (GPU if visible) | cpu | cuda", choices=("auto", "cpu", "cuda")),
+        "cpu_threads": _k(int, 1, "torch threads when evaluating on the CPU (0 = torch's default); small models: 1", min=0, max=1024),
+        "rank_n": _k(int, 0, "report: test images whose penultimate features give the effective rank (0 = all)", min=0),
+    },
+    "run": {
+        "stages": _k(list, ["import", "fit-diffusion", "generate", "extract-features", "train", "eval", "report"],
+                     "stages `dra-pipe run` runs, in this order (each skips what is cached)", item=str,
+                     item_choices=RUN_STAGES),
+        "compare_dra": _k(bool, True, "train (and evaluate) twice, DRA off and on, for the comparison table"),
     },
     "ray": {
         "address": _k(str, None, "null = local ray.init(); auto or HOST:PORT joins a cluster", nullable=True),
         "num_cpus": _k(int, 2, "CPUs of the local Ray instance", min=1),
-        "cpu_actors": _k(int, 1, "stage-1 actors when there is no GPU", min=1),
+        "cpu_actors": _k(int, 2, "stage-1 actors when there is no GPU (CPUs split between them; 1 thread each is fastest on 2 shared cores)", min=1),
         "max_retries": _k(int, 3, "attempts per shard before the job stops with the shard's error", min=1),
     },
 }
@@ -180,6 +203,8 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
         for v in value:
             if isinstance(v, bool) or not isinstance(v, key.item):
                 raise UserError(f"{prefix} must be a list of {_type_name(key.item)}, got {value!r}")
+            if key.item_choices is not None and v not in key.item_choices:
+                raise UserError(f"{prefix}: {v!r} is not one of {', '.join(key.item_choices)}")
     return value
 
 

@@ -14,3 +14,7 @@ def real_train_set(cfg: Config) -> str:
 
 def real_test_set(cfg: Config) -> str:
     return f"{data_prefix(cfg)}-test"
+
+
+def generated_set(cfg: Config) -> str:
+    return cfg.generate.name or f"{data_prefix(cfg)}-gen"

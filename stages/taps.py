@@ -30,7 +30,7 @@ def features(model: Denoiser, x_sigma: torch.Tensor, sigma, class_labels, layers
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs, output):
-            captured[name] = output
+            captured[name] = output[0] if isinstance(output, tuple) else output   # diffusers down blocks: (h, skips)
         return hook
 
     try:

@@ -61,3 +61,32 @@ def make_cifar_tarball(path: Path, classes: int = 10, n_train: int = 30, n_test:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return rows[:n_train], labels[:n_train]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for every test that needs it (start-up costs seconds); the stages reuse it."""
+    import ray
+    if not ray.is_initialized():
+        import logging
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_edm_config(resolution: int = 8, channels: int = 1, classes: int = 10) -> dict:
+    """A small DDPM++ EDM network: fast enough for per-test sampling and feature extraction."""
+    return dict(img_resolution=resolution, img_channels=channels, label_dim=classes, model_type="SongUNet",
+                model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[resolution // 2], dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny model (own format) for `--model dra:DIR`."""
+    import torch
+    from stages.edm.networks import EDMPrecond
+    from stages.models import save_own
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    save_own(EDMPrecond(**tiny_edm_config()).eval(), folder, {"test": "tiny"})
+    return folder

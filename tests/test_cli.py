@@ -52,6 +52,7 @@ def test_bad_config_key_exit_2_one_line(cli, tmp_path):
 
 
 def test_run_imports_and_lists_then_reuses(cli, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import]\n")
     code, out, _ = cli("run", "--root", tmp_path / "ws")
     assert code == 0 and "imported digits-train" in out and "complete" in out
     code, out, _ = cli("run", "--root", tmp_path / "ws")
@@ -75,3 +76,9 @@ def test_ls_shows_partial_sets(cli, tmp_path):
 def test_verify_unknown_set(cli):
     code, _, err = cli("verify", "nope")
     assert code == 2 and "no image or feature set named 'nope'" in err
+
+
+def test_run_rejects_unknown_stage(cli, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import, deploy]\n")
+    code, _, err = cli("run")
+    assert code == 2 and "'deploy' is not one of import" in err

@@ -30,7 +30,7 @@ def test_exact_resume_after_interrupt(digits, tmp_path):
     for _ in range(4):                                   # 4 of 10 steps, then the process "dies"
         interrupted.train_step(*next(data))
     interrupted.save_checkpoint()
-    resumed = Trainer(digits, FitSettings(**TINY), tmp_path / "b")
+    resumed = Trainer(digits, FitSettings(**{**TINY, "checkpoint_seconds": 5.0}), tmp_path / "b")   # changes nothing
     assert resumed.resumed and resumed.step == 4
     resumed.run()
     for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
@@ -92,4 +92,5 @@ def test_cli_fit_then_cached_and_model_info(cli, tmp_path):
     code, out, err = cli("model", "info", "--model", "fit")
     assert code == 0, err
     assert "dec.4x4_in1" in out and "8x4x4" not in out.split("dec.4x4_in1")[0][-5:]
-    assert "parameters" in out and "10 classes" in out
+    words = " ".join(out.split())       # the summary line may wrap at the console width (absolute root paths)
+    assert "parameters" in words and "10 classes" in words

@@ -174,9 +174,10 @@ class FeatureSetWriter:
     """Create or resume a feature set for one image set. The driver owns meta.json."""
 
     def __init__(self, root: Path, identity: dict, n: int, shard_size: int, sample_shape: tuple[int, int, int],
-                 flip: bool, compression: str = "none"):
+                 flip: bool, compression: str = "none", provenance: dict | None = None):
         self.path = feature_set_dir(root, identity)
         self.identity = identity
+        self.provenance = provenance or {}       # how to recompute (e.g. the model spec); not part of the identity
         self.layout = {"n": n, "shard_size": shard_size, "sample_shape": list(sample_shape), "flip": flip,
                        "dtype": "float16", "compression": compression}
         self.records: dict[int, FeatureShardRecord] = {}
@@ -213,8 +214,8 @@ class FeatureSetWriter:
 
     def _write_meta(self) -> None:
         shards = {str(i): asdict(r) for i, r in sorted(self.records.items())}
-        write_json_atomic(self.path / META_JSON, {"identity": self.identity, "key": self.path.name,
-                                                   "layout": self.layout, "shards": shards})
+        write_json_atomic(self.path / META_JSON, {"identity": self.identity, "key": self.path.name, "layout": self.layout,
+                                                   "provenance": self.provenance, "shards": shards})
 
     def pending(self, shard_indices: list[int]) -> list[int]:
         return [i for i in shard_indices if i not in self.records]

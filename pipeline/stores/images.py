@@ -240,9 +240,17 @@ class ImageSetWriter:
             shutil.rmtree(self.path)
 
 
-def _identity_diff(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} there vs {new.get(k)!r} here" for k in keys)[:300]
+def _identity_diff(old: dict, new: dict, prefix: str = "") -> str:
+    """The differing fields, dotted: `source.steps: 6 there vs 2 here`."""
+    parts = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _identity_diff(a, b, f"{prefix}{k}.")
+            parts += [inner] if inner else []
+        elif a != b:
+            parts.append(f"{prefix}{k}: {a!r} there vs {b!r} here")
+    return ", ".join(parts)
 
 
 def list_image_sets(root: Path) -> list[Path]:

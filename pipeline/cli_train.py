@@ -1,0 +1,111 @@
+"""`dra-pipe train`: adversarial training (TRADES / PGD-AT) on real + generated images, with or without DRA."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cli import ConfigOpt, RootOpt, console, resolve
+from pipeline.config import Config
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        name: Optional[str] = typer.Option(None, "--name", help="run folder runs/<name> (default: <arch>-<dra|nodra>-<seed>)"),
+        dra: Optional[bool] = typer.Option(None, "--dra/--no-dra", help="add the DRA loss, or train the plain (DM-)AT baseline [config train.dra]"),
+        lam: Optional[float] = typer.Option(None, "--lambda", help="weight of the DRA loss [config train.dra_lambda]"),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs of ceil(N_real / batch) steps [config train.epochs]"),
+        workers: Optional[int] = typer.Option(None, "--workers", help="data-parallel Ray Train workers [config train.workers]"),
+        features: Optional[str] = typer.Option(None, "--features", help="feature-set key to align with (default: found by the config's features section)"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and an estimated time, train nothing"),
+        config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+    ):
+        """Train a robust classifier (stage 2), streaming images with their cached diffusion targets."""
+        cfg = resolve(config, root, {"train.dra": dra, "train.dra_lambda": lam, "train.epochs": epochs,
+                                     "train.workers": workers})
+        run_train(cfg, name, features, dry_run)
+
+
+def run_train(cfg: Config, name: str | None = None, features: str | None = None, dry_run: bool = False) -> dict:
+    """Plan, then train (or resume) to the end; returns the last metrics row."""
+    from pipeline.workspace import check_writable
+    from trainer.plan import describe, make_job
+    from trainer.runs import RunFolder
+    job = make_job(cfg, name, features)
+    if dry_run:
+        show_plan(job)
+        return {}
+    check_writable(Path(cfg.root))
+    run = RunFolder(job.run_dir)
+    status = run.prepare(job.identity(), job.config)
+    if status == "finished":
+        console.print(f"run {job.name} is complete ({run.final}) - nothing to do", highlight=False)
+        return run.read_metrics()[-1] if run.read_metrics() else {}
+    for line in describe(job):
+        console.print(line, highlight=False)
+    if status == "resume":
+        console.print(f"resuming from {run.checkpoint}", highlight=False)
+    if job.settings["workers"] > 1:
+        from trainer.distributed import train_distributed
+        train_distributed(job, job.settings["workers"], cfg.ray.address, cfg.ray.num_cpus)
+    else:
+        _train_here(job)
+    rows = run.read_metrics()
+    if rows:
+        console.print(f"done: {epoch_line(rows[-1])}", highlight=False)
+    console.print(f"saved {run.final} (EMA weights) and {run.metrics}", highlight=False)
+    return rows[-1] if rows else {}
+
+
+def _train_here(job) -> None:
+    """Train in this process, with a progress bar of the loss terms and images/s."""
+    from pipeline.progress import RateBar
+    from trainer.loop import set_cpu_threads, train
+    from trainer.runs import RunFolder
+    set_cpu_threads(job.settings["loader_workers"])
+    checkpoint = RunFolder(job.run_dir).load_checkpoint()
+    remaining = job.total_steps - (checkpoint["step"] if checkpoint else 0)
+    shown = {"terms": ""}
+
+    def on_step(step: int, images: int, terms: dict) -> None:
+        if step % 5 == 0 or step == job.total_steps:          # .item() syncs a GPU: not every step
+            shown["terms"] = " ".join(f"{k} {float(v):.3f}" for k, v in terms.items())
+        bar.advance(1, f"{shown['terms']}  {bar.rate * images:,.0f} images/s")
+
+    with RateBar(f"train {job.name}", "steps", total=remaining) as bar:
+        try:
+            train(job, on_step=on_step, on_epoch=lambda row: console.print(epoch_line(row), highlight=False))
+        except KeyboardInterrupt:
+            bar.close()
+            console.print("interrupted; rerun the same command to resume from the last checkpoint")
+            raise typer.Exit(130)
+
+
+def epoch_line(row: dict) -> str:
+    terms = " ".join(f"{k} {row[k]:.4f}" for k in ("loss", "ce", "kl", "dra") if k in row)
+    acc = f", held-out clean {row['clean_acc']:.3f} PGD {row['pgd_acc']:.3f}" if "clean_acc" in row else ""
+    return f"epoch {row['epoch']}: {terms}{acc}, {row['images_per_s']:,.0f} images/s"
+
+
+def show_plan(job) -> None:
+    from trainer.loop import seconds_per_step, set_cpu_threads
+    from trainer.plan import describe
+    for line in describe(job):
+        console.print(line, highlight=False)
+    set_cpu_threads(job.settings["loader_workers"])
+    step = seconds_per_step(job)
+    per_rank = job.settings["batch_size"] // job.settings["workers"]
+    console.print(f"measured {step:.3f} s per step of {per_rank} images per rank here ({per_rank / step:,.0f} images/s, "
+                  f"synthetic batch): about {_duration(job.total_steps * step)} for {job.total_steps} steps, plus the "
+                  f"per-epoch held-out evaluation", highlight=False)
+    console.print("dry run: nothing trained", highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

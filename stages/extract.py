@@ -1,0 +1,217 @@
+"""extract-features: the frozen diffusion model's activation for every image at fixed noise levels.
+
+For sample i at noise level sigma: x_sigma = x + sigma * eps, eps drawn from (noise seed, i, timestep) only,
+target = the model's output at `layer` for x_sigma (with the sample's class label for a conditional model),
+optionally pooled, stored float16. With flips, the flipped target is the same layer's output for the
+horizontally flipped x_sigma: exactly what the model says about the flipped training image.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UserError
+from pipeline.stores.features import FeatureShardRecord, write_feature_shard
+from pipeline.stores.images import ImageSet
+from stages.denoiser import Denoiser
+from stages.fingerprint import model_fingerprint
+from stages.noise import noise_for
+from stages.sigma import sigma_from_timestep, timestep_from_sigma
+from stages.taps import describe_layers, features
+
+POOLS = ("none", "2", "4", "global")
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """A DDPM timestep (sigma from the linear schedule) or a sigma given directly (timestep None)."""
+
+    sigma: float
+    timestep: int | None
+
+    @classmethod
+    def from_timestep(cls, t: int) -> "NoiseLevel":
+        return cls(sigma_from_timestep(t), int(t))
+
+    @classmethod
+    def from_sigma(cls, sigma: float) -> "NoiseLevel":
+        if not (sigma > 0 and np.isfinite(sigma)):
+            raise UserError(f"--sigma {sigma} must be a positive finite noise level")
+        return cls(float(sigma), None)
+
+    @property
+    def noise_stream(self) -> int:
+        """Which timestep's eps stream to draw: the nearest DDPM timestep for a direct sigma."""
+        return self.timestep if self.timestep is not None else timestep_from_sigma(self.sigma)
+
+    def label(self) -> str:
+        return f"t={self.timestep} (sigma {self.sigma:.4f})" if self.timestep is not None else f"sigma={self.sigma:g}"
+
+
+def default_layer(model: Denoiser) -> str:
+    """The bottleneck: EDM's lowest-resolution `dec.<r>x<r>_in1` (CIFAR-10: dec.8x8_in1), diffusers' mid_block."""
+    names = model.layer_names()
+    inner = [n for n in names if n.startswith("dec.") and n.endswith("_in1")]
+    if inner:
+        return inner[0]
+    if "mid_block" in names:
+        return "mid_block"
+    raise UserError(f"no default layer for this model; pass --layer (one of {', '.join(names)})")
+
+
+def check_layer(model: Denoiser, layer: str) -> str:
+    if layer == "auto":
+        return default_layer(model)
+    if layer not in model.layer_names():
+        raise UserError(f"unknown layer {layer!r}; valid layers: {', '.join(model.layer_names())}")
+    return layer
+
+
+def target_shape(model: Denoiser, layer: str, pool: str) -> tuple[int, int, int]:
+    """(C, h, w) of one stored target."""
+    c, h, w = dict(describe_layers(model))[layer]
+    if pool == "global":
+        return (c, 1, 1)
+    if pool != "none":
+        k = int(pool)
+        if h % k or w % k:
+            raise UserError(f"--pool {pool} does not divide the {h}x{w} grid of {layer}; use another pooling")
+        return (c, h // k, w // k)
+    return (c, h, w)
+
+
+def check_compatible(model: Denoiser, images: ImageSet) -> None:
+    if (images.resolution, images.channels) != (model.img_resolution, model.img_channels):
+        raise UserError(f"image set {images.name} holds {images.channels}x{images.resolution}x{images.resolution} images, "
+                        f"the model expects {model.img_channels}x{model.img_resolution}x{model.img_resolution}")
+    if model.label_dim and images.classes > model.label_dim:
+        raise UserError(f"image set {images.name} has {images.classes} classes, the model knows {model.label_dim}")
+
+
+def feature_identity(images: ImageSet, model_fp: str, layer: str, level: NoiseLevel, noise_seed: int, pool: str,
+                     flip: bool, conditional: bool) -> dict:
+    """What a feature set is: its folder key is a hash of this."""
+    return {"image_set": images.fingerprint, "image_set_name": images.name, "model": model_fp, "layer": layer,
+            "timestep": level.timestep, "sigma": level.sigma, "noise_stream": level.noise_stream,
+            "noise_seed": noise_seed, "pool": pool, "dtype": "float16", "flip": flip,
+            "labels": "sample class" if conditional else "none"}
+
+
+def pool_targets(h: torch.Tensor, pool: str) -> torch.Tensor:
+    """(B, C, H, W) -> pooled (B, C, h, w)."""
+    if pool == "none":
+        return h
+    if pool == "global":
+        return h.mean(dim=(2, 3), keepdim=True)
+    return F.avg_pool2d(h, int(pool))
+
+
+def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
+    """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+
+
+@torch.no_grad()
+def compute_targets(model: Denoiser, ids: np.ndarray, images: np.ndarray, labels: np.ndarray, layer: str,
+                    level: NoiseLevel, noise_seed: int, pool: str, flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Targets (and flipped targets) for one batch, float16 (B, C, h, w)."""
+    x = to_model_range(images)                                                        # (B, C, H, W)
+    eps = noise_for(ids.tolist(), x.shape[1:], noise_seed, level.noise_stream)        # (B, C, H, W)
+    x_sigma = x + level.sigma * eps
+    cond = torch.from_numpy(labels) if model.label_dim else None
+    sigma = torch.full((len(ids),), level.sigma, dtype=torch.float64)
+    out = pool_targets(features(model, x_sigma, sigma, cond, [layer])[layer].float(), pool)
+    flipped = None
+    if flip:
+        h_flip = features(model, torch.flip(x_sigma, dims=[3]), sigma, cond, [layer])[layer].float()
+        flipped = _to_float16(pool_targets(h_flip, pool))
+    return _to_float16(out), flipped
+
+
+def _to_float16(h: torch.Tensor) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return h.cpu().numpy().astype(np.float16)        # overflow becomes inf, refused by the writer
+
+
+@dataclass(frozen=True)
+class FeaturePayload:
+    """What a shard job needs beyond its id range: its image set and the feature sets still lacking it."""
+
+    image_set: str           # folder of the image set
+    outputs: tuple           # ((feature-set folder, NoiseLevel), ...)
+
+
+class FeatureWorker:
+    """Built once per Ray actor (the model loads once); a shard runner worker: compute, then finish."""
+
+    def __init__(self, model_spec: str, layer: str, pool: str, flip: bool, noise_seed: int, batch_size: int):
+        from stages.models import load_model
+        self.model = load_model(model_spec)
+        self.layer, self.pool, self.flip = layer, pool, flip
+        self.noise_seed, self.batch_size = noise_seed, batch_size
+        self._image_sets: dict[str, ImageSet] = {}
+
+    def compute(self, job, progress) -> tuple[float, list[tuple[np.ndarray, np.ndarray | None]]]:
+        """Decode the image shard once, then targets for every noise level, batch by batch."""
+        started = time.perf_counter()
+        payload: FeaturePayload = job.payload
+        images = self._image_sets.setdefault(payload.image_set, ImageSet(Path(payload.image_set)))
+        shard = images.read_shard(job.index)
+        if shard.ids[0] != job.first_id or len(shard.ids) != job.count:
+            raise RuntimeError(f"image shard {job.index} holds ids {shard.ids[0]}.., the job expects {job.first_id}..")
+        parts: list[list] = [[] for _ in payload.outputs]
+        for lo in range(0, job.count, self.batch_size):
+            sl = slice(lo, lo + self.batch_size)
+            for out, (_, level) in zip(parts, payload.outputs):
+                out.append(compute_targets(self.model, shard.ids[sl], shard.images[sl], shard.labels[sl], self.layer,
+                                           level, self.noise_seed, self.pool, self.flip))
+            progress(len(shard.ids[sl]))
+        slabs = [(np.concatenate([t for t, _ in out]), np.concatenate([f for _, f in out]) if self.flip else None)
+                 for out in parts]
+        return started, slabs
+
+    def finish(self, job, intermediate) -> list[FeatureShardRecord]:
+        """Write one zarr shard per feature set (refused if any value overflowed float16)."""
+        started, slabs = intermediate
+        ids = np.arange(job.first_id, job.first_id + job.count, dtype=np.int64)
+        return [write_feature_shard(Path(folder), job.index, job.first_id, ids, targets, flipped, started=started)
+                for (folder, _), (targets, flipped) in zip(job.payload.outputs, slabs)]
+
+
+def model_identity(model: Denoiser) -> str:
+    return model_fingerprint(model)
+
+
+def recompute_deviation(model: Denoiser, images: ImageSet, feature_set, k: int, seed: int = 0) -> dict:
+    """Recompute k random cached samples; the largest absolute and relative deviation from the cache."""
+    ident = feature_set.identity
+    level = NoiseLevel(ident["sigma"], ident["timestep"])
+    done = sorted(feature_set.records)
+    if not done:
+        raise UserError(f"feature set {feature_set.key} has no completed shard to check")
+    rng = np.random.default_rng(seed)
+    picks: dict[int, set[int]] = {}
+    for _ in range(k):
+        index = int(rng.choice(done))
+        picks.setdefault(index, set()).add(int(rng.integers(feature_set.records[index].count)))
+    worst_abs = worst_rel = 0.0
+    checked = 0
+    for index, rows in sorted(picks.items()):
+        cached = feature_set.read_shard(index)
+        shard = images.read_shard(index)
+        sel = np.array(sorted(rows))
+        fresh, fresh_flip = compute_targets(model, shard.ids[sel], shard.images[sel], shard.labels[sel], ident["layer"],
+                                            level, ident["noise_seed"], ident["pool"], ident["flip"])
+        pairs = [(fresh, cached["targets"][sel])] + ([(fresh_flip, cached["targets_flip"][sel])] if ident["flip"] else [])
+        for new, old in pairs:
+            new, old = new.astype(np.float32), old.astype(np.float32)
+            diff = np.abs(new - old).reshape(len(sel), -1).max(axis=1)
+            scale = np.maximum(np.abs(old).reshape(len(sel), -1).max(axis=1), 1e-6)
+            worst_abs, worst_rel = max(worst_abs, float(diff.max())), max(worst_rel, float((diff / scale).max()))
+        checked += len(sel)
+    return {"samples": checked, "max_abs": worst_abs, "max_rel": worst_rel}

@@ -1,0 +1,174 @@
+"""generate: class-conditional samples from a diffusion model into a generated image set.
+
+Sample i's class label and initial noise (and churn noise) depend only on (run seed, i)
+(`stages.noise`), so a shard holds the same images whatever the number of workers or the restarts,
+bitwise on the CPU at a fixed batch size (batches start at the shard's first id). Images are stored
+the EDM way: uint8 = (x * 127.5 + 128) clipped to [0, 255], HWC.
+
+`GenerateWorker` is the Ray worker of `pipeline.shard_runner`: built once per actor (the model loads
+once), it samples a shard in batches (compute) and writes it as a tar shard (finish).
+"""
+from __future__ import annotations
+
+import math
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.shard_runner import ShardJob
+from pipeline.stores.images import make_identity
+from pipeline.stores.manifest import ShardRecord
+from pipeline.stores.tarshard import BLOCK, encode_image, write_tar_shard
+from stages.fingerprint import model_fingerprint
+from stages.models import load_model
+from stages.noise import churn_noise_fn, labels_for, latents_for
+from stages.samplers import SAMPLERS, sample
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0     # EDM's defaults, recorded in the identity
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    sampler: str = "heun"        # heun | euler | dpm-solver
+    steps: int = 18              # sampler steps (Heun: 2 * steps - 1 network evaluations)
+    churn: float = 0.0           # EDM S_churn; 0 = deterministic
+    seed: int = 0                # run seed: sample i depends only on (seed, i)
+    batch_size: int = 256        # images per sampler call (not part of the identity)
+    image_format: str = "png"    # encoding inside the shards
+
+    def check(self) -> "GenerateSettings":
+        """UserError for settings no sampler run could use."""
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if self.steps < 2:
+            raise UserError(f"--steps must be at least 2 (got {self.steps}): the EDM discretisation needs two noise levels")
+        if self.churn > 0 and self.sampler == "dpm-solver":
+            raise UserError("churn applies to the heun and euler samplers only; set generate.churn: 0 for dpm-solver")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        return self
+
+    def sampler_options(self, ids: list[int]) -> dict:
+        opts = dict(num_steps=self.steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO)
+        if self.sampler != "dpm-solver":
+            opts["S_churn"] = self.churn
+            if self.churn > 0:
+                opts["noise_fn"] = churn_noise_fn(ids, self.seed)
+        return opts
+
+
+def absolute_spec(spec: str) -> str:
+    """`kind:PATH` with PATH made absolute: Ray workers need not share the driver's working directory."""
+    kind, sep, path = spec.partition(":")
+    return f"{kind}:{Path(path).resolve()}" if sep and path else spec
+
+
+def load_generator_model(spec: str) -> torch.nn.Module:
+    """The model, refused unless it is class-conditional."""
+    model = load_model(spec)
+    if not int(getattr(model, "label_dim", 0)):
+        raise UserError(f"model {spec} is unconditional (no class labels); generate needs a class-conditional model")
+    return model
+
+
+def generated_identity(model, settings: GenerateSettings, shard_size: int, class_names: list[str] | None) -> dict:
+    """Identity of the set: the model fingerprint and the sampler settings, not n nor the batch size."""
+    source = {"model": model_fingerprint(model), "sampler": settings.sampler, "steps": settings.steps,
+              "churn": settings.churn, "seed": settings.seed, "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX,
+              "rho": RHO}
+    return make_identity("generated", source, model.img_resolution, model.img_channels, model.label_dim,
+                         class_names, "train", shard_size, settings.image_format)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sample_floats(model, ids: list[int], settings: GenerateSettings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples for these ids: (float64 [B, C, H, W] in about [-1, 1], int64 labels [B])."""
+    shape = (model.img_channels, model.img_resolution, model.img_resolution)
+    latents = latents_for(ids, shape, settings.seed).to(device)
+    labels = labels_for(ids, model.label_dim, settings.seed)
+    x = sample(settings.sampler, model, latents, labels.to(device), **settings.sampler_options(ids))
+    return x, labels
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C], as EDM's generate.py stores images."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class GenerateWorker:
+    """Samples and writes shards of one generated set; the model loads once per worker."""
+
+    def __init__(self, spec: str, settings: GenerateSettings, set_dir: str):
+        self.settings, self.set_dir = settings, Path(set_dir)
+        self.device = pick_device()
+        self.model = load_model(spec).to(self.device)
+
+    def compute(self, job: ShardJob, progress: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, float]:
+        """Sample ids [first_id, first_id + count) in batches that start at first_id."""
+        started = time.perf_counter()
+        m, b = self.model, self.settings.batch_size
+        images = np.empty((job.count, m.img_resolution, m.img_resolution, m.img_channels), dtype=np.uint8)
+        labels = np.empty(job.count, dtype=np.int64)
+        for lo in range(0, job.count, b):
+            hi = min(lo + b, job.count)
+            x, y = sample_floats(m, list(range(job.first_id + lo, job.first_id + hi)), self.settings, self.device)
+            images[lo:hi], labels[lo:hi] = to_uint8(x), y.numpy()
+            progress(hi - lo)
+        return images, labels, started
+
+    def finish(self, job: ShardJob, sampled: tuple[np.ndarray, np.ndarray, float]) -> ShardRecord:
+        images, labels, started = sampled
+        return write_tar_shard(self.set_dir, job.index, job.first_id, images, labels, self.settings.image_format, started)
+
+
+def remove_temporaries(set_dir: Path) -> int:
+    """Delete shard temporaries a killed worker left behind (never visible: readers trust the manifest)."""
+    stale = list(Path(set_dir).glob(".shard-*.tar.tmp-*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+@dataclass(frozen=True)
+class Probe:
+    images: int               # probe batch size
+    images_per_s: float       # one worker's sampling rate on this machine
+    bytes_per_image: float    # in a tar shard, both members with their headers
+
+
+def probe(model, settings: GenerateSettings, count: int, threads: int) -> Probe:
+    """Sample the first `count` ids once, as one worker would (its torch threads, after a 1-image warm-up),
+    to measure speed and encoded size. The model returns to the CPU afterwards."""
+    device, saved = pick_device(), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model.to(device)
+        sample_floats(model, [0], settings, device)
+        started = time.perf_counter()
+        x, labels = sample_floats(model, list(range(count)), settings, device)
+        images = to_uint8(x)                       # waits for the device
+        seconds = time.perf_counter() - started
+    finally:
+        model.to("cpu")
+        torch.set_num_threads(saved)
+    sizes = [_member_bytes(len(encode_image(img, settings.image_format))) + _member_bytes(len(str(int(y))))
+             for img, y in zip(images, labels)]
+    return Probe(count, count / max(seconds, 1e-9), float(np.mean(sizes)))
+
+
+def estimate_bytes(n: int, shards: int, bytes_per_image: float) -> int:
+    """Tar layout: members of 512-byte blocks, then two zero blocks padded to a 10 KB record per shard."""
+    return int(n * bytes_per_image + shards * (2 * BLOCK + tarfile.RECORDSIZE / 2))
+
+
+def _member_bytes(payload: int) -> int:
+    return BLOCK + math.ceil(payload / BLOCK) * BLOCK

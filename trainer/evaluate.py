@@ -1,0 +1,475 @@
+"""Evaluation of a trained classifier: clean accuracy, PGD-k (cross-entropy and CW margin), AutoAttack; export.
+
+Everything runs on the EMA weights in eval mode, on images in [0, 1], at the threat model stored with the weights
+(L-inf eps). A test image counts as robust under an attack when it is classified correctly both clean and after
+the attack, so every robust accuracy is at most the clean one; `worst` counts an image robust only if it survives
+every attack that was run. AutoAttack comes from the optional `pyautoattack` package.
+
+A classifier file (a run's final.pt or an exported file) is a dict with format "dra-pipe-classifier" and the keys
+in RECORD_KEYS; `export_classifier` writes one with a fingerprint (sha256 of the state dict) for others.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.identity import write_json_atomic
+from pipeline.stores.images import DATASET_JSON, ImageSet, image_set_dir
+from trainer.attacks import pgd_attack
+from trainer.classifiers import Classifier, build_classifier
+from trainer.runs import FINAL_FORMAT, RunFolder
+
+RECORD_KEYS = ("arch", "num_classes", "in_channels", "resolution", "mean", "std", "state_dict", "threat_model")
+AUTOATTACK_LOGGER = "auto-attack"
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The `eval` section of pipeline.yaml."""
+
+    n: int = 0                          # first n test images (0 = all)
+    pgd_steps: int = 20
+    pgd_step_size: float | None = None  # None: 2.5 eps / steps (Madry et al.)
+    pgd_restarts: int = 1
+    autoattack: bool = True
+    autoattack_version: str = "standard"
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    cpu_threads: int = 1                # torch threads on the CPU (0 = torch's default)
+    rank_n: int = 0                     # test images for the effective rank (0 = all)
+
+    @classmethod
+    def from_config(cls, section: dict) -> "EvalSettings":
+        return cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+
+    def step_size(self, eps: float) -> float:
+        return self.pgd_step_size if self.pgd_step_size is not None else 2.5 * eps / self.pgd_steps
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("eval.device is cuda but no GPU is visible here; set eval.device: auto or cpu")
+        return torch.device(self.device)
+
+    def apply_threads(self) -> None:
+        """On the CPU, use cpu_threads torch threads. Attacks on small models run many tiny batches, where
+        OpenMP threads spinning against other processes cost far more than they give (measured here: APGD-CE on
+        359 digits 11.9 s with 1 thread, 48 s with 2, on a shared 2-core machine)."""
+        if self.torch_device().type == "cpu" and self.cpu_threads > 0:
+            torch.set_num_threads(self.cpu_threads)
+
+
+# --- classifier files ------------------------------------------------------------------------------------------
+
+def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
+    """(classifier in eval mode, record) from a final.pt or an exported file; every problem is one UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no classifier file {path}")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:                                   # a pickle error, a truncated zip, ...
+        raise UserError(f"{path}: not a readable classifier file ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not isinstance(record, dict) or record.get("format") != FINAL_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise UserError(f"{path}: not a dra-pipe classifier (format {found!r}); export one with `dra-pipe export`")
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise UserError(f"{path}: the classifier record lacks {', '.join(missing)}")
+    model = build_classifier(record["arch"], record["num_classes"], record["in_channels"], record["resolution"],
+                             record["mean"], record["std"])
+    problem = state_dict_mismatch(model, record["state_dict"])
+    if problem:
+        raise UserError(f"{path}: its weights are not those of a {record['arch']} classifier ({problem})")
+    model.load_state_dict(record["state_dict"])
+    threat_model(record, path)
+    return model.eval(), record
+
+
+def state_dict_mismatch(model: nn.Module, state: dict) -> str:
+    """'' if `state` fits `model` exactly, else a short description of the first differences."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(missing)} missing, e.g. {missing[0]}" if missing else "",
+             f"{len(extra)} unexpected, e.g. {extra[0]}" if extra else "",
+             f"{len(shapes)} of another shape, e.g. {shapes[0]}" if shapes else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def threat_model(record: dict, where: str | Path = "classifier") -> tuple[str, float]:
+    """(norm, eps) recorded with the weights; only L-inf is evaluated."""
+    tm = record["threat_model"]
+    norm, eps = tm.get("norm"), tm.get("epsilon")
+    if norm != "Linf" or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+        raise UserError(f"{where}: threat model {tm!r} is not an L-inf radius in [0, 1]; only L-inf is evaluated")
+    return norm, float(eps)
+
+
+def state_fingerprint(state: dict) -> str:
+    """sha256 over the state dict: every tensor's name, dtype, shape and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def export_classifier(source: str | Path, out: str | Path, run_name: str | None = None) -> dict:
+    """Write the classifier of `source` (final.pt or an export) to `out` for others; returns what was written.
+
+    The file holds the EMA state dict, architecture, shape, normalisation, threat model, fingerprint and the
+    dra-pipe version, and loads with `load_classifier` (or torch.load(weights_only=True) + build_classifier).
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    _, record = load_classifier(source)
+    export = {"format": FINAL_FORMAT, **{k: record[k] for k in RECORD_KEYS},
+              "fingerprint": state_fingerprint(record["state_dict"]), "dra_pipe_version": package_version("dra-pipe"),
+              "run": run_name or record.get("run"), "dra": record.get("dra"), "objective": record.get("objective"),
+              "exported_from": str(Path(source).resolve()), "exported": _now()}
+    _save_atomic(export, out)
+    return export
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- runs and test data ------------------------------------------------------------------------------------------
+
+def find_run(root: Path, run: str) -> RunFolder:
+    """The finished run `run`: a name under <root>/runs or a run folder's path."""
+    folder = RunFolder(Path(run) if Path(run).is_dir() and (Path(run) / "run.json").exists() else root / "runs" / run)
+    if not folder.run_json.exists():
+        known = sorted(p.name for p in (root / "runs").glob("*") if (p / "run.json").exists()) \
+            if (root / "runs").is_dir() else []
+        listing = f"runs there: {', '.join(known)}" if known else "there are no runs yet; `dra-pipe train` makes one"
+        raise UserError(f"no run {run} under {root}/runs ({listing})")
+    if not folder.finished:
+        state = "training stopped at a checkpoint" if folder.checkpoint.exists() else "training never started"
+        raise UserError(f"run {folder.path.name} has no final.pt ({state}); finish it with "
+                        f"`dra-pipe train --name {folder.path.name}`")
+    return folder
+
+
+def open_test_set(root: Path, name: str) -> ImageSet:
+    if not (image_set_dir(root, name) / DATASET_JSON).exists():
+        raise UserError(f"no image set {name} under {root}/images; import the data first "
+                        f"(`dra-pipe import`) or name another set with --images")
+    images = ImageSet.open(root, name)
+    if not images.complete:
+        raise UserError(f"image set {name} is incomplete ({len(images.missing_shards())} shards missing)")
+    return images
+
+
+def check_fits(record: dict, images: ImageSet) -> None:
+    """The classifier must take the set's images and predict its classes."""
+    have = (record["num_classes"], record["in_channels"], record["resolution"])
+    need = (images.classes, images.channels, images.resolution)
+    if have != need:
+        raise UserError(f"image set {images.name} has {need[0]} classes of {need[1]}x{need[2]}x{need[2]} images; the "
+                        f"classifier predicts {have[0]} classes of {have[1]}x{have[2]}x{have[2]} images")
+
+
+def read_images(images: ImageSet, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n images (0 = all): (N, C, H, W) float in [0, 1] and labels (N,)."""
+    data = images.read_range(0, images.n if n <= 0 else min(n, images.n))
+    return torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(data.labels)
+
+
+# --- attacks -------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def inference_only(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients inside (attacks need input gradients only); restored after."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """(N,) bool: the model's prediction on x equals y."""
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(y), batch):
+            logits = model(x[lo:lo + batch].to(device))
+            out.append((logits.argmax(1) == y[lo:lo + batch].to(device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def pgd_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s: EvalSettings, loss: str,
+               device: torch.device) -> torch.Tensor:
+    """(N,) bool: still correct after L-inf PGD-k on `loss` (random starts from a seeded generator)."""
+    gen = torch.Generator(device).manual_seed(s.seed)
+    out = []
+    for lo in range(0, len(y), s.batch_size):
+        xb, yb = x[lo:lo + s.batch_size].to(device), y[lo:lo + s.batch_size].to(device)
+        x_adv = pgd_attack(model, xb, yb, eps, s.step_size(eps), s.pgd_steps, loss=loss,
+                           restarts=s.pgd_restarts, generator=gen)
+        with torch.no_grad():
+            out.append((model(x_adv).argmax(1) == yb).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def autoattack_available() -> bool:
+    return importlib.util.find_spec("pyautoattack") is not None
+
+
+@dataclass
+class Captured:
+    """What a library said while it ran: log records, Python warnings, printed lines."""
+
+    log: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, captured: Captured, on_line: Log, stdout):
+        super().__init__(logging.DEBUG)
+        self.captured, self.on_line, self.stdout = captured, on_line, stdout
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        (self.captured.warnings if record.levelno >= logging.WARNING else self.captured.log).append(line)
+        with contextlib.redirect_stdout(self.stdout):              # live lines reach the real terminal
+            self.on_line(line)
+
+
+@contextlib.contextmanager
+def capture(logger_name: str, on_line: Log = _quiet) -> Iterator[Captured]:
+    """Collect the named logger's records (passing each to on_line), Python warnings and stdout in the block."""
+    captured, printed = Captured(), io.StringIO()
+    logger = logging.getLogger(logger_name)
+    handler = _Collect(captured, on_line, sys.stdout)
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+            warnings.simplefilter("always")
+            yield captured
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        captured.warnings += [f"{w.category.__name__}: {w.message}" for w in caught]
+        captured.log += [line for line in printed.getvalue().splitlines() if line.strip()]
+
+
+_AFTER = re.compile(r"robust accuracy after (\S+): ([0-9.]+)%")
+
+
+@dataclass
+class AutoAttackResult:
+    robust: torch.Tensor                 # (N,) bool
+    per_attack: dict[str, float]         # robust accuracy after each attack, in AutoAttack's order
+    warnings: list[str]
+    log: list[str]
+
+
+def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s: EvalSettings,
+                   device: torch.device, on_line: Log = _quiet) -> AutoAttackResult:
+    """AutoAttack (pyautoattack) at L-inf eps; the robust flags are recomputed from its adversarial examples."""
+    from pyautoattack import AutoAttack
+    if model.num_classes < 4:
+        raise UserError(f"AutoAttack's targeted DLR loss needs at least 4 classes, the classifier has "
+                        f"{model.num_classes}; pass --no-autoattack")
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version=s.autoattack_version, seed=s.seed, device=device)
+    notes = _fit_targets(adversary, int(model.num_classes))
+    with capture(AUTOATTACK_LOGGER, on_line) as said:
+        x_adv, _ = adversary.run_standard_evaluation(x.to(device), y.to(device), batch_size=s.batch_size)
+    x_adv = x_adv.detach().cpu()
+    robust = correct(model, x_adv, y, s.batch_size, device) & correct(model, x, y, s.batch_size, device)
+    per_attack = {m.group(1).lower(): float(m.group(2)) / 100 for m in map(_AFTER.search, said.log) if m}
+    if (x_adv - x).abs().amax().item() > eps + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
+        notes.append(f"AutoAttack returned images outside the eps-ball or [0, 1] (max |delta| "
+                     f"{(x_adv - x).abs().amax().item():.5f}, eps {eps:g})")
+    return AutoAttackResult(robust, per_attack, notes + _dedupe(said.warnings), said.log)
+
+
+def _fit_targets(adversary, classes: int) -> list[str]:
+    """Standard AutoAttack targets 9 classes; with fewer than 10 classes target all the others (and say so)."""
+    if classes >= 10:
+        return []
+    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = classes - 1
+    return [f"{classes} classes: APGD-T and FAB-T target {classes - 1} classes instead of AutoAttack's 9"]
+
+
+def _dedupe(lines: list[str]) -> list[str]:
+    counts: dict[str, int] = {}
+    for line in lines:
+        counts[line] = counts.get(line, 0) + 1
+    return [line if k == 1 else f"{line} (x{k})" for line, k in counts.items()]
+
+
+# --- the evaluation ----------------------------------------------------------------------------------------------
+
+def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, eps: float, s: EvalSettings,
+             log: Log = _quiet) -> dict:
+    """Clean, PGD-CE, PGD-margin and (if s.autoattack) AutoAttack accuracy of `model` on (x, y); the eval.json body.
+
+    Accuracies are fractions of len(y); `counts` holds the numbers of correct images, `seconds` each part's time.
+    """
+    device = s.torch_device()
+    model = model.to(device)
+    n, acc, counts, seconds, notes = len(y), {}, {}, {}, []
+    flags: dict[str, torch.Tensor] = {}
+    extra: dict = {}
+    with inference_only(model):
+        flags["clean"] = _timed(seconds, "clean", lambda: correct(model, x, y, s.batch_size, device))
+        log(f"clean: {flags['clean'].float().mean():.4f} ({seconds['clean']:.1f} s)")
+        for loss in ("ce", "margin"):
+            key = f"pgd_{loss}"
+            flags[key] = flags["clean"] & _timed(seconds, key, lambda: pgd_robust(model, x, y, eps, s, loss, device))
+            log(f"PGD-{s.pgd_steps} {loss}: {flags[key].float().mean():.4f} ({seconds[key]:.1f} s)")
+        if s.autoattack:
+            aa = _timed(seconds, "autoattack", lambda: run_autoattack(model, x, y, eps, s, device, log))
+            flags["autoattack"] = aa.robust
+            extra = {"autoattack_per_attack": aa.per_attack, "autoattack_log": aa.log}
+            notes += aa.warnings + consistency_notes(flags)
+    flags["worst"] = torch.stack(list(flags.values())).all(0) if n else flags["clean"]
+    for key, f in flags.items():
+        counts[key] = int(f.sum())
+        acc[key] = counts[key] / n if n else 0.0
+    seconds["total"] = sum(seconds.values())
+    return {**acc, "autoattack": acc.get("autoattack"), "counts": counts, "n": n, "eps": eps, "norm": "Linf",
+            "steps": s.pgd_steps, "step_size": s.step_size(eps), "restarts": s.pgd_restarts,
+            "autoattack_version": s.autoattack_version if s.autoattack else None,
+            "batch_size": s.batch_size, "seed": s.seed, "device": str(device), "seconds": seconds,
+            "warnings": notes, **extra}
+
+
+def _timed(seconds: dict, key: str, fn):
+    started = time.perf_counter()
+    out = fn()
+    seconds[key] = round(time.perf_counter() - started, 3)
+    return out
+
+
+def consistency_notes(flags: dict[str, torch.Tensor]) -> list[str]:
+    """AutoAttack should leave no image robust that a PGD attack broke; say so when it does."""
+    if "autoattack" not in flags:
+        return []
+    notes = []
+    for key in ("pgd_ce", "pgd_margin"):
+        k = int((flags["autoattack"] & ~flags[key]).sum())
+        if k:
+            notes.append(f"AutoAttack left {k} image(s) robust that {key} broke; `worst` counts them as broken")
+    return notes
+
+
+def evaluate_file(model_path: Path, record: dict, model: Classifier, images: ImageSet, s: EvalSettings,
+                  log: Log = _quiet) -> dict:
+    """evaluate() on the first s.n images of `images`, with the provenance eval.json records."""
+    check_fits(record, images)
+    _, eps = threat_model(record, model_path)
+    x, y = read_images(images, s.n)
+    if s.n > images.n:
+        log(f"eval.n {s.n} is more than the {images.n} images of {images.name}: using all of them")
+    result = evaluate(model, x, y, eps, s, log)
+    return {**result, "settings": asdict(s), "fingerprint": state_fingerprint(record["state_dict"]),
+            "model": {"file": str(model_path), "arch": record["arch"], "run": record.get("run"),
+                      "dra": record.get("dra"), "objective": record.get("objective")},
+            "test_set": {"name": images.name, "fingerprint": images.fingerprint, "size": images.n},
+            "versions": {"dra-pipe": package_version("dra-pipe"), "torch": torch.__version__,
+                         "pyautoattack": package_version("pyautoattack") if s.autoattack else None},
+            "created": _now()}
+
+
+def write_eval_json(result: dict, path: Path) -> Path:
+    write_json_atomic(path, json.loads(json.dumps(result)))
+    return path
+
+
+# --- representation analysis -------------------------------------------------------------------------------------
+
+def penultimate_features(model: Classifier, x: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """(N, D) pooled features that the last linear layer sees, in eval mode."""
+    out = []
+    with inference_only(model), torch.no_grad():
+        model.to(device)
+        for lo in range(0, len(x), batch):
+            out.append(model.penultimate(x[lo:lo + batch].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def singular_distribution(features: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """p_i = sigma_i / sum_j sigma_j over the singular values of `features` (N, D), descending (float64)."""
+    m = features.double()
+    if center:
+        m = m - m.mean(dim=0, keepdim=True)
+    s = torch.linalg.svdvals(m)
+    total = s.sum()
+    return s / total if total > 0 else torch.zeros(0, dtype=torch.float64)
+
+
+def effective_rank(features: torch.Tensor, center: bool = True) -> float:
+    """Effective rank (Roy & Vetterli 2007) exp(H(p)), p_i = sigma_i / sum_j sigma_j, of `features` (N, D).
+
+    Centred variant by default: the column means are subtracted first, so the shared mean feature (large after
+    SiLU/ReLU) does not count as a direction. With center=False it is Roy & Vetterli's definition on the raw
+    matrix (the identity of size n then has effective rank n). A zero matrix has effective rank 0.
+    """
+    p = singular_distribution(features, center)
+    if len(p) == 0:
+        return 0.0
+    return float(torch.exp(-torch.special.xlogy(p, p).sum()))

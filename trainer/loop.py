@@ -1,0 +1,352 @@
+"""The training loop: adversarial training (TRADES or PGD-AT) on mixed real + generated batches, plus DRA.
+
+One step on a batch of B images (real rows first, then generated) with their cached targets:
+
+    x, t, mask = augment(images, targets, targets_flip)      # (B, C, H, W) in [0, 1]; (B, Ct, h, w); (B, h, w)
+    x_adv      = attack(model, x, y)                         # TRADES: max KL(p(x) || p(x')); PGD-AT: max CE
+    logits     = model(x), model(x_adv)                      # (B, classes); the DRA view also yields f (B, Cf, h', w')
+    loss       = AT loss + lambda * mean over kept tokens of 1 - cos(head(match_grid(f)), t)
+    SGD step at lr_at(step), EMA update
+
+An epoch is ceil(N_real / B) steps (DM-AT). At its end: clean and PGD accuracy of the EMA model on the held-out
+split, one line in metrics.jsonl, a checkpoint (also every `checkpoint_every` steps). `dra: off` or lambda 0
+builds no head and reads no targets; every random stream (init, loader, augmentation, attacks) is the same.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.attacks import pgd_at_loss, pgd_attack, trades_adversary, trades_loss
+from trainer.augment import augment
+from trainer.classifiers import Classifier, build_classifier
+from trainer.dra import ProjectionHead, dra_loss, match_grid
+from trainer.loader import MixPlan, make_loader
+from trainer.optim import EMA, lr_at, make_optimizer
+from trainer.plan import Job
+from trainer.runs import RunFolder
+
+EMA_WARMUP = 0.025            # DM-AT: the EMA copies the weights for the first 2.5% of the steps
+
+
+@dataclass
+class Dist:
+    """This process's place in data-parallel training."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+class TrainNet(nn.Module):
+    """Classifier + projection head: one forward for everything the loss needs (so DDP sees a single call)."""
+
+    def __init__(self, model: Classifier, head: nn.Module | None, layer: str | None, target_hw: tuple | None,
+                 view: str):
+        super().__init__()
+        self.model, self.head, self.layer, self.target_hw, self.view = model, head, layer, target_hw, view
+
+    def forward(self, x: torch.Tensor | None, x_adv: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out = {}
+        for view, inputs in (("clean", x), ("adversarial", x_adv)):
+            if inputs is None:
+                continue
+            if self.head is not None and view == self.view:
+                out[view], f = self.model.forward_features(inputs, self.layer)      # (B, classes), (B, Cf, h', w')
+                out["projected"] = self.head(match_grid(f, self.target_hw))         # (B, Ct, h, w)
+            else:
+                out[view] = self.model(inputs)
+        return out
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class Trainer:
+    """Model, head, optimizer, EMA and random streams of one rank, and the step that moves them."""
+
+    def __init__(self, job: Job, dist: Dist):
+        s, self.job, self.dist, self.s = job.settings, job, dist, job.settings
+        device = dist.device
+        torch.manual_seed(s["seed"])
+        self.model = build_classifier(s["arch"], job.classes, job.channels, job.resolution, job.mean, job.std).to(device)
+        self.head = None
+        if job.dra:
+            f_channels = self.model.feature_layers()[job.dra_layer][0]
+            self.head = ProjectionHead(f_channels, job.target_shape[0], s["dra_hidden"], s["dra_depth"]).to(device)
+        view = "clean" if s["objective"] == "clean" else s["dra_view"]
+        self.net = TrainNet(self.model, self.head, job.dra_layer, job.target_shape[1:] if job.dra else None, view)
+        self.ddp = self.net
+        if dist.world_size > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.opt = make_optimizer(self.model, self.head, s["lr"], s["weight_decay"])
+        self.ema = EMA(self.model, s["ema_decay"], warmup_steps=round(EMA_WARMUP * job.total_steps))
+        self.aug_gen = torch.Generator().manual_seed(_seed(s["seed"], dist.rank, 1))
+        self.attack_gen = torch.Generator(device).manual_seed(_seed(s["seed"], dist.rank, 2))
+        self.needs_clean = s["objective"] in ("trades", "clean") or view == "clean"
+        self.step = 0
+
+    def autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda")
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimizer step on a batch; returns the detached loss terms."""
+        s, dev = self.s, self.dist.device
+        on_dev = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        targets = on_dev.get("targets") if self.head is not None else None
+        flipped = on_dev.get("targets_flip") if targets is not None else None
+        # random draws on the CPU generator, pixels moved wherever the batch is: the same stream on any device
+        x, t, mask = augment(on_dev["images"], targets, flipped, self.aug_gen, s["crop_pad"], s["flip"])
+        y = on_dev["labels"]                                                                 # x (B, C, H, W), y (B,)
+        with self.autocast():
+            x_adv = self.attack(x, y)                                                        # (B, C, H, W) or None
+            out = self.ddp(x if self.needs_clean else None, x_adv)
+            loss, terms = self.objective(out, y)
+            if self.head is not None:
+                terms["dra"] = dra_loss(out["projected"], t, mask)                          # t (B, Ct, h, w), mask (B, h, w)
+                loss = loss + s["dra_lambda"] * terms["dra"]
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, self.job.total_steps, s["lr"])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.ema.update(self.model)
+        self.step += 1
+        terms["loss"] = loss
+        return {k: v.detach().float() for k, v in terms.items()}
+
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Adversarial examples for the objective; TRADES attacks in train mode, PGD-AT in eval mode (DM-AT)."""
+        s = self.s
+        if s["objective"] == "trades":
+            return trades_adversary(self.model, x, s["epsilon"], s["attack_step_size"], s["attack_steps"], self.attack_gen)
+        if s["objective"] == "pgd-at":
+            self.model.eval()
+            x_adv = pgd_attack(self.model, x, y, s["epsilon"], s["attack_step_size"], s["attack_steps"],
+                               generator=self.attack_gen)
+            self.model.train()
+            return x_adv
+        return None
+
+    def objective(self, out: dict[str, torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        s = self.s
+        if s["objective"] == "trades":
+            total, ce, kl = trades_loss(out["clean"], out["adversarial"], y, s["trades_beta"], s["label_smoothing"])
+            return total, {"ce": ce, "kl": kl}
+        if s["objective"] == "pgd-at":
+            ce = pgd_at_loss(out["adversarial"], y, s["label_smoothing"])
+            return ce, {"ce": ce}
+        ce = F.cross_entropy(out["clean"], y, label_smoothing=s["label_smoothing"])
+        return ce, {"ce": ce}
+
+    # --- state --------------------------------------------------------------------------------------------
+    def rng_state(self) -> dict:
+        state = {"aug": self.aug_gen.get_state(), "attack": self.attack_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.dist.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        self.aug_gen.set_state(state["aug"])
+        self.attack_gen.set_state(state["attack"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.dist.device)
+
+    def state(self, rng: list[dict]) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(), "head": self.head.state_dict() if self.head else None,
+                "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(), "rng": rng,
+                "loader": {"batches": self.step, "world_size": self.dist.world_size,
+                           "loader_workers": self.s["loader_workers"]}}
+
+    def load(self, state: dict) -> None:
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.set_rng_state(state["rng"][self.dist.rank])
+
+    def mix_plan(self) -> MixPlan:
+        """This rank's loader, positioned at the current step."""
+        return mix_plan(self.job, self.dist, self.step)
+
+
+def mix_plan(job: Job, dist: Dist, start: int = 0) -> MixPlan:
+    """What rank `dist.rank` streams from batch `start` on: targets only with DRA, flipped ones only with flips."""
+    s = job.settings
+    real_rows, gen_rows = job.mix()
+    targets = (("targets", "targets_flip") if s["flip"] else ("targets",)) if job.dra else ()
+    return MixPlan(job.real, job.generated, real_rows, gen_rows, s["seed"], dist.rank, dist.world_size,
+                   s["loader_workers"], start, ("ids", "images", "labels") + targets)
+
+
+# --- evaluation on the held-out split --------------------------------------------------------------------------
+
+def load_holdout(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, C, H, W) float in [0, 1], labels (N,)) of the held-out real training images."""
+    from pathlib import Path
+    from pipeline.stores.images import ImageSet
+    data = ImageSet(Path(job.real.images)).read_range(*job.holdout)
+    return torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(data.labels)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int, seed: int,
+             device: torch.device, batch: int = 512) -> dict[str, float]:
+    """Clean and PGD-`steps` (step 2.5 eps / steps, random start, fixed seed) accuracy of `model` in eval mode."""
+    if len(labels) == 0:
+        return {}
+    model.eval()
+    gen = torch.Generator(device).manual_seed(seed)
+    clean = robust = 0
+    for lo in range(0, len(labels), batch):
+        x, y = images[lo:lo + batch].to(device), labels[lo:lo + batch].to(device)
+        with torch.no_grad():
+            clean += int((model(x).argmax(1) == y).sum())
+        x_adv = pgd_attack(model, x, y, eps, 2.5 * eps / steps, steps, generator=gen)
+        with torch.no_grad():
+            robust += int((model(x_adv).argmax(1) == y).sum())
+    return {"clean_acc": clean / len(labels), "pgd_acc": robust / len(labels)}
+
+
+class EpochMeter:
+    """Running sums of the loss terms over an epoch's steps, and the time spent training."""
+
+    def __init__(self, sums: dict | None = None, steps: int = 0, seconds: float = 0.0):
+        self.sums, self.steps, self.seconds = dict(sums or {}), steps, seconds
+
+    def add(self, terms: dict[str, torch.Tensor], seconds: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.seconds += seconds
+
+    def row(self, batch_size: int) -> dict:
+        means = {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
+        return {**means, "images_per_s": batch_size * self.steps / max(self.seconds, 1e-9)}
+
+    def state(self) -> dict:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps, "seconds": self.seconds}
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+
+StepHook = Callable[[int, int, dict], None]     # (step, images in the step, loss terms)
+
+
+def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume) the run in job.run_dir to the end; rank 0 writes metrics, checkpoints and final.pt."""
+    dist = dist or Dist()
+    s, run = job.settings, RunFolder(job.run_dir)
+    trainer = Trainer(job, dist)
+    meter = EpochMeter()
+    state = run.load_checkpoint()
+    if state is not None:
+        trainer.load(state)
+        meter = EpochMeter(**state["meter"])
+        if dist.main:
+            run.truncate_metrics(state["metrics_bytes"])
+    holdout = load_holdout(job) if dist.main else None
+    batches = iter(make_loader(trainer.mix_plan()))
+    trainer.model.train()
+    while trainer.step < job.total_steps:
+        started = time.perf_counter()
+        batch = next(batches)
+        terms = trainer.train_step(batch)
+        meter.add(terms, time.perf_counter() - started)
+        if on_step:
+            on_step(trainer.step, s["batch_size"], terms)
+        epoch_end = trainer.step % job.steps_per_epoch == 0
+        if epoch_end:
+            row = _epoch_row(job, trainer, meter, holdout)
+            meter = EpochMeter()
+            if dist.main:
+                run.append_metrics(row)
+                if on_epoch:
+                    on_epoch(row)
+        every = s["checkpoint_every"]
+        if epoch_end or (every and trainer.step % every == 0):
+            _checkpoint(run, trainer, meter)
+    if not dist.main:
+        return {}
+    run.save_final(_final_record(job, trainer))
+    rows = run.read_metrics()
+    return rows[-1] if rows else {}
+
+
+def _epoch_row(job: Job, trainer: Trainer, meter: EpochMeter, holdout) -> dict:
+    s = job.settings
+    row = {"epoch": trainer.step // job.steps_per_epoch, "step": trainer.step,
+           "lr": lr_at(trainer.step - 1, job.total_steps, s["lr"]), **meter.row(s["batch_size"])}
+    if holdout is not None:
+        row.update(evaluate(trainer.ema.module, *holdout, s["epsilon"], s["holdout_pgd_steps"], s["seed"],
+                            trainer.dist.device))
+    return row
+
+
+def _checkpoint(run: RunFolder, trainer: Trainer, meter: EpochMeter) -> None:
+    """Every rank contributes its RNG states; rank 0 writes."""
+    rng = [trainer.rng_state()]
+    if trainer.dist.world_size > 1:
+        rng = [None] * trainer.dist.world_size
+        torch.distributed.all_gather_object(rng, trainer.rng_state())
+    if trainer.dist.main:
+        run.save_checkpoint({**trainer.state(rng), "meter": meter.state(), "metrics_bytes": run.metrics_bytes()})
+
+
+def _final_record(job: Job, trainer: Trainer) -> dict:
+    s = job.settings
+    return {"arch": s["arch"], "num_classes": job.classes, "in_channels": job.channels, "resolution": job.resolution,
+            "mean": list(job.mean), "std": list(job.std), "state_dict": trainer.ema.module.state_dict(),
+            "threat_model": {"norm": "Linf", "epsilon": s["epsilon"]}, "run": job.name, "dra": job.dra,
+            "objective": s["objective"], "steps": trainer.step, "image_set": job.identity()["real"]}
+
+
+def set_cpu_threads(loader_workers: int) -> None:
+    """On the CPU, leave the loader workers their cores: OpenMP threads spinning against them cost more than
+    they give on small models."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - loader_workers))
+
+
+def seconds_per_step(job: Job, device: torch.device | None = None, max_batch: int = 64, steps: int = 3) -> float:
+    """Measured seconds of one rank's training step, on synthetic batches of the job's shapes.
+
+    Timed at min(rank batch, max_batch) images after one warm-up step, scaled linearly to the rank's batch
+    (so a dry run of a large model stays short).
+    """
+    per_rank = job.settings["batch_size"] // job.settings["workers"]
+    size = min(per_rank, max_batch)
+    trainer = Trainer(job, Dist(device=device or torch.device("cpu")))
+    trainer.model.train()
+    batch = synthetic_batch(job, size, _seed(0))
+    trainer.train_step(batch)
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(batch)
+    return (time.perf_counter() - started) / steps * per_rank / size
+
+
+def synthetic_batch(job: Job, size: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random batch shaped like the loader's (for timing)."""
+    g = torch.Generator().manual_seed(seed)
+    r, c = job.resolution, job.channels
+    batch = {"ids": torch.arange(size), "images": torch.randint(0, 256, (size, r, r, c), generator=g, dtype=torch.uint8),
+             "labels": torch.randint(0, job.classes, (size,), generator=g)}
+    if job.dra:
+        batch["targets"] = torch.randn((size, *job.target_shape), generator=g).half()
+        batch["targets_flip"] = torch.randn((size, *job.target_shape), generator=g).half()
+    return batch

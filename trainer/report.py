@@ -1,0 +1,305 @@
+"""Comparison of finished runs: a side-by-side table and PNG figures (matplotlib, no display needed).
+
+Per run, in runs/<name>/figures/: `curves.png` (every loss term and the held-out clean and PGD accuracy per epoch)
+and `samples.png` (the generated images the run trained on, one row per class).
+Per comparison, in <root>/reports/<names>/: `table.md`, `report.json`, `accuracy.png` (held-out accuracy of every
+run per epoch) and `effective_rank.png`: the paper's representation analysis, the effective rank of the
+classifier's penultimate features on clean test images (see `evaluate.effective_rank`, centred), runs with and
+without DRA side by side, with their normalised singular values.
+
+Accuracies in the table come from each run's eval.json (`dra-pipe eval RUN`); a run without one shows '-'.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.identity import write_json_atomic
+from pipeline.stores.images import DATASET_JSON, ImageSet, image_set_dir
+from trainer.evaluate import (EvalSettings, Log, check_fits, effective_rank, find_run, load_classifier,
+                              penultimate_features, read_images, singular_distribution)
+from trainer.runs import RunFolder
+
+COLUMNS = ("run", "arch", "objective", "DRA", "lambda", "timestep", "data", "epochs", "clean", "PGD-CE",
+           "PGD-margin", "AutoAttack", "n", "eff. rank")
+NOT_LOSSES = {"epoch", "step", "lr", "images_per_s", "clean_acc", "pgd_acc"}
+SAMPLES_PER_CLASS = 8
+SAMPLE_SHARDS = 4                        # read at most this many shards of a generated set for the grid
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class RunInfo:
+    """What a finished run folder says about itself."""
+
+    name: str
+    folder: RunFolder
+    config: dict                         # the resolved configuration it was trained with
+    metrics: list[dict]
+    record: dict                         # final.pt without the weights
+    eval: dict | None                    # eval.json, if `dra-pipe eval` ran
+
+    def setting(self, section: str, key: str, default=None):
+        return (self.config.get(section) or {}).get(key, default)
+
+    @property
+    def dra(self) -> bool:
+        return bool(self.record.get("dra", self.setting("train", "dra") and self.setting("train", "dra_lambda", 0) > 0))
+
+    @property
+    def prefix(self) -> str:
+        return self.setting("data", "name") or self.setting("data", "importer") or "digits"
+
+    @property
+    def generated_name(self) -> str | None:
+        """The generated set the run streamed, or None when it trained on real data only."""
+        if not self.setting("train", "unsup_fraction", 0):
+            return None
+        return self.setting("generate", "name") or f"{self.prefix}-gen"
+
+
+def load_run(root: Path, run: str) -> RunInfo:
+    import torch
+    folder = find_run(root, run)
+    record = torch.load(folder.final, map_location="cpu", weights_only=True)
+    record = {k: v for k, v in record.items() if k != "state_dict"}
+    config = yaml.safe_load(folder.config.read_text()) if folder.config.exists() else {}
+    eval_path = folder.path / "eval.json"
+    evaluated = json.loads(eval_path.read_text()) if eval_path.exists() else None
+    return RunInfo(folder.path.name, folder, config or {}, folder.read_metrics(), record, evaluated)
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+
+def data_label(info: RunInfo) -> str:
+    real = f"{info.prefix}-train"
+    gen = info.generated_name
+    if gen is None:
+        return real
+    return f"{real} + {gen} ({info.setting('train', 'unsup_fraction'):.0%} of each batch)"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def table_row(info: RunInfo, erank: float | None) -> tuple[str, ...]:
+    e = info.eval or {}
+    timesteps = info.setting("features", "timesteps") or []
+    return (info.name, str(info.record.get("arch", "?")), str(info.record.get("objective", "?")),
+            "on" if info.dra else "off", f"{info.setting('train', 'dra_lambda'):g}" if info.dra else "-",
+            str(timesteps[0]) if info.dra and timesteps else "-", data_label(info), str(len(info.metrics)),
+            _pct(e.get("clean")), _pct(e.get("pgd_ce")), _pct(e.get("pgd_margin")), _pct(e.get("autoattack")),
+            str(e.get("n", "-")), "-" if erank is None else f"{erank:.2f}")
+
+
+def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --- figures -----------------------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float, panels: int = 1):
+    from matplotlib.figure import Figure          # no pyplot: no GUI backend, no global state
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(1, panels)
+    return fig, (list(axes) if panels > 1 else [axes])
+
+
+def _integer_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_curves(info: RunInfo, path: Path) -> Path:
+    """Loss terms (left) and held-out clean / PGD accuracy (right) per epoch."""
+    rows = info.metrics
+    epochs = [r["epoch"] for r in rows]
+    fig, (losses, accuracy) = _figure(10, 3.8, 2)
+    for key in sorted({k for r in rows for k, v in r.items() if k not in NOT_LOSSES and isinstance(v, (int, float))}):
+        losses.plot(epochs, [r.get(key, math.nan) for r in rows], marker=".", label=key)
+    losses.set(xlabel="epoch", ylabel="mean over the epoch's steps", title=f"{info.name}: loss terms")
+    for key, label in (("clean_acc", "clean"), ("pgd_acc", "PGD")):
+        if any(key in r for r in rows):
+            accuracy.plot(epochs, [r.get(key, math.nan) for r in rows], marker=".", label=label)
+    accuracy.set(xlabel="epoch", ylabel="held-out accuracy (EMA weights)", ylim=(0, 1), title="accuracy")
+    for ax in (losses, accuracy):
+        _integer_epochs(ax)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def samples_per_class(images: ImageSet, per_class: int = SAMPLES_PER_CLASS,
+                      max_shards: int = SAMPLE_SHARDS) -> dict[int, list[np.ndarray]]:
+    """{class: up to per_class images (H, W, C) uint8}, in id order, from the set's first shards."""
+    found: dict[int, list[np.ndarray]] = {c: [] for c in range(images.classes)}
+    for index in images.plan_indices()[:max_shards]:
+        if index not in images.records:
+            continue
+        shard = images.read_shard(index)
+        for image, label in zip(shard.images, shard.labels):
+            if len(found[int(label)]) < per_class:
+                found[int(label)].append(image)
+        if all(len(v) == per_class for v in found.values()):
+            break
+    return found
+
+
+def mosaic(found: dict[int, list[np.ndarray]], per_class: int, gap: int = 1) -> np.ndarray:
+    """One (rows*(H+gap), cols*(W+gap), C) uint8 image: a row per class, empty cells white."""
+    h, w, c = next(img.shape for imgs in found.values() for img in imgs)
+    out = np.full((len(found) * (h + gap), per_class * (w + gap), c), 255, dtype=np.uint8)
+    for row, cls in enumerate(sorted(found)):
+        for col, img in enumerate(found[cls]):
+            out[row * (h + gap):row * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = img
+    return out
+
+
+def plot_samples(images: ImageSet, path: Path, per_class: int = SAMPLES_PER_CLASS) -> Path:
+    """A grid of generated images, one row per class (labelled with the class names when the set has them)."""
+    found = samples_per_class(images, per_class)
+    if not any(found.values()):
+        raise UserError(f"image set {images.name} has no complete shard to draw samples from")
+    grid = mosaic(found, per_class)
+    names = images.identity.get("class_names") or [str(c) for c in sorted(found)]
+    fig, (ax,) = _figure(max(3.0, 0.45 * per_class + 1), max(3.0, 0.4 * len(found) + 0.6))
+    ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
+              vmin=0, vmax=255, interpolation="nearest")
+    step = grid.shape[0] / len(found)
+    ax.set_yticks([step * (i + 0.5) for i in range(len(found))], [names[c] for c in sorted(found)])
+    ax.set_xticks([])
+    ax.set_title(f"{images.name}: first {per_class} per class")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_accuracy(infos: list[RunInfo], path: Path) -> Path:
+    fig, (ax,) = _figure(6.5, 4)
+    for info in infos:
+        epochs = [r["epoch"] for r in info.metrics]
+        for key, style in (("clean_acc", "-"), ("pgd_acc", "--")):
+            if any(key in r for r in info.metrics):
+                ax.plot(epochs, [r.get(key, math.nan) for r in info.metrics], style, marker=".",
+                        label=f"{info.name} {'clean' if key == 'clean_acc' else 'PGD'}")
+    ax.set(xlabel="epoch", ylabel="held-out accuracy (EMA weights)", ylim=(0, 1), title="training curves")
+    _integer_epochs(ax)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_effective_rank(ranks: dict[str, dict], path: Path) -> Path:
+    """Bars of the effective rank per run (coloured by DRA on/off) and the normalised singular values."""
+    fig, (bars, spectrum) = _figure(10, 4, 2)
+    names = list(ranks)
+    colours = ["tab:orange" if ranks[n]["dra"] else "tab:blue" for n in names]
+    bars.bar(range(len(names)), [ranks[n]["erank"] for n in names], color=colours)
+    bars.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    bars.set(ylabel="effective rank exp(H(p))", title="penultimate features, clean test images")
+    from matplotlib.patches import Patch
+    bars.legend(handles=[Patch(color="tab:orange", label="DRA on"), Patch(color="tab:blue", label="DRA off")])
+    for name in names:
+        p = [v for v in ranks[name]["spectrum"] if v > 1e-10]          # below: numerically zero
+        spectrum.semilogy(range(1, len(p) + 1), p, label=f"{name} ({ranks[name]['erank']:.1f})")
+    spectrum.set(xlabel="singular value index", ylabel="sigma_i / sum sigma", title="normalised singular values")
+    spectrum.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# --- the report --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    folder: Path
+    columns: tuple[str, ...]
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def report_folder(root: Path, names: list[str]) -> Path:
+    joined = "+".join(names)
+    return root / "reports" / (joined if len(joined) <= 80 else datetime.now().strftime("report-%Y%m%d-%H%M%S"))
+
+
+def representation(root: Path, info: RunInfo, s: EvalSettings) -> dict:
+    """Effective rank and normalised singular values of the run's penultimate features on its clean test split."""
+    name = f"{info.prefix}-test"
+    if not (image_set_dir(root, name) / DATASET_JSON).exists():
+        raise UserError(f"no test set {name} under {root}/images for run {info.name}")
+    model, record = load_classifier(info.folder.final)
+    images = ImageSet.open(root, name)
+    check_fits(record, images)
+    x, _ = read_images(images, s.rank_n)
+    features = penultimate_features(model, x, s.batch_size, s.torch_device())
+    return {"erank": effective_rank(features), "spectrum": singular_distribution(features).tolist(),
+            "images": len(x), "dims": features.shape[1], "test_set": name, "dra": info.dra, "centred": True}
+
+
+def run_figures(root: Path, info: RunInfo, report: Report) -> None:
+    """curves.png and samples.png in the run's figures/ folder (skipped with a note when impossible)."""
+    figures = info.folder.path / "figures"
+    figures.mkdir(exist_ok=True)
+    if info.metrics:
+        report.figures.append(plot_curves(info, figures / "curves.png"))
+    else:
+        report.notes.append(f"{info.name}: metrics.jsonl is empty; no training curves")
+    gen = info.generated_name
+    if gen is None:
+        report.notes.append(f"{info.name}: trained without generated data; no sample grid")
+    elif not (image_set_dir(root, gen) / DATASET_JSON).exists():
+        report.notes.append(f"{info.name}: generated set {gen} is not under {root}/images; no sample grid")
+    else:
+        report.figures.append(plot_samples(ImageSet.open(root, gen), figures / "samples.png"))
+
+
+def make_report(root: Path, runs: list[str], s: EvalSettings, out: Path | None = None, log: Log = _quiet) -> Report:
+    """Table, per-run figures, comparison figures; report.json and table.md in the comparison folder."""
+    if not runs:
+        raise UserError("name at least one run")
+    infos = [load_run(root, run) for run in runs]
+    report = Report(out or report_folder(root, [i.name for i in infos]), COLUMNS)
+    report.folder.mkdir(parents=True, exist_ok=True)
+    ranks: dict[str, dict] = {}
+    for info in infos:
+        log(f"{info.name}: figures, effective rank")
+        run_figures(root, info, report)
+        try:
+            ranks[info.name] = representation(root, info, s)
+        except UserError as exc:
+            report.notes.append(f"{info.name}: no effective rank ({exc})")
+        if info.eval is None:
+            report.notes.append(f"{info.name}: not evaluated yet; `dra-pipe eval {info.name}` fills clean/PGD/AutoAttack")
+        report.rows.append(table_row(info, ranks.get(info.name, {}).get("erank")))
+    if any(i.metrics for i in infos):
+        report.figures.append(plot_accuracy(infos, report.folder / "accuracy.png"))
+    if ranks:
+        report.figures.append(plot_effective_rank(ranks, report.folder / "effective_rank.png"))
+    _write(report, infos, ranks)
+    return report
+
+
+def _write(report: Report, infos: list[RunInfo], ranks: dict[str, dict]) -> None:
+    (report.folder / "table.md").write_text(markdown_table(report.columns, report.rows))
+    body = {"created": datetime.now().isoformat(timespec="seconds"), "columns": list(report.columns),
+            "runs": [{"name": i.name, "row": dict(zip(report.columns, row)), "eval": i.eval,
+                      "representation": {k: v for k, v in ranks.get(i.name, {}).items() if k != "spectrum"} or None}
+                     for i, row in zip(infos, report.rows)],
+            "figures": [str(p) for p in report.figures], "notes": report.notes}
+    write_json_atomic(report.folder / "report.json", json.loads(json.dumps(body)))

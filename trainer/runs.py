@@ -1,0 +1,120 @@
+"""Run folders: `runs/<name>/` = config.yaml (resolved), run.json (identity), metrics.jsonl, checkpoint.pt, final.pt.
+
+checkpoint.pt holds everything the next step depends on (live and EMA weights, head, optimizer, loader
+position, every rank's RNG states, the epoch's running sums and the length of metrics.jsonl at that moment),
+written atomically, so a killed run resumes exactly: metrics.jsonl is cut back to what the checkpoint saw.
+final.pt holds what evaluation needs: EMA weights, architecture, normalisation and threat model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.config import to_yaml
+from pipeline.errors import UserError
+from pipeline.identity import write_json_atomic
+
+FINAL_FORMAT = "dra-pipe-classifier"
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.run_json = self.path / "run.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoint = self.path / "checkpoint.pt"
+        self.final = self.path / "final.pt"
+
+    @property
+    def finished(self) -> bool:
+        return self.final.exists()
+
+    def prepare(self, identity: dict, config: dict) -> str:
+        """Create the folder, or check that it holds this very run. Returns 'new', 'resume' or 'finished'."""
+        if self.run_json.exists():
+            old = json.loads(self.run_json.read_text())["identity"]
+            if old != _jsonable(identity):
+                raise UserError(f"run {self.path.name} exists with other settings ({_diff(old, _jsonable(identity))}); "
+                                f"pass --name to start another run")
+            return "finished" if self.finished else "resume" if self.checkpoint.exists() else "new"
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(to_yaml(config))
+        write_json_atomic(self.run_json, {"identity": _jsonable(identity)})
+        return "new"
+
+    # --- metrics ------------------------------------------------------------------------------------------
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics_bytes(self) -> int:
+        return self.metrics.stat().st_size if self.metrics.exists() else 0
+
+    def truncate_metrics(self, size: int) -> None:
+        """Drop lines written after the checkpoint: the resumed run writes them again."""
+        if self.metrics.exists() and self.metrics.stat().st_size > size:
+            with open(self.metrics, "r+b") as f:
+                f.truncate(size)
+
+    def read_metrics(self) -> list[dict]:
+        return [json.loads(line) for line in self.metrics.read_text().splitlines()] if self.metrics.exists() else []
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict) -> None:
+        _save_atomic(state, self.checkpoint)
+
+    def load_checkpoint(self) -> dict | None:
+        if not self.checkpoint.exists():
+            return None
+        return torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+
+    def save_final(self, payload: dict) -> None:
+        _save_atomic({"format": FINAL_FORMAT, **payload}, self.final)
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_final(path: str | Path):
+    """(EMA classifier in eval mode, the saved record) from a run's final.pt (or its folder)."""
+    from trainer.classifiers import build_classifier
+    path = Path(path)
+    path = path / "final.pt" if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"no trained classifier at {path}; run `dra-pipe train` to the end first")
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if record.get("format") != FINAL_FORMAT:
+        raise UserError(f"{path}: not a dra-pipe classifier (format {record.get('format')!r})")
+    model = build_classifier(record["arch"], record["num_classes"], record["in_channels"], record["resolution"],
+                             record["mean"], record["std"])
+    model.load_state_dict(record["state_dict"])
+    return model.eval(), record
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _diff(a, b, f"{prefix}{k}.")
+            if inner:
+                out.append(inner)
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
+    return "; ".join(out)[:300]
