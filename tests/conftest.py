@@ -90,3 +90,16 @@ def tiny_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny"
     save_own(EDMPrecond(**tiny_edm_config()).eval(), folder, {"test": "tiny"})
     return folder
+
+
+def conformance_dir() -> Path:
+    """../shared/conformance next to the repo; else $DRA_SHARED/conformance; else /work/shared/conformance."""
+    import os
+    candidates = [REPO.parent / "shared"]
+    if os.environ.get("DRA_SHARED"):
+        candidates.insert(0, Path(os.environ["DRA_SHARED"]))
+    candidates.append(Path("/work/shared"))
+    for base in candidates:
+        if (base / "conformance").is_dir():
+            return base / "conformance"
+    return candidates[0] / "conformance"

@@ -16,7 +16,9 @@ from stages.samplers import (SAMPLERS, NFECounter, dpm_solver_sampler, edm_euler
 from stages.sigma import (alpha_bar, edm_sigma_steps, sigma_from_timestep, sigma_table,
                           timestep_from_sigma)
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"  # ../shared next to the repo
+from conftest import conformance_dir
+
+CONFORMANCE = conformance_dir()  # ../shared/conformance next to the repo
 
 
 # ---------------------------------------------------------------- DDPM timesteps <-> sigma
