@@ -22,12 +22,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-# The official EDM CIFAR-10 conditional VP config (edm-cifar10-32x32-cond-vp.pkl; 55,735,299 parameters), as in
-# the conformance file edm-cifar10-cond-vp.json's `config`.
-CIFAR10_CONFIG = dict(img_resolution=32, img_channels=3, label_dim=10, use_fp16=False, sigma_min=0,
-                      sigma_max=float("inf"), sigma_data=0.5, model_type="SongUNet", embedding_type="positional",
-                      encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1],
-                      model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)
+from stages.published import CIFAR10_COND_VP
+
+# The official EDM CIFAR-10 conditional VP config (edm-cifar10-32x32-cond-vp.pkl; 55,735,299 parameters).
+CIFAR10_CONFIG = CIFAR10_COND_VP
 
 GPU_VARIANTS = ("bf16", "fp16", "compile")
 

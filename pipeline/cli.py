@@ -273,9 +273,14 @@ def report_recompute(root: Path, path: Path, k: int) -> None:
 # --- run -----------------------------------------------------------------------------------------------------
 
 @app.command("run")
-def run_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
+def run_cmd(
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated (0,1,2): each setting is "
+                                        "trained once per seed and the report adds mean +- std [config run.seeds]"),
+    config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+):
     """Run every stage pipeline.yaml names (run.stages), end to end, reusing what is cached."""
-    cfg = resolve(config, root)
+    cfg = resolve(config, root, {"run.seeds": parse_seeds(seeds) if seeds is not None else None})
+    run_seeds(cfg)                                 # a bad seed list fails before any stage runs
     started = time.perf_counter()
     runs = []
     for stage in cfg.run.stages:
@@ -311,15 +316,31 @@ def _stage_extract(cfg: Config, runs: list[str]) -> None:
 
 
 def _train_variants(cfg: Config) -> list[Config]:
-    """DRA off and on when comparing, else the configured run."""
-    if not cfg.run.compare_dra:
-        return [cfg]
+    """DRA off and on when comparing (else the configured setting), once per seed of run.seeds."""
+    settings = (False, True) if cfg.run.compare_dra else (cfg.train.dra,)
     variants = []
-    for dra in (False, True):
-        variant = copy.deepcopy(cfg)
-        variant.train["dra"] = dra
-        variants.append(variant)
+    for dra in settings:
+        for seed in run_seeds(cfg):
+            variant = copy.deepcopy(cfg)
+            variant.train["dra"], variant.train["seed"] = dra, seed
+            variants.append(variant)
     return variants
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
+def run_seeds(cfg: Config) -> list[int]:
+    seeds = cfg.run.seeds
+    if seeds is None:
+        return [cfg.train.seed]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"run.seeds must list distinct seeds, got {seeds!r}; or set it to null for train.seed alone")
+    return list(seeds)
 
 
 def _stage_train(cfg: Config, runs: list[str]) -> list[str]:
@@ -340,7 +361,8 @@ def _stage_eval(cfg: Config, runs: list[str]) -> None:
     for name in runs or [v.name for v in map(_job_for, _train_variants(cfg))]:
         folder = find_run(Path(cfg.root), name)
         result = folder.final.with_name("eval.json")
-        if result.exists() and result.stat().st_mtime >= folder.final.stat().st_mtime and _same_eval(result, cfg):
+        weights = folder.weights(cfg.eval.weights)
+        if result.exists() and result.stat().st_mtime >= weights.stat().st_mtime and _same_eval(result, cfg):
             console.print(f"cached: {result} (newer than the run's weights, same settings)", highlight=False)
             continue
         run_eval(cfg, name, None)

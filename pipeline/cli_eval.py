@@ -29,12 +29,13 @@ def eval_cmd(
     pgd_steps: Optional[int] = typer.Option(None, "--pgd-steps", help="PGD steps [config eval.pgd_steps]"),
     restarts: Optional[int] = typer.Option(None, "--restarts", help="PGD restarts [config eval.pgd_restarts]"),
     autoattack: Optional[bool] = typer.Option(None, "--autoattack/--no-autoattack", help="run AutoAttack [config eval.autoattack]"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="a run's best (held-out PGD selection) or final weights [config eval.weights]"),
     out: Optional[Path] = typer.Option(None, "--out", help="eval.json path (default: the run's eval.json, or FILE.eval.json)"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Clean, PGD (cross-entropy and margin) and AutoAttack accuracy of a run's EMA weights or an exported file."""
     cfg = resolve(config, root, {"eval.n": n, "eval.pgd_steps": pgd_steps, "eval.pgd_restarts": restarts,
-                                 "eval.autoattack": autoattack})
+                                 "eval.autoattack": autoattack, "eval.weights": weights})
     run_eval(cfg, run, model, images, out)
 
 
@@ -51,7 +52,7 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
         raise UserError("eval.autoattack is on but pyautoattack is not installed: `pip install pyautoattack`, "
                         "or pass --no-autoattack (eval.autoattack: false)")
     root = Path(cfg.root)
-    path = find_run(root, run).final if run is not None else model_file
+    path = find_run(root, run).weights(s.weights) if run is not None else model_file
     net, record = load_classifier(path)
     test = open_test_set(root, images_name or real_test_set(cfg))
     target = out or (path.with_name("eval.json") if run is not None else path.with_name(path.name + ".eval.json"))
@@ -66,6 +67,10 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
 def _header(record: dict, path: Path, test, s) -> None:
     n = test.n if s.n <= 0 else min(s.n, test.n)
     eps = record["threat_model"]["epsilon"]
+    chosen = record.get("selected")
+    if chosen:
+        console.print(f"weights: epoch {chosen['epoch']}, the best by {chosen['by']} ({chosen['pgd_acc']:.2%}; clean "
+                      f"{chosen['clean_acc']:.2%}); eval.weights: final takes the last epoch's", highlight=False, soft_wrap=True)
     console.print(f"eval {record['arch']} from {path} on {test.name}: {n} of {test.n} images, L-inf eps {eps:g}, "
                   f"PGD {s.pgd_steps} steps x {s.pgd_restarts} restart(s)"
                   + (f", AutoAttack {s.autoattack_version}" if s.autoattack else ", AutoAttack skipped (eval.autoattack: false)"),
@@ -100,14 +105,15 @@ def show_eval(result: dict) -> None:
 def export_cmd(
     run: str = typer.Argument(..., help="run name under <root>/runs (or a run folder)"),
     out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: ./<run>.pt)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="best (held-out PGD selection) or final weights [config eval.weights]"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Write a run's classifier (EMA weights, architecture, normalisation, threat model) to one file for others."""
-    cfg = resolve(config, root)
+    cfg = resolve(config, root, {"eval.weights": weights})
     from trainer.evaluate import export_classifier, find_run
     folder = find_run(Path(cfg.root), run)
     target = out or Path(f"{folder.path.name}.pt")
-    written = export_classifier(folder.final, target, folder.path.name)
+    written = export_classifier(folder.weights(cfg.eval.weights), target, folder.path.name)
     params = sum(t.numel() for t in written["state_dict"].values())
     console.print(f"exported {written['arch']} of run {folder.path.name} ({params:,} values, L-inf eps "
                   f"{written['threat_model']['epsilon']:g}, fingerprint {written['fingerprint'][:16]}) to {target}; "
@@ -129,7 +135,7 @@ def report_cmd(
 
 def run_report(cfg: Config, runs: list[str], out: Path | None = None):
     from trainer.evaluate import EvalSettings
-    from trainer.report import make_report
+    from trainer.report import SUMMARY_COLUMNS, make_report
     s = EvalSettings.from_config(cfg.eval)
     s.apply_threads()
     report = make_report(Path(cfg.root), runs, s, out,
@@ -138,6 +144,11 @@ def run_report(cfg: Config, runs: list[str], out: Path | None = None):
     for row in report.rows:
         table.add_row(*row)
     console.print(table)
+    if report.summary:
+        summary = Table(*SUMMARY_COLUMNS, title="mean +- sample std over seeds")
+        for row in report.summary:
+            summary.add_row(*row)
+        console.print(summary)
     for note in report.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
     for path in report.figures:

@@ -140,9 +140,83 @@ def print_plan(outputs: list[Output], layer: str, rate: float, workers: int) -> 
     hours = todo_samples / max(rate * workers, 1e-9) / 3600
     console.print(f"to compute: {todo_samples:,} sample-targets, {human_bytes(todo_bytes)} on disk, "
                   f"~{hours * 60:,.1f} min at {rate:,.0f} samples/s per worker x {workers}")
-    if todo_bytes > BIG_PLAN_BYTES:
-        console.print(f"[yellow]that is {human_bytes(todo_bytes)}: --pool 2 stores 4x less, --pool 4 16x less, "
+    _pooling_hint(todo_bytes)
+
+
+def _missing_inputs(cfg: Config, spec: str, names: list[str]) -> bool:
+    """Whether a dry run must plan: an image set or the model file is not here yet."""
+    root = Path(cfg.root)
+    wanted = names or [real_train_set(cfg), generated_set(cfg)]
+    return not Path(spec.partition(":")[2]).exists() or \
+        any(not (image_set_dir(root, name) / "dataset.json").exists() for name in wanted)
+
+
+def print_planned(cfg: Config, spec: str, names: list[str], levels: list) -> None:
+    """The plan from the configuration: sets that are not here are planned (the real set from the importer, the
+    generated one from generate.n), a missing published checkpoint by its architecture; FLOPs of the tap counted."""
+    from pipeline.estimates import describe_hours, duration, gpu_hours
+    from pipeline.planning import model_for_plan, planned_generated, planned_real, stand_in_note
+    from stages.extract import check_layer, target_shape
+    from stages.generate import time_forward
+    net, published = model_for_plan(spec)
+    if published:
+        console.print(f"planned: {stand_in_note(spec, published, net)}", highlight=False, soft_wrap=True)
+    layer = check_layer(net, cfg.features.layer)
+    c, h, w = target_shape(net, layer, str(cfg.features.pool))
+    root, sets = Path(cfg.root), []
+    for name in names or [real_train_set(cfg), generated_set(cfg)]:
+        if (image_set_dir(root, name) / "dataset.json").exists():
+            sets.append(ImageSet.open(root, name))
+            continue
+        if names:
+            raise UserError(f"image set {name!r} not found under {cfg.root}; a dry run plans only the configured sets")
+        planned = planned_real(cfg) if name == real_train_set(cfg) else planned_generated(cfg, net_shape(net))
+        console.print(f"planned: {planned.describe('dra-pipe import' if name == real_train_set(cfg) else 'dra-pipe generate')}",
+                      highlight=False, soft_wrap=True)
+        sets.append(planned)
+    views = (2 if cfg.features.flip else 1) * len(levels)          # one tapped forward per view and noise level
+    per_sample = 2 * c * h * w * views
+    samples = sum(s.n for s in sets)
+    tap_flops = _tap_flops(net, layer)
+    console.print(f"plan: layer {layer}, targets {c}x{h}x{w} float16" + (" (+ flipped)" if cfg.features.flip else "")
+                  + f" at {', '.join(level.label() for level in levels)}", highlight=False)
+    for s in sets:
+        console.print(f"      {s.name}: {s.n:,} samples x {human_bytes(per_sample)} = {human_bytes(s.n * per_sample)}",
+                      highlight=False)
+    console.print(f"compute: {views} tapped forward(s) per image x {tap_flops / 1e9:,.3g} GFLOP (the network up to "
+                  f"{layer}; a full forward is {_forward(net) / 1e9:,.3g}); "
+                  f"{describe_hours(gpu_hours(samples * views * tap_flops))}", highlight=False, soft_wrap=True)
+    seconds = time_forward(net, 4, 1) * tap_flops / _forward(net) * views
+    console.print(f"here: ~{duration(samples * seconds / cfg.ray.cpu_actors)} on {cfg.ray.cpu_actors} CPU worker(s) "
+                  f"(measured one full forward, scaled to the tap)", highlight=False, soft_wrap=True)
+    _pooling_hint(samples * per_sample)
+    console.print("dry run: nothing written")
+
+
+def _pooling_hint(total_bytes: float) -> None:
+    if total_bytes > BIG_PLAN_BYTES:
+        console.print(f"[yellow]that is {human_bytes(total_bytes)}: --pool 2 stores 4x less, --pool 4 16x less, "
                       f"--pool global keeps one vector per image[/yellow]")
+
+
+def net_shape(net):
+    from types import SimpleNamespace
+    return SimpleNamespace(classes=net.label_dim, channels=net.img_channels, resolution=net.img_resolution)
+
+
+def _forward(net) -> float:
+    from pipeline.estimates import forward_flops
+    return forward_flops(net)
+
+
+def _tap_flops(net, layer: str) -> float:
+    import torch
+    from pipeline.estimates import count_flops
+    from stages.taps import features
+    x = torch.zeros(1, net.img_channels, net.img_resolution, net.img_resolution)
+    labels = torch.zeros(1, net.label_dim) if net.label_dim else None
+    with torch.no_grad():
+        return count_flops(lambda: features(net, x, torch.ones(1), labels, [layer]))
 
 
 def check_writable_root(cfg: Config) -> None:
@@ -153,8 +227,11 @@ def check_writable_root(cfg: Config) -> None:
 def run_extract(cfg: Config, sigmas: list[float], names: list[str], dry_run: bool) -> list[Path]:
     from stages.models import load_model
     levels = noise_levels(cfg, sigmas)
-    sets = open_image_sets(cfg, names or default_image_sets(cfg))
     spec = resolve_model_spec(cfg)
+    if dry_run and _missing_inputs(cfg, spec, names):
+        print_planned(cfg, spec, names, levels)
+        return []
+    sets = open_image_sets(cfg, names or default_image_sets(cfg))
     net = load_model(spec)
     outputs, layer = plan_outputs(cfg, spec, net, sets, levels)
     pending = [o for o in outputs if o.pending]

@@ -67,37 +67,46 @@ def _command(config_opt, root_opt):
 class GenerateJob:
     """Everything validated before anything is written."""
     n: int
+    name: str
+    shard_size: int
     spec: str
     settings: GenerateSettings
-    model: object              # the loaded model, for the probe
-    writer: ImageSetWriter
+    model: object                      # the loaded model (a published stand-in when planning without the file)
+    writer: ImageSetWriter | None      # None when only planning: the model file is not here
     pending: list[ShardPlan]
-
-    @property
-    def name(self) -> str:
-        return self.writer.path.name
+    stand_in: str | None = None        # published checkpoint name whose architecture stands in for the file
 
     @property
     def shards(self) -> int:
-        return len(plan_shards(self.n, self.writer.identity["shard_size"]))
+        return len(plan_shards(self.n, self.shard_size))
 
 
-def prepare(cfg: Config) -> GenerateJob:
-    """Parse and check every input (UserError on the first bad one); nothing is written."""
+def prepare(cfg: Config, dry_run: bool = False) -> GenerateJob:
+    """Parse and check every input (UserError on the first bad one); nothing is written.
+
+    A dry run whose model spec names a published EDM checkpoint that is not on this machine plans with a
+    randomly initialised network of its published architecture (stages.published): costs do not need weights.
+    """
     from pipeline.cli import resolve_model_spec
     from pipeline.workspace import check_writable
-    from stages.generate import GenerateSettings, absolute_spec, generated_identity, load_generator_model
+    from stages.generate import GenerateSettings, absolute_spec, generated_identity, require_conditional
+    from stages.models import load_model
+    from pipeline.planning import model_for_plan
     g = cfg.generate
     n = parse_count(g.n)
     name = validate_set_name(generated_set(cfg))
     settings = GenerateSettings(g.sampler, g.steps, g.churn, g.seed, g.batch_size, cfg.data.image_format).check()
     spec = absolute_spec(resolve_model_spec(cfg))
-    model = load_generator_model(spec)
+    model, published = model_for_plan(spec) if dry_run else (load_model(spec), None)
+    require_conditional(model, spec)
+    if published:
+        return GenerateJob(n, name, cfg.data.shard_size, spec, settings, model, None,
+                           plan_shards(n, cfg.data.shard_size), published)
     root = Path(cfg.root).resolve()
     check_writable(root)
     identity = generated_identity(model, settings, cfg.data.shard_size, class_names(cfg))
     writer = ImageSetWriter(root, name, identity, n)
-    return GenerateJob(n, spec, settings, model, writer, writer.pending())
+    return GenerateJob(n, name, cfg.data.shard_size, spec, settings, model, writer, writer.pending())
 
 
 def class_names(cfg: Config) -> list[str] | None:
@@ -115,17 +124,17 @@ def run_generate(cfg: Config, dry_run: bool = False, on_progress: Callable[[Prog
     """
     from pipeline.cli import console
     from pipeline.shard_runner import cluster_nodes, plan_actors, ray_session
-    job = prepare(cfg)
+    job = prepare(cfg, dry_run)
     if not job.pending:
         console.print(f"{job.name} is complete: {job.n:,} images in {job.shards} shards - nothing to do", highlight=False)
         return None
     if dry_run and not cfg.ray.address:
-        show_plan(job, plan_actors(local_nodes(cfg), cfg.ray.cpu_actors))
+        show_plan(job, plan_actors(local_nodes(cfg), cfg.ray.cpu_actors), cfg)
         console.print("dry run: nothing written")
         return None
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
         actors = plan_actors(cluster_nodes(), cfg.ray.cpu_actors)
-        show_plan(job, actors)
+        show_plan(job, actors, cfg)
         if dry_run:
             console.print("dry run: nothing written")
             return None
@@ -138,24 +147,77 @@ def local_nodes(cfg: Config) -> list[dict]:
     return [{"CPU": cfg.ray.num_cpus, "GPU": torch.cuda.device_count()}]
 
 
-def show_plan(job: GenerateJob, actors: ActorPlan) -> None:
-    """N, shards, bytes (from a probe batch encoded as in the shards) and time (from its measured speed)."""
-    import torch
+def show_plan(job: GenerateJob, actors: ActorPlan, cfg: Config | None = None) -> None:
+    """N, shards, bytes and time: measured here (a probe batch, or one timed network evaluation when a probe
+    would take long) and, from the network's counted FLOPs, GPU-hours at the stated rate (pipeline.estimates)."""
     from pipeline.cli import console, human_bytes
-    from stages.generate import estimate_bytes, probe
+    from pipeline.estimates import describe_hours, forward_flops, gpu_hours
+    from pipeline.planning import stand_in_note
+    from stages.generate import estimate_bytes
     s = job.settings
-    p = probe(job.model, s, min(job.n, s.batch_size if torch.cuda.is_available() else min(s.batch_size, PROBE_IMAGES_CPU)),
-              actors.threads)
     todo = sum(plan.count for plan in job.pending)
-    shards = job.shards
-    size = estimate_bytes(job.n, shards, p.bytes_per_image)
-    seconds = todo / (p.images_per_s * actors.actors)
-    done = shards - len(job.pending)
-    console.print(f"plan: {job.n:,} images -> {job.name}: {shards:,} shards of up to {job.writer.identity['shard_size']:,}"
+    done = job.shards - len(job.pending)
+    here = measure_here(job, actors)
+    per_image, how = (here.bytes_per_image, f"from a {here.images}-image probe") if here.bytes_per_image else \
+        stated_bytes_per_image(job, cfg)
+    flops = forward_flops(job.model) * s.nfe
+    console.print(f"plan: {job.n:,} images -> {job.name}: {job.shards:,} shards of up to {job.shard_size:,}"
                   + (f" ({done:,} complete, skipping them; {len(job.pending):,} to generate)" if done else ""), highlight=False)
-    console.print(f"      ~{human_bytes(size)} on disk ({p.bytes_per_image:,.0f} B/image), ~{_duration(seconds)} at "
-                  f"~{p.images_per_s * actors.actors:,.0f} images/s ({actors.describe()}; {s.sampler} {s.steps} steps, "
-                  f"batch {s.batch_size}; from a {p.images}-image probe)", highlight=False)
+    if job.stand_in:
+        console.print(f"      {stand_in_note(job.spec, job.stand_in, job.model)}", highlight=False, soft_wrap=True)
+    console.print(f"      ~{human_bytes(estimate_bytes(job.n, job.shards, per_image))} on disk "
+                  f"({per_image:,.0f} B/image, {how})", highlight=False, soft_wrap=True)
+    console.print(f"      compute: {s.sampler} {s.steps} steps = {s.nfe} network evaluations x "
+                  f"{flops / s.nfe / 1e9:,.3g} GFLOP = {flops / 1e9:,.4g} GFLOP per image; "
+                  f"{describe_hours(gpu_hours(flops * todo), actors.actors if actors.num_gpus else 1)}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"      here: ~{_duration(todo / (here.images_per_s * actors.actors))} at "
+                  f"~{here.images_per_s * actors.actors:,.3g} images/s ({actors.describe()}; batch {s.batch_size}; "
+                  f"{here.how})", highlight=False, soft_wrap=True)
+
+
+PROBE_SECONDS = 15.0               # longest a dry run's sampling probe may take; beyond it, time one evaluation
+
+
+@dataclass
+class HereRate:
+    images_per_s: float            # one worker
+    images: int                    # images behind the figure
+    how: str
+    bytes_per_image: float | None  # encoded size of probe samples (None when no samples were drawn)
+
+
+def measure_here(job: GenerateJob, actors: ActorPlan) -> HereRate:
+    """One worker's speed on this machine: a sampling probe (which also gives the encoded size) when it is
+    short, else one timed batch of network evaluations times the sampler's evaluation count."""
+    import torch
+    from stages.generate import probe, time_forward
+    s = job.settings
+    batch = min(job.n, s.batch_size if torch.cuda.is_available() else min(s.batch_size, PROBE_IMAGES_CPU))
+    forward_s = time_forward(job.model, min(batch, 4), actors.threads)      # seconds per image per evaluation
+    if job.stand_in is None and forward_s * s.nfe * batch <= PROBE_SECONDS:
+        p = probe(job.model, s, batch, actors.threads)
+        return HereRate(p.images_per_s, p.images, f"from a {p.images}-image probe", p.bytes_per_image)
+    return HereRate(1 / (forward_s * s.nfe), min(batch, 4),
+                    f"measured {forward_s * 1e3:,.0f} ms per evaluation per image x {s.nfe}", None)
+
+
+def stated_bytes_per_image(job: GenerateJob, cfg: Config | None) -> tuple[float, str]:
+    """Bytes per stored sample without samples to encode: the real training set's, when it is here and has the
+    model's shape (generated images compress like real ones), else the bound of an incompressible image."""
+    from stages.generate import incompressible_bytes
+    m = job.model
+    if cfg is not None:
+        real = real_train_set(cfg)
+        try:
+            images = ImageSet.open(Path(cfg.root), real)
+        except Exception:                              # absent or unreadable: fall back to the bound
+            images = None
+        if images is not None and images.complete and (images.resolution, images.channels) == (m.img_resolution, m.img_channels) \
+                and images.identity.get("image_format") == job.settings.image_format:
+            return images.bytes_on_disk() / images.n, f"as the real set {real}"
+    return float(incompressible_bytes(m, job.settings.image_format)), \
+        "at most: an incompressible image in 512-byte tar blocks with its label; natural images take less"
 
 
 def execute(job: GenerateJob, actors: ActorPlan, max_attempts: int,
@@ -210,10 +272,5 @@ def show_summary(job: GenerateJob, summary: RunSummary, actors: ActorPlan) -> No
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+    from pipeline.estimates import duration
+    return duration(seconds)

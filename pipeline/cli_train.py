@@ -33,9 +33,10 @@ def run_train(cfg: Config, name: str | None = None, features: str | None = None,
     from pipeline.workspace import check_writable
     from trainer.plan import describe, make_job
     from trainer.runs import RunFolder
-    job = make_job(cfg, name, features)
+    planned: list[str] | None = [] if dry_run else None
+    job = make_job(cfg, name, features, planned)
     if dry_run:
-        show_plan(job)
+        show_plan(job, planned)
         return {}
     check_writable(Path(cfg.root))
     run = RunFolder(job.run_dir)
@@ -89,23 +90,35 @@ def epoch_line(row: dict) -> str:
     return f"epoch {row['epoch']}: {terms}{acc}, {row['images_per_s']:,.0f} images/s"
 
 
-def show_plan(job) -> None:
-    from trainer.loop import seconds_per_step, set_cpu_threads
+def show_plan(job, planned: list[str] | None = None) -> None:
+    """The plan, then its cost: FLOPs counted on the real networks, GPU-hours at the stated rate, time here."""
+    from pipeline.estimates import describe_hours, gpu_hours
+    from trainer.loop import set_cpu_threads, step_cost
     from trainer.plan import describe
+    for note in planned or []:
+        console.print(f"planned: {note}", highlight=False, soft_wrap=True)
     for line in describe(job):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     set_cpu_threads(job.settings["loader_workers"])
-    step = seconds_per_step(job)
-    per_rank = job.settings["batch_size"] // job.settings["workers"]
-    console.print(f"measured {step:.3f} s per step of {per_rank} images per rank here ({per_rank / step:,.0f} images/s, "
-                  f"synthetic batch): about {_duration(job.total_steps * step)} for {job.total_steps} steps, plus the "
-                  f"per-epoch held-out evaluation", highlight=False)
-    console.print("dry run: nothing trained", highlight=False)
+    s = job.settings
+    cost = step_cost(job)
+    images = job.total_steps * s["batch_size"]
+    held_out = (job.holdout[1] - job.holdout[0]) * s["epochs"]
+    flops = images * cost.flops_per_image + held_out * cost.holdout_flops_per_image
+    console.print(f"compute: {cost.flops_per_image / 1e9:,.4g} GFLOP per training image (counted: {s['objective']}, "
+                  f"{s['attack_steps']} attack steps{', DRA head' if job.dra else ''}, backward) x {images:,} images; "
+                  f"held-out evaluation {cost.holdout_flops_per_image / 1e9:,.3g} GFLOP per image x {held_out:,}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"{describe_hours(gpu_hours(flops), s['workers'])}", highlight=False, soft_wrap=True)
+    per_rank = s["batch_size"] // s["workers"]
+    step = cost.seconds_per_image * per_rank
+    console.print(f"here: measured {step:.3g} s per step of {per_rank} images per rank ({1 / cost.seconds_per_image:,.3g} "
+                  f"images/s, timed on a synthetic batch of {cost.timed_batch}): about {_duration(job.total_steps * step)} "
+                  f"for {job.total_steps:,} steps, plus the per-epoch held-out evaluation", highlight=False, soft_wrap=True)
+    console.print("dry run: nothing trained" + (" (the planned stores must exist before training)" if planned else ""),
+                  highlight=False)
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    from pipeline.estimates import duration
+    return duration(seconds)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,9 @@ SCHEMA: dict[str, Any] = {
         "seed": _k(int, 0, "seed of PGD's random starts and of AutoAttack", min=0),
         "device": _k(str, "auto", "auto (GPU if visible) | cpu | cuda", choices=("auto", "cpu", "cuda")),
         "cpu_threads": _k(int, 1, "torch threads when evaluating on the CPU (0 = torch's default); small models: 1", min=0, max=1024),
+        "weights": _k(str, "best", "a run's weights to evaluate, report and export: best = the epoch with the highest "
+                      "held-out PGD accuracy (DM-AT's selection; final when the run holds no images out), final = the "
+                      "last EMA weights", choices=("best", "final")),
         "rank_n": _k(int, 0, "report: test images whose penultimate features give the effective rank (0 = all)", min=0),
     },
     "run": {
@@ -133,6 +136,8 @@ SCHEMA: dict[str, Any] = {
                      "stages `dra-pipe run` runs, in this order (each skips what is cached)", item=str,
                      item_choices=RUN_STAGES),
         "compare_dra": _k(bool, True, "train (and evaluate) twice, DRA off and on, for the comparison table"),
+        "seeds": _k(list, None, "training seeds: each setting is trained once per seed and the report adds mean +- std "
+                    "over them; null = train.seed alone", item=int, nullable=True, min=0),
     },
     "ray": {
         "address": _k(str, None, "null = local ray.init(); auto or HOST:PORT joins a cluster", nullable=True),
@@ -205,6 +210,8 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
                 raise UserError(f"{prefix} must be a list of {_type_name(key.item)}, got {value!r}")
             if key.item_choices is not None and v not in key.item_choices:
                 raise UserError(f"{prefix}: {v!r} is not one of {', '.join(key.item_choices)}")
+            if key.min is not None and isinstance(v, (int, float)) and v < key.min:
+                raise UserError(f"{prefix} items must be >= {key.min}, got {value!r}")
     return value
 
 

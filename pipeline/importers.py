@@ -97,6 +97,19 @@ def _write_split(root: Path, name: str, identity: dict, split: SplitSource, prog
     return ImportResult(name, split.n, len(pending), False, ImageSet(writer.path).fingerprint)
 
 
+# The official CIFAR python tarballs: training images, classes, channels, resolution (for plans without them).
+CIFAR_TRAIN_SHAPE = {"cifar10": (50_000, 10, 3, 32), "cifar100": (50_000, 100, 3, 32)}
+
+
+def planned_train_split(importer: str, test_fraction: float, split_seed: int) -> tuple[int, int, int, int] | None:
+    """(n, classes, channels, resolution) of the training split an import would write, when knowable without
+    its source file (the embedded digits, the official CIFAR tarballs); None for npz and folder sources."""
+    if importer == "digits":
+        train = _digits(test_fraction, split_seed)[0]
+        return train.n, train.classes, train.channels, train.resolution
+    return CIFAR_TRAIN_SHAPE.get(importer)
+
+
 def _check_labels(labels: np.ndarray, classes: int, first_id: int) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= classes))
     if bad.size:

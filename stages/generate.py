@@ -54,6 +54,11 @@ class GenerateSettings:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
         return self
 
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image: Heun's last step is an Euler step (2N - 1); Euler and DPM-Solver N."""
+        return 2 * self.steps - 1 if self.sampler == "heun" else self.steps
+
     def sampler_options(self, ids: list[int]) -> dict:
         opts = dict(num_steps=self.steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO)
         if self.sampler != "dpm-solver":
@@ -71,7 +76,10 @@ def absolute_spec(spec: str) -> str:
 
 def load_generator_model(spec: str) -> torch.nn.Module:
     """The model, refused unless it is class-conditional."""
-    model = load_model(spec)
+    return require_conditional(load_model(spec), spec)
+
+
+def require_conditional(model: torch.nn.Module, spec: str) -> torch.nn.Module:
     if not int(getattr(model, "label_dim", 0)):
         raise UserError(f"model {spec} is unconditional (no class labels); generate needs a class-conditional model")
     return model
@@ -163,6 +171,39 @@ def probe(model, settings: GenerateSettings, count: int, threads: int) -> Probe:
     sizes = [_member_bytes(len(encode_image(img, settings.image_format))) + _member_bytes(len(str(int(y))))
              for img, y in zip(images, labels)]
     return Probe(count, count / max(seconds, 1e-9), float(np.mean(sizes)))
+
+
+def time_forward(model, batch: int, threads: int) -> float:
+    """Seconds per image of one network evaluation on this machine (a batch of `batch`, after a warm-up),
+    with a worker's torch threads. Times the sampler's cost when a whole probe would take too long: the sampler
+    adds about nothing beyond its evaluations (`dra-pipe bench sampler`: overhead 0.94-1.06)."""
+    device, saved = pick_device(), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    shape = (batch, model.img_channels, model.img_resolution, model.img_resolution)
+    try:
+        model.to(device)
+        x, sigma = torch.zeros(shape, device=device), torch.ones(batch, device=device)
+        labels = torch.eye(model.label_dim, device=device)[torch.arange(batch) % model.label_dim] if model.label_dim else None
+        with torch.no_grad():
+            model(x[:1], sigma[:1], None if labels is None else labels[:1])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            model(x, sigma, labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+    finally:
+        model.to("cpu")
+        torch.set_num_threads(saved)
+    return seconds / batch
+
+
+def incompressible_bytes(model, image_format: str, label: int = 0) -> int:
+    """Bytes one sample takes in a shard when its image does not compress at all (uniform noise): a bound."""
+    noise = np.random.default_rng(0).integers(0, 256, (model.img_resolution, model.img_resolution, model.img_channels),
+                                              dtype=np.uint8)
+    return _member_bytes(len(encode_image(noise, image_format))) + _member_bytes(len(str(label)))
 
 
 def estimate_bytes(n: int, shards: int, bytes_per_image: float) -> int:

@@ -103,3 +103,25 @@ def conformance_dir() -> Path:
         if (base / "conformance").is_dir():
             return base / "conformance"
     return candidates[0] / "conformance"
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models on a shared 2-core machine: one torch thread, as each CPU worker has. Two OpenMP threads spin
+    against every other process there and run several times slower. Training's own thread setting is disabled."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr("trainer.loop.set_cpu_threads", lambda loader_workers: None)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread_for_module():
+    """one_thread for modules whose module-scoped fixtures train or attack models."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

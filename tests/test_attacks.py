@@ -9,16 +9,9 @@ from sklearn.datasets import load_digits
 from trainer.attacks import margin_loss, pgd_at_loss, pgd_attack, trades_adversary, trades_loss
 from trainer.classifiers import build_classifier
 
+pytestmark = pytest.mark.usefixtures("one_thread_for_module")   # tiny models: see conftest.one_thread
+
 EPS = 0.1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread avoids contention on a shared 2-core machine (5x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

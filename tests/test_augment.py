@@ -13,13 +13,7 @@ import torch.nn.functional as F
 
 from trainer.augment import apply_augment, augment, cell_shifts, draw_params, shift_images
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_for_module")   # tiny models: see conftest.one_thread
 
 
 def _images(batch=6, size=16, channels=3, seed=0):

@@ -11,19 +11,11 @@ from rich.console import Console
 from pipeline.bench_sampler import CIFAR10_CONFIG, bench_sampler
 from pipeline.config import load_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
+
 TINY_FIT = {"fit_diffusion.model_channels": 8, "fit_diffusion.num_blocks": 1, "generate.batch_size": 6,
             "generate.steps": 3}
 TINY_CIFAR = dict(CIFAR10_CONFIG, model_channels=8, channel_mult=[1, 1], num_blocks=1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from 2 threads, and OpenMP's spinning threads crawl on a shared machine."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(cfg, **kw):

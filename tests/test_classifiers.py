@@ -7,14 +7,7 @@ import torch
 from pipeline.errors import UserError
 from trainer.classifiers import ARCHITECTURES, WideResNet, build_classifier
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: one intra-op thread avoids contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
 CIFAR = dict(num_classes=10, in_channels=3, resolution=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
 

@@ -1,3 +1,4 @@
+import pytest
 import yaml
 
 from pipeline.cli import app
@@ -82,3 +83,23 @@ def test_run_rejects_unknown_stage(cli, tmp_path):
     (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import, deploy]\n")
     code, _, err = cli("run")
     assert code == 2 and "'deploy' is not one of import" in err
+
+
+@pytest.mark.parametrize("seeds, needle", [("0,x", "--seeds must be comma-separated integers"),
+                                           ("1,1", "run.seeds must list distinct seeds"),
+                                           ("0,-1", "key 'run.seeds' items must be >= 0")])
+def test_run_rejects_bad_seeds_before_any_stage(cli, tmp_path, seeds, needle):
+    (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import]\n")
+    code, out, err = cli("run", "--seeds", seeds)
+    assert code == 2 and needle in err and err.count("\n") == 1
+    assert not (tmp_path / "dra-data").exists()
+
+
+def test_run_trains_each_setting_once_per_seed(tmp_path):
+    from pipeline.cli import _train_variants
+    from pipeline.config import load_config
+    (tmp_path / "pipeline.yaml").write_text("{}\n")
+    cfg = load_config(tmp_path / "pipeline.yaml", {"run.seeds": [3, 5]})
+    assert [(v.train.dra, v.train.seed) for v in _train_variants(cfg)] == [(False, 3), (False, 5), (True, 3), (True, 5)]
+    one = load_config(tmp_path / "pipeline.yaml", {"run.compare_dra": False, "train.seed": 7})
+    assert [(v.train.dra, v.train.seed) for v in _train_variants(one)] == [(True, 7)]

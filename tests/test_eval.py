@@ -10,14 +10,7 @@ from pipeline.stores.images import ImageSet
 from trainer.evaluate import (AUTOATTACK_LOGGER, EvalSettings, capture, consistency_notes, effective_rank, evaluate,
                               load_classifier, read_images, state_fingerprint)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +194,27 @@ def test_effective_rank_of_known_matrices():
         float(torch.exp(-(0.75 * torch.log(torch.tensor(0.75)) + 0.25 * torch.log(torch.tensor(0.25))))))
     assert effective_rank(7 * torch.eye(n), center=False) == pytest.approx(n)  # scale-free
     assert effective_rank(torch.zeros(5, 3)) == 0.0
+
+
+def test_a_run_is_evaluated_on_its_best_weights_unless_told_final(cli, ws):
+    run = ws["dra"]
+    record = torch.load(run.final, weights_only=True)
+    record["state_dict"] = {k: v * 0 if v.is_floating_point() else v for k, v in record["state_dict"].items()}
+    record["selected"] = {"epoch": 2, "by": "held-out PGD-20", "pgd_acc": 0.5, "clean_acc": 0.75}
+    torch.save(record, run.best)
+    try:
+        code, out, err = cli("eval", "tiny-dra", "--root", ws["root"], "--n", "16", "--no-autoattack")
+        assert code == 0, err
+        result = json.loads((run.path / "eval.json").read_text())
+        assert result["model"]["file"] == str(run.best) and result["model"]["selected"]["epoch"] == 2
+        assert result["fingerprint"] == state_fingerprint(record["state_dict"]) and "epoch 2, the best by held-out PGD-20" in out
+        code, out, err = cli("eval", "tiny-dra", "--root", ws["root"], "--n", "16", "--no-autoattack", "--weights", "final")
+        assert code == 0, err
+        result = json.loads((run.path / "eval.json").read_text())
+        assert result["model"]["file"] == str(run.final) and result["model"]["selected"] is None
+        code, _, err = cli("export", "tiny-dra", "--root", ws["root"], "--out", ws["root"] / "best-export.pt")
+        assert code == 0, err
+        assert torch.load(ws["root"] / "best-export.pt", weights_only=True)["selected"]["epoch"] == 2
+    finally:
+        run.best.unlink()
+        (run.path / "eval.json").unlink(missing_ok=True)

@@ -24,17 +24,10 @@ from stages.edm.networks import EDMPrecond
 from stages.generate import GenerateSettings, GenerateWorker, generated_identity, sample_floats
 from stages.models import load_model, save_own
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
+
 SHARD, BATCH, STEPS, SEED, CLASSES = 16, 4, 3, 7, 4
 NAME = "digits-gen"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process sampling with one thread, like each of the two CPU workers (and quick on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

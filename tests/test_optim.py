@@ -10,13 +10,7 @@ from trainer.classifiers import build_classifier
 from trainer.dra import ProjectionHead
 from trainer.optim import EMA, lr_at, make_optimizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
 
 def _small():

@@ -10,15 +10,9 @@ from trainer.evaluate import EvalSettings, effective_rank, load_classifier, penu
 from trainer.report import mosaic, samples_per_class
 from trainsets import image_set
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
+
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +107,27 @@ def test_eval_settings_cover_exactly_the_eval_section():
     from pipeline.config import load_config
     section = load_config(None).eval
     assert asdict(EvalSettings.from_config(section)) == dict(section)
+
+
+def _info(name, seed, dra=True, lr=0.1, clean=0.9, aa=0.3):
+    from trainer.report import RunInfo
+    config = {"root": f"/ws{seed}", "run": {"seeds": [0, 1, 2]}, "eval": {"n": 0},
+              "train": {"seed": seed, "dra": dra, "dra_lambda": 0.5, "lr": lr, "checkpoint_every": seed}}
+    evaluated = {"clean": clean, "pgd_ce": 0.5, "pgd_margin": 0.4, "autoattack": aa, "n": 100}
+    return RunInfo(name, None, config, [], {"arch": "small-cnn", "objective": "trades", "dra": dra}, evaluated)
+
+
+def test_seed_summary_groups_runs_that_differ_only_in_seed():
+    from trainer.report import seed_summary
+    on = [_info(f"on-{s}", s, clean=c, aa=a) for s, c, a in ((0, 0.90, 0.30), (1, 0.92, 0.26), (2, 0.94, 0.31))]
+    off = [_info(f"off-{s}", s, dra=False, clean=0.8 + s / 100) for s in (0, 1)]
+    other_lr = _info("lr", 0, lr=0.2)                    # another setting: alone, so no summary row
+    ranks = {i.name: {"erank": 10.0 + k} for k, i in enumerate(on)}
+    rows = seed_summary([*on, *off, other_lr], ranks)
+    assert [r[:2] for r in rows] == [("small-cnn trades, DRA on (lambda 0.5)", "0, 1, 2"),
+                                     ("small-cnn trades, DRA off", "0, 1")]
+    clean = np.array([0.90, 0.92, 0.94])
+    assert rows[0][2] == f"{clean.mean():.2%} +- {clean.std(ddof=1):.2%}"
+    assert rows[0][5] == f"{np.mean([0.30, 0.26, 0.31]):.2%} +- {np.std([0.30, 0.26, 0.31], ddof=1):.2%}"
+    assert rows[0][6] == "11.00 +- 1.00"
+    assert rows[1][6] == "-"                              # no effective rank for the DRA-off runs

@@ -11,18 +11,10 @@ from trainer.plan import make_job
 from trainer.runs import RunFolder, load_final
 from trainsets import feature_set, image_set, workspace
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
+
 TINY = {"epochs": 2, "batch_size": 32, "attack_steps": 2, "dra_hidden": 32, "holdout": 20, "holdout_pgd_steps": 2,
         "loader_workers": 0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr("trainer.loop.set_cpu_threads", lambda loader_workers: None)
-    yield
-    torch.set_num_threads(threads)
 
 
 def setup(tmp_path, train=None, **ws):
@@ -79,8 +71,33 @@ def test_killed_run_resumes_exactly(tmp_path):
     train(killed)
     a, b = (torch.load(RunFolder(j.run_dir).final, weights_only=True)["state_dict"] for j in (straight, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (torch.load(RunFolder(j.run_dir).best, weights_only=True) for j in (straight, killed))
+    assert a["selected"] == b["selected"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]   # noqa: E731
     assert strip(RunFolder(straight.run_dir).read_metrics()) == strip(RunFolder(killed.run_dir).read_metrics())
+
+
+def test_best_weights_are_those_of_the_best_held_out_epoch(tmp_path):
+    """DM-AT's selection: the EMA weights of the epoch with the highest held-out PGD accuracy (later epoch on ties)."""
+    setup(tmp_path, {"epochs": 4})
+    job = make_job(config(tmp_path), "best")
+    run = RunFolder(job.run_dir)
+    run.prepare(job.identity(), job.config)
+    train(job)
+    pgd = [r["pgd_acc"] for r in run.read_metrics()]
+    epoch = max(i for i, acc in enumerate(pgd, 1) if acc == max(pgd))
+    best = torch.load(run.best, weights_only=True)
+    assert best["selected"]["epoch"] == epoch and best["selected"]["pgd_acc"] == max(pgd)
+    assert best["steps"] == epoch * job.steps_per_epoch                        # saved at the end of that epoch
+    assert run.weights("best") == run.best and run.weights("final") == run.final
+    model, record = load_final(run.best)
+    assert record["arch"] == "small-cnn" and model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+    no_holdout = make_job(config(tmp_path, holdout=0, epochs=1), "no-holdout")
+    folder = RunFolder(no_holdout.run_dir)
+    folder.prepare(no_holdout.identity(), no_holdout.config)
+    train(no_holdout)
+    assert not folder.best.exists() and folder.weights("best") == folder.final
 
 
 def test_dra_off_and_lambda_zero_are_the_same_baseline(tmp_path):

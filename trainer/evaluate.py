@@ -61,6 +61,7 @@ class EvalSettings:
     device: str = "auto"
     cpu_threads: int = 1                # torch threads on the CPU (0 = torch's default)
     rank_n: int = 0                     # test images for the effective rank (0 = all)
+    weights: str = "best"               # a run's best.pt (held-out PGD selection) or final.pt
 
     @classmethod
     def from_config(cls, section: dict) -> "EvalSettings":
@@ -163,7 +164,7 @@ def export_classifier(source: str | Path, out: str | Path, run_name: str | None 
     export = {"format": FINAL_FORMAT, **{k: record[k] for k in RECORD_KEYS},
               "fingerprint": state_fingerprint(record["state_dict"]), "dra_pipe_version": package_version("dra-pipe"),
               "run": run_name or record.get("run"), "dra": record.get("dra"), "objective": record.get("objective"),
-              "exported_from": str(Path(source).resolve()), "exported": _now()}
+              "selected": record.get("selected"), "exported_from": str(Path(source).resolve()), "exported": _now()}
     _save_atomic(export, out)
     return export
 
@@ -428,7 +429,8 @@ def evaluate_file(model_path: Path, record: dict, model: Classifier, images: Ima
     result = evaluate(model, x, y, eps, s, log)
     return {**result, "settings": asdict(s), "fingerprint": state_fingerprint(record["state_dict"]),
             "model": {"file": str(model_path), "arch": record["arch"], "run": record.get("run"),
-                      "dra": record.get("dra"), "objective": record.get("objective")},
+                      "dra": record.get("dra"), "objective": record.get("objective"),
+                      "selected": record.get("selected")},
             "test_set": {"name": images.name, "fingerprint": images.fingerprint, "size": images.n},
             "versions": {"dra-pipe": package_version("dra-pipe"), "torch": torch.__version__,
                          "pyautoattack": package_version("pyautoattack") if s.autoattack else None},

@@ -275,6 +275,7 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
             row = _epoch_row(job, trainer, meter, holdout)
             meter = EpochMeter()
             if dist.main:
+                _keep_if_best(run, job, trainer, row)
                 run.append_metrics(row)
                 if on_epoch:
                     on_epoch(row)
@@ -308,6 +309,19 @@ def _checkpoint(run: RunFolder, trainer: Trainer, meter: EpochMeter) -> None:
         run.save_checkpoint({**trainer.state(rng), "meter": meter.state(), "metrics_bytes": run.metrics_bytes()})
 
 
+def _keep_if_best(run: RunFolder, job: Job, trainer: Trainer, row: dict) -> None:
+    """best.pt: the EMA weights of the epoch with the highest held-out PGD accuracy so far (ties: the later epoch),
+    as DM-AT selects its checkpoint. A resumed run replays its epochs exactly, so best.pt stays consistent."""
+    if "pgd_acc" not in row:
+        return
+    earlier = [r["pgd_acc"] for r in run.read_metrics() if "pgd_acc" in r]
+    if earlier and row["pgd_acc"] < max(earlier):
+        return
+    selected = {"epoch": row["epoch"], "by": f"held-out PGD-{job.settings['holdout_pgd_steps']}",
+                "pgd_acc": row["pgd_acc"], "clean_acc": row["clean_acc"]}
+    run.save_best({**_final_record(job, trainer), "selected": selected})
+
+
 def _final_record(job: Job, trainer: Trainer) -> dict:
     s = job.settings
     return {"arch": s["arch"], "num_classes": job.classes, "in_channels": job.channels, "resolution": job.resolution,
@@ -322,22 +336,43 @@ def set_cpu_threads(loader_workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - loader_workers))
 
 
-def seconds_per_step(job: Job, device: torch.device | None = None, max_batch: int = 64, steps: int = 3) -> float:
-    """Measured seconds of one rank's training step, on synthetic batches of the job's shapes.
+@dataclass(frozen=True)
+class StepCost:
+    """What one training image costs: counted FLOPs (forward, attack and backward) and measured seconds here."""
 
-    Timed at min(rank batch, max_batch) images after one warm-up step, scaled linearly to the rank's batch
-    (so a dry run of a large model stays short).
-    """
+    flops_per_image: float               # one training step's FLOPs / its batch
+    seconds_per_image: float             # measured on `device`, one rank
+    timed_batch: int                     # images of the timed step
+    holdout_flops_per_image: float       # the per-epoch held-out evaluation (clean + PGD-holdout_pgd_steps)
+
+
+def step_cost(job: Job, device: torch.device | None = None, max_batch: int = 64, budget_flops: float = 2e11) -> StepCost:
+    """Count a training step's FLOPs on a one-image batch (which is also the warm-up), then time steps of as
+    many images as `budget_flops` allows (at most `max_batch`, at least one): a dry run of a WRN on a CPU
+    stays within seconds, a small CNN is timed on a real-sized batch."""
+    from pipeline.estimates import count_flops
+    device = device or torch.device("cpu")
     per_rank = job.settings["batch_size"] // job.settings["workers"]
-    size = min(per_rank, max_batch)
-    trainer = Trainer(job, Dist(device=device or torch.device("cpu")))
+    trainer = Trainer(job, Dist(device=device))
     trainer.model.train()
-    batch = synthetic_batch(job, size, _seed(0))
-    trainer.train_step(batch)
+    flops = count_flops(lambda: trainer.train_step(synthetic_batch(job, 1, _seed(0))))
+    size = int(max(1, min(per_rank, max_batch, budget_flops // max(flops, 1))))
+    steps = 3 if 3 * size * flops <= budget_flops else 1
+    batch = synthetic_batch(job, size, _seed(1))
     started = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(batch)
-    return (time.perf_counter() - started) / steps * per_rank / size
+    seconds = (time.perf_counter() - started) / steps
+    return StepCost(flops, seconds / size, size, holdout_flops(job, trainer.ema.module, device))
+
+
+def holdout_flops(job: Job, model: nn.Module, device: torch.device) -> float:
+    """FLOPs per image of `evaluate` with the job's PGD steps: counted at 1 and 2 steps, the rest is linear."""
+    from pipeline.estimates import count_flops
+    x = torch.rand(1, job.channels, job.resolution, job.resolution, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    one, two = (count_flops(lambda k=k: evaluate(model, x, y, job.settings["epsilon"], k, 0, device)) for k in (1, 2))
+    return one + (job.settings["holdout_pgd_steps"] - 1) * (two - one)
 
 
 def synthetic_batch(job: Job, size: int, seed: int) -> dict[str, torch.Tensor]:

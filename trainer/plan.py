@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import IntegrityError, UserError
 from pipeline.stores.features import FeatureSet, list_feature_sets
+from pipeline.planning import PlannedImages, model_for_plan, planned_generated, planned_real, stand_in_note
 from pipeline.stores.images import ImageSet, image_set_dir
 from pipeline.workflow import generated_set, real_train_set
 from trainer.loader import Source, split_batch
@@ -64,21 +65,28 @@ class Job:
                            self.settings["workers"])
 
 
-def make_job(cfg: Config, name: str | None = None, features_key: str | None = None) -> Job:
-    """Resolve and check sets, feature sets, layer and grids; every problem is one UserError."""
+def make_job(cfg: Config, name: str | None = None, features_key: str | None = None,
+             planned: list[str] | None = None) -> Job:
+    """Resolve and check sets, feature sets, layer and grids; every problem is one UserError.
+
+    planned: for dry runs, a list that receives one note per store that is not there yet and is instead planned
+    from the configuration (its size from the importer and generate.n, the target shape from the teacher model).
+    Without it a missing store is an error. A job with planned parts can be described and costed, not trained.
+    """
     s = dict(cfg.train)
     root = Path(cfg.root)
-    real = _open_images(root, real_train_set(cfg), "dra-pipe import")
+    real = _open_images(root, real_train_set(cfg), "dra-pipe import", planned, lambda: planned_real(cfg))
     fraction = s["unsup_fraction"]
     split_batch(s["batch_size"], fraction, s["workers"])
-    gen = _open_images(root, generated_set(cfg), "dra-pipe generate") if fraction > 0 else None
+    gen = _open_images(root, generated_set(cfg), "dra-pipe generate", planned,
+                       lambda: planned_generated(cfg, real)) if fraction > 0 else None
     if gen is not None:
         _check_compatible(real, gen)
     dra = s["dra"] and s["dra_lambda"] > 0
-    feats = find_feature_sets(root, real, gen, cfg.features, features_key) if dra else {}
+    feats = _feature_sets(cfg, real, gen, features_key, planned) if dra else {}
     holdout = _holdout(real, s["holdout"])
-    real_source = Source.open(real, feats.get("real"), 0, stop=holdout[0])
-    gen_source = Source.open(gen, feats.get("generated"), 1) if gen is not None else None
+    real_source = _source(real, feats.get("real"), 0, stop=holdout[0])
+    gen_source = _source(gen, feats.get("generated"), 1) if gen is not None else None
     if dra and s["flip"] and not all(f.flip for f in feats.values()):
         raise UserError(f"feature set {feats['real'].key} stores no flipped targets but train.flip is on; extract with "
                         f"features.flip: true or set train.flip: false")
@@ -94,9 +102,13 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
                total_steps=steps * s["epochs"])
 
 
-def _open_images(root: Path, name: str, how: str) -> ImageSet:
+def _open_images(root: Path, name: str, how: str, planned: list[str] | None = None, plan=None):
     if not (image_set_dir(root, name) / "dataset.json").exists():
-        raise UserError(f"no image set {name} under {root}/images; run `{how}` first")
+        if planned is None:
+            raise UserError(f"no image set {name} under {root}/images; run `{how}` first")
+        images = plan()
+        planned.append(images.describe(how))
+        return images
     return ImageSet.open(root, name)
 
 
@@ -192,10 +204,65 @@ def _missing(images: ImageSet, like: FeatureSet):
                     f"`dra-pipe extract-features` for {images.name}")
 
 
+# --- stores planned from the configuration (dry runs) ---------------------------------------------------------
+
+def _source(images, features, tag: int, stop: int | None = None) -> Source:
+    """The stored sets' Source (checked); for planned stores, the shards they would have."""
+    if isinstance(images, PlannedImages) or isinstance(features, PlannedFeatures):
+        stop = images.n if stop is None else stop
+        shards = tuple((p.index, p.first_id, min(p.count, stop - p.first_id)) for p in images.plan() if p.first_id < stop)
+        return Source(str(images.path), None, shards, tag)
+    return Source.open(images, features, tag, stop=stop)
+
+
+@dataclass(frozen=True)
+class PlannedFeatures:
+    """A feature set the configuration describes: its key is a placeholder, its shape is the teacher's."""
+
+    key: str
+    shape: tuple
+    flip: bool
+
+
+def _feature_sets(cfg: Config, real, gen, key: str | None, planned: list[str] | None) -> dict:
+    """The stored feature sets; in a dry run, where they (or their image sets) are not there yet, the planned ones."""
+    stored = [x for x in (real, gen) if x is not None and not isinstance(x, PlannedImages)]
+    if planned is None or (len(stored) == len([x for x in (real, gen) if x is not None])):
+        try:
+            return find_feature_sets(Path(cfg.root), real, gen, cfg.features, key)
+        except UserError:
+            if planned is None:
+                raise
+    shape, layer, note = planned_target_shape(cfg)
+    if note:
+        planned.append(note)
+    f = cfg.features
+    planned.append(f"feature sets are not here yet (`dra-pipe extract-features` writes them): planned as {layer} at "
+                   f"timestep {f.timesteps[0]}, pool {f.pool}, {_shape(shape)} per image"
+                   + (" and its flip" if f.flip else ""))
+    placeholder = PlannedFeatures(f"(planned: {layer} t={f.timesteps[0]})", shape, bool(f.flip))
+    return {"real": placeholder, **({"generated": placeholder} if gen is not None else {})}
+
+
+def planned_target_shape(cfg: Config) -> tuple[tuple, str, str | None]:
+    """(C, h, w) and layer of the targets extract-features would store, from the teacher model and the pooling;
+    and a note when a published architecture stands in for a missing checkpoint."""
+    from pipeline.cli import resolve_model_spec
+    from stages.extract import check_layer, target_shape
+    spec = resolve_model_spec(cfg)
+    model, published = model_for_plan(spec)
+    layer = check_layer(model, cfg.features.layer)
+    note = stand_in_note(spec, published, model) if published else None
+    return target_shape(model, layer, str(cfg.features.pool)), layer, note
+
+
 # --- model-side checks -------------------------------------------------------------------------------------
 
 def normalisation(real: ImageSet, stop: int, limit: int = 10_000) -> tuple[tuple, tuple]:
-    """Per-channel mean and std in [0, 1] of the first training images (up to `limit`)."""
+    """Per-channel mean and std in [0, 1] of the first training images (up to `limit`); a planned set has none
+    yet, and gets 0.5 and 0.25 (they change no cost)."""
+    if isinstance(real, PlannedImages):
+        return (0.5,) * real.channels, (0.25,) * real.channels
     x = real.read_range(0, min(stop, limit)).images.astype(np.float64) / 255       # (N, H, W, C)
     return tuple(x.mean(axis=(0, 1, 2)).round(6).tolist()), tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-3).round(6).tolist())
 

@@ -103,6 +103,48 @@ def table_row(info: RunInfo, erank: float | None) -> tuple[str, ...]:
             str(e.get("n", "-")), "-" if erank is None else f"{erank:.2f}")
 
 
+SUMMARY_COLUMNS = ("setting", "seeds", "clean", "PGD-CE", "PGD-margin", "AutoAttack", "eff. rank")
+SEED_FREE = {"root": None, "run": None, "ray": None, "eval": None, "train": ("seed", "checkpoint_every")}
+
+
+def setting_key(info: RunInfo) -> str:
+    """The run's configuration without what differs between seeds of one setting (or cannot change the result)."""
+    kept = {}
+    for section, values in sorted(info.config.items()):
+        if section in SEED_FREE and SEED_FREE[section] is None:
+            continue
+        drop = SEED_FREE.get(section) or ()
+        kept[section] = {k: v for k, v in values.items() if k not in drop} if isinstance(values, dict) else values
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _mean_std(values: list) -> str:
+    present = [v for v in values if v is not None]
+    if len(present) < len(values) or not present:
+        return "-"
+    return f"{np.mean(present):.2%} +- {np.std(present, ddof=1) if len(present) > 1 else 0:.2%}"
+
+
+def seed_summary(infos: list[RunInfo], ranks: dict[str, dict]) -> list[tuple[str, ...]]:
+    """One row per setting trained with two or more seeds: mean +- sample std of each column."""
+    groups: dict[str, list[RunInfo]] = {}
+    for info in infos:
+        groups.setdefault(setting_key(info), []).append(info)
+    rows = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        label = (f"{first.record.get('arch', '?')} {first.record.get('objective', '?')}, DRA "
+                 + (f"on (lambda {first.setting('train', 'dra_lambda'):g})" if first.dra else "off"))
+        seeds = ", ".join(str(m.setting("train", "seed")) for m in members)
+        columns = [_mean_std([(m.eval or {}).get(k) for m in members]) for k in ("clean", "pgd_ce", "pgd_margin", "autoattack")]
+        erank = [ranks.get(m.name, {}).get("erank") for m in members]
+        erank_cell = "-" if None in erank else f"{np.mean(erank):.2f} +- {np.std(erank, ddof=1):.2f}"
+        rows.append((label, seeds, *columns, erank_cell))
+    return rows
+
+
 def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -231,6 +273,7 @@ class Report:
     rows: list[tuple[str, ...]] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    summary: list[tuple[str, ...]] = field(default_factory=list)     # mean +- std over seeds (SUMMARY_COLUMNS)
 
 
 def report_folder(root: Path, names: list[str]) -> Path:
@@ -243,7 +286,7 @@ def representation(root: Path, info: RunInfo, s: EvalSettings) -> dict:
     name = f"{info.prefix}-test"
     if not (image_set_dir(root, name) / DATASET_JSON).exists():
         raise UserError(f"no test set {name} under {root}/images for run {info.name}")
-    model, record = load_classifier(info.folder.final)
+    model, record = load_classifier(info.folder.weights(s.weights))
     images = ImageSet.open(root, name)
     check_fits(record, images)
     x, _ = read_images(images, s.rank_n)
@@ -287,6 +330,7 @@ def make_report(root: Path, runs: list[str], s: EvalSettings, out: Path | None =
         if info.eval is None:
             report.notes.append(f"{info.name}: not evaluated yet; `dra-pipe eval {info.name}` fills clean/PGD/AutoAttack")
         report.rows.append(table_row(info, ranks.get(info.name, {}).get("erank")))
+    report.summary = seed_summary(infos, ranks)
     if any(i.metrics for i in infos):
         report.figures.append(plot_accuracy(infos, report.folder / "accuracy.png"))
     if ranks:
@@ -296,10 +340,14 @@ def make_report(root: Path, runs: list[str], s: EvalSettings, out: Path | None =
 
 
 def _write(report: Report, infos: list[RunInfo], ranks: dict[str, dict]) -> None:
-    (report.folder / "table.md").write_text(markdown_table(report.columns, report.rows))
+    table = markdown_table(report.columns, report.rows)
+    if report.summary:
+        table += "\nMean +- sample std over seeds:\n\n" + markdown_table(SUMMARY_COLUMNS, report.summary)
+    (report.folder / "table.md").write_text(table)
     body = {"created": datetime.now().isoformat(timespec="seconds"), "columns": list(report.columns),
             "runs": [{"name": i.name, "row": dict(zip(report.columns, row)), "eval": i.eval,
                       "representation": {k: v for k, v in ranks.get(i.name, {}).items() if k != "spectrum"} or None}
                      for i, row in zip(infos, report.rows)],
+            "seed_summary": [dict(zip(SUMMARY_COLUMNS, row)) for row in report.summary],
             "figures": [str(p) for p in report.figures], "notes": report.notes}
     write_json_atomic(report.folder / "report.json", json.loads(json.dumps(body)))

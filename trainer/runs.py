@@ -3,7 +3,8 @@
 checkpoint.pt holds everything the next step depends on (live and EMA weights, head, optimizer, loader
 position, every rank's RNG states, the epoch's running sums and the length of metrics.jsonl at that moment),
 written atomically, so a killed run resumes exactly: metrics.jsonl is cut back to what the checkpoint saw.
-final.pt holds what evaluation needs: EMA weights, architecture, normalisation and threat model.
+final.pt holds what evaluation needs: EMA weights, architecture, normalisation and threat model. best.pt has
+the same form, for the epoch whose EMA weights did best under PGD on the held-out images (DM-AT's selection).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class RunFolder:
         self.metrics = self.path / "metrics.jsonl"
         self.checkpoint = self.path / "checkpoint.pt"
         self.final = self.path / "final.pt"
+        self.best = self.path / "best.pt"
 
     @property
     def finished(self) -> bool:
@@ -76,6 +78,13 @@ class RunFolder:
 
     def save_final(self, payload: dict) -> None:
         _save_atomic({"format": FINAL_FORMAT, **payload}, self.final)
+
+    def save_best(self, payload: dict) -> None:
+        _save_atomic({"format": FINAL_FORMAT, **payload}, self.best)
+
+    def weights(self, choice: str) -> Path:
+        """best.pt for `best` when the run has one (it needs held-out images), else final.pt."""
+        return self.best if choice == "best" and self.best.exists() else self.final
 
 
 def _save_atomic(obj: dict, path: Path) -> None:

@@ -122,6 +122,10 @@ class ImageSet:
     def complete(self) -> bool:
         return not self.missing_shards()
 
+    def bytes_on_disk(self) -> int:
+        """Bytes of the recorded shards, as the manifest has them."""
+        return sum(r.bytes for r in self.records.values())
+
     def completed_samples(self) -> int:
         return sum(p.count for p in self.plan() if self._record_matches(p))
 
