@@ -431,6 +431,7 @@ __import__("pipeline.cli_train", fromlist=["register"]).register(app)
 __import__("pipeline.cli_generate", fromlist=["register"]).register(app)
 __import__("pipeline.cli_extract", fromlist=["register"]).register(app)
 __import__("pipeline.cli_eval", fromlist=["register"]).register(app)
+__import__("pipeline.cli_select", fromlist=["register"]).register(app)
 
 
 def main() -> None:

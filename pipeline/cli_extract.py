@@ -14,7 +14,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.stores.features import FeatureSetWriter
 from pipeline.stores.images import ImageSet, image_set_dir
-from pipeline.workflow import generated_set, real_train_set
+from pipeline.workflow import real_train_set, training_generated_set
 
 BIG_PLAN_BYTES = 100e9     # above this the plan points at pooling
 
@@ -75,8 +75,8 @@ def noise_levels(cfg: Config, sigmas: list[float]) -> list:
 
 def default_image_sets(cfg: Config) -> list[str]:
     names = [real_train_set(cfg)]
-    if (image_set_dir(Path(cfg.root), generated_set(cfg)) / "dataset.json").exists():
-        names.append(generated_set(cfg))
+    if (image_set_dir(Path(cfg.root), training_generated_set(cfg)) / "dataset.json").exists():
+        names.append(training_generated_set(cfg))
     return names
 
 
@@ -146,7 +146,7 @@ def print_plan(outputs: list[Output], layer: str, rate: float, workers: int) -> 
 def _missing_inputs(cfg: Config, spec: str, names: list[str]) -> bool:
     """Whether a dry run must plan: an image set or the model file is not here yet."""
     root = Path(cfg.root)
-    wanted = names or [real_train_set(cfg), generated_set(cfg)]
+    wanted = names or [real_train_set(cfg), training_generated_set(cfg)]
     return not Path(spec.partition(":")[2]).exists() or \
         any(not (image_set_dir(root, name) / "dataset.json").exists() for name in wanted)
 
@@ -164,7 +164,7 @@ def print_planned(cfg: Config, spec: str, names: list[str], levels: list) -> Non
     layer = check_layer(net, cfg.features.layer)
     c, h, w = target_shape(net, layer, str(cfg.features.pool))
     root, sets = Path(cfg.root), []
-    for name in names or [real_train_set(cfg), generated_set(cfg)]:
+    for name in names or [real_train_set(cfg), training_generated_set(cfg)]:
         if (image_set_dir(root, name) / "dataset.json").exists():
             sets.append(ImageSet.open(root, name))
             continue

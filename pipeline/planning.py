@@ -54,6 +54,9 @@ def planned_real(cfg: Config) -> PlannedImages:
 
 def planned_generated(cfg: Config, like) -> PlannedImages:
     """The generated set `generate.n` asks for, shaped like `like` (the real set or the model)."""
+    if cfg.train.generated_set:
+        raise UserError(f"no image set {cfg.train.generated_set} (train.generated_set) under {cfg.root}/images; its size "
+                        f"is known once `dra-pipe select` has made it")
     return PlannedImages(image_set_dir(Path(cfg.root), generated_set(cfg)), parse_count(cfg.generate.n), like.classes,
                          like.channels, like.resolution, cfg.data.shard_size)
 

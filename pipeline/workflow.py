@@ -17,4 +17,10 @@ def real_test_set(cfg: Config) -> str:
 
 
 def generated_set(cfg: Config) -> str:
+    """The set `generate` writes."""
     return cfg.generate.name or f"{data_prefix(cfg)}-gen"
+
+
+def training_generated_set(cfg: Config) -> str:
+    """The generated set the trainer streams (and extract-features prepares): train.generated_set, else generate's."""
+    return cfg.train.generated_set or generated_set(cfg)

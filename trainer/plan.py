@@ -19,7 +19,7 @@ from pipeline.errors import IntegrityError, UserError
 from pipeline.stores.features import FeatureSet, list_feature_sets
 from pipeline.planning import PlannedImages, model_for_plan, planned_generated, planned_real, stand_in_note
 from pipeline.stores.images import ImageSet, image_set_dir
-from pipeline.workflow import generated_set, real_train_set
+from pipeline.workflow import real_train_set, training_generated_set
 from trainer.loader import Source, split_batch
 
 NOT_IDENTITY = ("checkpoint_every",)          # train keys that cannot change the result
@@ -78,7 +78,7 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     real = _open_images(root, real_train_set(cfg), "dra-pipe import", planned, lambda: planned_real(cfg))
     fraction = s["unsup_fraction"]
     split_batch(s["batch_size"], fraction, s["workers"])
-    gen = _open_images(root, generated_set(cfg), "dra-pipe generate", planned,
+    gen = _open_images(root, training_generated_set(cfg), "dra-pipe generate", planned,
                        lambda: planned_generated(cfg, real)) if fraction > 0 else None
     if gen is not None:
         _check_compatible(real, gen)

@@ -65,7 +65,7 @@ class RunInfo:
         """The generated set the run streamed, or None when it trained on real data only."""
         if not self.setting("train", "unsup_fraction", 0):
             return None
-        return self.setting("generate", "name") or f"{self.prefix}-gen"
+        return self.setting("train", "generated_set") or self.setting("generate", "name") or f"{self.prefix}-gen"
 
 
 def load_run(root: Path, run: str) -> RunInfo:
@@ -98,7 +98,7 @@ def table_row(info: RunInfo, erank: float | None) -> tuple[str, ...]:
     timesteps = info.setting("features", "timesteps") or []
     return (info.name, str(info.record.get("arch", "?")), str(info.record.get("objective", "?")),
             "on" if info.dra else "off", f"{info.setting('train', 'dra_lambda'):g}" if info.dra else "-",
-            str(timesteps[0]) if info.dra and timesteps else "-", data_label(info), str(len(info.metrics)),
+            str(timesteps[0]) if info.dra and timesteps else "-", data_label(info), epochs_cell(info),
             _pct(e.get("clean")), _pct(e.get("pgd_ce")), _pct(e.get("pgd_margin")), _pct(e.get("autoattack")),
             str(e.get("n", "-")), "-" if erank is None else f"{erank:.2f}")
 
@@ -143,6 +143,12 @@ def seed_summary(infos: list[RunInfo], ranks: dict[str, dict]) -> list[tuple[str
         erank_cell = "-" if None in erank else f"{np.mean(erank):.2f} +- {np.std(erank, ddof=1):.2f}"
         rows.append((label, seeds, *columns, erank_cell))
     return rows
+
+
+def epochs_cell(info: RunInfo) -> str:
+    """'30', or '27/30' when the evaluated weights are the best epoch's (eval.weights: best)."""
+    selected = ((info.eval or {}).get("model") or {}).get("selected")
+    return f"{selected['epoch']}/{len(info.metrics)}" if selected else str(len(info.metrics))
 
 
 def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
