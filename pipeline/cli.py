@@ -281,6 +281,7 @@ def run_cmd(
     """Run every stage pipeline.yaml names (run.stages), end to end, reusing what is cached."""
     cfg = resolve(config, root, {"run.seeds": parse_seeds(seeds) if seeds is not None else None})
     run_seeds(cfg)                                 # a bad seed list fails before any stage runs
+    _check_autoattack(cfg)
     started = time.perf_counter()
     runs = []
     for stage in cfg.run.stages:
@@ -325,6 +326,14 @@ def _train_variants(cfg: Config) -> list[Config]:
             variant.train["dra"], variant.train["seed"] = dra, seed
             variants.append(variant)
     return variants
+
+
+def _check_autoattack(cfg: Config) -> None:
+    """The eval stage needs pyautoattack when eval.autoattack is on: say so before the first stage, not after them."""
+    from trainer.evaluate import autoattack_available
+    if "eval" in cfg.run.stages and cfg.eval.autoattack and not autoattack_available():
+        raise UserError("eval.autoattack is on but pyautoattack is not installed: `pip install pyautoattack` (or "
+                        "`pip install -e '.[eval]'`), or set eval.autoattack: false")
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -88,10 +88,10 @@ def prepare(cfg: Config, dry_run: bool = False) -> GenerateJob:
     randomly initialised network of its published architecture (stages.published): costs do not need weights.
     """
     from pipeline.cli import resolve_model_spec
+    from pipeline.planning import model_for_plan
     from pipeline.workspace import check_writable
     from stages.generate import GenerateSettings, absolute_spec, generated_identity, require_conditional
     from stages.models import load_model
-    from pipeline.planning import model_for_plan
     g = cfg.generate
     n = parse_count(g.n)
     name = validate_set_name(generated_set(cfg))

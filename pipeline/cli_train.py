@@ -56,7 +56,12 @@ def run_train(cfg: Config, name: str | None = None, features: str | None = None,
     rows = run.read_metrics()
     if rows:
         console.print(f"done: {epoch_line(rows[-1])}", highlight=False)
-    console.print(f"saved {run.final} (EMA weights) and {run.metrics}", highlight=False)
+    console.print(f"saved {run.final} (the last EMA weights) and {run.metrics}", highlight=False, soft_wrap=True)
+    if run.best.exists():
+        import torch
+        chosen = torch.load(run.best, map_location="cpu", weights_only=True)["selected"]
+        console.print(f"best.pt: epoch {chosen['epoch']}, the best by {chosen['by']} ({chosen['pgd_acc']:.2%}); eval, "
+                      f"report and export use it (eval.weights: best)", highlight=False, soft_wrap=True)
     return rows[-1] if rows else {}
 
 

@@ -103,3 +103,12 @@ def test_run_trains_each_setting_once_per_seed(tmp_path):
     assert [(v.train.dra, v.train.seed) for v in _train_variants(cfg)] == [(False, 3), (False, 5), (True, 3), (True, 5)]
     one = load_config(tmp_path / "pipeline.yaml", {"run.compare_dra": False, "train.seed": 7})
     assert [(v.train.dra, v.train.seed) for v in _train_variants(one)] == [(True, 7)]
+
+
+def test_run_without_pyautoattack_stops_before_the_first_stage(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr("trainer.evaluate.autoattack_available", lambda: False)
+    code, _, err = cli("run")
+    assert code == 2 and "pyautoattack is not installed" in err and err.count("\n") == 1
+    assert not (tmp_path / "dra-data").exists()
+    (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import]\n")          # no eval stage: no need
+    assert cli("run")[0] == 0
