@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.errors import UserError
 from pipeline.stores.features import FeatureSet
 from pipeline.stores.images import ImageSet
-from pipeline.stores.stream import PairedShardReader, check_pairing
+from pipeline.stores.stream import TAKE_MODE, PairedShardReader, check_pairing
 
 @dataclass(frozen=True)
 class Source:
@@ -106,7 +106,7 @@ class SlotReader:
             take = min(n - done, hi - lo - self.row)
             pick = rows[lo + self.row:lo + self.row + take]
             for key, array in out.items():
-                np.take(shard[key], pick, axis=0, out=array[done:done + take])
+                np.take(shard[key], pick, axis=0, out=array[done:done + take], mode=TAKE_MODE)
             done += take
             self.row += take
             if self.row == hi - lo:

@@ -120,10 +120,14 @@ def _gather(parts: list[tuple[dict[str, np.ndarray], np.ndarray]], size: int, sh
             out.share_memory_()
         target, row = out.numpy(), 0
         for shard, rows in parts:
-            np.take(shard[key], rows, axis=0, out=target[row:row + len(rows)])
+            np.take(shard[key], rows, axis=0, out=target[row:row + len(rows)], mode=TAKE_MODE)
             row += len(rows)
         batch[key] = out
     return batch
 
+
+# Rows are permutations of a shard's own range, so never out of bounds. numpy buffers `out` under the default
+# mode="raise" (see numpy.take): "clip" gathers 2-6x faster here (9 GB/s into a fresh tensor instead of 1.5).
+TAKE_MODE = "clip"
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int64): torch.int64, np.dtype(np.float16): torch.float16}
