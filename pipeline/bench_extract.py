@@ -1,7 +1,8 @@
 """`dra-pipe bench extract`: extract-features on Ray against a bare loop of the same forward passes, in one run.
 
-Data: the configured real training set (imported if missing). Model: the configured one if it resolves, else a
-freshly initialised network of the fit-diffusion size (the cost of a forward does not depend on the weights).
+Data: the generated set when it is complete and larger, else the real training set (imported if missing).
+Model: the configured one if it resolves, else a freshly initialised network of the fit-diffusion size (the cost
+of a forward does not depend on the weights).
 bare      decode each shard and compute its targets in this process (same batch, threads, layer, pooling, flips),
           nothing written
 pipeline  `extract-features` on a fresh feature root: Ray actors, zarr writes, checksums, meta.json
@@ -33,7 +34,7 @@ def bench_extract(cfg: Config, console: Console) -> dict:
     if not (Path(cfg.root) / "images" / real_train_set(cfg) / "dataset.json").exists():
         run_import(cfg, cfg.data.importer, cfg.data.source, cfg.data.name)
     spec, label = _model_spec(cfg, work, resolve_model_spec)
-    images = open_image_sets(cfg, [real_train_set(cfg)])[0]
+    images = _largest_set(cfg, open_image_sets)
     level = noise_levels(cfg, [])[0]
     net = load_model(spec)
     layer = check_layer(net, cfg.features.layer)
@@ -41,7 +42,8 @@ def bench_extract(cfg: Config, console: Console) -> dict:
         actors = plan_actors(cluster_nodes(), cfg.ray.cpu_actors)
         bare = _bare(net, images, layer, level, cfg, actors.threads)
         pipe = _pipeline(cfg, spec, images.name, work)
-    table = Table("path", "images", "seconds", "images/s", title=f"bench extract: {label}, {layer}, {level.label()}, "
+    table = Table("path", "images", "seconds", "images/s", title=f"bench extract on {images.name} ({len(images.plan())} "
+                  f"shards): {label}, {layer}, {level.label()}, "
                   f"pool {cfg.features.pool}, flip {cfg.features.flip}, {actors.describe()}")
     table.add_row("bare loop", f"{bare['images']:,}", f"{bare['seconds']:.2f}", f"{bare['rate']:,.1f}")
     table.add_row("pipeline", f"{pipe['images']:,}", f"{pipe['seconds']:.2f}", f"{pipe['rate']:,.1f}")
@@ -50,6 +52,18 @@ def bench_extract(cfg: Config, console: Console) -> dict:
     console.print(f"pipeline / bare: {ratio:.3f} per worker (goal >= 0.9 on the CPU, >= 0.95 on a GPU); "
                   f"Ray start-up and actor set-up {pipe['startup']:.1f} s not counted", highlight=False)
     return {"bare": bare, "pipeline": pipe, "ratio": ratio}
+
+
+def _largest_set(cfg: Config, open_image_sets):
+    """The generated set when it is complete (more shards keep every worker busy to the end), else the real one."""
+    from pipeline.stores.images import ImageSet
+    from pipeline.workflow import real_train_set, training_generated_set
+    real = open_image_sets(cfg, [real_train_set(cfg)])[0]
+    try:
+        generated = ImageSet.open(Path(cfg.root), training_generated_set(cfg))
+    except UserError:
+        return real
+    return generated if generated.complete and generated.n > real.n else real
 
 
 def _model_spec(cfg: Config, work: Path, resolve_model_spec) -> tuple[str, str]:

@@ -62,8 +62,8 @@ def run_select(cfg: Config, source_name: str | None, scorer_arg: str, fraction: 
     with RateBar(f"score {source.name}", "images", total=source.n) as bar:
         scores, labels, cached = load_or_score(folder, scorer, source, batch_size, device, bar.advance)
     scored_s = time.perf_counter() - started
-    console.print(f"scores: {'cached from an earlier run' if cached else f'{source.n:,} images in {scored_s:.1f} s ({source.n / max(scored_s, 1e-9):,.0f} images/s on {device.type})'}",
-                  highlight=False)
+    rate = f"{source.n:,} images in {scored_s:.1f} s ({source.n / max(scored_s, 1e-9):,.0f} images/s on {device.type})"
+    console.print(f"scores: {'cached from an earlier run' if cached else rate}", highlight=False)
     kept = choose(scores, labels, source.classes, fraction)
     if len(kept) == 0:
         if not (folder / DATASET_JSON).exists():
