@@ -143,24 +143,29 @@ def print_plan(outputs: list[Output], layer: str, rate: float, workers: int) -> 
     _pooling_hint(todo_bytes)
 
 
-def _missing_inputs(cfg: Config, spec: str, names: list[str]) -> bool:
-    """Whether a dry run must plan: an image set or the model file is not here yet."""
+def _missing_inputs(cfg: Config, names: list[str]) -> bool:
+    """Whether a dry run must plan: an image set or the model is not here yet."""
     root = Path(cfg.root)
     wanted = names or [real_train_set(cfg), training_generated_set(cfg)]
-    return not Path(spec.partition(":")[2]).exists() or \
-        any(not (image_set_dir(root, name) / "dataset.json").exists() for name in wanted)
+    if any(not (image_set_dir(root, name) / "dataset.json").exists() for name in wanted):
+        return True
+    try:
+        spec = resolve_model_spec(cfg)
+    except UserError:
+        return cfg.model.spec == "fit"                   # not fitted yet; any other problem is reported later
+    return not Path(spec.partition(":")[2]).exists()
 
 
-def print_planned(cfg: Config, spec: str, names: list[str], levels: list) -> None:
+def print_planned(cfg: Config, names: list[str], levels: list) -> None:
     """The plan from the configuration: sets that are not here are planned (the real set from the importer, the
     generated one from generate.n), a missing published checkpoint by its architecture; FLOPs of the tap counted."""
     from pipeline.estimates import describe_hours, duration, gpu_hours
-    from pipeline.planning import model_for_plan, planned_generated, planned_real, stand_in_note
+    from pipeline.planning import planned_generated, planned_real, teacher_for_plan
     from stages.extract import check_layer, target_shape
     from stages.generate import time_forward
-    net, published = model_for_plan(spec)
-    if published:
-        console.print(f"planned: {stand_in_note(spec, published, net)}", highlight=False, soft_wrap=True)
+    net, _, note = teacher_for_plan(cfg)
+    if note:
+        console.print(f"planned: {note}", highlight=False, soft_wrap=True)
     layer = check_layer(net, cfg.features.layer)
     c, h, w = target_shape(net, layer, str(cfg.features.pool))
     root, sets = Path(cfg.root), []
@@ -227,10 +232,10 @@ def check_writable_root(cfg: Config) -> None:
 def run_extract(cfg: Config, sigmas: list[float], names: list[str], dry_run: bool) -> list[Path]:
     from stages.models import load_model
     levels = noise_levels(cfg, sigmas)
-    spec = resolve_model_spec(cfg)
-    if dry_run and _missing_inputs(cfg, spec, names):
-        print_planned(cfg, spec, names, levels)
+    if dry_run and _missing_inputs(cfg, names):
+        print_planned(cfg, names, levels)
         return []
+    spec = resolve_model_spec(cfg)
     sets = open_image_sets(cfg, names or default_image_sets(cfg))
     net = load_model(spec)
     outputs, layer = plan_outputs(cfg, spec, net, sets, levels)

@@ -74,7 +74,7 @@ class GenerateJob:
     model: object                      # the loaded model (a published stand-in when planning without the file)
     writer: ImageSetWriter | None      # None when only planning: the model file is not here
     pending: list[ShardPlan]
-    stand_in: str | None = None        # published checkpoint name whose architecture stands in for the file
+    stand_in: str | None = None        # what stands in for a model that is not here yet (dry runs), as a note
 
     @property
     def shards(self) -> int:
@@ -84,11 +84,12 @@ class GenerateJob:
 def prepare(cfg: Config, dry_run: bool = False) -> GenerateJob:
     """Parse and check every input (UserError on the first bad one); nothing is written.
 
-    A dry run whose model spec names a published EDM checkpoint that is not on this machine plans with a
-    randomly initialised network of its published architecture (stages.published): costs do not need weights.
+    A dry run without the model (a published EDM checkpoint that is not on this machine, or `fit` before
+    fit-diffusion has run) plans with a randomly initialised network of its architecture (pipeline.planning):
+    costs do not need weights.
     """
     from pipeline.cli import resolve_model_spec
-    from pipeline.planning import model_for_plan
+    from pipeline.planning import teacher_for_plan
     from pipeline.workspace import check_writable
     from stages.generate import GenerateSettings, absolute_spec, generated_identity, require_conditional
     from stages.models import load_model
@@ -96,12 +97,16 @@ def prepare(cfg: Config, dry_run: bool = False) -> GenerateJob:
     n = parse_count(g.n)
     name = validate_set_name(generated_set(cfg))
     settings = GenerateSettings(g.sampler, g.steps, g.churn, g.seed, g.batch_size, cfg.data.image_format).check()
-    spec = absolute_spec(resolve_model_spec(cfg))
-    model, published = model_for_plan(spec) if dry_run else (load_model(spec), None)
+    if dry_run:
+        model, spec, stand_in = teacher_for_plan(cfg)
+        spec = absolute_spec(spec) if spec else cfg.model.spec
+    else:
+        spec = absolute_spec(resolve_model_spec(cfg))
+        model, stand_in = load_model(spec), None
     require_conditional(model, spec)
-    if published:
+    if stand_in:
         return GenerateJob(n, name, cfg.data.shard_size, spec, settings, model, None,
-                           plan_shards(n, cfg.data.shard_size), published)
+                           plan_shards(n, cfg.data.shard_size), stand_in)
     root = Path(cfg.root).resolve()
     check_writable(root)
     identity = generated_identity(model, settings, cfg.data.shard_size, class_names(cfg))
@@ -152,7 +157,6 @@ def show_plan(job: GenerateJob, actors: ActorPlan, cfg: Config | None = None) ->
     would take long) and, from the network's counted FLOPs, GPU-hours at the stated rate (pipeline.estimates)."""
     from pipeline.cli import console, human_bytes
     from pipeline.estimates import describe_hours, forward_flops, gpu_hours
-    from pipeline.planning import stand_in_note
     from stages.generate import estimate_bytes
     s = job.settings
     todo = sum(plan.count for plan in job.pending)
@@ -164,7 +168,7 @@ def show_plan(job: GenerateJob, actors: ActorPlan, cfg: Config | None = None) ->
     console.print(f"plan: {job.n:,} images -> {job.name}: {job.shards:,} shards of up to {job.shard_size:,}"
                   + (f" ({done:,} complete, skipping them; {len(job.pending):,} to generate)" if done else ""), highlight=False)
     if job.stand_in:
-        console.print(f"      {stand_in_note(job.spec, job.stand_in, job.model)}", highlight=False, soft_wrap=True)
+        console.print(f"      {job.stand_in}", highlight=False, soft_wrap=True)
     console.print(f"      ~{human_bytes(estimate_bytes(job.n, job.shards, per_image))} on disk "
                   f"({per_image:,.0f} B/image, {how})", highlight=False, soft_wrap=True)
     console.print(f"      compute: {s.sampler} {s.steps} steps = {s.nfe} network evaluations x "
@@ -188,16 +192,18 @@ class HereRate:
 
 
 def measure_here(job: GenerateJob, actors: ActorPlan) -> HereRate:
-    """One worker's speed on this machine: a sampling probe (which also gives the encoded size) when it is
-    short, else one timed batch of network evaluations times the sampler's evaluation count."""
+    """One worker's speed on this machine: a sampling probe (which also gives the encoded size, unless a
+    randomly initialised stand-in drew the samples) when it is short, else one timed batch of network evaluations
+    times the sampler's evaluation count."""
     import torch
     from stages.generate import probe, time_forward
     s = job.settings
     batch = min(job.n, s.batch_size if torch.cuda.is_available() else min(s.batch_size, PROBE_IMAGES_CPU))
     forward_s = time_forward(job.model, min(batch, 4), actors.threads)      # seconds per image per evaluation
-    if job.stand_in is None and forward_s * s.nfe * batch <= PROBE_SECONDS:
-        p = probe(job.model, s, batch, actors.threads)
-        return HereRate(p.images_per_s, p.images, f"from a {p.images}-image probe", p.bytes_per_image)
+    if forward_s * s.nfe * batch <= PROBE_SECONDS:
+        p = probe(job.model, s, batch, actors.threads)           # a stand-in's random weights draw noise: no sizes
+        return HereRate(p.images_per_s, p.images, f"from a {p.images}-image probe",
+                        None if job.stand_in else p.bytes_per_image)
     return HereRate(1 / (forward_s * s.nfe), min(batch, 4),
                     f"measured {forward_s * 1e3:,.0f} ms per evaluation per image x {s.nfe}", None)
 

@@ -71,6 +71,32 @@ def model_for_plan(spec: str):
     return load_model(spec), None
 
 
+def teacher_for_plan(cfg: Config):
+    """(model, spec or None, note or None) for a dry run: the configured model; for a missing published EDM
+    checkpoint its architecture; for `model.spec: fit` before fit-diffusion has run, a network of the configured
+    fit-diffusion architecture for the real set (planned if it is not imported yet). Random weights in both cases."""
+    from pipeline.cli import fit_settings, resolve_model_spec
+    try:
+        spec = resolve_model_spec(cfg)
+    except UserError:
+        if cfg.model.spec != "fit":
+            raise
+        from stages.edm.networks import EDMPrecond
+        from stages.fit_diffusion import network_config
+        real = _real_or_planned(cfg)
+        net = EDMPrecond(**network_config(real, fit_settings(cfg))).eval().requires_grad_(False)
+        return net, None, (f"the model fit-diffusion trains on {real.name} is not there yet: planned with its configured "
+                           f"architecture ({sum(p.numel() for p in net.parameters()):,} parameters, random weights)")
+    model, published = model_for_plan(spec)
+    return model, spec, stand_in_note(spec, published, model) if published else None
+
+
+def _real_or_planned(cfg: Config):
+    from pipeline.stores.images import ImageSet
+    root, name = Path(cfg.root), real_train_set(cfg)
+    return ImageSet.open(root, name) if (image_set_dir(root, name) / "dataset.json").exists() else planned_real(cfg)
+
+
 def stand_in_note(spec: str, name: str, model) -> str:
     params = sum(p.numel() for p in model.parameters())
     return (f"model file {spec.partition(':')[2]} is not here: planned with the published architecture of {name} "

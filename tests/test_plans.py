@@ -191,3 +191,16 @@ def test_a_tap_returns_what_the_full_forward_computes_at_that_layer():
         features(net, x, sigma, labels, [names[2]])
     late.remove()
     assert saw_after == []                                                     # the last block never ran
+
+
+def test_dry_runs_of_the_default_plan_everything_before_anything_exists(cli, tmp_path):
+    """The digits default in an empty workspace: the model fit-diffusion would train stands in for itself."""
+    stand_in = "the model fit-diffusion trains on digits-train is not there yet"
+    for command, needle in (("generate", "plan: 5,000 images -> digits-gen"),
+                            ("extract-features", "digits-train: 1,438 samples"),
+                            ("train", "11 steps per epoch (ceil(1294 / 128)) x 30 epochs = 330 steps")):
+        code, out, err = cli(command, "--dry-run", "--root", tmp_path / "ws")
+        text = " ".join(out.split())
+        assert code == 0, (command, err)
+        assert stand_in in text and needle in text and "GPU-hours" in text, command
+    assert not (tmp_path / "ws").exists()

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import IntegrityError, UserError
 from pipeline.stores.features import FeatureSet, list_feature_sets
-from pipeline.planning import PlannedImages, model_for_plan, planned_generated, planned_real, stand_in_note
+from pipeline.planning import PlannedImages, planned_generated, planned_real, teacher_for_plan
 from pipeline.stores.images import ImageSet, image_set_dir
 from pipeline.workflow import real_train_set, training_generated_set
 from trainer.loader import Source, split_batch
@@ -247,12 +247,9 @@ def _feature_sets(cfg: Config, real, gen, key: str | None, planned: list[str] | 
 def planned_target_shape(cfg: Config) -> tuple[tuple, str, str | None]:
     """(C, h, w) and layer of the targets extract-features would store, from the teacher model and the pooling;
     and a note when a published architecture stands in for a missing checkpoint."""
-    from pipeline.cli import resolve_model_spec
     from stages.extract import check_layer, target_shape
-    spec = resolve_model_spec(cfg)
-    model, published = model_for_plan(spec)
+    model, _, note = teacher_for_plan(cfg)
     layer = check_layer(model, cfg.features.layer)
-    note = stand_in_note(spec, published, model) if published else None
     return target_shape(model, layer, str(cfg.features.pool)), layer, note
 
 
