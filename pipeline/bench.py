@@ -4,7 +4,8 @@ Data: N samples of 32x32x3 uint8 images with 256x8x8 float16 targets (35.8 KB pe
 Readers, each warm (after a warm-up pass) and cold (page cache dropped, root only):
   bare        sequential readinto of every shard file into one reused buffer (the disk's ceiling)
   per-sample  one .npy per image and per target, DataLoader(batch, workers) (fast-DiT's layout)
-  ours-npy    ShardStream over tar shards (raw .npy images) + zarr slabs, DataLoader(batch_size=None, workers)
+  ours-npy    ShardLoader over tar shards (raw .npy images) + zarr slabs: `workers` DataLoader processes that
+              recycle their shared batch buffers; every batch is copied out into the caller's own memory
   ours-png    the same with PNG images (the default encoding), to show what PNG decoding costs
 """
 from __future__ import annotations
@@ -159,14 +160,10 @@ def _per_sample(folder: Path, n: int, batch: int, workers: int) -> int:
 
 
 def _ours(images: Path, features: Path, batch: int, workers: int) -> int:
-    from torch.utils.data import DataLoader
-
     from pipeline.stores.images import ImageSet
-    from pipeline.stores.stream import ShardStream
+    from pipeline.stores.stream import ShardLoader
     shards = sorted(ImageSet(images).records)
-    stream = ShardStream(images, features, shards, batch, shuffle=True)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
-    return sum(len(b["ids"]) for b in loader)
+    return sum(len(b["ids"]) for b in ShardLoader(images, features, shards, batch, workers, shuffle=True))
 
 
 def _can_drop_caches() -> bool:

@@ -67,3 +67,36 @@ def test_features_of_other_images_refused(tmp_path):
     stream = ShardStream(other.path, fpath, other.plan_indices(), batch_size=16)
     with pytest.raises(UserError, match=f"computed from image set {s.fingerprint[:12]}.*{other.fingerprint[:12]}"):
         next(iter(stream))
+
+
+def test_shard_loader_recycles_slots_and_every_kept_batch_stays_intact(tmp_path):
+    """Many more batches than slots (4 per worker): a slot refilled too early would corrupt a kept batch."""
+    from pipeline.stores.stream import SLOTS_PER_WORKER, ShardLoader
+    s, fpath, images, labels = build(tmp_path, n=200, shard=8)
+    loader = ShardLoader(s.path, fpath, s.plan_indices(), batch_size=4, workers=2, seed=5)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(loader)                                       # all kept at once
+        assert len(batches) > 4 * 2 * SLOTS_PER_WORKER
+        seen = []
+        for batch in batches:
+            ids = batch["ids"].numpy()
+            assert "_slot" not in batch
+            assert torch.equal(batch["images"], torch.from_numpy(images[ids]))
+            assert torch.equal(batch["labels"], torch.from_numpy(labels[ids]))
+            assert (batch["targets"][:, 0, 0, 0].numpy() == ids.astype(np.float16)).all()
+            assert (batch["targets_flip"][:, 0, 0, 0].numpy() == -ids.astype(np.float16)).all()
+            seen += ids.tolist()
+        assert sorted(seen) == list(range(200))
+
+
+def test_shard_loader_can_be_left_midway_and_iterated_again(tmp_path):
+    from pipeline.stores.stream import ShardLoader
+    s, fpath, _, _ = build(tmp_path, n=120, shard=8)
+    loader = ShardLoader(s.path, fpath, s.plan_indices(), batch_size=4, workers=2)
+    for i, _ in enumerate(loader):
+        if i == 3:
+            break                                                   # in-flight batches never freed by the consumer
+    assert sorted(i for b in loader for i in b["ids"].tolist()) == list(range(120))
+    in_process = ShardLoader(s.path, fpath, s.plan_indices(), batch_size=4, workers=0)
+    assert sorted(i for b in in_process for i in b["ids"].tolist()) == list(range(120))
