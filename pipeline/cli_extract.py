@@ -159,7 +159,7 @@ def _missing_inputs(cfg: Config, names: list[str]) -> bool:
 def print_planned(cfg: Config, names: list[str], levels: list) -> None:
     """The plan from the configuration: sets that are not here are planned (the real set from the importer, the
     generated one from generate.n), a missing published checkpoint by its architecture; FLOPs of the tap counted."""
-    from pipeline.estimates import describe_hours, duration, gpu_hours
+    from pipeline.estimates import describe_hours, duration, forward_flops, gpu_hours
     from pipeline.planning import planned_generated, planned_real, teacher_for_plan
     from stages.extract import check_layer, target_shape
     from stages.generate import time_forward
@@ -182,16 +182,16 @@ def print_planned(cfg: Config, names: list[str], levels: list) -> None:
     views = (2 if cfg.features.flip else 1) * len(levels)          # one tapped forward per view and noise level
     per_sample = 2 * c * h * w * views
     samples = sum(s.n for s in sets)
-    tap_flops = _tap_flops(net, layer)
+    tap_flops, full_flops = _tap_flops(net, layer), forward_flops(net)
     console.print(f"plan: layer {layer}, targets {c}x{h}x{w} float16" + (" (+ flipped)" if cfg.features.flip else "")
                   + f" at {', '.join(level.label() for level in levels)}", highlight=False)
     for s in sets:
         console.print(f"      {s.name}: {s.n:,} samples x {human_bytes(per_sample)} = {human_bytes(s.n * per_sample)}",
                       highlight=False)
     console.print(f"compute: {views} tapped forward(s) per image x {tap_flops / 1e9:,.3g} GFLOP (the network up to "
-                  f"{layer}; a full forward is {_forward(net) / 1e9:,.3g}); "
+                  f"{layer}; a full forward is {full_flops / 1e9:,.3g}); "
                   f"{describe_hours(gpu_hours(samples * views * tap_flops))}", highlight=False, soft_wrap=True)
-    seconds = time_forward(net, 4, 1) * tap_flops / _forward(net) * views
+    seconds = time_forward(net, 4, 1) * tap_flops / full_flops * views
     console.print(f"here: ~{duration(samples * seconds / cfg.ray.cpu_actors)} on {cfg.ray.cpu_actors} CPU worker(s) "
                   f"(measured one full forward, scaled to the tap)", highlight=False, soft_wrap=True)
     _pooling_hint(samples * per_sample)
@@ -207,11 +207,6 @@ def _pooling_hint(total_bytes: float) -> None:
 def net_shape(net):
     from types import SimpleNamespace
     return SimpleNamespace(classes=net.label_dim, channels=net.img_channels, resolution=net.img_resolution)
-
-
-def _forward(net) -> float:
-    from pipeline.estimates import forward_flops
-    return forward_flops(net)
 
 
 def _tap_flops(net, layer: str) -> float:

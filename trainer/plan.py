@@ -217,7 +217,7 @@ def _source(images, features, tag: int, stop: int | None = None) -> Source:
 
 @dataclass(frozen=True)
 class PlannedFeatures:
-    """A feature set the configuration describes: its key is a placeholder, its shape is the teacher's."""
+    """A feature set the configuration describes: its key names what it will hold, its shape is the teacher's."""
 
     key: str
     shape: tuple
@@ -240,8 +240,8 @@ def _feature_sets(cfg: Config, real, gen, key: str | None, planned: list[str] | 
     planned.append(f"feature sets are not here yet (`dra-pipe extract-features` writes them): planned as {layer} at "
                    f"timestep {f.timesteps[0]}, pool {f.pool}, {_shape(shape)} per image"
                    + (" and its flip" if f.flip else ""))
-    placeholder = PlannedFeatures(f"(planned: {layer} t={f.timesteps[0]})", shape, bool(f.flip))
-    return {"real": placeholder, **({"generated": placeholder} if gen is not None else {})}
+    planned_set = PlannedFeatures(f"(planned: {layer} t={f.timesteps[0]})", shape, bool(f.flip))
+    return {"real": planned_set, **({"generated": planned_set} if gen is not None else {})}
 
 
 def planned_target_shape(cfg: Config) -> tuple[tuple, str, str | None]:
