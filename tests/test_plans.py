@@ -203,4 +203,6 @@ def test_dry_runs_of_the_default_plan_everything_before_anything_exists(cli, tmp
         text = " ".join(out.split())
         assert code == 0, (command, err)
         assert stand_in in text and needle in text and "GPU-hours" in text, command
+        if command == "generate":                  # a random network's samples say nothing about image sizes
+            assert "B/image, at most" in text
     assert not (tmp_path / "ws").exists()

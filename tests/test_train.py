@@ -100,6 +100,21 @@ def test_best_weights_are_those_of_the_best_held_out_epoch(tmp_path):
     assert not folder.best.exists() and folder.weights("best") == folder.final
 
 
+def test_best_weights_go_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from trainer import loop
+    monkeypatch.setattr(loop, "_final_record", lambda job, trainer: {"saved_at": trainer.step})
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    job = SimpleNamespace(settings={"holdout_pgd_steps": 20})
+    for epoch, pgd in enumerate((0.3, 0.5, 0.5, 0.4), 1):
+        row = {"epoch": epoch, "pgd_acc": pgd, "clean_acc": 0.9}
+        loop._keep_if_best(run, job, SimpleNamespace(step=epoch), row)
+        run.append_metrics(row)
+    best = torch.load(run.best, weights_only=True)
+    assert best["saved_at"] == 3 and best["selected"]["epoch"] == 3 and best["selected"]["by"] == "held-out PGD-20"
+
+
 def test_dra_off_and_lambda_zero_are_the_same_baseline(tmp_path):
     setup(tmp_path, {"epochs": 1})
     finals = []
