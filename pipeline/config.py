@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UserError
+from stores.errors import UserError
 
 DEFAULT_CONFIG_NAME = "pipeline.yaml"
 

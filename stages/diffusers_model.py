@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
 from stages.denoiser import Denoiser
 from stages.sigma import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, sigma_table
+from stores.errors import UserError
 
 
 def continuous_timestep(sigma: torch.Tensor) -> torch.Tensor:

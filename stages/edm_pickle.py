@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
 from stages.edm.networks import EDMPrecond
+from stores.errors import UserError
 
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of every official EDM pickle
 

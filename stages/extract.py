@@ -15,14 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
-from pipeline.stores.features import FeatureShardRecord, write_feature_shard
-from pipeline.stores.images import ImageSet
 from stages.denoiser import Denoiser
 from stages.fingerprint import model_fingerprint
+from stages.models import load_model
 from stages.noise import noise_for
 from stages.sigma import sigma_from_timestep, timestep_from_sigma
 from stages.taps import describe_layers, features
+from stores.errors import UserError
+from stores.features import FeatureShardRecord, write_feature_shard
+from stores.images import ImageSet
 
 POOLS = ("none", "2", "4", "global")
 
@@ -150,7 +151,6 @@ class FeatureWorker:
     """Built once per Ray actor (the model loads once); a shard runner worker: compute, then finish."""
 
     def __init__(self, model_spec: str, layer: str, pool: str, flip: bool, noise_seed: int, batch_size: int):
-        from stages.models import load_model
         self.model = load_model(model_spec)
         self.layer, self.pool, self.flip = layer, pool, flip
         self.noise_seed, self.batch_size = noise_seed, batch_size

@@ -17,11 +17,11 @@ from typing import Callable
 
 import torch
 
-from pipeline.identity import short_key
-from pipeline.stores.images import ImageSet
-from pipeline.stores.stream import ShardStream
 from stages.edm.networks import EDMPrecond
 from stages.models import save_own
+from stores.identity import short_key
+from stores.images import ImageSet
+from stores.stream import ShardStream
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
 

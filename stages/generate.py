@@ -5,7 +5,7 @@ Sample i's class label and initial noise (and churn noise) depend only on (run s
 bitwise on the CPU at a fixed batch size (batches start at the shard's first id). Images are stored
 the EDM way: uint8 = (x * 127.5 + 128) clipped to [0, 255], HWC.
 
-`GenerateWorker` is the Ray worker of `pipeline.shard_runner`: built once per actor (the model loads
+`GenerateWorker` is the Ray worker of `pipeline.shards`: built once per actor (the model loads
 once), it samples a shard in batches (compute) and writes it as a tar shard (finish).
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.shard_runner import ShardJob
-from pipeline.stores.images import make_identity
-from pipeline.stores.manifest import ShardRecord
-from pipeline.stores.tarshard import BLOCK, encode_image, write_tar_shard
 from stages.fingerprint import model_fingerprint
 from stages.models import load_model
 from stages.noise import churn_noise_fn, labels_for, latents_for
 from stages.samplers import SAMPLERS, sample
+from stores.errors import UserError
+from stores.images import make_identity
+from stores.manifest import ShardJob
+from stores.manifest import ShardRecord
+from stores.tarshard import BLOCK, encode_image, write_tar_shard
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0     # EDM's defaults, recorded in the identity
 

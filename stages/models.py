@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import UserError
 from stages.denoiser import Denoiser
 from stages.edm.networks import EDMPrecond
+from stages.edm_pickle import load_edm_pickle
 from stages.fingerprint import model_fingerprint
+from stores.errors import UserError
 
 FORMAT = "dra-pipe-model"
 SPEC_HELP = "edm:PATH.pkl (official EDM pickle) | diffusers:DIR (UNet2DModel, DDPM) | dra:DIR (saved by fit-diffusion)"
@@ -31,10 +32,9 @@ def load_model(spec: str) -> Denoiser:
     if not Path(path).exists():
         raise UserError(f"model file or folder {path} does not exist (spec {spec!r})")
     if kind == "edm":
-        from stages.edm_pickle import load_edm_pickle
         model = load_edm_pickle(path)
     elif kind == "diffusers":
-        from stages.diffusers_model import load_diffusers_denoiser
+        from stages.diffusers_model import load_diffusers_denoiser     # diffusers loads in seconds: only when asked
         model = load_diffusers_denoiser(path)
     else:
         model = load_own(Path(path))

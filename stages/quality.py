@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.stores.images import ImageSet
 from stages.noise import latents_for
 from stages.samplers import sample
+from stores.images import ImageSet
 
 
 @dataclass

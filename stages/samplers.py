@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.errors import UserError
 from stages.noise import one_hot
 from stages.sigma import edm_sigma_steps
+from stores.errors import UserError
 
 NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]
 

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.errors import UserError
-from pipeline.stores.images import ImageSet, ImageSetWriter, make_identity
+from stores.errors import UserError
+from stores.images import ImageSet, ImageSetWriter, make_identity
 
 SCORES_FILE = "scores.npz"           # scores and labels (N,) per source id, and what made them
 TABLE_FILE = "selection.parquet"     # id, source_id, label, score of every kept sample

@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from stores.errors import UserError
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 1e-4

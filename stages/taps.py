@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
 from stages.denoiser import Denoiser
+from stores.errors import UserError
 
 
 def _check_layers(model: Denoiser, layers: Sequence[str]) -> None:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def cli(monkeypatch, capsys, tmp_path):
     """Run `dra-pipe ARGS` in-process from tmp_path; returns (exit code, stdout, stderr)."""
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     def run(*args: str):
         monkeypatch.chdir(tmp_path)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.stores.features import FeatureSetWriter, write_feature_shard
-from pipeline.stores.images import ImageSet, ImageSetWriter, make_identity
+from stores.features import FeatureSetWriter, write_feature_shard
+from stores.images import ImageSet, ImageSetWriter, make_identity
 
 GEN_OFFSET = 1000
 

@@ -1,1 +1,2 @@
-"""Stage 2: streaming loader, classifiers, attacks, DRA, training, evaluation."""
+"""Stage 2, which reads stores: the streaming loader, augmentation, classifiers, attacks, the DRA head and loss,
+the training loop and the Job it runs, evaluation and reports. Knows stage 1 only through `stores`."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from pipeline.errors import UserError
+from stores.errors import UserError
 
 ARCHITECTURES = ("small-cnn", "preact-resnet18", "resnet18", "wrn-28-10", "wrn-34-10", "wrn-70-16")
 

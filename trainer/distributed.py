@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import IntegrityError, UserError
-from trainer.plan import Job
+from stores.errors import IntegrityError, UserError
+from trainer.job import Job
+from trainer.loop import Dist, train
 
 
 def _worker(config: dict) -> None:
     """One rank: runs inside a Ray Train worker process."""
     import ray.train
     import ray.train.torch
-    from trainer.loop import Dist, train
     ctx = ray.train.get_context()
     dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     torch.set_num_threads(config["threads"])

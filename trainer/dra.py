@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UserError
+from stores.errors import UserError
 
 
 class ProjectionHead(nn.Module):

@@ -5,39 +5,33 @@ Everything runs on the EMA weights in eval mode, on images in [0, 1], at the thr
 the attack, so every robust accuracy is at most the clean one; `worst` counts an image robust only if it survives
 every attack that was run. AutoAttack comes from the optional `pyautoattack` package.
 
-A classifier file (a run's final.pt or an exported file) is a dict with format "dra-pipe-classifier" and the keys
-in RECORD_KEYS; `export_classifier` writes one with a fingerprint (sha256 of the state dict) for others.
+Classifier files (final.pt, best.pt, exports) are read and written by `trainer.classifier_files`.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.metadata
 import importlib.util
 import io
 import json
 import logging
-import os
 import re
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
-from pipeline.identity import write_json_atomic
-from pipeline.stores.images import DATASET_JSON, ImageSet, image_set_dir
+from stores.errors import UserError
+from stores.identity import write_json_atomic
+from stores.images import DATASET_JSON, image_set_dir, ImageSet
 from trainer.attacks import pgd_attack
-from trainer.classifiers import Classifier, build_classifier
-from trainer.runs import FINAL_FORMAT, RunFolder
+from trainer.classifier_files import now_text, package_version, state_fingerprint, threat_model
+from trainer.classifiers import Classifier
 
-RECORD_KEYS = ("arch", "num_classes", "in_channels", "resolution", "mean", "std", "state_dict", "threat_model")
 AUTOATTACK_LOGGER = "auto-attack"
 Log = Callable[[str], None]
 
@@ -83,124 +77,6 @@ class EvalSettings:
         359 digits 11.9 s with 1 thread, 48 s with 2, on a shared 2-core machine)."""
         if self.torch_device().type == "cpu" and self.cpu_threads > 0:
             torch.set_num_threads(self.cpu_threads)
-
-
-# --- classifier files ------------------------------------------------------------------------------------------
-
-def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
-    """(classifier in eval mode, record) from a final.pt or an exported file; every problem is one UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no classifier file {path}")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:                                   # a pickle error, a truncated zip, ...
-        raise UserError(f"{path}: not a readable classifier file ({type(exc).__name__}: {str(exc)[:80]})") from None
-    if not isinstance(record, dict) or record.get("format") != FINAL_FORMAT:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise UserError(f"{path}: not a dra-pipe classifier (format {found!r}); export one with `dra-pipe export`")
-    missing = [k for k in RECORD_KEYS if k not in record]
-    if missing:
-        raise UserError(f"{path}: the classifier record lacks {', '.join(missing)}")
-    model = build_classifier(record["arch"], record["num_classes"], record["in_channels"], record["resolution"],
-                             record["mean"], record["std"])
-    problem = state_dict_mismatch(model, record["state_dict"])
-    if problem:
-        raise UserError(f"{path}: its weights are not those of a {record['arch']} classifier ({problem})")
-    model.load_state_dict(record["state_dict"])
-    threat_model(record, path)
-    return model.eval(), record
-
-
-def state_dict_mismatch(model: nn.Module, state: dict) -> str:
-    """'' if `state` fits `model` exactly, else a short description of the first differences."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    parts = [f"{len(missing)} missing, e.g. {missing[0]}" if missing else "",
-             f"{len(extra)} unexpected, e.g. {extra[0]}" if extra else "",
-             f"{len(shapes)} of another shape, e.g. {shapes[0]}" if shapes else ""]
-    return "; ".join(p for p in parts if p)
-
-
-def threat_model(record: dict, where: str | Path = "classifier") -> tuple[str, float]:
-    """(norm, eps) recorded with the weights; only L-inf is evaluated."""
-    tm = record["threat_model"]
-    norm, eps = tm.get("norm"), tm.get("epsilon")
-    if norm != "Linf" or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
-        raise UserError(f"{where}: threat model {tm!r} is not an L-inf radius in [0, 1]; only L-inf is evaluated")
-    return norm, float(eps)
-
-
-def state_fingerprint(state: dict) -> str:
-    """sha256 over the state dict: every tensor's name, dtype, shape and bytes, in sorted name order."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def export_classifier(source: str | Path, out: str | Path, run_name: str | None = None) -> dict:
-    """Write the classifier of `source` (final.pt or an export) to `out` for others; returns what was written.
-
-    The file holds the EMA state dict, architecture, shape, normalisation, threat model, fingerprint and the
-    dra-pipe version, and loads with `load_classifier` (or torch.load(weights_only=True) + build_classifier).
-    """
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    _, record = load_classifier(source)
-    export = {"format": FINAL_FORMAT, **{k: record[k] for k in RECORD_KEYS},
-              "fingerprint": state_fingerprint(record["state_dict"]), "dra_pipe_version": package_version("dra-pipe"),
-              "run": run_name or record.get("run"), "dra": record.get("dra"), "objective": record.get("objective"),
-              "selected": record.get("selected"), "exported_from": str(Path(source).resolve()), "exported": _now()}
-    _save_atomic(export, out)
-    return export
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# --- runs and test data ------------------------------------------------------------------------------------------
-
-def find_run(root: Path, run: str) -> RunFolder:
-    """The finished run `run`: a name under <root>/runs or a run folder's path."""
-    folder = RunFolder(Path(run) if Path(run).is_dir() and (Path(run) / "run.json").exists() else root / "runs" / run)
-    if not folder.run_json.exists():
-        known = sorted(p.name for p in (root / "runs").glob("*") if (p / "run.json").exists()) \
-            if (root / "runs").is_dir() else []
-        listing = f"runs there: {', '.join(known)}" if known else "there are no runs yet; `dra-pipe train` makes one"
-        raise UserError(f"no run {run} under {root}/runs ({listing})")
-    if not folder.finished:
-        state = "training stopped at a checkpoint" if folder.checkpoint.exists() else "training never started"
-        raise UserError(f"run {folder.path.name} has no final.pt ({state}); finish it with "
-                        f"`dra-pipe train --name {folder.path.name}`")
-    return folder
 
 
 def open_test_set(root: Path, name: str) -> ImageSet:
@@ -434,7 +310,7 @@ def evaluate_file(model_path: Path, record: dict, model: Classifier, images: Ima
             "test_set": {"name": images.name, "fingerprint": images.fingerprint, "size": images.n},
             "versions": {"dra-pipe": package_version("dra-pipe"), "torch": torch.__version__,
                          "pyautoattack": package_version("pyautoattack") if s.autoattack else None},
-            "created": _now()}
+            "created": now_text()}
 
 
 def write_eval_json(result: dict, path: Path) -> Path:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.errors import UserError
-from pipeline.stores.features import FeatureSet
-from pipeline.stores.images import ImageSet
-from pipeline.stores.stream import TAKE_MODE, PairedShardReader, check_pairing
+from stores.errors import UserError
+from stores.features import FeatureSet
+from stores.images import ImageSet
+from stores.stream import check_pairing, PairedShardReader, TAKE_MODE
 
 @dataclass(frozen=True)
 class Source:

@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stores.images import ImageSet
 from trainer.attacks import pgd_at_loss, pgd_attack, trades_adversary, trades_loss
 from trainer.augment import augment
 from trainer.classifiers import Classifier, build_classifier
 from trainer.dra import ProjectionHead, dra_loss, match_grid
+from trainer.job import Job
 from trainer.loader import MixPlan, make_loader
 from trainer.optim import EMA, lr_at, make_optimizer
-from trainer.plan import Job
 from trainer.runs import RunFolder
 
 EMA_WARMUP = 0.025            # DM-AT: the EMA copies the weights for the first 2.5% of the steps
@@ -70,7 +71,7 @@ class TrainNet(nn.Module):
         return out
 
 
-def _seed(*parts: int) -> int:
+def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
@@ -93,8 +94,8 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.opt = make_optimizer(self.model, self.head, s["lr"], s["weight_decay"])
         self.ema = EMA(self.model, s["ema_decay"], warmup_steps=round(EMA_WARMUP * job.total_steps))
-        self.aug_gen = torch.Generator().manual_seed(_seed(s["seed"], dist.rank, 1))
-        self.attack_gen = torch.Generator(device).manual_seed(_seed(s["seed"], dist.rank, 2))
+        self.aug_gen = torch.Generator().manual_seed(derived_seed(s["seed"], dist.rank, 1))
+        self.attack_gen = torch.Generator(device).manual_seed(derived_seed(s["seed"], dist.rank, 2))
         self.needs_clean = s["objective"] in ("trades", "clean") or view == "clean"
         self.step = 0
 
@@ -199,7 +200,6 @@ def mix_plan(job: Job, dist: Dist, start: int = 0) -> MixPlan:
 def load_holdout(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N, C, H, W) float in [0, 1], labels (N,)) of the held-out real training images."""
     from pathlib import Path
-    from pipeline.stores.images import ImageSet
     data = ImageSet(Path(job.real.images)).read_range(*job.holdout)
     return torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(data.labels)
 
@@ -334,54 +334,3 @@ def set_cpu_threads(loader_workers: int) -> None:
     """On the CPU, leave the loader workers their cores: OpenMP threads spinning against them cost more than
     they give on small models."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - loader_workers))
-
-
-@dataclass(frozen=True)
-class StepCost:
-    """What one training image costs: counted FLOPs (forward, attack and backward) and measured seconds here."""
-
-    flops_per_image: float               # one training step's FLOPs / its batch
-    seconds_per_image: float             # measured on `device`, one rank
-    timed_batch: int                     # images of the timed step
-    holdout_flops_per_image: float       # the per-epoch held-out evaluation (clean + PGD-holdout_pgd_steps)
-
-
-def step_cost(job: Job, device: torch.device | None = None, max_batch: int = 64, budget_flops: float = 2e11) -> StepCost:
-    """Count a training step's FLOPs on a one-image batch (which is also the warm-up), then time steps of as
-    many images as `budget_flops` allows (at most `max_batch`, at least one): a dry run of a WRN on a CPU
-    stays within seconds, a small CNN is timed on a real-sized batch."""
-    from pipeline.estimates import count_flops
-    device = device or torch.device("cpu")
-    per_rank = job.settings["batch_size"] // job.settings["workers"]
-    trainer = Trainer(job, Dist(device=device))
-    trainer.model.train()
-    flops = count_flops(lambda: trainer.train_step(synthetic_batch(job, 1, _seed(0))))
-    size = int(max(1, min(per_rank, max_batch, budget_flops // max(flops, 1))))
-    steps = 3 if 3 * size * flops <= budget_flops else 1
-    batch = synthetic_batch(job, size, _seed(1))
-    started = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(batch)
-    seconds = (time.perf_counter() - started) / steps
-    return StepCost(flops, seconds / size, size, holdout_flops(job, trainer.ema.module, device))
-
-
-def holdout_flops(job: Job, model: nn.Module, device: torch.device) -> float:
-    """FLOPs per image of `evaluate` with the job's PGD steps: counted at 1 and 2 steps, the rest is linear."""
-    from pipeline.estimates import count_flops
-    x = torch.rand(1, job.channels, job.resolution, job.resolution, device=device)
-    y = torch.zeros(1, dtype=torch.long, device=device)
-    one, two = (count_flops(lambda k=k: evaluate(model, x, y, job.settings["epsilon"], k, 0, device)) for k in (1, 2))
-    return one + (job.settings["holdout_pgd_steps"] - 1) * (two - one)
-
-
-def synthetic_batch(job: Job, size: int, seed: int) -> dict[str, torch.Tensor]:
-    """A random batch shaped like the loader's (for timing)."""
-    g = torch.Generator().manual_seed(seed)
-    r, c = job.resolution, job.channels
-    batch = {"ids": torch.arange(size), "images": torch.randint(0, 256, (size, r, r, c), generator=g, dtype=torch.uint8),
-             "labels": torch.randint(0, job.classes, (size,), generator=g)}
-    if job.dra:
-        batch["targets"] = torch.randn((size, *job.target_shape), generator=g).half()
-        batch["targets_flip"] = torch.randn((size, *job.target_shape), generator=g).half()
-    return batch

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.errors import UserError
-from pipeline.identity import write_json_atomic
-from pipeline.stores.images import DATASET_JSON, ImageSet, image_set_dir
-from trainer.evaluate import (EvalSettings, Log, check_fits, effective_rank, find_run, load_classifier,
-                              penultimate_features, read_images, singular_distribution)
+from stores.errors import UserError
+from stores.identity import write_json_atomic
+from stores.images import DATASET_JSON, image_set_dir, ImageSet
+from trainer.classifier_files import find_run, load_classifier
+from trainer.evaluate import check_fits, effective_rank, EvalSettings, Log, penultimate_features, read_images, singular_distribution
 from trainer.runs import RunFolder
 
 COLUMNS = ("run", "arch", "objective", "DRA", "lambda", "timestep", "data", "epochs", "clean", "PGD-CE",

@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 
-from pipeline.config import to_yaml
-from pipeline.errors import UserError
-from pipeline.identity import write_json_atomic
+from stores.errors import UserError
+from stores.identity import write_json_atomic
+from trainer.classifiers import build_classifier
 
 FINAL_FORMAT = "dra-pipe-classifier"
 
@@ -44,7 +45,7 @@ class RunFolder:
                                 f"pass --name to start another run")
             return "finished" if self.finished else "resume" if self.checkpoint.exists() else "new"
         self.path.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(to_yaml(config))
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
         write_json_atomic(self.run_json, {"identity": _jsonable(identity)})
         return "new"
 
@@ -98,7 +99,6 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 def load_final(path: str | Path):
     """(EMA classifier in eval mode, the saved record) from a run's final.pt (or its folder)."""
-    from trainer.classifiers import build_classifier
     path = Path(path)
     path = path / "final.pt" if path.is_dir() else path
     if not path.exists():

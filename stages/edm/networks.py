@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UserError
 from stages.denoiser import Denoiser
 from stages.edm.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from stores.errors import UserError
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -1,0 +1,1 @@
+"""`dra-pipe bench`: one module per stage, each measured against its bare baseline in the same run."""

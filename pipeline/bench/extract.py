@@ -1,0 +1,115 @@
+"""`dra-pipe bench extract`: extract-features on Ray against a bare loop of the same forward passes, in one run.
+
+Data: the generated set when it is complete and larger, else the real training set (imported if missing).
+Model: the configured one if it resolves, else a freshly initialised network of the fit-diffusion size (the cost
+of a forward does not depend on the weights).
+bare      decode each shard and compute its targets in this process (same batch, threads, layer, pooling, flips),
+          nothing written
+pipeline  `extract-features` on a fresh feature root: Ray actors, zarr writes, checksums, meta.json
+The ratio uses the runner's own timing (first dispatch to last record); Ray start-up is shown apart.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.cli.data import run_import
+from pipeline.cli.extract import execute, noise_levels, open_image_sets, plan_outputs
+from pipeline.config import Config
+from pipeline.models import fit_settings, resolve_model_spec
+from pipeline.shards.cluster import cluster_nodes, plan_actors, ray_session
+from pipeline.workflow import real_train_set, training_generated_set
+from stages.edm.networks import EDMPrecond
+from stages.extract import check_layer, compute_targets
+from stages.fit_diffusion import network_config
+from stages.models import load_model, save_own
+from stores.errors import UserError
+from stores.images import ImageSet
+
+
+def bench_extract(cfg: Config, console: Console) -> dict:
+    work = Path(cfg.root) / "bench" / "extract"
+    if not (Path(cfg.root) / "images" / real_train_set(cfg) / "dataset.json").exists():
+        run_import(cfg, cfg.data.importer, cfg.data.source, cfg.data.name)
+    spec, label = _model_spec(cfg, work, resolve_model_spec)
+    images = _largest_set(cfg, open_image_sets)
+    level = noise_levels(cfg, [])[0]
+    net = load_model(spec)
+    layer = check_layer(net, cfg.features.layer)
+    with ray_session(cfg.ray.address, cfg.ray.num_cpus):
+        actors = plan_actors(cluster_nodes(), cfg.ray.cpu_actors)
+        bare = _bare(net, images, layer, level, cfg, actors.threads)
+        pipe = _pipeline(cfg, spec, images.name, work)
+    table = Table("path", "images", "seconds", "images/s", title=f"bench extract on {images.name} ({len(images.plan())} "
+                  f"shards): {label}, {layer}, {level.label()}, "
+                  f"pool {cfg.features.pool}, flip {cfg.features.flip}, {actors.describe()}")
+    table.add_row("bare loop", f"{bare['images']:,}", f"{bare['seconds']:.2f}", f"{bare['rate']:,.1f}")
+    table.add_row("pipeline", f"{pipe['images']:,}", f"{pipe['seconds']:.2f}", f"{pipe['rate']:,.1f}")
+    console.print(table)
+    ratio = pipe["rate"] / bare["rate"] * (1 if actors.actors == 1 else 1 / actors.actors)
+    console.print(f"pipeline / bare: {ratio:.3f} per worker (goal >= 0.9 on the CPU, >= 0.95 on a GPU); "
+                  f"Ray start-up and actor set-up {pipe['startup']:.1f} s not counted", highlight=False)
+    return {"bare": bare, "pipeline": pipe, "ratio": ratio}
+
+
+def _largest_set(cfg: Config, open_image_sets):
+    """The generated set when it is complete (more shards keep every worker busy to the end), else the real one."""
+    real = open_image_sets(cfg, [real_train_set(cfg)])[0]
+    try:
+        generated = ImageSet.open(Path(cfg.root), training_generated_set(cfg))
+    except UserError:
+        return real
+    return generated if generated.complete and generated.n > real.n else real
+
+
+def _model_spec(cfg: Config, work: Path, resolve_model_spec) -> tuple[str, str]:
+    try:
+        return resolve_model_spec(cfg), f"model {cfg.model.spec}"
+    except UserError:
+        images = ImageSet.open(Path(cfg.root), real_train_set(cfg))
+        folder = work / "untrained-model"
+        torch.manual_seed(0)
+        save_own(EDMPrecond(**network_config(images, fit_settings(cfg))).eval(), folder, {"bench": True})
+        return f"dra:{folder.resolve()}", "untrained network of the fit-diffusion size"
+
+
+def _bare(net, images, layer: str, level, cfg: Config, threads: int) -> dict:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    b, f = cfg.features.batch_size, cfg.features
+    try:
+        first = images.read_shard(images.plan_indices()[0])
+        compute_targets(net, first.ids[:b], first.images[:b], first.labels[:b], layer, level, f.noise_seed, f.pool, f.flip)
+        started, count = time.perf_counter(), 0
+        for index in images.plan_indices():
+            shard = images.read_shard(index)
+            for lo in range(0, len(shard.ids), b):
+                sl = slice(lo, lo + b)
+                compute_targets(net, shard.ids[sl], shard.images[sl], shard.labels[sl], layer, level, f.noise_seed,
+                                f.pool, f.flip)
+            count += len(shard.ids)
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous)
+    return {"images": count, "seconds": seconds, "rate": count / seconds}
+
+
+def _pipeline(cfg: Config, spec: str, image_set: str, work: Path) -> dict:
+    """extract-features into a throw-away copy of the workspace's feature area."""
+    features_root = work / "root"
+    shutil.rmtree(features_root, ignore_errors=True)
+    (features_root / "images").mkdir(parents=True)
+    (features_root / "images" / image_set).symlink_to((Path(cfg.root) / "images" / image_set).resolve())
+    bench_cfg = copy.deepcopy(cfg)
+    bench_cfg["root"] = str(features_root.resolve())
+    sets = open_image_sets(bench_cfg, [image_set])
+    outputs, layer = plan_outputs(bench_cfg, spec, load_model(spec), sets, noise_levels(bench_cfg, [])[:1])
+    summary = execute(bench_cfg, spec, layer, outputs)
+    return {"images": summary.items, "seconds": summary.seconds, "rate": summary.items / summary.seconds,
+            "startup": summary.startup_seconds}

@@ -1,0 +1,49 @@
+"""`dra-pipe bench`: each stage against its bare baseline in the same run (ratios, not absolute times)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
+from stores.errors import UserError
+
+
+BENCHES = ("stores", "generate", "extract", "sampler", "train")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_cmd)
+
+
+def bench_cmd(
+    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train"),
+    samples: int = typer.Option(100_000, "--samples", help="stores: samples in the synthetic benchmark set"),
+    batch: int = typer.Option(512, "--batch", help="stores: batch size of the streaming reader"),
+    workers: int = typer.Option(2, "--workers", help="stores: DataLoader worker processes"),
+    cold: bool = typer.Option(True, "--cold/--warm-only", help="stores: also time cold passes (drops the page cache; needs root)"),
+    n: Optional[int] = typer.Option(None, "--n", help="generate: images to generate per pass"),
+    work_dir: Optional[Path] = typer.Option(None, "--dir", help="where to build benchmark data (default: <root>/bench)"),
+    config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+):
+    """Measure a stage against its bare baseline in the same run (ratios, not absolute times)."""
+    cfg = resolve(config, root)
+    work = work_dir or Path(cfg.root) / "bench"
+    if what == "stores":
+        from pipeline.bench.stores import bench_stores
+        bench_stores(work, samples, batch, workers, cold, console)
+    elif what == "generate":
+        from pipeline.bench.generate import bench_generate
+        bench_generate(cfg, work / "generate", n, console)
+    elif what == "extract":
+        from pipeline.bench.extract import bench_extract
+        bench_extract(cfg, console)
+    elif what == "sampler":
+        from pipeline.bench.sampler import bench_sampler
+        bench_sampler(cfg, console)
+    elif what == "train":
+        from pipeline.bench.train import bench_train
+        bench_train(cfg, console, work_dir=work / "train")
+    else:
+        raise UserError(f"unknown benchmark {what!r}; available: {', '.join(BENCHES)}")

@@ -1,0 +1,34 @@
+"""What every command shares: the --config and --root options, the consoles, resolving the configuration."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from pipeline.config import Config, load_config
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+ConfigOpt = typer.Option(Path("pipeline.yaml"), "--config", "-c", help="pipeline.yaml to read (defaults apply if ./pipeline.yaml is absent)")
+RootOpt = typer.Option(None, "--root", help="workspace root; overrides `root:` of the config")
+
+
+def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None = None) -> Config:
+    over = dict(overrides or {})
+    if root is not None:
+        over["root"] = str(root)
+    cfg = load_config(config, over)
+    cfg["root"] = str(Path(cfg.root).expanduser().resolve())   # Ray workers run elsewhere: absolute paths only
+    return cfg
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

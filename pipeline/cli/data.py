@@ -1,0 +1,138 @@
+"""`dra-pipe config`, `import`, `ls` and `verify`: the configuration, real data into image sets, the catalog."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve
+from pipeline.config import Config, explain, to_yaml
+from pipeline.progress import RateBar
+from stores.errors import IntegrityError, UserError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("config")(config_cmd)
+    app.command("import")(import_cmd)
+    app.command("ls")(ls_cmd)
+    app.command("verify")(verify_cmd)
+
+
+def config_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+               explain_keys: bool = typer.Option(False, "--explain", help="list every key with its default and meaning")):
+    """Print the resolved configuration (defaults <- pipeline.yaml <- flags)."""
+    if explain_keys:
+        table = Table("key", "default", "meaning")
+        for key, default, help_text in explain():
+            table.add_row(key, default, help_text)
+        console.print(table)
+        return
+    cfg = resolve(config, root)
+    console.print(f"# resolved from {cfg._origin}", highlight=False)
+    console.print(to_yaml(cfg), highlight=False, markup=False)
+
+
+def import_cmd(
+    importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder"),
+    source: Optional[Path] = typer.Option(None, "--from", help="file or folder to import (CIFAR tarball, .npz, image folder)"),
+    name: Optional[str] = typer.Option(None, "--name", help="set name prefix; sets are <name>-<split> (default: the importer)"),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="samples per shard [config data.shard_size]"),
+    image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless, default) or npy (raw) [config data.image_format]"),
+    config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+):
+    """Import a real data set into image stores (one per split)."""
+    cfg = resolve(config, root, {"data.shard_size": shard_size, "data.image_format": image_format})
+    run_import(cfg, importer, str(source) if source else None, name)
+
+
+def ls_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
+    """List every image and feature set under the root, with size, identity and completeness."""
+    cfg = resolve(config, root)
+    show_catalog(Path(cfg.root))
+
+
+def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name or feature key (default: every set)"),
+               recompute: int = typer.Option(0, "--recompute", help="feature sets: also recompute K random samples with the model and report the largest deviation"),
+               config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
+    """Recompute every shard's checksum; name each missing, truncated or corrupted shard (exit 1 if any)."""
+    if recompute < 0:
+        raise UserError(f"--recompute {recompute}: give a number of samples >= 0")
+    from stores.catalog import resolve_set, verify_feature_set, verify_image_set
+    from stores.features import list_feature_sets
+    from stores.images import list_image_sets
+    cfg = resolve(config, root)
+    base = Path(cfg.root)
+    targets = [resolve_set(base, name)] if name else \
+        [("images", p) for p in list_image_sets(base)] + [("features", p) for p in list_feature_sets(base)]
+    problems, checked = [], 0
+    for kind, path in targets:
+        try:
+            found = verify_image_set(path) if kind == "images" else verify_feature_set(path)
+        except IntegrityError as exc:
+            console.print(f"[red]{path.name}: {exc}[/red]")
+            problems.append(exc)
+            continue
+        checked += 1
+        for p in found:
+            console.print(f"[red]{p}[/red]", highlight=False)
+        problems += found
+        if not found:
+            console.print(f"ok: {kind[:-1] if kind == 'images' else 'feature'} set {path.name}", highlight=False)
+        if not found and kind == "features" and recompute:
+            report_recompute(base, path, recompute)
+    if problems:
+        console.print(f"{len(problems)} problem(s) found; rerun the stage that wrote the set to redo those shards")
+        raise typer.Exit(1)
+    console.print(f"all {checked} set(s) intact")
+
+
+def run_import(cfg: Config, importer: str, source: str | None, name: str | None) -> None:
+    from stages.importers import import_source
+    with RateBar("import", "images") as bar:
+        results = import_source(Path(cfg.root), importer, source, name, cfg.data.shard_size, cfg.data.image_format,
+                                cfg.data.test_fraction, cfg.data.split_seed, bar.advance)
+    for r in results:
+        if r.skipped:
+            console.print(f"already imported: {r.name} ({r.n} samples, fingerprint {r.fingerprint[:12]}) - nothing to do")
+        else:
+            console.print(f"imported {r.name}: {r.n} samples in {r.shards_written} shards, fingerprint {r.fingerprint[:12]}")
+    if bar.done:
+        console.print(f"throughput: {bar.rate:,.0f} images/s ({bar.done} images in {bar.seconds:.2f} s)")
+
+
+def show_catalog(root: Path) -> None:
+    from stores.catalog import catalog
+    entries = catalog(root)
+    if not entries:
+        console.print(f"nothing under {root} yet: `dra-pipe import digits` creates the first sets")
+        return
+    table = Table("store", "name", "kind", "samples", "shards", "bytes", "identity", "state", title=f"{root}")
+    for e in entries:
+        state = "complete" if e.complete else (f"error: {e.error}" if e.error else f"partial {e.shards_done}/{e.shards_total}")
+        table.add_row(e.kind, e.name, e.what, f"{e.samples:,}/{e.total:,}", f"{e.shards_done}/{e.shards_total}",
+                      human_bytes(e.bytes), e.summary, state)
+    console.print(table)
+
+
+def report_recompute(root: Path, path: Path, k: int) -> None:
+    """Recompute k cached samples of a feature set with the model recorded in its provenance."""
+    from stages.extract import recompute_deviation
+    from stages.fingerprint import model_fingerprint
+    from stages.models import load_model
+    from stores.features import FeatureSet
+    from stores.images import ImageSet
+    fs = FeatureSet(path)
+    spec = fs.meta.get("provenance", {}).get("model_spec")
+    if not spec:
+        raise UserError(f"feature set {fs.key} does not record its model spec; cannot recompute")
+    net = load_model(spec)
+    if model_fingerprint(net) != fs.identity["model"]:
+        raise UserError(f"model {spec} is not the one feature set {fs.key} was computed with (fingerprint differs)")
+    images = ImageSet.open(root, fs.identity["image_set_name"])
+    if images.fingerprint != fs.identity["image_set"]:
+        raise UserError(f"image set {images.name} changed since feature set {fs.key} was computed (fingerprint differs)")
+    result = recompute_deviation(net, images, fs, k)
+    console.print(f"recomputed {result['samples']} samples of {fs.key}: max abs deviation {result['max_abs']:.3g}, "
+                  f"max relative {result['max_rel']:.3g} (float16 storage rounds at ~1e-3 relative)", highlight=False)

@@ -1,0 +1,157 @@
+"""`dra-pipe eval`, `dra-pipe report`, `dra-pipe export`: robust accuracy, comparisons and figures, sharing weights."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt
+from pipeline.config import Config
+from pipeline.workflow import real_test_set
+from stores.errors import UserError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)
+    app.command("report")(report_cmd)
+    app.command("export")(export_cmd)
+
+
+# --- eval --------------------------------------------------------------------------------------------------------
+
+def eval_cmd(
+    run: Optional[str] = typer.Argument(None, help="run name under <root>/runs (or a run folder)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="evaluate an exported classifier file instead of a run"),
+    images: Optional[str] = typer.Option(None, "--images", help="image set to evaluate on (default: <data name>-test)"),
+    n: Optional[int] = typer.Option(None, "--n", help="first n test images, 0 = all [config eval.n]"),
+    pgd_steps: Optional[int] = typer.Option(None, "--pgd-steps", help="PGD steps [config eval.pgd_steps]"),
+    restarts: Optional[int] = typer.Option(None, "--restarts", help="PGD restarts [config eval.pgd_restarts]"),
+    autoattack: Optional[bool] = typer.Option(None, "--autoattack/--no-autoattack", help="run AutoAttack [config eval.autoattack]"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="a run's best (held-out PGD selection) or final weights [config eval.weights]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="eval.json path (default: the run's eval.json, or FILE.eval.json)"),
+    config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+):
+    """Clean, PGD (cross-entropy and margin) and AutoAttack accuracy of a run's EMA weights or an exported file."""
+    cfg = resolve(config, root, {"eval.n": n, "eval.pgd_steps": pgd_steps, "eval.pgd_restarts": restarts,
+                                 "eval.autoattack": autoattack, "eval.weights": weights})
+    run_eval(cfg, run, model, images, out)
+
+
+def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name: str | None = None,
+             out: Path | None = None) -> dict:
+    """Evaluate, write eval.json, print the table; returns the eval.json body."""
+    from trainer.classifier_files import find_run, load_classifier
+    from trainer.evaluate import autoattack_available, EvalSettings, evaluate_file, open_test_set, write_eval_json
+    if (run is None) == (model_file is None):
+        raise UserError("give a run name or --model FILE (one of them)")
+    s = EvalSettings.from_config(cfg.eval)
+    s.apply_threads()
+    if s.autoattack and not autoattack_available():
+        raise UserError("eval.autoattack is on but pyautoattack is not installed: `pip install pyautoattack`, "
+                        "or pass --no-autoattack (eval.autoattack: false)")
+    root = Path(cfg.root)
+    path = find_run(root, run).weights(s.weights) if run is not None else model_file
+    net, record = load_classifier(path)
+    test = open_test_set(root, images_name or real_test_set(cfg))
+    target = out or (path.with_name("eval.json") if run is not None else path.with_name(path.name + ".eval.json"))
+    _header(record, path, test, s)
+    result = evaluate_file(path, record, net, test, s, log=lambda line: console.print(f"  {line}", highlight=False, soft_wrap=True))
+    write_eval_json(result, target)
+    show_eval(result)
+    console.print(f"wrote {target}", highlight=False, soft_wrap=True)
+    return result
+
+
+def _header(record: dict, path: Path, test, s) -> None:
+    n = test.n if s.n <= 0 else min(s.n, test.n)
+    eps = record["threat_model"]["epsilon"]
+    chosen = record.get("selected")
+    if chosen:
+        console.print(f"weights: epoch {chosen['epoch']}, the best by {chosen['by']} ({chosen['pgd_acc']:.2%}; clean "
+                      f"{chosen['clean_acc']:.2%}); eval.weights: final takes the last epoch's", highlight=False, soft_wrap=True)
+    console.print(f"eval {record['arch']} from {path} on {test.name}: {n} of {test.n} images, L-inf eps {eps:g}, "
+                  f"PGD {s.pgd_steps} steps x {s.pgd_restarts} restart(s)"
+                  + (f", AutoAttack {s.autoattack_version}" if s.autoattack else ", AutoAttack skipped (eval.autoattack: false)"),
+                  highlight=False, soft_wrap=True)
+
+
+ROWS = (("clean", "clean"), ("pgd_ce", "PGD-{k} cross-entropy"), ("pgd_margin", "PGD-{k} margin"),
+        ("autoattack", "AutoAttack {v}"), ("worst", "worst case over the above"))
+
+
+def show_eval(result: dict) -> None:
+    table = Table("attack", "accuracy", "correct", "seconds", title=f"n = {result['n']}, L-inf eps {result['eps']:g}")
+    for key, label in ROWS:
+        if result.get(key) is None:
+            continue
+        name = label.format(k=result["steps"], v=result.get("autoattack_version"))
+        table.add_row(name, f"{result[key]:.2%}", f"{result['counts'][key]}/{result['n']}",
+                      f"{result['seconds'][key]:.1f}" if key in result["seconds"] else "")
+        if key == "autoattack":
+            after = result.get("autoattack_per_attack", {})          # non-increasing: run order
+            for attack, acc in sorted(after.items(), key=lambda item: -item[1]):
+                table.add_row(f"  after {attack}", f"{acc:.2%}", "", "")
+    console.print(table)
+    if result.get("autoattack") is None:
+        console.print("AutoAttack: not run", highlight=False, soft_wrap=True)
+    for line in result["warnings"]:
+        console.print(f"warning: {line}", highlight=False, soft_wrap=True)
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+def export_cmd(
+    run: str = typer.Argument(..., help="run name under <root>/runs (or a run folder)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: ./<run>.pt)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="best (held-out PGD selection) or final weights [config eval.weights]"),
+    config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+):
+    """Write a run's classifier (EMA weights, architecture, normalisation, threat model) to one file for others."""
+    cfg = resolve(config, root, {"eval.weights": weights})
+    from trainer.classifier_files import export_classifier, find_run
+    folder = find_run(Path(cfg.root), run)
+    target = out or Path(f"{folder.path.name}.pt")
+    written = export_classifier(folder.weights(cfg.eval.weights), target, folder.path.name)
+    params = sum(t.numel() for t in written["state_dict"].values())
+    console.print(f"exported {written['arch']} of run {folder.path.name} ({params:,} values, L-inf eps "
+                  f"{written['threat_model']['epsilon']:g}, fingerprint {written['fingerprint'][:16]}) to {target}; "
+                  f"evaluate it with `dra-pipe eval --model {target}`", highlight=False, soft_wrap=True)
+
+
+# --- report ------------------------------------------------------------------------------------------------------
+
+def report_cmd(
+    runs: list[str] = typer.Argument(..., help="run names under <root>/runs (or run folders)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder of the comparison (default: <root>/reports/<names>)"),
+    rank_n: Optional[int] = typer.Option(None, "--rank-n", help="test images for the effective rank, 0 = all [config eval.rank_n]"),
+    config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+):
+    """Side-by-side table and figures: training curves, generated samples per class, effective rank of features."""
+    cfg = resolve(config, root, {"eval.rank_n": rank_n})
+    run_report(cfg, runs, out)
+
+
+def run_report(cfg: Config, runs: list[str], out: Path | None = None):
+    from trainer.evaluate import EvalSettings
+    from trainer.report import SUMMARY_COLUMNS, make_report
+    s = EvalSettings.from_config(cfg.eval)
+    s.apply_threads()
+    report = make_report(Path(cfg.root), runs, s, out,
+                         log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    table = Table(*report.columns, title="runs")
+    for row in report.rows:
+        table.add_row(*row)
+    console.print(table)
+    if report.summary:
+        summary = Table(*SUMMARY_COLUMNS, title="mean +- sample std over seeds")
+        for row in report.summary:
+            summary.add_row(*row)
+        console.print(summary)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    for path in report.figures:
+        console.print(f"figure: {path}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {report.folder / 'table.md'} and {report.folder / 'report.json'}", highlight=False, soft_wrap=True)
+    return report

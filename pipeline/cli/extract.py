@@ -1,0 +1,293 @@
+"""`dra-pipe extract-features`: frozen diffusion targets for every image, cached by identity, on Ray."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from pipeline.cli.common import ConfigOpt, console, human_bytes, resolve, RootOpt
+from pipeline.config import Config
+from pipeline.models import resolve_model_spec
+from pipeline.workflow import real_train_set, training_generated_set
+from stores.errors import UserError
+from stores.features import FeatureSetWriter
+from stores.images import image_set_dir, ImageSet
+from stores.workspace import check_writable
+
+BIG_PLAN_BYTES = 100e9     # above this the plan points at pooling
+
+
+@dataclass
+class Output:
+    """One feature set to fill: an image set at one noise level."""
+
+    images: ImageSet
+    level: object            # stages.extract.NoiseLevel
+    writer: FeatureSetWriter
+    pending: list[int]       # image-shard indices still missing
+
+    @property
+    def bytes_per_sample(self) -> int:
+        c, h, w = self.writer.layout["sample_shape"]
+        return 2 * c * h * w * (2 if self.writer.layout["flip"] else 1)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("extract-features")
+    def extract_features_cmd(
+        timestep: Optional[List[int]] = typer.Option(None, "--timestep", "-t", help="DDPM timestep in [0, 999]; repeat for several [config features.timesteps]"),
+        sigma: Optional[List[float]] = typer.Option(None, "--sigma", help="noise level sigma given directly (instead of --timestep); repeatable"),
+        layer: Optional[str] = typer.Option(None, "--layer", help="diffusion layer to cache, e.g. dec.8x8_in1; auto = the bottleneck [config features.layer]"),
+        pool: Optional[str] = typer.Option(None, "--pool", help="none | 2 | 4 | global spatial average pooling [config features.pool]"),
+        flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="also store the target of the flipped image [config features.flip]"),
+        images: Optional[List[str]] = typer.Option(None, "--images", help="image sets (repeatable); default: the real training set and the generated set"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="edm:PATH.pkl | diffusers:DIR | dra:DIR | fit [config model.spec]"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per forward pass [config features.batch_size]"),
+        address: Optional[str] = typer.Option(None, "--address", help="join a Ray cluster: auto or HOST:PORT [config ray.address]"),
+        workers: Optional[int] = typer.Option(None, "--workers", help="CPU actors when there is no GPU [config ray.cpu_actors]"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (bytes per sample, total, time) and stop"),
+        config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+    ):
+        """Compute the frozen diffusion model's activations for every image (stage 1b), cached by identity."""
+        cfg = resolve(config, root, {"features.layer": layer, "features.pool": pool, "features.flip": flip,
+                                     "features.batch_size": batch_size, "model.spec": model, "ray.address": address,
+                                     "ray.cpu_actors": workers, "features.timesteps": list(timestep) if timestep else None})
+        from pipeline.shards.runner import ShardFailed, WorkerStartError
+        try:
+            run_extract(cfg, list(sigma or []), list(images or []), dry_run)
+        except KeyboardInterrupt:
+            raise typer.Exit(130)
+        except (ShardFailed, WorkerStartError) as exc:
+            print(f"error: {exc}; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+            raise typer.Exit(1)
+
+
+def noise_levels(cfg: Config, sigmas: list[float]) -> list:
+    from stages.extract import NoiseLevel
+    levels = [NoiseLevel.from_sigma(s) for s in sigmas] if sigmas else \
+        [NoiseLevel.from_timestep(t) for t in cfg.features.timesteps]
+    if not levels:
+        raise UserError("no noise level: pass --timestep T or --sigma S (or set features.timesteps)")
+    return list(dict.fromkeys(levels))
+
+
+def default_image_sets(cfg: Config) -> list[str]:
+    names = [real_train_set(cfg)]
+    if (image_set_dir(Path(cfg.root), training_generated_set(cfg)) / "dataset.json").exists():
+        names.append(training_generated_set(cfg))
+    return names
+
+
+def open_image_sets(cfg: Config, names: list[str]) -> list[ImageSet]:
+    sets = []
+    for name in names:
+        if not (image_set_dir(Path(cfg.root), name) / "dataset.json").exists():
+            raise UserError(f"image set {name!r} not found under {cfg.root}; `dra-pipe ls` lists the sets")
+        s = ImageSet.open(Path(cfg.root), name)
+        if not s.complete:
+            raise UserError(f"image set {name} is incomplete ({len(s.missing_shards())} shards missing); finish the stage that writes it first")
+        sets.append(s)
+    return sets
+
+
+def plan_outputs(cfg: Config, spec: str, net, sets: list[ImageSet], levels: list) -> tuple[list[Output], str]:
+    from stages.extract import check_compatible, check_layer, feature_identity, target_shape
+    from stages.fingerprint import model_fingerprint
+    layer = check_layer(net, cfg.features.layer)
+    shape = target_shape(net, layer, cfg.features.pool)
+    fingerprint = model_fingerprint(net)
+    outputs = []
+    for images in sets:
+        check_compatible(net, images)
+        for level in levels:
+            identity = feature_identity(images, fingerprint, layer, level, cfg.features.noise_seed, cfg.features.pool,
+                                        cfg.features.flip, bool(net.label_dim))
+            writer = FeatureSetWriter(Path(cfg.root), identity, images.n, images.shard_size, shape, cfg.features.flip,
+                                      cfg.features.compression, provenance={"model_spec": spec})
+            outputs.append(Output(images, level, writer, writer.pending(images.plan_indices())))
+    return outputs, layer
+
+
+def probe_rate(net, images: ImageSet, layer: str, cfg: Config, level) -> float:
+    """Samples/s of the target computation on one batch of real images (for the plan's time estimate)."""
+    from stages.extract import compute_targets
+    shard = images.read_shard(images.plan_indices()[0])
+    n = min(cfg.features.batch_size, len(shard.ids))
+    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, level, 0, cfg.features.pool, False)
+    started = time.perf_counter()
+    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, level, cfg.features.noise_seed,
+                    cfg.features.pool, cfg.features.flip)
+    return n / (time.perf_counter() - started)
+
+
+def print_plan(outputs: list[Output], layer: str, rate: float, workers: int) -> None:
+    from rich.table import Table
+    table = Table("image set", "noise level", "feature key", "samples", "bytes/sample", "total", "state")
+    todo_samples, todo_bytes = 0, 0
+    for o in outputs:
+        missing = sum(p.count for p in o.images.plan() if p.index in set(o.pending))
+        total = o.images.n * o.bytes_per_sample
+        state = "cached" if not o.pending else (f"{len(o.pending)} of {len(o.images.plan())} shards to do")
+        table.add_row(o.images.name, o.level.label(), o.writer.path.name, f"{o.images.n:,}", human_bytes(o.bytes_per_sample),
+                      human_bytes(total), state)
+        todo_samples += missing
+        todo_bytes += missing * o.bytes_per_sample
+    shape = "x".join(map(str, outputs[0].writer.layout["sample_shape"]))
+    console.print(f"plan: layer {layer}, targets {shape} float16" + (" (+ flipped)" if outputs[0].writer.layout["flip"] else ""))
+    console.print(table)
+    hours = todo_samples / max(rate * workers, 1e-9) / 3600
+    console.print(f"to compute: {todo_samples:,} sample-targets, {human_bytes(todo_bytes)} on disk, "
+                  f"~{hours * 60:,.1f} min at {rate:,.0f} samples/s per worker x {workers}")
+    _pooling_hint(todo_bytes)
+
+
+def _missing_inputs(cfg: Config, names: list[str]) -> bool:
+    """Whether a dry run must plan: an image set or the model is not here yet."""
+    root = Path(cfg.root)
+    wanted = names or [real_train_set(cfg), training_generated_set(cfg)]
+    if any(not (image_set_dir(root, name) / "dataset.json").exists() for name in wanted):
+        return True
+    try:
+        spec = resolve_model_spec(cfg)
+    except UserError:
+        return cfg.model.spec == "fit"                   # not fitted yet; any other problem is reported later
+    return not Path(spec.partition(":")[2]).exists()
+
+
+def print_planned(cfg: Config, names: list[str], levels: list) -> None:
+    """The plan from the configuration: sets that are not here are planned (the real set from the importer, the
+    generated one from generate.n), a missing published checkpoint by its architecture; FLOPs of the tap counted."""
+    from pipeline.estimates import describe_hours, duration, forward_flops, gpu_hours
+    from pipeline.plans.inputs import planned_generated, planned_real, teacher_for_plan
+    from stages.extract import check_layer, target_shape
+    from stages.generate import time_forward
+    net, _, note = teacher_for_plan(cfg)
+    if note:
+        console.print(f"planned: {note}", highlight=False, soft_wrap=True)
+    layer = check_layer(net, cfg.features.layer)
+    c, h, w = target_shape(net, layer, str(cfg.features.pool))
+    root, sets = Path(cfg.root), []
+    for name in names or [real_train_set(cfg), training_generated_set(cfg)]:
+        if (image_set_dir(root, name) / "dataset.json").exists():
+            sets.append(ImageSet.open(root, name))
+            continue
+        if names:
+            raise UserError(f"image set {name!r} not found under {cfg.root}; a dry run plans only the configured sets")
+        planned = planned_real(cfg) if name == real_train_set(cfg) else planned_generated(cfg, net_shape(net))
+        console.print(f"planned: {planned.describe('dra-pipe import' if name == real_train_set(cfg) else 'dra-pipe generate')}",
+                      highlight=False, soft_wrap=True)
+        sets.append(planned)
+    views = (2 if cfg.features.flip else 1) * len(levels)          # one tapped forward per view and noise level
+    per_sample = 2 * c * h * w * views
+    samples = sum(s.n for s in sets)
+    tap_flops, full_flops = _tap_flops(net, layer), forward_flops(net)
+    console.print(f"plan: layer {layer}, targets {c}x{h}x{w} float16" + (" (+ flipped)" if cfg.features.flip else "")
+                  + f" at {', '.join(level.label() for level in levels)}", highlight=False)
+    for s in sets:
+        console.print(f"      {s.name}: {s.n:,} samples x {human_bytes(per_sample)} = {human_bytes(s.n * per_sample)}",
+                      highlight=False)
+    console.print(f"compute: {views} tapped forward(s) per image x {tap_flops / 1e9:,.3g} GFLOP (the network up to "
+                  f"{layer}; a full forward is {full_flops / 1e9:,.3g}); "
+                  f"{describe_hours(gpu_hours(samples * views * tap_flops))}", highlight=False, soft_wrap=True)
+    seconds = time_forward(net, 4, 1) * tap_flops / full_flops * views
+    console.print(f"here: ~{duration(samples * seconds / cfg.ray.cpu_actors)} on {cfg.ray.cpu_actors} CPU worker(s) "
+                  f"(measured one full forward, scaled to the tap)", highlight=False, soft_wrap=True)
+    _pooling_hint(samples * per_sample)
+    console.print("dry run: nothing written")
+
+
+def _pooling_hint(total_bytes: float) -> None:
+    if total_bytes > BIG_PLAN_BYTES:
+        console.print(f"[yellow]that is {human_bytes(total_bytes)}: --pool 2 stores 4x less, --pool 4 16x less, "
+                      f"--pool global keeps one vector per image[/yellow]")
+
+
+def net_shape(net):
+    from types import SimpleNamespace
+    return SimpleNamespace(classes=net.label_dim, channels=net.img_channels, resolution=net.img_resolution)
+
+
+def _tap_flops(net, layer: str) -> float:
+    import torch
+    from pipeline.estimates import count_flops
+    from stages.taps import features
+    x = torch.zeros(1, net.img_channels, net.img_resolution, net.img_resolution)
+    labels = torch.zeros(1, net.label_dim) if net.label_dim else None
+    with torch.no_grad():
+        return count_flops(lambda: features(net, x, torch.ones(1), labels, [layer]))
+
+
+def check_writable_root(cfg: Config) -> None:
+    check_writable(Path(cfg.root))
+
+
+def run_extract(cfg: Config, sigmas: list[float], names: list[str], dry_run: bool) -> list[Path]:
+    from stages.models import load_model
+    levels = noise_levels(cfg, sigmas)
+    if dry_run and _missing_inputs(cfg, names):
+        print_planned(cfg, names, levels)
+        return []
+    spec = resolve_model_spec(cfg)
+    sets = open_image_sets(cfg, names or default_image_sets(cfg))
+    net = load_model(spec)
+    outputs, layer = plan_outputs(cfg, spec, net, sets, levels)
+    pending = [o for o in outputs if o.pending]
+    for o in outputs:
+        if not o.pending:
+            console.print(f"cached: {o.writer.path.name} ({o.images.name}, {o.level.label()}, {layer})")
+    if not pending:
+        return [o.writer.path for o in outputs]
+    check_writable_root(cfg)
+    rate = probe_rate(net, pending[0].images, layer, cfg, pending[0].level)
+    print_plan(outputs, layer, rate, cfg.ray.cpu_actors)
+    if dry_run:
+        return []
+    del net
+    execute(cfg, spec, layer, pending)
+    return [o.writer.path for o in outputs]
+
+
+def execute(cfg: Config, spec: str, layer: str, outputs: list[Output]):
+    """Create the feature sets, then compute the missing shards on Ray; the driver records each after its data."""
+    from functools import partial
+
+    from pipeline.shards.cluster import cluster_nodes, plan_actors, ray_session
+    from pipeline.shards.progress import run_with_progress
+    from stages.extract import FeaturePayload, FeatureWorker
+    from stores.manifest import ShardJob
+    check_writable(Path(cfg.root))
+    for o in outputs:
+        o.writer.begin()
+    jobs = []
+    for images in {id(o.images): o.images for o in outputs}.values():
+        mine = [o for o in outputs if o.images is images]
+        for plan in images.plan():
+            todo = tuple((str(o.writer.path), o.level) for o in mine if plan.index in o.pending)
+            if todo:
+                jobs.append(ShardJob(plan.index, plan.first_id, plan.count, FeaturePayload(str(images.path.resolve()), todo)))
+    writers = {str(o.writer.path): o.writer for o in outputs}
+    factory = partial(FeatureWorker, spec, layer, cfg.features.pool, cfg.features.flip, cfg.features.noise_seed,
+                      cfg.features.batch_size)
+
+    def record(job: ShardJob, results) -> None:
+        for (folder, _), result in zip(job.payload.outputs, results):
+            writers[folder].record(result)
+
+    with ray_session(cfg.ray.address, cfg.ray.num_cpus):
+        actors = plan_actors(cluster_nodes(), cfg.ray.cpu_actors)
+        try:
+            summary = run_with_progress("extract", "images", jobs, factory, actors, cfg.ray.max_retries, record)
+        except KeyboardInterrupt:
+            console.print("interrupted: completed feature shards are kept; rerun the same command to resume")
+            raise
+    rate = summary.items / max(summary.seconds, 1e-9)
+    console.print(f"extracted targets for {summary.items:,} images in {summary.shards} shard jobs in {summary.seconds:.1f} s: "
+                  f"{rate:,.1f} images/s on {actors.describe()}, model busy {summary.busy_fraction:.0%}"
+                  + (f", {summary.retries} retries" if summary.retries else ""), highlight=False)
+    for o in outputs:
+        console.print(f"features: {o.writer.path.name} ({o.images.name}, {o.level.label()}, {layer}) complete", highlight=False)
+    return summary

@@ -1,0 +1,143 @@
+"""`dra-pipe run`: every stage pipeline.yaml names (run.stages), end to end, reusing what is cached."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
+from pipeline.cli.data import run_import, show_catalog
+from pipeline.cli.models import run_fit_diffusion
+from pipeline.config import Config
+from stores.errors import UserError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)
+
+
+def run_cmd(
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated (0,1,2): each setting is "
+                                        "trained once per seed and the report adds mean +- std [config run.seeds]"),
+    config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
+):
+    """Run every stage pipeline.yaml names (run.stages), end to end, reusing what is cached."""
+    cfg = resolve(config, root, {"run.seeds": parse_seeds(seeds) if seeds is not None else None})
+    run_seeds(cfg)                                 # a bad seed list fails before any stage runs
+    _check_autoattack(cfg)
+    started = time.perf_counter()
+    runs = []
+    for stage in cfg.run.stages:
+        console.rule(stage)
+        runs = STAGE_RUNNERS[stage](cfg, runs) or runs
+    console.rule("done")
+    console.print(f"pipeline finished in {time.perf_counter() - started:,.0f} s", highlight=False)
+
+
+def _stage_import(cfg: Config, runs: list[str]) -> None:
+    run_import(cfg, cfg.data.importer, cfg.data.source, cfg.data.name)
+    show_catalog(Path(cfg.root))
+
+
+def _stage_fit(cfg: Config, runs: list[str]) -> None:
+    if cfg.model.spec != "fit":
+        console.print(f"model.spec is {cfg.model.spec}: no model to fit", highlight=False)
+        return
+    run_fit_diffusion(cfg, None)
+
+
+def _stage_generate(cfg: Config, runs: list[str]) -> None:
+    from pipeline.cli.generate import run_generate
+    run_generate(cfg)
+
+
+def _stage_extract(cfg: Config, runs: list[str]) -> None:
+    from pipeline.cli.extract import run_extract
+    if not cfg.train.dra and not cfg.run.compare_dra:
+        console.print("DRA is off: no diffusion targets needed", highlight=False)
+        return
+    run_extract(cfg, [], [], False)
+
+
+def _train_variants(cfg: Config) -> list[Config]:
+    """DRA off and on when comparing (else the configured setting), once per seed of run.seeds."""
+    settings = (False, True) if cfg.run.compare_dra else (cfg.train.dra,)
+    variants = []
+    for dra in settings:
+        for seed in run_seeds(cfg):
+            variant = copy.deepcopy(cfg)
+            variant.train["dra"], variant.train["seed"] = dra, seed
+            variants.append(variant)
+    return variants
+
+
+def _check_autoattack(cfg: Config) -> None:
+    """The eval stage needs pyautoattack when eval.autoattack is on: say so before the first stage, not after them."""
+    from trainer.evaluate import autoattack_available
+    if "eval" in cfg.run.stages and cfg.eval.autoattack and not autoattack_available():
+        raise UserError("eval.autoattack is on but pyautoattack is not installed: `pip install pyautoattack` (or "
+                        "`pip install -e '.[eval]'`), or set eval.autoattack: false")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
+def run_seeds(cfg: Config) -> list[int]:
+    seeds = cfg.run.seeds
+    if seeds is None:
+        return [cfg.train.seed]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"run.seeds must list distinct seeds, got {seeds!r}; or set it to null for train.seed alone")
+    return list(seeds)
+
+
+def _stage_train(cfg: Config, runs: list[str]) -> list[str]:
+    from pipeline.cli.train import run_train
+    from pipeline.plans.train import make_job
+    names = []
+    for variant in _train_variants(cfg):
+        name = make_job(variant).name
+        console.print(f"[bold]train {name}[/bold]")
+        run_train(variant, name)
+        names.append(name)
+    return names
+
+
+def _stage_eval(cfg: Config, runs: list[str]) -> None:
+    from pipeline.cli.eval import run_eval
+    from trainer.classifier_files import find_run
+    for name in runs or [v.name for v in map(_job_for, _train_variants(cfg))]:
+        folder = find_run(Path(cfg.root), name)
+        result = folder.final.with_name("eval.json")
+        weights = folder.weights(cfg.eval.weights)
+        if result.exists() and result.stat().st_mtime >= weights.stat().st_mtime and _same_eval(result, cfg):
+            console.print(f"cached: {result} (newer than the run's weights, same settings)", highlight=False)
+            continue
+        run_eval(cfg, name, None)
+
+
+def _job_for(cfg: Config):
+    from pipeline.plans.train import make_job
+    return make_job(cfg)
+
+
+def _same_eval(path: Path, cfg: Config) -> bool:
+    import json
+    return json.loads(path.read_text()).get("settings") == dict(cfg.eval)
+
+
+def _stage_report(cfg: Config, runs: list[str]) -> None:
+    from pipeline.cli.eval import run_report
+    run_report(cfg, runs or [v.name for v in map(_job_for, _train_variants(cfg))])
+
+
+STAGE_RUNNERS = {"import": _stage_import, "fit-diffusion": _stage_fit, "generate": _stage_generate,
+                 "extract-features": _stage_extract, "train": _stage_train, "eval": _stage_eval,
+                 "report": _stage_report}

@@ -1,0 +1,61 @@
+"""What one training step costs: FLOPs counted on the real networks, and seconds measured here (dry runs)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.estimates import count_flops
+from trainer.job import Job
+from trainer.loop import derived_seed, Dist, evaluate, Trainer
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one training image costs: counted FLOPs (forward, attack and backward) and measured seconds here."""
+
+    flops_per_image: float               # one training step's FLOPs / its batch
+    seconds_per_image: float             # measured on `device`, one rank
+    timed_batch: int                     # images of the timed step
+    holdout_flops_per_image: float       # the per-epoch held-out evaluation (clean + PGD-holdout_pgd_steps)
+
+
+def step_cost(job: Job, device: torch.device | None = None, max_batch: int = 64, budget_flops: float = 2e11) -> StepCost:
+    """Count a training step's FLOPs on a one-image batch (which is also the warm-up), then time steps of as
+    many images as `budget_flops` allows (at most `max_batch`, at least one): a dry run of a WRN on a CPU
+    stays within seconds, a small CNN is timed on a real-sized batch."""
+    device = device or torch.device("cpu")
+    per_rank = job.settings["batch_size"] // job.settings["workers"]
+    trainer = Trainer(job, Dist(device=device))
+    trainer.model.train()
+    flops = count_flops(lambda: trainer.train_step(synthetic_batch(job, 1, derived_seed(0))))
+    size = int(max(1, min(per_rank, max_batch, budget_flops // max(flops, 1))))
+    steps = 3 if 3 * size * flops <= budget_flops else 1
+    batch = synthetic_batch(job, size, derived_seed(1))
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(batch)
+    seconds = (time.perf_counter() - started) / steps
+    return StepCost(flops, seconds / size, size, holdout_flops(job, trainer.ema.module, device))
+
+
+def holdout_flops(job: Job, model: nn.Module, device: torch.device) -> float:
+    """FLOPs per image of `evaluate` with the job's PGD steps: counted at 1 and 2 steps, the rest is linear."""
+    x = torch.rand(1, job.channels, job.resolution, job.resolution, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    one, two = (count_flops(lambda k=k: evaluate(model, x, y, job.settings["epsilon"], k, 0, device)) for k in (1, 2))
+    return one + (job.settings["holdout_pgd_steps"] - 1) * (two - one)
+
+
+def synthetic_batch(job: Job, size: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random batch shaped like the loader's (for timing)."""
+    g = torch.Generator().manual_seed(seed)
+    r, c = job.resolution, job.channels
+    batch = {"ids": torch.arange(size), "images": torch.randint(0, 256, (size, r, r, c), generator=g, dtype=torch.uint8),
+             "labels": torch.randint(0, job.classes, (size,), generator=g)}
+    if job.dra:
+        batch["targets"] = torch.randn((size, *job.target_shape), generator=g).half()
+        batch["targets_flip"] = torch.randn((size, *job.target_shape), generator=g).half()
+    return batch

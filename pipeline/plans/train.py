@@ -1,0 +1,121 @@
+"""What `dra-pipe train` will do, resolved and checked before anything runs: the Job, from the configuration.
+
+The trainer knows stage 1 only through the stores: the real training set `<prefix>-train`, the generated set
+(`generate.name` or `<prefix>-gen`) and, with DRA, a feature set for each (`trainer.targets`), or named with
+`--features KEY`. In a dry run, stores that are not there yet are planned from the configuration.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.plans.features import PlannedFeatures, feature_sets_for
+from pipeline.plans.inputs import PlannedImages, planned_generated, planned_real
+from pipeline.workflow import real_train_set, training_generated_set
+from stores.errors import UserError
+from stores.images import ImageSet, image_set_dir
+from trainer.job import Job, check_dra_layer, normalisation, shape_text
+from trainer.loader import Source, split_batch
+
+
+def make_job(cfg: Config, name: str | None = None, features_key: str | None = None,
+             planned: list[str] | None = None) -> Job:
+    """Resolve and check sets, feature sets, layer and grids; every problem is one UserError.
+
+    planned: for dry runs, a list that receives one note per store that is not there yet and is instead planned
+    from the configuration (its size from the importer and generate.n, the target shape from the teacher model).
+    Without it a missing store is an error. A job with planned parts can be described and costed, not trained.
+    """
+    s = dict(cfg.train)
+    root = Path(cfg.root)
+    real = _open_images(root, real_train_set(cfg), "dra-pipe import", planned, lambda: planned_real(cfg))
+    fraction = s["unsup_fraction"]
+    split_batch(s["batch_size"], fraction, s["workers"])
+    gen = _open_images(root, training_generated_set(cfg), "dra-pipe generate", planned,
+                       lambda: planned_generated(cfg, real)) if fraction > 0 else None
+    if gen is not None:
+        _check_compatible(real, gen)
+    dra = s["dra"] and s["dra_lambda"] > 0
+    feats = feature_sets_for(cfg, real, gen, features_key, planned) if dra else {}
+    holdout = _holdout(real, s["holdout"])
+    real_source = _source(real, feats.get("real"), 0, stop=holdout[0])
+    gen_source = _source(gen, feats.get("generated"), 1) if gen is not None else None
+    if dra and s["flip"] and not all(f.flip for f in feats.values()):
+        raise UserError(f"feature set {feats['real'].key} stores no flipped targets but train.flip is on; extract with "
+                        f"features.flip: true or set train.flip: false")
+    mean, std = planned_normalisation(real) if isinstance(real, PlannedImages) else normalisation(real, holdout[0])
+    target_shape = tuple(feats["real"].shape) if dra else None
+    layer = check_dra_layer(s, real, mean, std, target_shape) if dra else None
+    steps = math.ceil(real_source.n / s["batch_size"])
+    run_name = name or f"{s['arch']}-{'dra' if dra else 'nodra'}-{s['seed']}"
+    return Job(name=run_name, run_dir=str(root / "runs" / run_name), settings=s, config=_plain(cfg),
+               real=real_source, generated=gen_source, holdout=holdout, classes=real.classes, channels=real.channels,
+               resolution=real.resolution, mean=mean, std=std, target_shape=target_shape,
+               feature_keys={k: f.key for k, f in feats.items()}, dra_layer=layer, steps_per_epoch=steps,
+               total_steps=steps * s["epochs"])
+
+
+def _open_images(root: Path, name: str, how: str, planned: list[str] | None = None, plan=None):
+    if not (image_set_dir(root, name) / "dataset.json").exists():
+        if planned is None:
+            raise UserError(f"no image set {name} under {root}/images; run `{how}` first")
+        images = plan()
+        planned.append(images.describe(how))
+        return images
+    return ImageSet.open(root, name)
+
+
+def _check_compatible(real: ImageSet, gen: ImageSet) -> None:
+    shape = lambda s: (s.resolution, s.channels, s.classes)   # noqa: E731
+    if shape(real) != shape(gen):
+        raise UserError(f"generated set {gen.name} holds {gen.channels}x{gen.resolution}x{gen.resolution} images of "
+                        f"{gen.classes} classes, the real set {real.name} {real.channels}x{real.resolution}x"
+                        f"{real.resolution} of {real.classes}; generate from a model of this data")
+
+
+def _holdout(real: ImageSet, count: int) -> tuple[int, int]:
+    if count > real.n // 2:
+        raise UserError(f"train.holdout {count} is more than half of the {real.n} images of {real.name}; lower it")
+    return real.n - count, real.n
+
+
+def _plain(d) -> dict:
+    return {k: _plain(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _source(images, features, tag: int, stop: int | None = None) -> Source:
+    """The stored sets' Source (checked); for planned stores, the shards they would have."""
+    if isinstance(images, PlannedImages) or isinstance(features, PlannedFeatures):
+        stop = images.n if stop is None else stop
+        shards = tuple((p.index, p.first_id, min(p.count, stop - p.first_id)) for p in images.plan() if p.first_id < stop)
+        return Source(str(images.path), None, shards, tag)
+    return Source.open(images, features, tag, stop=stop)
+
+
+def planned_normalisation(real: PlannedImages) -> tuple[tuple, tuple]:
+    """A planned set has no images yet: 0.5 and 0.25 per channel (they change no cost)."""
+    return (0.5,) * real.channels, (0.25,) * real.channels
+
+
+def describe(job: Job) -> list[str]:
+    """The plan in a few lines (`--dry-run`)."""
+    s = job.settings
+    real_rows, gen_rows = job.mix()
+    lines = [f"run {job.name} -> {job.run_dir}",
+             f"data: real {Path(job.real.images).name} {job.real.n} images (+{job.holdout[1] - job.holdout[0]} held out"
+             f" for per-epoch accuracy)" + (f", generated {Path(job.generated.images).name} {job.generated.n} images"
+                                            if job.generated else ", no generated data"),
+             f"batch {s['batch_size']} = {real_rows * s['workers']} real + {gen_rows * s['workers']} generated "
+             f"(unsup_fraction {s['unsup_fraction'] if job.generated else 0}) over {s['workers']} worker(s)",
+             f"{job.steps_per_epoch} steps per epoch (ceil({job.real.n} / {s['batch_size']})) x {s['epochs']} epochs "
+             f"= {job.total_steps} steps",
+             f"objective {s['objective']}, L-inf eps {s['epsilon']:g}, {s['attack_steps']} steps of "
+             f"{s['attack_step_size']:g}; classifier {s['arch']}"]
+    if job.dra:
+        lines.append(f"DRA on: lambda {s['dra_lambda']:g}, {s['dra_view']} view, classifier layer {job.dra_layer} -> "
+                     f"head (hidden {s['dra_hidden']}, depth {s['dra_depth']}) -> targets {shape_text(job.target_shape)}; "
+                     f"feature sets {', '.join(f'{k} {v}' for k, v in job.feature_keys.items())}")
+    else:
+        lines.append("DRA off: plain " + ("DM-AT" if job.generated else "adversarial training") + ", no feature set used")
+    return lines

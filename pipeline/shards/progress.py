@@ -1,0 +1,25 @@
+"""The progress bar shared by every stage that runs shard jobs on Ray (generate, extract-features)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from pipeline.progress import RateBar
+from pipeline.shards.cluster import ActorPlan
+from pipeline.shards.runner import Progress, run_shards, RunSummary
+from stores.manifest import ShardJob
+
+
+def run_with_progress(label: str, unit: str, jobs: Sequence[ShardJob], factory: Callable, actors: ActorPlan,
+                      max_attempts: int, record: Callable[[ShardJob, Any], None],
+                      on_progress: Callable[[Progress], None] | None = None) -> RunSummary:
+    """run_shards with a bar: items/s, ETA and each worker's state; warnings (retries, replaced workers) above it."""
+    with RateBar(label, unit, total=sum(j.count for j in jobs)) as bar:
+        def progress(p: Progress) -> None:
+            bar.advance(p.items_done - bar.done, " | ".join(w.describe() for w in p.workers))
+            if on_progress:
+                on_progress(p)
+        try:
+            return run_shards(jobs, factory, actors, max_attempts=max_attempts, record=record, on_progress=progress,
+                              on_event=lambda message: bar.console.print(f"warning: {message}", highlight=False))
+        finally:
+            bar.close()

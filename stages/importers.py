@@ -1,0 +1,355 @@
+"""Real data sets into image stores: digits (embedded), CIFAR-10/100 tarballs, DM-AT .npz, image folders.
+
+Each importer validates its whole source before the first shard is written, then streams it shard by shard,
+so a 61 GB .npz is never held in memory. Importing the same source again is a no-op.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from stores.errors import UserError
+from stores.identity import file_sha256
+from stores.images import dataset_fingerprint, DATASET_JSON, ImageSet, ImageSetWriter, make_identity
+from stores.tarshard import read_npy_header
+from stores.workspace import check_writable
+
+# Reads `count` samples starting at `start` -> (images (count, H, W, C) uint8, labels (count,))
+ReadFn = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class SplitSource:
+    """One split of a source, validated and ready to stream."""
+
+    split: str
+    n: int
+    resolution: int
+    channels: int
+    classes: int
+    class_names: list[str] | None
+    read: ReadFn
+
+
+@dataclass
+class ImportResult:
+    name: str
+    n: int
+    shards_written: int
+    skipped: bool
+    fingerprint: str
+
+
+def import_source(root: Path, importer: str, source: str | None, name: str | None, shard_size: int,
+                  image_format: str, test_fraction: float = 0.2, split_seed: int = 0,
+                  progress: Callable[[int], None] | None = None) -> list[ImportResult]:
+    """Import every split of `source` as image sets `<name>-<split>`."""
+    src_path = Path(source) if source else None
+    if src_path is not None and not src_path.exists():
+        raise UserError(f"{src_path}: no such file or folder; check --from")
+    described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(src_path, 10),
+                 "cifar100": lambda: _cifar(src_path, 100), "npz": lambda: _npz(src_path),
+                 "folder": lambda: _folder(src_path)}
+    if importer not in described:
+        raise UserError(f"unknown importer {importer!r}; use one of {', '.join(described)}")
+    if importer != "digits" and not source:
+        raise UserError(f"import {importer} needs --from PATH (the file or folder to import)")
+    checksum = _source_checksum(importer, src_path)
+    splits = described[importer]()
+    check_writable(Path(root))
+    base = name or importer
+    results = []
+    for split in splits:
+        settings = {"test_fraction": test_fraction, "split_seed": split_seed} if importer == "digits" else {}
+        identity = make_identity("real", {"importer": importer, "checksum": checksum, **settings}, split.resolution,
+                                 split.channels, split.classes, split.class_names, split.split, shard_size, image_format)
+        results.append(_write_split(root, f"{base}-{split.split}", identity, split, progress))
+    return results
+
+
+def _write_split(root: Path, name: str, identity: dict, split: SplitSource, progress) -> ImportResult:
+    writer = ImageSetWriter(root, name, identity, split.n)
+    pending = writer.pending()
+    if not pending and (writer.path / DATASET_JSON).exists():
+        return ImportResult(name, split.n, 0, True, dataset_fingerprint(identity, split.n))
+    writer.begin()
+    try:
+        for plan in pending:
+            images, labels = split.read(plan.first_id, plan.count)
+            _check_labels(labels, split.classes, plan.first_id)
+            writer.write(plan, images, labels)
+            if progress:
+                progress(plan.count)
+    except KeyboardInterrupt:
+        raise                      # completed shards stay recorded: the same command resumes
+    except Exception:
+        writer.abort()             # bad input found midway: remove the set this run created
+        raise
+    return ImportResult(name, split.n, len(pending), False, ImageSet(writer.path).fingerprint)
+
+
+# The official CIFAR python tarballs: training images, classes, channels, resolution (for plans without them).
+CIFAR_TRAIN_SHAPE = {"cifar10": (50_000, 10, 3, 32), "cifar100": (50_000, 100, 3, 32)}
+
+
+def planned_train_split(importer: str, test_fraction: float, split_seed: int) -> tuple[int, int, int, int] | None:
+    """(n, classes, channels, resolution) of the training split an import would write, when knowable without
+    its source file (the embedded digits, the official CIFAR tarballs); None for npz and folder sources."""
+    if importer == "digits":
+        train = _digits(test_fraction, split_seed)[0]
+        return train.n, train.classes, train.channels, train.resolution
+    return CIFAR_TRAIN_SHAPE.get(importer)
+
+
+def _check_labels(labels: np.ndarray, classes: int, first_id: int) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        i = int(bad[0])
+        raise UserError(f"label {int(labels[i])} of sample {first_id + i} is outside [0, {classes}); fix the labels of the source")
+
+
+def _source_checksum(importer: str, path: Path | None) -> str:
+    if importer == "digits":
+        return file_sha256(_digits_file())
+    if path.is_dir():
+        return _folder_checksum(path)
+    return file_sha256(path)
+
+
+# --- digits -------------------------------------------------------------------------------------------------
+
+def _digits_file() -> Path:
+    import sklearn.datasets
+    return Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+
+
+def _digits(test_fraction: float, seed: int) -> list[SplitSource]:
+    """scikit-learn's 1,797 handwritten digits: 8x8, 17 grey levels (0..16) mapped onto 0..255."""
+    with gzip.open(_digits_file(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    images = np.rint(table[:, :64] * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 8, 8, 1)
+    labels = table[:, 64].astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = int(round(test_fraction * len(labels)))
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    names = [str(i) for i in range(10)]
+    return [_in_memory("train", images[train], labels[train], 10, names),
+            _in_memory("test", images[test], labels[test], 10, names)]
+
+
+def _in_memory(split: str, images: np.ndarray, labels: np.ndarray, classes: int, names) -> SplitSource:
+    return SplitSource(split, len(labels), images.shape[1], images.shape[3], classes, names,
+                       lambda start, count: (images[start:start + count], labels[start:start + count]))
+
+
+# --- CIFAR python tarballs -----------------------------------------------------------------------------------
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches hold numpy arrays and lists; anything else in them is refused, never executed."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # encode: bytes in protocol-2 pickles
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing global {module}.{name}")
+
+
+def _load_batch(tar: tarfile.TarFile, member: str, archive: Path) -> dict:
+    try:
+        raw = tar.extractfile(member).read()
+        data = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except (KeyError, AttributeError):
+        raise UserError(f"{archive}: member {member} missing; is this the python version of the CIFAR tarball?") from None
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UserError(f"{archive}: member {member} is not a CIFAR batch ({exc})") from None
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
+
+
+def _cifar(path: Path, classes: int) -> list[SplitSource]:
+    """cifar-10-python.tar.gz / cifar-100-python.tar.gz: both splits, class names. Rows are CHW, 3072 bytes."""
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError):
+        raise UserError(f"{path}: not a tar archive; expected the python version of the CIFAR-{classes} tarball") from None
+    with tar:
+        if classes == 10:
+            folder, label_key = "cifar-10-batches-py", "labels"
+            train = [_load_batch(tar, f"{folder}/data_batch_{i}", path) for i in range(1, 6)]
+            test = [_load_batch(tar, f"{folder}/test_batch", path)]
+            names = [n.decode() for n in _load_batch(tar, f"{folder}/batches.meta", path)["label_names"]]
+        else:
+            folder, label_key = "cifar-100-python", "fine_labels"
+            train = [_load_batch(tar, f"{folder}/train", path)]
+            test = [_load_batch(tar, f"{folder}/test", path)]
+            names = [n.decode() for n in _load_batch(tar, f"{folder}/meta", path)["fine_label_names"]]
+    if len(names) != classes:
+        raise UserError(f"{path}: {len(names)} class names, expected {classes}; is this the CIFAR-{classes} tarball?")
+    return [_cifar_split(split, batches, label_key, classes, names, path) for split, batches in (("train", train), ("test", test))]
+
+
+def _cifar_split(split, batches, label_key, classes, names, path) -> SplitSource:
+    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise UserError(f"{path}: {split} rows have shape {data.shape[1:]}, expected 3072 bytes (3x32x32)")
+    if len(data) != len(labels):
+        raise UserError(f"{path}: {split} has {len(data)} images but {len(labels)} labels")
+    _check_labels(labels, classes, 0)
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)     # (N, H, W, C)
+    return _in_memory(split, np.ascontiguousarray(images), labels, classes, names)
+
+
+# --- DM-AT .npz ----------------------------------------------------------------------------------------------
+
+def _npz(path: Path) -> list[SplitSource]:
+    """`image` (N, H, W, C) uint8 and `label` (N,): memory-mapped when stored, streamed when compressed."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        raise UserError(f"{path}: not an .npz file (zip archive of .npy arrays); expected DM-AT's format with 'image' and 'label'") from None
+    with archive:
+        members = set(archive.namelist())
+        for key in ("image", "label"):
+            if f"{key}.npy" not in members:
+                raise UserError(f"{path}: no array '{key}' (has {', '.join(sorted(m.removesuffix('.npy') for m in members))}); "
+                                f"expected DM-AT's format with 'image' and 'label'")
+        with archive.open("label.npy") as f:
+            labels = np.lib.format.read_array(f, allow_pickle=False).astype(np.int64).reshape(-1)
+        shape, dtype = _npy_member_header(archive, "image.npy")
+    if len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or dtype != np.uint8:
+        raise UserError(f"{path}: 'image' is {dtype} {shape}; expected (N, H, W, C) uint8 with square images and C 1 or 3")
+    if shape[0] != len(labels):
+        raise UserError(f"{path}: {shape[0]} images but {len(labels)} labels; the arrays must have the same length")
+    classes = int(labels.max()) + 1 if len(labels) else 0
+    if (labels < 0).any():
+        raise UserError(f"{path}: negative labels; labels must be class indices 0..K-1")
+    reader = _npz_reader(path, shape)
+    return [SplitSource("train", shape[0], shape[1], shape[3], max(classes, 1), None, reader)]
+
+
+def _npy_member_header(archive: zipfile.ZipFile, member: str):
+    with archive.open(member) as f:
+        shape, fortran, dtype = read_npy_header(f)
+    if fortran:
+        raise UserError(f"{archive.filename}: '{member}' is in Fortran order; save it in C order")
+    return shape, dtype
+
+
+def _npz_reader(path: Path, shape) -> ReadFn:
+    archive = zipfile.ZipFile(path)
+    info = archive.getinfo("image.npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        offset = _stored_data_offset(path, info, archive)
+        images = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(shape))
+        return lambda start, count: (np.ascontiguousarray(images[start:start + count]), _labels(path)[start:start + count])
+    return _StreamingReader(archive, shape, path)
+
+
+def _labels(path: Path, _cache={}) -> np.ndarray:
+    if path not in _cache:
+        with zipfile.ZipFile(path) as archive, archive.open("label.npy") as f:
+            _cache[path] = np.lib.format.read_array(f, allow_pickle=False).astype(np.int64).reshape(-1)
+    return _cache[path]
+
+
+def _stored_data_offset(path: Path, info: zipfile.ZipInfo, archive: zipfile.ZipFile) -> int:
+    """Byte offset of the array data of an uncompressed .npy member inside the zip file."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        member_start = info.header_offset + 30 + name_len + extra_len
+    with archive.open(info) as m:
+        read_npy_header(m)
+        header_len = m.tell()
+    return member_start + header_len
+
+
+class _StreamingReader:
+    """Sequential reads of a compressed member: shards are requested in order, so we never seek back."""
+
+    def __init__(self, archive: zipfile.ZipFile, shape, path: Path):
+        self.archive, self.shape, self.path = archive, shape, path
+        self.stream = archive.open("image.npy")
+        read_npy_header(self.stream)
+        self.position = 0
+
+    def __call__(self, start: int, count: int):
+        if start != self.position:
+            raise RuntimeError("compressed .npz members are read in order")
+        per = int(np.prod(self.shape[1:]))
+        raw = self.stream.read(per * count)
+        if len(raw) != per * count:
+            raise UserError(f"{self.path}: 'image' ends early at sample {start + len(raw) // per}")
+        self.position += count
+        return np.frombuffer(raw, np.uint8).reshape(count, *self.shape[1:]), _labels(self.path)[start:start + count]
+
+
+# --- image folders -------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def _folder_files(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{path}: no class subfolders; expected DIR/<class>/*.png|jpg")
+    files = [(f, k) for k, c in enumerate(classes) for f in sorted((path / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise UserError(f"{path}: the class subfolders hold no .png or .jpg files")
+    return classes, files
+
+
+def _folder_checksum(path: Path) -> str:
+    import hashlib
+    _, files = _folder_files(path)
+    h = hashlib.sha256()
+    for f, k in files:
+        h.update(f"{f.relative_to(path)}\0{k}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _folder(path: Path) -> list[SplitSource]:
+    """One subfolder per class (sorted names = class indices). Every image must have the same size."""
+    if not path.is_dir():
+        raise UserError(f"{path}: not a folder; import folder expects DIR/<class>/*.png|jpg")
+    classes, files = _folder_files(path)
+    modes, sizes = set(), set()
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                modes.add(im.mode)
+                sizes.add(im.size)
+        except OSError:
+            raise UserError(f"{f}: not a readable image") from None
+    if len(sizes) != 1 or len({w == h for w, h in sizes}) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+        raise UserError(f"{path}: images must all be square and the same size; found {sorted(sizes)[:4]}")
+    grey = modes <= {"L", "1", "I;16", "I"}
+    resolution = next(iter(sizes))[0]
+    labels = np.array([k for _, k in files], dtype=np.int64)
+
+    def read(start: int, count: int):
+        chunk = files[start:start + count]
+        images = np.stack([_load_image(f, grey) for f, _ in chunk])
+        return images, labels[start:start + count]
+
+    return [SplitSource("train", len(files), resolution, 1 if grey else 3, len(classes), classes, read)]
+
+
+def _load_image(path: Path, grey: bool) -> np.ndarray:
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("L" if grey else "RGB"))
+    return array[:, :, None] if grey else array
+

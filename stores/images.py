@@ -1,0 +1,262 @@
+"""Image sets: `images/<name>/` = tar shards + manifest.parquet + dataset.json (the identity)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from stores.errors import IntegrityError, UserError
+from stores.identity import canonical_json, write_json_atomic
+from stores.manifest import read_manifest, ShardRecord, write_manifest
+from stores.tarshard import decode_image, iter_members, shard_name, ShardBuffer, write_tar_shard
+
+DATASET_JSON = "dataset.json"
+FORMAT_VERSION = 1
+
+
+def image_set_dir(root: Path, name: str) -> Path:
+    return Path(root) / "images" / name
+
+
+def validate_set_name(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise UserError(f"invalid set name {name!r}: use letters, digits, '-', '_' and '.'")
+    return name
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    first_id: int
+    count: int
+
+
+def plan_shards(n: int, shard_size: int) -> list[ShardPlan]:
+    """Contiguous id ranges: shard i holds ids [i*S, min((i+1)*S, n))."""
+    return [ShardPlan(i, i * shard_size, min(shard_size, n - i * shard_size)) for i in range(math.ceil(n / shard_size))]
+
+
+def make_identity(kind: str, source: dict, resolution: int, channels: int, classes: int, class_names: list[str] | None,
+                  split: str, shard_size: int, image_format: str) -> dict:
+    """What the images are, without their count. The fingerprint adds n."""
+    if kind not in ("real", "generated"):
+        raise ValueError(kind)
+    return {"format_version": FORMAT_VERSION, "kind": kind, "source": source, "resolution": resolution,
+            "channels": channels, "classes": classes, "class_names": class_names, "split": split,
+            "shard_size": shard_size, "image_format": image_format}
+
+
+def dataset_fingerprint(identity: dict, n: int) -> str:
+    return hashlib.sha256(canonical_json({**identity, "n": n}).encode()).hexdigest()
+
+
+@dataclass
+class ShardData:
+    ids: np.ndarray      # (N,) int64 global ids
+    images: np.ndarray   # (N, H, W, C) uint8
+    labels: np.ndarray   # (N,) int64
+
+
+class ImageSet:
+    """Read access to a complete or partial image set. Only shards in the manifest are visible."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        meta_path = self.path / DATASET_JSON
+        if not meta_path.exists():
+            raise UserError(f"no image set at {self.path} (missing {DATASET_JSON}); `dra-pipe ls` lists the sets")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            raise IntegrityError(f"{meta_path}: not valid JSON; the set's identity is damaged") from None
+        self.meta = meta
+        self.identity: dict = meta["identity"]
+        self.n: int = meta["n"]
+        self.fingerprint: str = meta["fingerprint"]
+        if dataset_fingerprint(self.identity, self.n) != self.fingerprint:
+            raise IntegrityError(f"{meta_path}: fingerprint does not match the identity it records (edited by hand?)")
+        self.records: dict[int, ShardRecord] = read_manifest(self.path)
+        self._buffer = ShardBuffer()
+
+    @classmethod
+    def open(cls, root: Path, name: str) -> "ImageSet":
+        return cls(image_set_dir(root, name))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def shard_size(self) -> int:
+        return self.identity["shard_size"]
+
+    @property
+    def resolution(self) -> int:
+        return self.identity["resolution"]
+
+    @property
+    def channels(self) -> int:
+        return self.identity["channels"]
+
+    @property
+    def classes(self) -> int:
+        return self.identity["classes"]
+
+    def plan(self) -> list[ShardPlan]:
+        return plan_shards(self.n, self.shard_size)
+
+    def missing_shards(self) -> list[ShardPlan]:
+        return [p for p in self.plan() if not self._record_matches(p)]
+
+    def _record_matches(self, p: ShardPlan) -> bool:
+        r = self.records.get(p.index)
+        return r is not None and r.first_id == p.first_id and r.count == p.count
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_shards()
+
+    def bytes_on_disk(self) -> int:
+        """Bytes of the recorded shards, as the manifest has them."""
+        return sum(r.bytes for r in self.records.values())
+
+    def completed_samples(self) -> int:
+        return sum(p.count for p in self.plan() if self._record_matches(p))
+
+    def read_shard(self, index: int, verify: bool = True) -> ShardData:
+        """Decode one shard; with verify, its sha256 must equal the manifest's (cheap next to decoding)."""
+        record = self.records.get(index)
+        if record is None:
+            raise IntegrityError(f"{self.path}: shard {index} is not complete (not in the manifest); rerun the stage "
+                                 f"that writes this set")
+        path = self.path / shard_name(index)
+        if not path.exists():
+            raise IntegrityError(f"{path}: missing, though the manifest lists it; run `dra-pipe verify {self.name}`")
+        data = self._buffer.read(path, record.bytes)
+        if verify and hashlib.sha256(data).hexdigest() != record.sha256:
+            raise IntegrityError(f"{path}: sha256 differs from the manifest (corrupted); run `dra-pipe verify {self.name}`")
+        return self._decode(data, record, path, check_headers=not verify)
+
+    def _decode(self, data: memoryview, record: ShardRecord, path: Path, check_headers: bool) -> ShardData:
+        h = w = self.resolution
+        images = np.empty((record.count, h, w, self.channels), dtype=np.uint8)
+        labels = np.full(record.count, -1, dtype=np.int64)
+        seen = np.zeros(record.count, dtype=bool)
+        for name, payload in iter_members(data, path, check_headers):
+            key, _, ext = name.partition(".")
+            slot = int(key) - record.first_id
+            if not 0 <= slot < record.count:
+                raise IntegrityError(f"{path}: member {name} outside the shard's id range")
+            if ext == "cls":
+                labels[slot] = int(bytes(payload))
+            elif ext in ("png", "npy"):
+                images[slot] = decode_image(payload, ext)
+                seen[slot] = True
+        if not seen.all() or (labels < 0).any():
+            raise IntegrityError(f"{path}: {int((~seen).sum())} images or {int((labels < 0).sum())} labels missing")
+        ids = np.arange(record.first_id, record.first_id + record.count, dtype=np.int64)
+        return ShardData(ids, images, labels)
+
+    def read_range(self, start: int, stop: int) -> ShardData:
+        """Samples with global ids in [start, stop)."""
+        if not 0 <= start <= stop <= self.n:
+            raise UserError(f"id range [{start}, {stop}) outside the set's [0, {self.n})")
+        parts = []
+        for p in self.plan():
+            lo, hi = max(start, p.first_id), min(stop, p.first_id + p.count)
+            if lo < hi:
+                shard = self.read_shard(p.index)
+                sl = slice(lo - p.first_id, hi - p.first_id)
+                parts.append(ShardData(shard.ids[sl], shard.images[sl], shard.labels[sl]))
+        if not parts:
+            return ShardData(np.empty(0, np.int64), np.empty((0, self.resolution, self.resolution, self.channels), np.uint8),
+                             np.empty(0, np.int64))
+        return ShardData(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "images", "labels")))
+
+    def iter_samples(self, shard_indices: list[int] | None = None) -> Iterator[tuple[int, np.ndarray, int]]:
+        """Stream (id, image (H, W, C), label) over the given shards (default: all), in the given order."""
+        for index in self.plan_indices() if shard_indices is None else shard_indices:
+            shard = self.read_shard(index)
+            for i in range(len(shard.ids)):
+                yield int(shard.ids[i]), shard.images[i], int(shard.labels[i])
+
+    def plan_indices(self) -> list[int]:
+        return [p.index for p in self.plan()]
+
+
+class ImageSetWriter:
+    """Creates or resumes an image set. The driver owns the manifest; any process may write shard files."""
+
+    def __init__(self, root: Path, name: str, identity: dict, n: int):
+        self.path = image_set_dir(root, validate_set_name(name))
+        self.identity = identity
+        self.n = n
+        self.created = False
+        existing = self.path / DATASET_JSON
+        if existing.exists():
+            old = json.loads(existing.read_text())
+            if old["identity"] != identity:
+                raise UserError(f"image set '{name}' already exists at {self.path} with another identity "
+                                f"({_identity_diff(old['identity'], identity)}); choose another --name or delete that folder")
+            if old["n"] > n:
+                raise UserError(f"image set '{name}' already holds {old['n']} samples, more than the {n} asked for; "
+                                f"pass --n {old['n']} or more, or another --name")
+        self.records = read_manifest(self.path)
+
+    def begin(self) -> None:
+        """Create the folder and write dataset.json (with the possibly grown n). Call after validating inputs."""
+        self.created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        # A grown set: the old last shard may be short; it is redone with its full range.
+        self.records = {i: r for i, r in self.records.items() if self._fits(r)}
+        write_json_atomic(self.path / DATASET_JSON, {"identity": self.identity, "n": self.n,
+                                                      "fingerprint": dataset_fingerprint(self.identity, self.n)})
+
+    def _fits(self, r: ShardRecord) -> bool:
+        plans = plan_shards(self.n, self.identity["shard_size"])
+        return r.index < len(plans) and plans[r.index].first_id == r.first_id and plans[r.index].count == r.count
+
+    def pending(self) -> list[ShardPlan]:
+        return [p for p in plan_shards(self.n, self.identity["shard_size"]) if not (p.index in self.records and self._fits(self.records[p.index]))]
+
+    def write(self, plan: ShardPlan, images: np.ndarray, labels: np.ndarray) -> ShardRecord:
+        """Write and record one shard in this process."""
+        if len(images) != plan.count or len(labels) != plan.count:
+            raise ValueError(f"shard {plan.index} expects {plan.count} samples, got {len(images)} images and {len(labels)} labels")
+        record = write_tar_shard(self.path, plan.index, plan.first_id, images, labels, self.identity["image_format"])
+        self.record(record)
+        return record
+
+    def record(self, record: ShardRecord) -> None:
+        """Add a completed shard to the manifest (after its data is in place)."""
+        self.records[record.index] = record
+        write_manifest(self.path, self.records)
+
+    def abort(self) -> None:
+        """Remove what this writer created (bad input found midway): nothing half-written stays."""
+        if self.created and self.path.exists():
+            shutil.rmtree(self.path)
+
+
+def _identity_diff(old: dict, new: dict, prefix: str = "") -> str:
+    """The differing fields, dotted: `source.steps: 6 there vs 2 here`."""
+    parts = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _identity_diff(a, b, f"{prefix}{k}.")
+            parts += [inner] if inner else []
+        elif a != b:
+            parts.append(f"{prefix}{k}: {a!r} there vs {b!r} here")
+    return ", ".join(parts)
+
+
+def list_image_sets(root: Path) -> list[Path]:
+    base = Path(root) / "images"
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.exists() else []

@@ -1,0 +1,114 @@
+import pytest
+import yaml
+
+from pipeline.cli.main import app
+
+
+def command_names():
+    import typer.main
+    return sorted(typer.main.get_command(app).commands)
+
+
+def leaf_commands():
+    """Every runnable command as its argv prefix, e.g. ['model', 'info']."""
+    import typer.main
+    out = []
+    def walk(group, prefix):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                walk(cmd, prefix + [name])
+            else:
+                out.append(prefix + [name])
+    walk(typer.main.get_command(app), [])
+    return out
+
+
+def test_help_lists_every_command_with_purpose(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    for name in command_names():
+        assert name in out
+    assert "import" in command_names() and "verify" in command_names()
+
+
+def test_every_command_takes_config_and_root(cli):
+    for argv in leaf_commands():
+        code, out, _ = cli(*argv, "--help")
+        assert code == 0 and "--config" in out and "--root" in out, argv
+
+
+def test_config_prints_resolved_values_with_overrides(cli, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("train:\n  epochs: 3\n")
+    code, out, _ = cli("config", "--root", tmp_path / "elsewhere")
+    assert code == 0
+    resolved = yaml.safe_load(out.split("\n", 1)[1])
+    assert resolved["train"]["epochs"] == 3 and resolved["root"] == str(tmp_path / "elsewhere")
+    assert resolved["features"]["timesteps"] == [100]
+
+
+def test_bad_config_key_exit_2_one_line(cli, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("train:\n  epoch: 3\n")
+    code, _, err = cli("ls")
+    assert code == 2 and "unknown key 'train.epoch'" in err and "pipeline.yaml" in err and err.count("\n") == 1
+
+
+def test_run_imports_and_lists_then_reuses(cli, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import]\n")
+    code, out, _ = cli("run", "--root", tmp_path / "ws")
+    assert code == 0 and "imported digits-train" in out and "complete" in out
+    code, out, _ = cli("run", "--root", tmp_path / "ws")
+    assert code == 0 and "already imported: digits-train" in out
+
+
+def test_ls_shows_partial_sets(cli, tmp_path):
+    cli("import", "digits", "--shard-size", "400")
+    from stores.images import ImageSet
+    from stores.manifest import write_manifest
+    s = ImageSet.open(tmp_path / "dra-data", "digits-train")
+    write_manifest(s.path, {i: r for i, r in s.records.items() if i != 1})
+    code, out, _ = cli("ls")
+    assert code == 0
+    row = next(line for line in out.splitlines() if "digits-train" in line)
+    assert "partial 3/4" in row and "1,038/1,438" in row
+    code, out, _ = cli("verify", "digits-train")
+    assert code == 1 and "digits-train: shard 1 missing" in out
+
+
+def test_verify_unknown_set(cli):
+    code, _, err = cli("verify", "nope")
+    assert code == 2 and "no image or feature set named 'nope'" in err
+
+
+def test_run_rejects_unknown_stage(cli, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import, deploy]\n")
+    code, _, err = cli("run")
+    assert code == 2 and "'deploy' is not one of import" in err
+
+
+@pytest.mark.parametrize("seeds, needle", [("0,x", "--seeds must be comma-separated integers"),
+                                           ("1,1", "run.seeds must list distinct seeds"),
+                                           ("0,-1", "key 'run.seeds' items must be >= 0")])
+def test_run_rejects_bad_seeds_before_any_stage(cli, tmp_path, seeds, needle):
+    (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import]\n")
+    code, out, err = cli("run", "--seeds", seeds)
+    assert code == 2 and needle in err and err.count("\n") == 1
+    assert not (tmp_path / "dra-data").exists()
+
+
+def test_run_trains_each_setting_once_per_seed(tmp_path):
+    from pipeline.cli.run import _train_variants
+    from pipeline.config import load_config
+    (tmp_path / "pipeline.yaml").write_text("{}\n")
+    cfg = load_config(tmp_path / "pipeline.yaml", {"run.seeds": [3, 5]})
+    assert [(v.train.dra, v.train.seed) for v in _train_variants(cfg)] == [(False, 3), (False, 5), (True, 3), (True, 5)]
+    one = load_config(tmp_path / "pipeline.yaml", {"run.compare_dra": False, "train.seed": 7})
+    assert [(v.train.dra, v.train.seed) for v in _train_variants(one)] == [(True, 7)]
+
+
+def test_run_without_pyautoattack_stops_before_the_first_stage(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr("trainer.evaluate.autoattack_available", lambda: False)
+    code, _, err = cli("run")
+    assert code == 2 and "pyautoattack is not installed" in err and err.count("\n") == 1
+    assert not (tmp_path / "dra-data").exists()
+    (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import]\n")          # no eval stage: no need
+    assert cli("run")[0] == 0

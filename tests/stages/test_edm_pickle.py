@@ -1,0 +1,269 @@
+"""Safe loading of official-format EDM pickles, and the model fingerprint.
+
+The pickles are written here in the NVlabs/edm format: stand-ins for `torch_utils.persistence` and
+`dnnlib.util` (written to tmp_path, importable only inside these tests) make every layer pickle as
+`_reconstruct_persistent_obj(meta)` with meta.state = the module's __dict__, nested layers as nested
+records and torch ModuleDicts as plain torch objects, as the official persistence code does. The
+stand-in `_reconstruct_persistent_obj` executes `module_src` like the real one, so a plain
+`pickle.load` of these files runs the embedded code.
+"""
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stages.edm import EDMPrecond
+from stages.edm_pickle import PersistentRecord, load_edm_pickle, read_edm_pickle
+from stages.fingerprint import model_fingerprint
+from stores.errors import UserError
+
+PERSISTENCE_SRC = '''
+import types, uuid
+
+def _reconstruct_persistent_obj(meta):
+    """Like the official loader: run the pickled module source and instantiate the class."""
+    module = types.ModuleType("_imported_module_" + uuid.uuid4().hex)
+    exec(meta["module_src"], module.__dict__)
+    cls = module.__dict__[meta["class_name"]]
+    obj = cls.__new__(cls)
+    obj.__dict__.update(meta["state"])
+    return obj
+
+
+class Record:
+    """Pickles as an official persistent object."""
+
+    def __init__(self, meta):
+        self.meta = meta
+
+    def __reduce__(self):
+        return (_reconstruct_persistent_obj, (self.meta,))
+'''
+
+EASYDICT_SRC = '''
+class EasyDict(dict):
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name)
+'''
+
+CONFIG = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, sigma_min=0, sigma_max=float("inf"),
+              sigma_data=0.5, model_type="SongUNet", embedding_type="fourier", channel_mult_noise=2,
+              encoder_type="residual", decoder_type="standard", resample_filter=[1, 3, 3, 1], model_channels=16,
+              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=9, dropout=0.13)
+
+
+@pytest.fixture
+def official(tmp_path, monkeypatch):
+    """The stand-in `torch_utils.persistence` and `dnnlib.util` modules, importable for this test only."""
+    lib = tmp_path / "official_lib"
+    for package, module, src in [("torch_utils", "persistence", PERSISTENCE_SRC), ("dnnlib", "util", EASYDICT_SRC)]:
+        (lib / package).mkdir(parents=True)
+        (lib / package / "__init__.py").write_text("")
+        (lib / package / f"{module}.py").write_text(src)
+    monkeypatch.syspath_prepend(str(lib))
+    for name in ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import dnnlib.util
+    import torch_utils.persistence
+    yield torch_utils.persistence, dnnlib.util.EasyDict
+    for name in ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"):
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    model = EDMPrecond(**CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # move the near-zero output layers off their init
+    return model
+
+
+def to_records(module: nn.Module, official, module_src: str, init_kwargs: dict | None = None):
+    """Our module tree in the official pickled form (persistent records around __dict__ copies)."""
+    persistence, EasyDict = official
+    state = dict(module.__dict__)
+    state["_parameters"], state["_buffers"] = dict(module._parameters), dict(module._buffers)
+    state["_modules"] = {name: None if child is None else to_records(child, official, module_src)
+                         for name, child in module._modules.items()}
+    if type(module) is nn.ModuleDict:  # not a persistent class: pickled as a plain torch object
+        container = nn.ModuleDict.__new__(nn.ModuleDict)
+        container.__dict__.update(state)
+        return container
+    state["_init_args"] = ()
+    state["_init_kwargs"] = EasyDict(init_kwargs or {})
+    return persistence.Record(dict(type="class", version=6, module_src=module_src,
+                                   class_name=type(module).__name__, state=state))
+
+
+def class_source(model: nn.Module, prefix: str = "") -> str:
+    """Module source defining every class name used in the pickle (so a plain pickle.load works)."""
+    names = sorted({type(m).__name__ for m in model.modules()} | {"EDMLoss"})
+    return prefix + "".join(f"class {n}:\n    pass\n" for n in names)
+
+
+def write_pickle(path, ema, official, module_src="", protocol=pickle.DEFAULT_PROTOCOL):
+    persistence, EasyDict = official
+    loss = persistence.Record(dict(type="class", version=6, module_src=module_src, class_name="EDMLoss",
+                                   state=dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)))
+    data = dict(ema=ema, loss_fn=loss, augment_pipe=None,
+                dataset_kwargs=EasyDict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip"))
+    with open(path, "wb") as f:
+        pickle.dump(data, f, protocol=protocol)
+    return path
+
+
+def _outputs(model: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        return model(x, torch.tensor([0.02, 0.8, 20.0]), torch.tensor([1, 4, 9]),
+                     augment_labels=torch.rand(3, 9, generator=g))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_round_trip_equals_original(tmp_path, official, net, protocol):
+    src = class_source(net)
+    path = write_pickle(tmp_path / "net.pkl", to_records(net, official, src, net.config), official, src, protocol)
+    loaded = load_edm_pickle(path)
+    assert isinstance(loaded, EDMPrecond) and not loaded.training
+    assert loaded.config == net.config
+    assert all(not p.requires_grad and p.device.type == "cpu" for p in loaded.parameters())
+    assert torch.equal(loaded.model.map_noise.freqs, net.model.map_noise.freqs)
+    assert torch.equal(_outputs(loaded), _outputs(net))
+    assert model_fingerprint(loaded) == model_fingerprint(net)
+    data = read_edm_pickle(path)
+    assert isinstance(data["loss_fn"], PersistentRecord) and data["loss_fn"].class_name == "EDMLoss"
+    assert data["dataset_kwargs"]["path"] == "cifar10.zip"
+
+
+def test_embedded_source_is_never_executed(tmp_path, official, net):
+    marker = tmp_path / "pwned"
+    src = class_source(net, prefix=f"open({str(marker)!r}, 'w').write('pwned')\n")
+    path = write_pickle(tmp_path / "hostile.pkl", to_records(net, official, src, net.config), official, src)
+    loaded = load_edm_pickle(path)
+    assert not marker.exists()
+    assert torch.equal(_outputs(loaded), _outputs(net))
+    with open(path, "rb") as f:  # the file really is hostile: a plain pickle.load runs the source
+        pickle.load(f)
+    assert marker.exists()
+
+
+class _Call:
+    """Pickles as a call of `func(*args)`."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("make", [
+    lambda marker: _Call(os.system, f"touch {marker}"),
+    lambda marker: _Call(builtins.exec, f"open({str(marker)!r}, 'w').write('x')"),
+    lambda marker: _Call(torch.storage._load_from_bytes, pickle.dumps(_Call(os.system, f"touch {marker}"))),
+])
+def test_hostile_globals_are_refused(tmp_path, make):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "hostile.pkl"
+    path.write_bytes(pickle.dumps(dict(ema=make(marker))))
+    with pytest.raises(UserError, match="system|exec"):
+        load_edm_pickle(path)
+    assert not marker.exists()
+
+
+def test_not_a_pickle(tmp_path):
+    text = tmp_path / "notes.pkl"
+    text.write_text("this is not a pickle\n")
+    with pytest.raises(UserError, match="not a usable EDM network pickle"):
+        load_edm_pickle(text)
+    zipped = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(2)}, zipped)
+    with pytest.raises(UserError, match="not a usable EDM network pickle"):
+        load_edm_pickle(zipped)
+    with pytest.raises(UserError, match="no such file"):
+        load_edm_pickle(tmp_path / "missing.pkl")
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(UserError, match="no 'ema' network"):
+        load_edm_pickle(plain)
+
+
+def _records(net, official):
+    return to_records(net, official, class_source(net), net.config)
+
+
+def _state(record, *path):
+    """State dict of the record at a module path (through ModuleDict containers)."""
+    for name in path:
+        record = record.meta["state"]["_modules"][name] if hasattr(record, "meta") else record._modules[name]
+    return record.meta["state"] if hasattr(record, "meta") else record.__dict__
+
+
+def test_unknown_or_mismatched_content_is_user_error(tmp_path, official, net):
+    cases = []
+    vp = _records(net, official)
+    vp.meta["class_name"] = "VPPrecond"
+    cases.append((vp, "VPPrecond"))
+    odd = _records(net, official)
+    _state(odd, "model")["_modules"]["map_layer0"].meta["class_name"] = "Mystery"
+    cases.append((odd, "Mystery"))
+    missing = _records(net, official)
+    del _state(missing, "model", "enc", "8x8_block0", "qkv")["_parameters"]["bias"]
+    cases.append((missing, "model.enc.8x8_block0.qkv.bias"))
+    shaped = _records(net, official)
+    _state(shaped, "model", "map_label")["_parameters"]["weight"] = torch.zeros(16, 11)
+    cases.append((shaped, "model.map_label.weight"))
+    extra = _records(net, official)
+    _state(extra, "model", "map_layer1")["_buffers"]["running_mean"] = torch.zeros(3)
+    cases.append((extra, "model.map_layer1.running_mean"))
+    kwargs = _records(net, official)
+    kwargs.meta["state"]["_init_kwargs"]["bogus_option"] = 1
+    cases.append((kwargs, "bogus_option"))
+    for i, (ema, fragment) in enumerate(cases):
+        path = write_pickle(tmp_path / f"case{i}.pkl", ema, official)
+        with pytest.raises(UserError, match=fragment.replace(".", r"\.")):
+            load_edm_pickle(path)
+
+
+def test_fingerprint_stable_across_safetensors_round_trip(tmp_path, net):
+    path = tmp_path / "net.safetensors"
+    save_file(net.state_dict(), str(path))
+    twin = EDMPrecond(**CONFIG)
+    twin.load_state_dict(load_file(str(path)))
+    assert model_fingerprint(twin) == model_fingerprint(net)
+    assert len(model_fingerprint(net)) == 64
+
+
+def test_fingerprint_changes_with_one_weight_or_the_config(net):
+    twin = EDMPrecond(**CONFIG)
+    twin.load_state_dict(net.state_dict())
+    reference = model_fingerprint(twin)
+    with torch.no_grad():
+        twin.model.enc["8x8_block0"].conv1.weight[3, 2, 1, 0] += 1e-6
+    assert model_fingerprint(twin) != reference
+    other = EDMPrecond(**{**CONFIG, "dropout": 0.1})
+    other.load_state_dict(net.state_dict())
+    assert model_fingerprint(other) != reference
+
+
+def test_fingerprint_ignores_how_defaults_were_spelled(net):
+    explicit = EDMPrecond(**{**CONFIG, "channel_mult_emb": 4, "label_dropout": 0})  # the defaults, spelled out
+    explicit.load_state_dict(net.state_dict())
+    assert explicit.config == net.config
+    assert model_fingerprint(explicit) == model_fingerprint(net)
+    rebuilt = EDMPrecond(**net.config)
+    rebuilt.load_state_dict(net.state_dict())
+    assert model_fingerprint(rebuilt) == model_fingerprint(net)

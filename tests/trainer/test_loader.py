@@ -1,0 +1,129 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from stores.errors import UserError
+from stores.features import FeatureSet
+from trainer.loader import MixPlan, Source, epoch_pieces, make_loader, split_batch
+from trainsets import GEN_OFFSET, feature_set, workspace
+
+TARGETS = ("ids", "images", "labels", "targets", "targets_flip")
+
+
+def sources(ws, stop=None, features=True):
+    real = Source.open(ws["real"], FeatureSet(ws["real_features"]) if features else None, 0, stop=stop)
+    gen = Source.open(ws["gen"], FeatureSet(ws["gen_features"]) if features else None, 1)
+    return real, gen
+
+
+def take(plan, n):
+    return list(itertools.islice(iter(make_loader(plan)), n))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mixed_batches_pair_every_image_with_its_target(tmp_path, workers):
+    ws = workspace(tmp_path, flip=True)
+    real, gen = sources(ws, stop=100)
+    images = {0: ws["real"].read_range(0, 120), 1: ws["gen"].read_range(0, 200)}
+    plan = MixPlan(real, gen, 6, 10, seed=3, loader_workers=workers, keys=TARGETS)
+    for batch in take(plan, 30):
+        assert batch["generated"].tolist() == [False] * 6 + [True] * 10
+        ids, gen_rows = batch["ids"].numpy(), batch["generated"].numpy()
+        expected = ids + GEN_OFFSET * gen_rows
+        assert (batch["targets"][:, 0, 0, 0].numpy() == expected.astype(np.float16)).all()
+        assert (batch["targets"] == batch["targets"][:, :1, :1, :1]).all()
+        assert (batch["targets_flip"][:, 0, 0, 0].numpy() == -expected.astype(np.float16)).all()
+        for tag in (0, 1):
+            rows = gen_rows == tag
+            assert np.array_equal(batch["images"].numpy()[rows], images[tag].images[ids[rows]])
+            assert np.array_equal(batch["labels"].numpy()[rows], images[tag].labels[ids[rows]])
+        assert (ids[~gen_rows] < 100).all()                       # held-out ids never streamed
+
+
+def test_epoch_split_over_ranks_and_workers_has_no_duplicates(tmp_path):
+    ws = workspace(tmp_path, features=False)
+    real, gen = sources(ws, stop=96, features=False)
+    for source in (real, gen):
+        for epoch in range(3):
+            ids = [source.shards[[s[0] for s in source.shards].index(i)][1] + row
+                   for slot in range(4) for i, lo, hi in epoch_pieces(source, 0, epoch, slot, 4) for row in range(lo, hi)]
+            assert len(ids) == source.n and len(set(ids)) == source.n    # every shard's rows exactly once
+    # the same through DataLoader workers: 2 ranks x 2 workers, 96 real ids -> 24 per slot = 3 batches of 8
+    seen = []
+    for rank in range(2):
+        plan = MixPlan(real, gen, 8, 4, seed=5, rank=rank, world_size=2, loader_workers=2)
+        for batch in take(plan, 6):
+            seen += batch["ids"][~batch["generated"]].tolist()
+    assert sorted(seen) == list(range(96))
+
+
+def test_generated_stream_draws_from_all_its_shards(tmp_path):
+    ws = workspace(tmp_path, features=False)
+    real, gen = sources(ws, features=False)
+    plan = MixPlan(real, gen, 2, 10, seed=0)
+    got = [i for b in take(plan, 20) for i in b["ids"][b["generated"]].tolist()]
+    assert sorted(got) == list(range(200))                       # one generated epoch: every sample once
+    assert got != sorted(got)                                    # shuffled
+
+
+def test_each_epoch_reshuffles(tmp_path):
+    ws = workspace(tmp_path, features=False)
+    real, gen = sources(ws, stop=96, features=False)
+    order = [i for b in take(MixPlan(real, gen, 8, 0, seed=1), 24) for i in b["ids"].tolist()]
+    first, second = order[:96], order[96:192]
+    assert sorted(first) == sorted(second) == list(range(96)) and first != second
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restart_at_a_position_continues_the_same_stream(tmp_path, workers):
+    ws = workspace(tmp_path)
+    real, gen = sources(ws, stop=100)
+    plan = MixPlan(real, gen, 6, 10, seed=3, loader_workers=workers, keys=TARGETS[:4])
+    straight = take(plan, 40)
+    resumed = take(MixPlan(real, gen, 6, 10, seed=3, loader_workers=workers, start=23, keys=TARGETS[:4]), 17)
+    for a, b in zip(straight[23:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_features_of_other_images_refused_naming_both(tmp_path):
+    ws = workspace(tmp_path)
+    with pytest.raises(UserError, match=f"{ws['gen'].fingerprint[:12]}.*{ws['real'].fingerprint[:12]}"):
+        Source.open(ws["real"], FeatureSet(ws["gen_features"]), 0)
+
+
+def test_incomplete_feature_set_refused(tmp_path):
+    ws = workspace(tmp_path, n_gen=0, features=False)
+    path = feature_set(tmp_path, ws["real"])
+    fs = FeatureSet(path)
+    fs.records.pop(1)
+    with pytest.raises(UserError, match="lacks 1 of the 4 shards"):
+        Source.open(ws["real"], fs, 0)
+
+
+def test_batch_split_and_fraction_bounds():
+    assert split_batch(128, 0.5, 1) == (64, 64)
+    assert split_batch(128, 0.7, 2) == (19, 45)
+    assert split_batch(8, 0.99, 1) == (1, 7)                     # at least one real image
+    with pytest.raises(UserError, match=r"\[0, 1\)"):
+        split_batch(128, 1.0, 1)
+    with pytest.raises(UserError, match="does not divide"):
+        split_batch(100, 0.5, 3)
+
+
+def test_feature_sets_found_by_identity_and_by_key(tmp_path):
+    from pipeline.config import load_config
+    from trainer.targets import find_feature_sets
+    ws = workspace(tmp_path)
+    features = load_config(None).features
+    found = find_feature_sets(tmp_path, ws["real"], ws["gen"], features)
+    assert (found["real"].path, found["generated"].path) == (ws["real_features"], ws["gen_features"])
+    other_real = feature_set(tmp_path, ws["real"], model="m1")          # a second teacher
+    other_gen = feature_set(tmp_path, ws["gen"], model="m1", offset=GEN_OFFSET)
+    with pytest.raises(UserError, match="several feature sets.*pass --features"):
+        find_feature_sets(tmp_path, ws["real"], ws["gen"], features)
+    by_key = find_feature_sets(tmp_path, ws["real"], ws["gen"], features, key=other_gen.name)
+    assert (by_key["real"].path, by_key["generated"].path) == (other_real, other_gen)
+    with pytest.raises(UserError, match="no feature set for digits-train at timestep 200"):
+        find_feature_sets(tmp_path, ws["real"], ws["gen"], load_config(None, {"features.timesteps": [200]}).features)

@@ -1,0 +1,81 @@
+"""Which cached targets a run aligns with: the feature sets of its image sets, from one teacher.
+
+Found by the identity in their meta.json (image-set fingerprint, timestep, layer, pooling) or named by key. Both
+feature sets must come from the same teacher (identical identity apart from the image set), so real and
+generated images are aligned with the same representation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from stores.errors import IntegrityError, UserError
+from stores.features import FeatureSet, list_feature_sets
+from stores.images import ImageSet
+
+
+def _teacher(fs: FeatureSet) -> dict:
+    """The identity apart from the image set: which model, layer, noise level, pooling, flips."""
+    return {k: v for k, v in fs.identity.items() if k not in ("image_set", "image_set_name")}
+
+
+def _matches(fs: FeatureSet, features_cfg) -> bool:
+    i = fs.identity
+    layer_ok = features_cfg.layer == "auto" or i.get("layer") == features_cfg.layer
+    return i.get("timestep") == features_cfg.timesteps[0] and layer_ok and str(i.get("pool")) == str(features_cfg.pool)
+
+
+def _readable(root: Path) -> list[FeatureSet]:
+    sets = []
+    for path in list_feature_sets(root):
+        try:
+            sets.append(FeatureSet(path))
+        except (UserError, IntegrityError):
+            continue                              # damaged sets are `dra-pipe verify`'s business
+    return sets
+
+
+def find_feature_sets(root: Path, real: ImageSet, gen: ImageSet | None, features_cfg,
+                      key: str | None = None) -> dict[str, FeatureSet]:
+    """{"real": set[, "generated": set]}: by `key` (either one; the other must share its teacher) or by config."""
+    sets = _readable(root)
+    if key is not None:
+        chosen = next((f for f in sets if f.key == key), None)
+        if chosen is None:
+            raise UserError(f"no feature set {key} under {root}/features; `dra-pipe ls` lists them")
+        own = {real.fingerprint: "real", **({gen.fingerprint: "generated"} if gen else {})}
+        made_from = chosen.identity.get("image_set")
+        if made_from not in own:
+            names = " or ".join(f"{s.name} ({s.fingerprint[:12]})" for s in (real, gen) if s is not None)
+            raise UserError(f"feature set {key} was computed from image set {str(made_from)[:12]}, not from {names}; "
+                            f"pick a feature set of these images")
+        candidates = {own[made_from]: [chosen]}
+    else:
+        candidates = {"real": [f for f in sets if f.identity.get("image_set") == real.fingerprint and _matches(f, features_cfg)]}
+        if not candidates["real"]:
+            raise UserError(f"no feature set for {real.name} at timestep {features_cfg.timesteps[0]}, layer "
+                            f"{features_cfg.layer}, pool {features_cfg.pool}; run `dra-pipe extract-features` first")
+    pairs = _pairs(sets, real, gen, candidates)
+    if len(pairs) > 1:
+        keys = ", ".join(p["real"].key for p in pairs)
+        raise UserError(f"several feature sets of {real.name} match ({keys}); pass --features KEY")
+    return pairs[0]
+
+
+def _pairs(sets: list[FeatureSet], real: ImageSet, gen: ImageSet | None, candidates: dict) -> list[dict]:
+    """Complete the candidates with the other set's feature set of the same teacher."""
+    if gen is None:
+        return [{"real": f} for f in candidates["real"]]
+    have, need, need_set = ("real", "generated", gen) if "real" in candidates else ("generated", "real", real)
+    pairs = []
+    for f in candidates[have]:
+        others = [o for o in sets if o.identity.get("image_set") == need_set.fingerprint and _teacher(o) == _teacher(f)]
+        pairs += [{have: f, need: o} for o in others]
+    if not pairs:
+        _missing(need_set, candidates[have][0])
+    return pairs
+
+
+def _missing(images: ImageSet, like: FeatureSet):
+    raise UserError(f"no feature set for {images.name} from the same teacher as {like.key} (layer "
+                    f"{like.identity.get('layer')}, timestep {like.identity.get('timestep')}); run "
+                    f"`dra-pipe extract-features` for {images.name}")
