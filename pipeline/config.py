@@ -79,7 +79,11 @@ SCHEMA: dict[str, Any] = {
         "timesteps": _k(list, [100], "DDPM timesteps t in [0, 999]; sigma(t) on the linear schedule", item=int),
         "layer": _k(str, "auto", "diffusion layer to cache; auto = the bottleneck (e.g. dec.8x8_in1)"),
         "pool": _k((str, int), "none", "spatial pooling of targets", choices=("none", "2", "4", "global")),
-        "flip": _k(bool, True, "also store the target of the horizontally flipped image"),
+        "views": _k(int, 4, "augmented views stored per image, each with its exact target (view 0 = the image, with "
+                    "flips view 1 = its mirror); made for train.crop_pad and train.flip", min=1),
+        "views_generated": _k(int, None, "views per image of the generated set; null = features.views", min=1,
+                              nullable=True),
+        "view_seed": _k(int, 0, "seed of each image's view order (views 2.. are distinct random augmentations)", min=0),
         "noise_seed": _k(int, 0, "seed of the noise eps drawn per (seed, sample id, timestep)", min=0),
         "dtype": _k(str, "float16", "stored dtype of targets", choices=("float16",)),
         "compression": _k(str, "none", "compression of target chunks (float16 features barely compress)", choices=("none", "zstd", "blosc")),
@@ -102,7 +106,11 @@ SCHEMA: dict[str, Any] = {
         "attack_steps": _k(int, 10, "PGD steps during training", min=1),
         "attack_step_size": _k(float, 0.05, "PGD step size in [0, 1] pixel units", min=0.0, max=1.0),
         "crop_pad": _k(int, 1, "random-crop padding in pixels (DM-AT: 4 on 32x32)", min=0, max=64),
-        "flip": _k(bool, False, "random horizontal flips (needs flipped targets with DRA; off for digits)"),
+        "flip": _k(bool, False, "random horizontal flips (off for digits: a mirrored digit is another glyph)"),
+        "dra_targets": _k(str, "views", "what DRA aligns with: views = stored targets of stored augmentations (exact), "
+                          "online = the teacher in the step (exact, costs a tapped forward), shifted = the un-augmented "
+                          "target moved by whole cells (an approximation: 60-80% wrong at a U-Net bottleneck)",
+                          choices=("views", "online", "shifted")),
         "ema_decay": _k(float, 0.995, "EMA decay tau (copies the weights for the first 2.5% of the steps)", min=0.0, max=1.0, below_max=True),
         "dra": _k(bool, True, "add the diffusion representation alignment loss (off or lambda 0 = plain (DM-)AT)"),
         "dra_lambda": _k(float, 0.5, "weight of the DRA loss", min=0.0),

@@ -2,8 +2,10 @@
 
 For sample i at noise level sigma: x_sigma = x + sigma * eps, eps drawn from (noise seed, i, timestep) only,
 target = the model's output at `layer` for x_sigma (with the sample's class label for a conditional model),
-optionally pooled, stored float16. With flips, the flipped target is the same layer's output for the
-horizontally flipped x_sigma: exactly what the model says about the flipped training image.
+optionally pooled, stored float16. With V views (stores/views.py), view v's target is the same computation on
+the augmented image a_v(x) (flip, then a zero-padded crop): a_v(x) + sigma * eps, with the image's eps for
+every view. The V views of a batch go through one forward; the trainer's online teacher calls `view_targets`
+on the augmented images it trains on, so both give the same numbers.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from stages.taps import describe_layers, features
 from stores.errors import UserError
 from stores.features import FeatureShardRecord, write_feature_shard
 from stores.images import ImageSet
+from stores.views import all_views, apply_views, ViewSpec
 
 POOLS = ("none", "2", "4", "global")
 
@@ -95,11 +98,11 @@ def check_compatible(model: Denoiser, images: ImageSet) -> None:
 
 
 def feature_identity(images: ImageSet, model_fp: str, layer: str, level: NoiseLevel, noise_seed: int, pool: str,
-                     flip: bool, conditional: bool) -> dict:
+                     views: ViewSpec, conditional: bool) -> dict:
     """What a feature set is: its folder key is a hash of this."""
     return {"image_set": images.fingerprint, "image_set_name": images.name, "model": model_fp, "layer": layer,
             "timestep": level.timestep, "sigma": level.sigma, "noise_stream": level.noise_stream,
-            "noise_seed": noise_seed, "pool": pool, "dtype": "float16", "flip": flip,
+            "noise_seed": noise_seed, "pool": pool, "dtype": "float16", "views": views.identity(),
             "labels": "sample class" if conditional else "none"}
 
 
@@ -112,26 +115,41 @@ def pool_targets(h: torch.Tensor, pool: str) -> torch.Tensor:
     return F.avg_pool2d(h, int(pool))
 
 
-def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
-    """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+def to_model_range(images_uint8) -> torch.Tensor:
+    """(B, H, W, C) uint8 (numpy or torch) -> (B, C, H, W) float32 in [-1, 1]."""
+    return torch.as_tensor(images_uint8).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+
+
+@torch.no_grad()
+def _tapped(model: Denoiser, x: torch.Tensor, eps: torch.Tensor, labels, layer: str, level: NoiseLevel,
+            pool: str) -> torch.Tensor:
+    """Pooled activation at `layer` for x + sigma * eps. x, eps (B, C, H, W) -> (B, Ct, h, w) float32."""
+    x_sigma = x + level.sigma * eps.to(x.device)
+    cond = torch.as_tensor(labels).to(x.device) if model.label_dim else None
+    sigma = torch.full((len(x),), level.sigma, dtype=torch.float64, device=x.device)
+    return pool_targets(features(model, x_sigma, sigma, cond, [layer])[layer].float(), pool)
+
+
+@torch.no_grad()
+def view_targets(model: Denoiser, ids, views_uint8, labels, layer: str, level: NoiseLevel, noise_seed: int,
+                 pool: str) -> torch.Tensor:
+    """Targets of already augmented images (B, H, W, C) uint8, each with its image id's eps: (B, Ct, h, w) float32."""
+    ids = torch.as_tensor(ids).cpu().tolist()
+    x = to_model_range(views_uint8)                                                   # (B, C, H, W)
+    return _tapped(model, x, noise_for(ids, x.shape[1:], noise_seed, level.noise_stream), labels, layer, level, pool)
 
 
 @torch.no_grad()
 def compute_targets(model: Denoiser, ids: np.ndarray, images: np.ndarray, labels: np.ndarray, layer: str,
-                    level: NoiseLevel, noise_seed: int, pool: str, flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Targets (and flipped targets) for one batch, float16 (B, C, h, w)."""
-    x = to_model_range(images)                                                        # (B, C, H, W)
-    eps = noise_for(ids.tolist(), x.shape[1:], noise_seed, level.noise_stream)        # (B, C, H, W)
-    x_sigma = x + level.sigma * eps
-    cond = torch.from_numpy(labels) if model.label_dim else None
-    sigma = torch.full((len(ids),), level.sigma, dtype=torch.float64)
-    out = pool_targets(features(model, x_sigma, sigma, cond, [layer])[layer].float(), pool)
-    flipped = None
-    if flip:
-        h_flip = features(model, torch.flip(x_sigma, dims=[3]), sigma, cond, [layer])[layer].float()
-        flipped = _to_float16(pool_targets(h_flip, pool))
-    return _to_float16(out), flipped
+                    level: NoiseLevel, noise_seed: int, pool: str, views: ViewSpec) -> np.ndarray:
+    """Targets of every view of a batch in one forward: float16 (B, V, Ct, h, w)."""
+    B, V = len(ids), views.count
+    flips, shifts = all_views(views, ids)                                             # (B, V), (B, V, 2)
+    repeated = torch.from_numpy(np.ascontiguousarray(images)).repeat_interleave(V, dim=0)   # (B V, H, W, C)
+    x = to_model_range(apply_views(repeated, flips.reshape(-1), shifts.reshape(-1, 2)))     # (B V, C, H, W)
+    eps = noise_for(ids.tolist(), x.shape[1:], noise_seed, level.noise_stream)        # (B, C, H, W): same for every view
+    out = _tapped(model, x, eps.repeat_interleave(V, dim=0), np.repeat(labels, V), layer, level, pool)
+    return _to_float16(out).reshape(B, V, *out.shape[1:])
 
 
 def _to_float16(h: torch.Tensor) -> np.ndarray:
@@ -145,19 +163,21 @@ class FeaturePayload:
 
     image_set: str           # folder of the image set
     outputs: tuple           # ((feature-set folder, NoiseLevel), ...)
+    views: ViewSpec          # the views every one of them stores
 
 
 class FeatureWorker:
     """Built once per Ray actor (the model loads once); a shard runner worker: compute, then finish."""
 
-    def __init__(self, model_spec: str, layer: str, pool: str, flip: bool, noise_seed: int, batch_size: int):
+    def __init__(self, model_spec: str, layer: str, pool: str, noise_seed: int, batch_size: int):
         self.model = load_model(model_spec)
-        self.layer, self.pool, self.flip = layer, pool, flip
+        self.layer, self.pool = layer, pool
         self.noise_seed, self.batch_size = noise_seed, batch_size
         self._image_sets: dict[str, ImageSet] = {}
 
-    def compute(self, job, progress) -> tuple[float, list[tuple[np.ndarray, np.ndarray | None]]]:
-        """Decode the image shard once, then targets for every noise level, batch by batch."""
+    def compute(self, job, progress) -> tuple[float, list[np.ndarray]]:
+        """Decode the image shard once, then targets of every view for every noise level, batch by batch
+        (batch_size // V images, so a forward holds about batch_size views)."""
         started = time.perf_counter()
         payload: FeaturePayload = job.payload
         images = self._image_sets.setdefault(payload.image_set, ImageSet(Path(payload.image_set)))
@@ -165,22 +185,21 @@ class FeatureWorker:
         if shard.ids[0] != job.first_id or len(shard.ids) != job.count:
             raise RuntimeError(f"image shard {job.index} holds ids {shard.ids[0]}.., the job expects {job.first_id}..")
         parts: list[list] = [[] for _ in payload.outputs]
-        for lo in range(0, job.count, self.batch_size):
-            sl = slice(lo, lo + self.batch_size)
+        step = max(1, self.batch_size // payload.views.count)
+        for lo in range(0, job.count, step):
+            sl = slice(lo, lo + step)
             for out, (_, level) in zip(parts, payload.outputs):
                 out.append(compute_targets(self.model, shard.ids[sl], shard.images[sl], shard.labels[sl], self.layer,
-                                           level, self.noise_seed, self.pool, self.flip))
+                                           level, self.noise_seed, self.pool, payload.views))
             progress(len(shard.ids[sl]))
-        slabs = [(np.concatenate([t for t, _ in out]), np.concatenate([f for _, f in out]) if self.flip else None)
-                 for out in parts]
-        return started, slabs
+        return started, [np.concatenate(out) for out in parts]
 
     def finish(self, job, intermediate) -> list[FeatureShardRecord]:
         """Write one zarr shard per feature set (refused if any value overflowed float16)."""
         started, slabs = intermediate
         ids = np.arange(job.first_id, job.first_id + job.count, dtype=np.int64)
-        return [write_feature_shard(Path(folder), job.index, job.first_id, ids, targets, flipped, started=started)
-                for (folder, _), (targets, flipped) in zip(job.payload.outputs, slabs)]
+        return [write_feature_shard(Path(folder), job.index, job.first_id, ids, targets, started=started)
+                for (folder, _), targets in zip(job.payload.outputs, slabs)]
 
 
 def model_identity(model: Denoiser) -> str:
@@ -188,7 +207,7 @@ def model_identity(model: Denoiser) -> str:
 
 
 def recompute_deviation(model: Denoiser, images: ImageSet, feature_set, k: int, seed: int = 0) -> dict:
-    """Recompute k random cached samples; the largest absolute and relative deviation from the cache."""
+    """Recompute k random cached samples, every view; the largest absolute and relative deviation from the cache."""
     ident = feature_set.identity
     level = NoiseLevel(ident["sigma"], ident["timestep"])
     done = sorted(feature_set.records)
@@ -200,18 +219,21 @@ def recompute_deviation(model: Denoiser, images: ImageSet, feature_set, k: int, 
         index = int(rng.choice(done))
         picks.setdefault(index, set()).add(int(rng.integers(feature_set.records[index].count)))
     worst_abs = worst_rel = 0.0
+    per_view = [0.0] * len(feature_set.target_names())
     checked = 0
     for index, rows in sorted(picks.items()):
         cached = feature_set.read_shard(index)
         shard = images.read_shard(index)
         sel = np.array(sorted(rows))
-        fresh, fresh_flip = compute_targets(model, shard.ids[sel], shard.images[sel], shard.labels[sel], ident["layer"],
-                                            level, ident["noise_seed"], ident["pool"], ident["flip"])
-        pairs = [(fresh, cached["targets"][sel])] + ([(fresh_flip, cached["targets_flip"][sel])] if ident["flip"] else [])
-        for new, old in pairs:
+        views = ViewSpec.from_identity(ident.get("views"))
+        fresh = compute_targets(model, shard.ids[sel], shard.images[sel], shard.labels[sel], ident["layer"],
+                                level, ident["noise_seed"], ident["pool"], views)            # (k, V, Ct, h, w)
+        pairs = [(fresh[:, v], cached[name][sel]) for v, name in enumerate(feature_set.target_names())]
+        for v, (new, old) in enumerate(pairs):                                                # per view
             new, old = new.astype(np.float32), old.astype(np.float32)
             diff = np.abs(new - old).reshape(len(sel), -1).max(axis=1)
             scale = np.maximum(np.abs(old).reshape(len(sel), -1).max(axis=1), 1e-6)
             worst_abs, worst_rel = max(worst_abs, float(diff.max())), max(worst_rel, float((diff / scale).max()))
+            per_view[v] = max(per_view[v], float((diff / scale).max()))
         checked += len(sel)
-    return {"samples": checked, "max_abs": worst_abs, "max_rel": worst_rel}
+    return {"samples": checked, "max_abs": worst_abs, "max_rel": worst_rel, "max_rel_per_view": per_view}

@@ -63,7 +63,7 @@ def _feature_entry(path: Path, image_sets: dict[str, str]) -> Entry:
     shape = "x".join(map(str, f.shape))
     sigma = ident.get("sigma")
     summary = (f"of {images}: {ident.get('layer', '?')} {shape} t={ident.get('timestep', '?')} "
-               f"sigma={sigma if sigma is None else round(sigma, 4)} pool={ident.get('pool', '?')} flip={f.flip}")
+               f"sigma={sigma if sigma is None else round(sigma, 4)} pool={ident.get('pool', '?')} views={f.views}")
     nbytes = sum(v["bytes"] for r in f.records.values() for v in r.files.values())
     return Entry("features", f.key, "targets", sum(r.count for r in f.records.values()), n, len(f.records),
                  shards_total, nbytes, summary)

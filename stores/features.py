@@ -1,4 +1,7 @@
-"""Feature sets: `features/<key>/` = features.zarr (targets, ids[, targets_flip]) + meta.json.
+"""Feature sets: `features/<key>/` = features.zarr (targets, targets_v1 .. targets_v{V-1}, ids) + meta.json.
+
+One float16 array [N, C, h, w] per stored view (stores/views.py): `targets` is view 0 (the image itself),
+`targets_v<v>` view v. layout["views"] = V.
 
 One zarr shard per image shard, so each writer owns whole files; zarr's local store writes every shard file
 under a temporary name and renames it. Inner chunks carry a crc32c, so a flipped byte fails the read instead
@@ -26,8 +29,9 @@ from stores.tarshard import file_sha256_and_size, ShardBuffer
 META_JSON = "meta.json"
 ZARR_NAME = "features.zarr"
 MIN_CHUNK_BYTES = 1 << 20
-ARRAYS_FLIP = ("targets", "ids", "targets_flip")
-ARRAYS = ("targets", "ids")
+def view_array(v: int) -> str:
+    """Name of the array holding view v's targets."""
+    return "targets" if v == 0 else f"targets_v{v}"
 
 
 def feature_key(identity: dict) -> str:
@@ -87,18 +91,22 @@ class FeatureSet:
         return self.path.name
 
     @property
-    def flip(self) -> bool:
-        return self.layout["flip"]
+    def views(self) -> int:
+        """Stored views per image (sets made before views: 1)."""
+        return int(self.layout.get("views", 1))
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.layout["sample_shape"])
 
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(view_array(v) for v in range(self.views))
+
     def array_names(self) -> tuple[str, ...]:
-        return ARRAYS_FLIP if self.flip else ARRAYS
+        return (*self.target_names(), "ids")
 
     def read_shard(self, index: int) -> dict[str, np.ndarray]:
-        """{'ids': (N,), 'targets': (N, C, h, w) float16[, 'targets_flip']} for image shard `index`."""
+        """{'ids': (N,), 'targets': (N, C, h, w) float16[, 'targets_v1', ...]} for image shard `index`."""
         record = self.records.get(index)
         if record is None:
             raise IntegrityError(f"{self.path}: feature shard {index} is not complete (not in {META_JSON}); rerun extract-features")
@@ -174,11 +182,11 @@ class FeatureSetWriter:
     """Create or resume a feature set for one image set. The driver owns meta.json."""
 
     def __init__(self, root: Path, identity: dict, n: int, shard_size: int, sample_shape: tuple[int, int, int],
-                 flip: bool, compression: str = "none", provenance: dict | None = None):
+                 views: int = 1, compression: str = "none", provenance: dict | None = None):
         self.path = feature_set_dir(root, identity)
         self.identity = identity
         self.provenance = provenance or {}       # how to recompute (e.g. the model spec); not part of the identity
-        self.layout = {"n": n, "shard_size": shard_size, "sample_shape": list(sample_shape), "flip": flip,
+        self.layout = {"n": n, "shard_size": shard_size, "sample_shape": list(sample_shape), "views": int(views),
                        "dtype": "float16", "compression": compression}
         self.records: dict[int, FeatureShardRecord] = {}
         meta_path = self.path / META_JSON
@@ -204,8 +212,7 @@ class FeatureSetWriter:
         c, h, w = self.layout["sample_shape"]
         k = inner_chunk_samples(s, c * h * w * 2)
         group = zarr.open_group(store, mode="w")
-        names = ("targets", "targets_flip") if self.layout["flip"] else ("targets",)
-        for name in names:
+        for name in (view_array(v) for v in range(self.layout["views"])):
             group.create_array(name, shape=(n, c, h, w), dtype="float16", chunks=(k, c, h, w), shards=(s, c, h, w),
                                compressors=_compressors(self.layout["compression"]), filters=None, fill_value=np.nan,
                                dimension_names=("sample", "channel", "y", "x"))
@@ -226,18 +233,19 @@ class FeatureSetWriter:
 
 
 def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarray, targets: np.ndarray,
-                        targets_flip: np.ndarray | None = None, started: float | None = None) -> FeatureShardRecord:
+                        started: float | None = None) -> FeatureShardRecord:
     """Write one image shard's slab (any process); return the record the driver adds to meta.json.
 
-    Refuses slabs with inf or nan (float16 overflow) and names the count.
+    targets: (N, V, C, h, w), or (N, C, h, w) for a one-view set. Refuses slabs with inf or nan (float16
+    overflow) and names the count.
     """
     started = time.perf_counter() if started is None else started
     group = zarr.open_group(Path(set_dir) / ZARR_NAME, mode="r+")
-    arrays = {"targets": targets, "ids": ids}
-    if targets_flip is not None:
-        arrays["targets_flip"] = targets_flip
-    if ("targets_flip" in group) != (targets_flip is not None):
-        raise ValueError("flip variants must be written exactly when the feature set stores them")
+    targets = targets[:, None] if targets.ndim == 4 else targets
+    arrays = {view_array(v): targets[:, v] for v in range(targets.shape[1])}
+    if view_array(targets.shape[1]) in group or view_array(targets.shape[1] - 1) not in group:
+        raise ValueError(f"{targets.shape[1]} views written into a feature set that stores another number")
+    arrays["ids"] = ids
     stop = first_id + len(ids)
     for name, values in arrays.items():
         if name != "ids":

@@ -1,4 +1,4 @@
-"""Streaming batches of (id, image, label[, target, target_flip]) from an image set and its feature set.
+"""Streaming batches of (id, image, label[, targets of each stored view]) from an image set and its feature set.
 
 Shards are split across ranks and DataLoader workers (each shard read by exactly one of them), shuffled by
 shard order and within each shard, and decoded into reused buffers. Targets are matched to images by id:
@@ -48,7 +48,7 @@ class PairedShardReader:
         out = {"ids": shard.ids, "images": shard.images, "labels": shard.labels}
         if self.features is None:
             return out
-        for name in ("targets", "targets_flip") if self.features.flip else ("targets",):
+        for name in self.features.target_names():          # targets (view 0), targets_v1, ...
             out[name] = self.features.read_targets_fast(index, name, self._buffer, self._target_buffer(name))
         slab_ids = self.features.read_shard_ids(index)
         if not np.array_equal(slab_ids, shard.ids):

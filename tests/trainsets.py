@@ -1,7 +1,8 @@
 """Small image and feature sets for the trainer's tests, laid out as stage 1 would leave them.
 
-A sample's target encodes where it came from: every value of target i is i (real) or 1000 + i (generated),
-and the flipped target its negative, so any mismatch between an image and its target shows.
+A sample's target encodes where it came from: channel 0 of target i is i (real) or 1000 + i (generated), negated
+in odd views (view 1 = the mirror with flips), and channel 1 is the view v, so any mismatch between an image,
+its view and its target shows.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from stores.features import FeatureSetWriter, write_feature_shard
 from stores.images import ImageSet, ImageSetWriter, make_identity
+from stores.views import ViewSpec
 
 GEN_OFFSET = 1000
 
@@ -32,27 +34,33 @@ def image_set(root: Path, name: str, kind: str, n: int, shard: int, res: int = 8
 
 
 def feature_set(root: Path, images: ImageSet, shape=(8, 4, 4), flip: bool = False, offset: int = 0,
-                model: str = "m0", timestep: int = 100, layer: str = "dec.4x4_in1", pool: str = "none") -> Path:
+                model: str = "m0", timestep: int = 100, layer: str = "dec.4x4_in1", pool: str = "none",
+                views: int | None = None, pad: int = 1) -> Path:
+    """Views made for crop pad `pad` and `flip` (the default train settings: pad 1, no flips); 2 views with flips."""
+    spec = ViewSpec(views or (2 if flip else 1), pad, flip)
     identity = {"image_set": images.fingerprint, "image_set_name": images.name, "model": model, "layer": layer,
-                "timestep": timestep, "sigma": 0.3423, "pool": pool, "flip": flip}
-    w = FeatureSetWriter(root, identity, images.n, images.shard_size, shape, flip)
+                "timestep": timestep, "sigma": 0.3423, "pool": pool, "views": spec.identity()}
+    w = FeatureSetWriter(root, identity, images.n, images.shard_size, shape, spec.count)
     w.begin()
+    sign = np.where(np.arange(spec.count) % 2, -1, 1)
     for p in images.plan():
         ids = np.arange(p.first_id, p.first_id + p.count)
-        targets = (ids[:, None, None, None] + offset + np.zeros((1, *shape))).astype(np.float16)
-        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, targets, -targets if flip else None))
+        targets = np.zeros((p.count, spec.count, *shape))
+        targets[:, :, 0] = (ids[:, None] + offset)[:, :, None, None] * sign[None, :, None, None]
+        targets[:, :, 1] = np.arange(spec.count)[None, :, None, None]
+        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, targets.astype(np.float16)))
     return w.path
 
 
 def workspace(root: Path, n_real: int = 120, n_gen: int = 200, shard: int = 32, features: bool = True,
-              flip: bool = False, shape=(8, 4, 4)) -> dict:
+              flip: bool = False, shape=(8, 4, 4), views: int | None = None, pad: int = 1) -> dict:
     """digits-train, digits-test, digits-gen and (optionally) a feature set for train and gen."""
     real = image_set(root, "digits-train", "real", n_real, shard, seed=1)
     test = image_set(root, "digits-test", "real", 40, shard, seed=2)
     gen = image_set(root, "digits-gen", "generated", n_gen, shard, seed=3) if n_gen else None
     out = {"real": real, "test": test, "gen": gen}
     if features:
-        out["real_features"] = feature_set(root, real, shape, flip)
+        out["real_features"] = feature_set(root, real, shape, flip, views=views, pad=pad)
         if gen is not None:
-            out["gen_features"] = feature_set(root, gen, shape, flip, offset=GEN_OFFSET)
+            out["gen_features"] = feature_set(root, gen, shape, flip, offset=GEN_OFFSET, views=views, pad=pad)
     return out

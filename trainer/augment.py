@@ -1,10 +1,15 @@
-"""Random crop (zero padding) + horizontal flip on uint8 batches, with the cached diffusion target following.
+"""Random crop (zero padding) + horizontal flip on uint8 batches; `train.dra_targets: shifted` moves a cached target.
+
+The exact modes (`views`: stored targets of stored augmentations, `online`: the teacher in the step; see
+trainer/views.py) use only the pixel part here. The rest of this module is the whole-cell shift approximation,
+kept as `train.dra_targets: shifted`: at a U-Net bottleneck its target is 60-80% wrong (relative error against
+the true target of the cropped image, tests/trainer/test_augment.py).
 
 A cached target was computed once on the un-augmented image; the augmented image needs the target of the
 augmented image. The rule, per sample (image H x W, target grid h x w, cell size H/h x W/w pixels):
 
 1. Flip (probability 1/2 when `flip`): the image is mirrored left-right. The target becomes `targets_flip`,
-   the cached target of the mirrored image (extract-features --flip stores it): exact. Without it,
+   view 1 of a feature set made with flips, the cached target of the mirrored image: exact. Without it,
    `torch.flip(targets, [-1])` stands in: an approximation (the diffusion network is not mirror-equivariant).
 2. Crop: the (flipped) image is zero-padded by `pad` on every side and an H x W window taken at offset
    (oy, ox) in [0, 2 pad]^2, i.e. shifted by (dy, dx) = (oy - pad, ox - pad) pixels: out[i, j] = in[i + dy,
@@ -26,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stores.views import apply_views, shift_images
+
 
 def draw_params(batch: int, generator: torch.Generator, pad: int = 4, flip: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,17 +44,6 @@ def draw_params(batch: int, generator: torch.Generator, pad: int = 4, flip: bool
     flips = torch.rand(batch, generator=generator, device=device) < 0.5
     shifts = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator, device=device) - pad
     return flips & flip, shifts
-
-
-def shift_images(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """out[b, i, j] = images[b, i + dy_b, j + dx_b], zero outside. images (B, H, W, ...), shifts (B, 2)."""
-    B, H, W = images.shape[:3]
-    p = int(shifts.abs().max()) if shifts.numel() else 0
-    padded = F.pad(images.movedim((1, 2), (-2, -1)), (p, p, p, p)).movedim((-2, -1), (1, 2))   # (B, H+2p, W+2p, ...)
-    rows = torch.arange(H, device=images.device)[None, :] + shifts[:, :1].to(images.device) + p    # (B, H)
-    cols = torch.arange(W, device=images.device)[None, :] + shifts[:, 1:].to(images.device) + p    # (B, W)
-    b = torch.arange(B, device=images.device)[:, None, None]
-    return padded[b, rows[:, :, None], cols[:, None, :]]                                           # (B, H, W, ...)
 
 
 def cell_shifts(shifts: torch.Tensor, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -112,9 +108,7 @@ def apply_augment(images: torch.Tensor, targets: torch.Tensor | None, targets_fl
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`augment` with given per-sample flips (B,) bool and pixel shifts (B, 2) (dy, dx)."""
     H, W = images.shape[1:3]
-    flips, shifts = flips.to(images.device), shifts.to(images.device)
-    mirrored = torch.where(flips[:, None, None, None], torch.flip(images, [2]), images)           # (B, H, W, C)
-    x = shift_images(mirrored, shifts).permute(0, 3, 1, 2).float().div_(255)                       # (B, C, H, W)
+    x = apply_views(images, flips, shifts).permute(0, 3, 1, 2).float().div_(255)                   # (B, C, H, W)
     if targets is None:
         return x, None, None
     targets_adj, mask = adjust_targets(targets, targets_flip, flips, shifts, (H, W), margin)

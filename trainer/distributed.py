@@ -24,7 +24,7 @@ def _worker(config: dict) -> None:
     dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     torch.set_num_threads(config["threads"])
     on_epoch = (lambda row: print(_epoch_line(row), flush=True)) if dist.main else None
-    summary = train(config["job"], dist, on_epoch=on_epoch)
+    summary = train(config["job"], dist, on_epoch=on_epoch, teacher=config.get("teacher"))
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
 
 
@@ -34,8 +34,11 @@ def _epoch_line(row: dict) -> str:
     return f"epoch {row['epoch']}: {terms}{acc} ({row['images_per_s']:,.0f} images/s)"
 
 
-def train_distributed(job: Job, workers: int, address: str | None = None, num_cpus: int | None = None) -> None:
-    """Run the job on `workers` Ray Train workers (one GPU each when there are GPUs) and wait for the end."""
+def train_distributed(job: Job, workers: int, address: str | None = None, num_cpus: int | None = None,
+                      teacher=None) -> None:
+    """Run the job on `workers` Ray Train workers (one GPU each when there are GPUs) and wait for the end.
+
+    teacher: the online teacher callable; it is pickled to every worker and loads its model there, lazily."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -47,7 +50,7 @@ def train_distributed(job: Job, workers: int, address: str | None = None, num_cp
     try:
         cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
         trainer = TorchTrainer(
-            _worker, train_loop_config={"job": job, "threads": cpus},
+            _worker, train_loop_config={"job": job, "threads": cpus, "teacher": teacher},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -40,6 +40,14 @@ class Job:
     dra_layer: str | None                # classifier layer aligned with the targets
     steps_per_epoch: int
     total_steps: int
+    view_counts: tuple = (0, 0)          # stored views per image of the real and the generated feature set
+    view_seed: int | None = None         # the feature sets' view seed (views mode)
+    mirror_view: bool = False            # view 1 of every feature set used is the image's mirror (made with flips)
+
+    @property
+    def dra_targets(self) -> str | None:
+        """What DRA aligns with (trainer/views.py): views | online | shifted; None without DRA."""
+        return self.settings.get("dra_targets", "views") if self.dra else None
 
     @property
     def dra(self) -> bool:

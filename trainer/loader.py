@@ -21,9 +21,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stores.errors import UserError
-from stores.features import FeatureSet
+from stores.features import FeatureSet, view_array
 from stores.images import ImageSet
 from stores.stream import check_pairing, PairedShardReader, TAKE_MODE
+from trainer.views import view_choices
 
 @dataclass(frozen=True)
 class Source:
@@ -97,8 +98,11 @@ class SlotReader:
         self.row = offset
         self._loaded: tuple | None = None          # (epoch, shard index) whose rows self.rows holds
 
-    def fill(self, out: dict[str, np.ndarray]) -> None:
-        """Copy the next len(out['ids']) samples into the arrays of `out` (ids, images, labels[, targets...])."""
+    def fill(self, out: dict[str, np.ndarray], views: np.ndarray | None = None) -> None:
+        """Copy the next len(out['ids']) samples into the arrays of `out` (ids, images, labels[, targets...]).
+
+        views (n,): with it, out['targets'] gets each sample's chosen stored view and out['views'] the choice.
+        """
         n, done = len(out["ids"]), 0
         while done < n:
             index, lo, hi = self.pieces[self.piece]
@@ -106,6 +110,9 @@ class SlotReader:
             take = min(n - done, hi - lo - self.row)
             pick = rows[lo + self.row:lo + self.row + take]
             for key, array in out.items():
+                if views is not None and key in ("targets", "views"):
+                    _fill_views(array[done:done + take], key, shard, pick, views[done:done + take])
+                    continue
                 np.take(shard[key], pick, axis=0, out=array[done:done + take], mode=TAKE_MODE)
             done += take
             self.row += take
@@ -130,6 +137,15 @@ class SlotReader:
         return self.data, self.rows
 
 
+def _fill_views(out: np.ndarray, key: str, shard: dict, pick: np.ndarray, views: np.ndarray) -> None:
+    if key == "views":
+        out[:] = views
+        return
+    for v in np.unique(views):
+        rows = np.flatnonzero(views == v)
+        out[rows] = shard[view_array(int(v))][pick[rows]]
+
+
 @dataclass(frozen=True)
 class MixPlan:
     """What one rank's loader streams: sources, rows of each per batch, reader layout, start position."""
@@ -143,7 +159,8 @@ class MixPlan:
     world_size: int = 1
     loader_workers: int = 0
     start: int = 0                       # batches this rank has already consumed
-    keys: tuple = ("ids", "images", "labels")   # plus "targets"[, "targets_flip"] when DRA needs them
+    keys: tuple = ("ids", "images", "labels")   # plus "targets"[, "targets_v1"] or "targets", "views" with DRA
+    view_counts: tuple = (0, 0)          # views mode: stored views per image of the real, generated source
 
     @property
     def batch_size(self) -> int:
@@ -165,7 +182,9 @@ def split_batch(batch_size: int, unsup_fraction: float, world_size: int) -> tupl
 
 class MixedStream(IterableDataset):
     """Endless mixed batches for one rank: ids (B,), images (B, H, W, C) uint8, labels (B,), generated (B,) bool,
-    and with targets targets (B, C, h, w) float16 [, targets_flip]. Pass to DataLoader(batch_size=None)."""
+    and with targets targets (B, C, h, w) float16 [, targets_v1 (view 1)]; in views mode targets is each row's
+    drawn stored view and views (B,) int64 says which (trainer.views.view_choices). Pass to
+    DataLoader(batch_size=None)."""
 
     def __init__(self, plan: MixPlan):
         self.plan = plan
@@ -174,6 +193,7 @@ class MixedStream(IterableDataset):
         p = self.plan
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        step = p.start + worker                                   # the training step of this process's next batch
         worker = (p.start + worker) % workers                     # batch `start` comes from this process's first
         slot, slots = p.rank * workers + worker, p.world_size * workers
         done = max(0, -(-(p.start - worker) // workers))          # batches of this slot already consumed
@@ -186,11 +206,23 @@ class MixedStream(IterableDataset):
                 for t in batch.values():
                     t.share_memory_()             # workers hand shared memory over without a copy
             arrays = {k: t.numpy() for k, t in batch.items()}
-            real.fill({k: a[:p.real_rows] for k, a in arrays.items() if k != "generated"})
+            views = self._views(step)
+            real.fill({k: a[:p.real_rows] for k, a in arrays.items() if k != "generated"},
+                      None if views is None else views[:p.real_rows])
             if gen is not None:
-                gen.fill({k: a[p.real_rows:] for k, a in arrays.items() if k != "generated"})
+                gen.fill({k: a[p.real_rows:] for k, a in arrays.items() if k != "generated"},
+                         None if views is None else views[p.real_rows:])
             arrays["generated"][:] = np.arange(p.batch_size) >= p.real_rows
+            step += workers
             yield batch
+
+    def _views(self, step: int) -> np.ndarray | None:
+        """Views mode: the stored view of every row of batch `step` (real rows first)."""
+        p = self.plan
+        if "views" not in p.keys:
+            return None
+        counts = np.array([p.view_counts[0]] * p.real_rows + [p.view_counts[1]] * p.generated_rows)
+        return view_choices(p.seed, p.rank, step, counts)
 
     def _shapes(self, real: SlotReader) -> dict[str, tuple[tuple, torch.dtype]]:
         first = real.reader.images
@@ -200,6 +232,8 @@ class MixedStream(IterableDataset):
             for key in self.plan.keys:
                 if key.startswith("targets"):
                     out[key] = (tuple(real.reader.features.shape), torch.float16)
+        if "views" in self.plan.keys:
+            out["views"] = ((), torch.int64)
         return out
 
 

@@ -2,12 +2,14 @@
 
 One step on a batch of B images (real rows first, then generated) with their cached targets:
 
-    x, t, mask = augment(images, targets, targets_flip)      # (B, C, H, W) in [0, 1]; (B, Ct, h, w); (B, h, w)
+    x, t, mask = align(images, targets)                      # (B, C, H, W) in [0, 1]; (B, Ct, h, w); mask or None
     x_adv      = attack(model, x, y)                         # TRADES: max KL(p(x) || p(x')); PGD-AT: max CE
     logits     = model(x), model(x_adv)                      # (B, classes); the DRA view also yields f (B, Cf, h', w')
     loss       = AT loss + lambda * mean over kept tokens of 1 - cos(head(match_grid(f)), t)
     SGD step at lr_at(step), EMA update
 
+`align` (trainer/views.py, `train.dra_targets`): a stored view's augmentation and its exact target (views), a
+random crop/flip and the online teacher's target of it (online), or the whole-cell shift (shifted).
 An epoch is ceil(N_real / B) steps (DM-AT). At its end: clean and PGD accuracy of the EMA model on the held-out
 split, one line in metrics.jsonl, a checkpoint (also every `checkpoint_every` steps). `dra: off` or lambda 0
 builds no head and reads no targets; every random stream (init, loader, augmentation, attacks) is the same.
@@ -26,13 +28,13 @@ from torch import nn
 
 from stores.images import ImageSet
 from trainer.attacks import pgd_at_loss, pgd_attack, trades_adversary, trades_loss
-from trainer.augment import augment
 from trainer.classifiers import Classifier, build_classifier
 from trainer.dra import ProjectionHead, dra_loss, match_grid
 from trainer.job import Job
 from trainer.loader import MixPlan, make_loader
 from trainer.optim import EMA, lr_at, make_optimizer
 from trainer.runs import RunFolder
+from trainer.views import align, Teacher, views_seen
 
 EMA_WARMUP = 0.025            # DM-AT: the EMA copies the weights for the first 2.5% of the steps
 
@@ -78,8 +80,11 @@ def derived_seed(*parts: int) -> int:
 class Trainer:
     """Model, head, optimizer, EMA and random streams of one rank, and the step that moves them."""
 
-    def __init__(self, job: Job, dist: Dist):
+    def __init__(self, job: Job, dist: Dist, teacher: Teacher | None = None):
         s, self.job, self.dist, self.s = job.settings, job, dist, job.settings
+        if job.dra_targets == "online" and teacher is None:
+            raise ValueError("train.dra_targets: online needs the teacher callable (built by pipeline.plans.teacher)")
+        self.teacher = teacher
         device = dist.device
         torch.manual_seed(s["seed"])
         self.model = build_classifier(s["arch"], job.classes, job.channels, job.resolution, job.mean, job.std).to(device)
@@ -106,10 +111,10 @@ class Trainer:
         """One optimizer step on a batch; returns the detached loss terms."""
         s, dev = self.s, self.dist.device
         on_dev = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        targets = on_dev.get("targets") if self.head is not None else None
-        flipped = on_dev.get("targets_flip") if targets is not None else None
         # random draws on the CPU generator, pixels moved wherever the batch is: the same stream on any device
-        x, t, mask = augment(on_dev["images"], targets, flipped, self.aug_gen, s["crop_pad"], s["flip"])
+        mode = self.job.dra_targets if self.head is not None else None
+        aligned = align(mode, on_dev, s, self.aug_gen, self.job.view_seed, self.teacher)
+        x, t, mask = aligned.x, aligned.targets, aligned.mask
         y = on_dev["labels"]                                                                 # x (B, C, H, W), y (B,)
         with self.autocast():
             x_adv = self.attack(x, y)                                                        # (B, C, H, W) or None
@@ -187,12 +192,16 @@ class Trainer:
 
 
 def mix_plan(job: Job, dist: Dist, start: int = 0) -> MixPlan:
-    """What rank `dist.rank` streams from batch `start` on: targets only with DRA, flipped ones only with flips."""
+    """What rank `dist.rank` streams from batch `start` on: views mode a drawn stored view per sample, shifted mode
+    view 0 (and view 1, the mirror, with flips), online and no DRA no targets."""
     s = job.settings
     real_rows, gen_rows = job.mix()
-    targets = (("targets", "targets_flip") if s["flip"] else ("targets",)) if job.dra else ()
+    mode = job.dra_targets
+    targets = {"views": ("targets", "views"), "online": (), None: (),
+               "shifted": ("targets", "targets_v1") if s["flip"] and job.mirror_view else ("targets",)}[mode]
     return MixPlan(job.real, job.generated, real_rows, gen_rows, s["seed"], dist.rank, dist.world_size,
-                   s["loader_workers"], start, ("ids", "images", "labels") + targets)
+                   s["loader_workers"], start, ("ids", "images", "labels") + targets,
+                   job.view_counts if mode == "views" else (0, 0))
 
 
 # --- evaluation on the held-out split --------------------------------------------------------------------------
@@ -248,11 +257,13 @@ StepHook = Callable[[int, int, dict], None]     # (step, images in the step, los
 
 
 def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train (or resume) the run in job.run_dir to the end; rank 0 writes metrics, checkpoints and final.pt."""
+          on_epoch: Callable[[dict], None] | None = None, teacher: Teacher | None = None) -> dict:
+    """Train (or resume) the run in job.run_dir to the end; rank 0 writes metrics, checkpoints and final.pt.
+
+    teacher: the online teacher (train.dra_targets: online), built by the pipeline; picklable for Ray Train."""
     dist = dist or Dist()
     s, run = job.settings, RunFolder(job.run_dir)
-    trainer = Trainer(job, dist)
+    trainer = Trainer(job, dist, teacher)
     meter = EpochMeter()
     state = run.load_checkpoint()
     if state is not None:
@@ -293,6 +304,8 @@ def _epoch_row(job: Job, trainer: Trainer, meter: EpochMeter, holdout) -> dict:
     s = job.settings
     row = {"epoch": trainer.step // job.steps_per_epoch, "step": trainer.step,
            "lr": lr_at(trainer.step - 1, job.total_steps, s["lr"]), **meter.row(s["batch_size"])}
+    if job.dra:
+        row.update(views_seen(job, trainer.step))
     if holdout is not None:
         row.update(evaluate(trainer.ema.module, *holdout, s["epsilon"], s["holdout_pgd_steps"], s["seed"],
                             trainer.dist.device))

@@ -11,11 +11,38 @@ from pathlib import Path
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSet, list_feature_sets
 from stores.images import ImageSet
+from stores.views import ViewSpec
 
 
 def _teacher(fs: FeatureSet) -> dict:
-    """The identity apart from the image set: which model, layer, noise level, pooling, flips."""
-    return {k: v for k, v in fs.identity.items() if k not in ("image_set", "image_set_name")}
+    """The identity apart from the image set and the view count: model, layer, noise level, pooling, the views'
+    crop pad, flips and seed (real and generated sets may store different numbers of views)."""
+    views = {k: v for k, v in views_of(fs).identity().items() if k != "count"}
+    return {**{k: v for k, v in fs.identity.items() if k not in ("image_set", "image_set_name", "views")},
+            "views": views}
+
+
+def views_of(fs) -> ViewSpec:
+    """The views a feature set stores (a planned one carries its ViewSpec)."""
+    return fs.views if isinstance(getattr(fs, "views", None), ViewSpec) else ViewSpec.from_identity(fs.identity.get("views"))
+
+
+def check_views_match(feats: dict, pad: int, flip: bool) -> None:
+    """Views mode: every feature set's views must have been made for the run's crop pad and flips."""
+    for fs in feats.values():
+        v = views_of(fs)
+        if (v.pad, v.flip) != (pad, flip):
+            raise UserError(f"feature set {fs.key} holds views made for crop pad {v.pad}, flip {'on' if v.flip else 'off'}; "
+                            f"this run augments with crop pad {pad}, flip {'on' if flip else 'off'} (train.crop_pad, "
+                            f"train.flip): extract-features with the run's settings, or change them to the set's")
+
+
+def _prefer(sets: list[FeatureSet], views: ViewSpec | None) -> list[FeatureSet]:
+    """Among matching sets, those whose views are exactly the configured ones, if any."""
+    if views is None:
+        return sets
+    exact = [f for f in sets if views_of(f) == views]
+    return exact or sets
 
 
 def _matches(fs: FeatureSet, features_cfg) -> bool:
@@ -35,8 +62,11 @@ def _readable(root: Path) -> list[FeatureSet]:
 
 
 def find_feature_sets(root: Path, real: ImageSet, gen: ImageSet | None, features_cfg,
-                      key: str | None = None) -> dict[str, FeatureSet]:
-    """{"real": set[, "generated": set]}: by `key` (either one; the other must share its teacher) or by config."""
+                      key: str | None = None, views: dict | None = None) -> dict[str, FeatureSet]:
+    """{"real": set[, "generated": set]}: by `key` (either one; the other must share its teacher) or by config.
+
+    views: {"real": ViewSpec, "generated": ViewSpec} configured; among several matching sets these win."""
+    views = views or {}
     sets = _readable(root)
     if key is not None:
         chosen = next((f for f in sets if f.key == key), None)
@@ -50,25 +80,27 @@ def find_feature_sets(root: Path, real: ImageSet, gen: ImageSet | None, features
                             f"pick a feature set of these images")
         candidates = {own[made_from]: [chosen]}
     else:
-        candidates = {"real": [f for f in sets if f.identity.get("image_set") == real.fingerprint and _matches(f, features_cfg)]}
+        candidates = {"real": _prefer([f for f in sets if f.identity.get("image_set") == real.fingerprint
+                                       and _matches(f, features_cfg)], views.get("real"))}
         if not candidates["real"]:
             raise UserError(f"no feature set for {real.name} at timestep {features_cfg.timesteps[0]}, layer "
                             f"{features_cfg.layer}, pool {features_cfg.pool}; run `dra-pipe extract-features` first")
-    pairs = _pairs(sets, real, gen, candidates)
+    pairs = _pairs(sets, real, gen, candidates, views)
     if len(pairs) > 1:
         keys = ", ".join(p["real"].key for p in pairs)
         raise UserError(f"several feature sets of {real.name} match ({keys}); pass --features KEY")
     return pairs[0]
 
 
-def _pairs(sets: list[FeatureSet], real: ImageSet, gen: ImageSet | None, candidates: dict) -> list[dict]:
+def _pairs(sets: list[FeatureSet], real: ImageSet, gen: ImageSet | None, candidates: dict, views: dict) -> list[dict]:
     """Complete the candidates with the other set's feature set of the same teacher."""
     if gen is None:
         return [{"real": f} for f in candidates["real"]]
     have, need, need_set = ("real", "generated", gen) if "real" in candidates else ("generated", "real", real)
     pairs = []
     for f in candidates[have]:
-        others = [o for o in sets if o.identity.get("image_set") == need_set.fingerprint and _teacher(o) == _teacher(f)]
+        others = _prefer([o for o in sets if o.identity.get("image_set") == need_set.fingerprint
+                          and _teacher(o) == _teacher(f)], views.get(need))
         pairs += [{have: f, need: o} for o in others]
     if not pairs:
         _missing(need_set, candidates[have][0])

@@ -48,7 +48,7 @@ def bench_extract(cfg: Config, console: Console) -> dict:
         pipe = _pipeline(cfg, spec, images.name, work)
     table = Table("path", "images", "seconds", "images/s", title=f"bench extract on {images.name} ({len(images.plan())} "
                   f"shards): {label}, {layer}, {level.label()}, "
-                  f"pool {cfg.features.pool}, flip {cfg.features.flip}, {actors.describe()}")
+                  f"pool {cfg.features.pool}, {_views(cfg, images).label()}, {actors.describe()}")
     table.add_row("bare loop", f"{bare['images']:,}", f"{bare['seconds']:.2f}", f"{bare['rate']:,.1f}")
     table.add_row("pipeline", f"{pipe['images']:,}", f"{pipe['seconds']:.2f}", f"{pipe['rate']:,.1f}")
     console.print(table)
@@ -79,20 +79,27 @@ def _model_spec(cfg: Config, work: Path, resolve_model_spec) -> tuple[str, str]:
         return f"dra:{folder.resolve()}", "untrained network of the fit-diffusion size"
 
 
+def _views(cfg: Config, images: ImageSet):
+    from pipeline.plans.features import views_for
+    return views_for(cfg, images.identity.get("kind", "real"))
+
+
 def _bare(net, images, layer: str, level, cfg: Config, threads: int) -> dict:
+    """The same views per image in a plain loop (batch_size // V images per forward, as the workers do)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    b, f = cfg.features.batch_size, cfg.features
+    f, views = cfg.features, _views(cfg, images)
+    b = max(1, f.batch_size // views.count)
     try:
         first = images.read_shard(images.plan_indices()[0])
-        compute_targets(net, first.ids[:b], first.images[:b], first.labels[:b], layer, level, f.noise_seed, f.pool, f.flip)
+        compute_targets(net, first.ids[:b], first.images[:b], first.labels[:b], layer, level, f.noise_seed, f.pool, views)
         started, count = time.perf_counter(), 0
         for index in images.plan_indices():
             shard = images.read_shard(index)
             for lo in range(0, len(shard.ids), b):
                 sl = slice(lo, lo + b)
                 compute_targets(net, shard.ids[sl], shard.images[sl], shard.labels[sl], layer, level, f.noise_seed,
-                                f.pool, f.flip)
+                                f.pool, views)
             count += len(shard.ids)
         seconds = time.perf_counter() - started
     finally:

@@ -37,7 +37,8 @@ from stores.errors import UserError
 from stores.features import FeatureSetWriter, write_feature_shard
 from stores.identity import short_key
 from stores.images import image_set_dir, ImageSet, ImageSetWriter, make_identity
-from trainer.augment import augment
+from stores.views import distinct_augmentations, ViewSpec
+from trainer.views import align
 from trainer.loader import make_loader
 from trainer.loop import Dist, mix_plan, set_cpu_threads, Trainer
 
@@ -80,13 +81,16 @@ def _build(cfg: Config, work: Path, samples: int, model, layer: str, level, cons
     """Synthetic bench-train / bench-gen sets with feature sets; returns (job, its config)."""
     res, ch, classes = model.img_resolution, model.img_channels, max(model.label_dim, 2)
     shape = target_shape(model, layer, cfg.features.pool)
-    flip = cfg.train.flip
-    work = work / short_key([samples, res, ch, classes, shape, flip, layer, level.timestep, cfg.features.pool,
+    t = cfg.train
+    flip = ViewSpec(min(cfg.features.views, distinct_augmentations(t.crop_pad, t.flip)), t.crop_pad, t.flip,
+                    cfg.features.view_seed)
+    work = work / short_key([samples, res, ch, classes, shape, flip.identity(), layer, level.timestep, cfg.features.pool,
                              cfg.data.shard_size, cfg.data.image_format], 8)      # one folder per data shape
     for name, kind, seed in (("bench-train", "real", 0), ("bench-gen", "generated", 1)):
         _write_set(work, name, kind, samples, res, ch, classes, shape, flip, cfg, layer, level, seed)
     over = dict(cfg)
     over.update({"root": str(work), "data": {**cfg.data, "name": "bench"}, "generate": {**cfg.generate, "name": None},
+                 "features": {**cfg.features, "views": flip.count, "views_generated": None},
                  "train": {**cfg.train, "dra": True, "dra_lambda": cfg.train.dra_lambda or 0.5, "workers": 1,
                            "holdout": 0, "unsup_fraction": cfg.train.unsup_fraction or 0.5}})
     bench_cfg = load_config(None, _flatten(over))
@@ -106,14 +110,13 @@ def _write_set(work, name, kind, n, res, ch, classes, shape, flip, cfg, layer, l
             writer.write(p, rng.integers(0, 256, (p.count, res, res, ch), dtype=np.uint8), rng.integers(0, classes, p.count))
     images = ImageSet(writer.path)
     fid = {"image_set": images.fingerprint, "image_set_name": name, "model": "bench", "layer": layer,
-           "timestep": level.timestep, "sigma": level.sigma, "pool": cfg.features.pool, "flip": flip}
-    fw = FeatureSetWriter(work, fid, n, images.shard_size, shape, flip)
+           "timestep": level.timestep, "sigma": level.sigma, "pool": cfg.features.pool, "views": flip.identity()}
+    fw = FeatureSetWriter(work, fid, n, images.shard_size, shape, flip.count)
     fw.begin()
     for i in fw.pending(images.plan_indices()):
         p = images.plan()[i]
-        t = rng.standard_normal((p.count, *shape)).astype(np.float16)
-        fw.record(write_feature_shard(fw.path, i, p.first_id, np.arange(p.first_id, p.first_id + p.count), t,
-                                      -t if flip else None))
+        t = rng.standard_normal((p.count, flip.count, *shape)).astype(np.float16)
+        fw.record(write_feature_shard(fw.path, i, p.first_id, np.arange(p.first_id, p.first_id + p.count), t))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -138,7 +141,7 @@ def _loader_rate(job, batches: int) -> float:
     started = time.perf_counter()
     for _ in range(batches):
         b = next(it)
-        augment(b["images"], b["targets"], b.get("targets_flip"), gen, job.settings["crop_pad"], job.settings["flip"])
+        align(job.dra_targets, b, job.settings, gen, job.view_seed)
     return batches * plan.batch_size / (time.perf_counter() - started)
 
 
@@ -162,13 +165,10 @@ def _step_times(job, model, layer, level, bench_cfg, steps: int) -> dict[str, li
 
 
 def _with_computed_targets(batch: dict, model, layer: str, level, cfg: Config) -> dict:
-    """The batch with targets from one diffusion forward per image (and per flip), as a naive step would."""
-    t, f = compute_targets(model, batch["ids"].numpy(), batch["images"].numpy(), batch["labels"].numpy(), layer, level,
-                           cfg.features.noise_seed, cfg.features.pool, cfg.train.flip)
-    out = {**batch, "targets": torch.from_numpy(t)}
-    if f is not None:
-        out["targets_flip"] = torch.from_numpy(f)
-    return out
+    """The batch with targets from one diffusion forward per image, as a naive step would."""
+    t = compute_targets(model, batch["ids"].numpy(), batch["images"].numpy(), batch["labels"].numpy(), layer, level,
+                        cfg.features.noise_seed, cfg.features.pool, ViewSpec(1, 0, False))
+    return {**batch, "targets": torch.from_numpy(t[:, 0])}
 
 
 def _report(job, loader_rate: float, times: dict, console: Console) -> dict:

@@ -116,6 +116,9 @@ def show_catalog(root: Path) -> None:
     console.print(table)
 
 
+RECOMPUTE_TOLERANCE = 0.02      # float16 rounding and batching stay far below this
+
+
 def report_recompute(root: Path, path: Path, k: int) -> None:
     """Recompute k cached samples of a feature set with the model recorded in its provenance."""
     from stages.extract import recompute_deviation
@@ -134,5 +137,12 @@ def report_recompute(root: Path, path: Path, k: int) -> None:
     if images.fingerprint != fs.identity["image_set"]:
         raise UserError(f"image set {images.name} changed since feature set {fs.key} was computed (fingerprint differs)")
     result = recompute_deviation(net, images, fs, k)
-    console.print(f"recomputed {result['samples']} samples of {fs.key}: max abs deviation {result['max_abs']:.3g}, "
-                  f"max relative {result['max_rel']:.3g} (float16 storage rounds at ~1e-3 relative)", highlight=False)
+    views = result["max_rel_per_view"]
+    console.print(f"recomputed {result['samples']} samples of {fs.key} ({len(views)} view(s) each): max abs deviation "
+                  f"{result['max_abs']:.3g}, max relative {result['max_rel']:.3g} (float16 storage rounds at ~1e-3 "
+                  f"relative); per view {', '.join(f'v{v} {d:.2g}' for v, d in enumerate(views))}", highlight=False)
+    bad = [v for v, d in enumerate(views) if d > RECOMPUTE_TOLERANCE]
+    if bad:
+        raise IntegrityError(f"feature set {fs.key}: view(s) {', '.join(map(str, bad))} deviate from a recomputation by "
+                             f"more than {RECOMPUTE_TOLERANCE:.0%} (relative); rebuild the set (delete {fs.path}, rerun "
+                             f"extract-features)")

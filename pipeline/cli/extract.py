@@ -29,11 +29,13 @@ class Output:
     level: object            # stages.extract.NoiseLevel
     writer: FeatureSetWriter
     pending: list[int]       # image-shard indices still missing
+    views: object            # stores.views.ViewSpec of the set
 
     @property
     def bytes_per_sample(self) -> int:
         c, h, w = self.writer.layout["sample_shape"]
-        return 2 * c * h * w * (2 if self.writer.layout["flip"] else 1)
+        return 2 * c * h * w * self.writer.layout["views"]
+
 
 
 def register(app: typer.Typer) -> None:
@@ -43,7 +45,7 @@ def register(app: typer.Typer) -> None:
         sigma: Optional[List[float]] = typer.Option(None, "--sigma", help="noise level sigma given directly (instead of --timestep); repeatable"),
         layer: Optional[str] = typer.Option(None, "--layer", help="diffusion layer to cache, e.g. dec.8x8_in1; auto = the bottleneck [config features.layer]"),
         pool: Optional[str] = typer.Option(None, "--pool", help="none | 2 | 4 | global spatial average pooling [config features.pool]"),
-        flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="also store the target of the flipped image [config features.flip]"),
+        views: Optional[int] = typer.Option(None, "--views", help="augmented views per image, each with its exact target, made for train.crop_pad and train.flip [config features.views]"),
         images: Optional[List[str]] = typer.Option(None, "--images", help="image sets (repeatable); default: the real training set and the generated set"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="edm:PATH.pkl | diffusers:DIR | dra:DIR | fit [config model.spec]"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per forward pass [config features.batch_size]"),
@@ -53,7 +55,7 @@ def register(app: typer.Typer) -> None:
         config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
     ):
         """Compute the frozen diffusion model's activations for every image (stage 1b), cached by identity."""
-        cfg = resolve(config, root, {"features.layer": layer, "features.pool": pool, "features.flip": flip,
+        cfg = resolve(config, root, {"features.layer": layer, "features.pool": pool, "features.views": views,
                                      "features.batch_size": batch_size, "model.spec": model, "ray.address": address,
                                      "ray.cpu_actors": workers, "features.timesteps": list(timestep) if timestep else None})
         from pipeline.shards.runner import ShardFailed, WorkerStartError
@@ -95,6 +97,7 @@ def open_image_sets(cfg: Config, names: list[str]) -> list[ImageSet]:
 
 
 def plan_outputs(cfg: Config, spec: str, net, sets: list[ImageSet], levels: list) -> tuple[list[Output], str]:
+    from pipeline.plans.features import views_for
     from stages.extract import check_compatible, check_layer, feature_identity, target_shape
     from stages.fingerprint import model_fingerprint
     layer = check_layer(net, cfg.features.layer)
@@ -103,44 +106,50 @@ def plan_outputs(cfg: Config, spec: str, net, sets: list[ImageSet], levels: list
     outputs = []
     for images in sets:
         check_compatible(net, images)
+        views = views_for(cfg, images.identity.get("kind", "real"))
         for level in levels:
             identity = feature_identity(images, fingerprint, layer, level, cfg.features.noise_seed, cfg.features.pool,
-                                        cfg.features.flip, bool(net.label_dim))
-            writer = FeatureSetWriter(Path(cfg.root), identity, images.n, images.shard_size, shape, cfg.features.flip,
+                                        views, bool(net.label_dim))
+            writer = FeatureSetWriter(Path(cfg.root), identity, images.n, images.shard_size, shape, views.count,
                                       cfg.features.compression, provenance={"model_spec": spec})
-            outputs.append(Output(images, level, writer, writer.pending(images.plan_indices())))
+            outputs.append(Output(images, level, writer, writer.pending(images.plan_indices()), views))
     return outputs, layer
 
 
-def probe_rate(net, images: ImageSet, layer: str, cfg: Config, level) -> float:
-    """Samples/s of the target computation on one batch of real images (for the plan's time estimate)."""
+def probe_rate(net, output: Output, layer: str, cfg: Config) -> float:
+    """Images/s (all their views) of the target computation on one batch (for the plan's time estimate)."""
     from stages.extract import compute_targets
+    from stores.views import ViewSpec
+    images, views = output.images, output.views
     shard = images.read_shard(images.plan_indices()[0])
-    n = min(cfg.features.batch_size, len(shard.ids))
-    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, level, 0, cfg.features.pool, False)
+    n = min(max(1, cfg.features.batch_size // views.count), len(shard.ids))
+    one = ViewSpec(1, 0, False)
+    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, output.level, 0, cfg.features.pool, one)
     started = time.perf_counter()
-    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, level, cfg.features.noise_seed,
-                    cfg.features.pool, cfg.features.flip)
+    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, output.level,
+                    cfg.features.noise_seed, cfg.features.pool, views)
     return n / (time.perf_counter() - started)
 
 
 def print_plan(outputs: list[Output], layer: str, rate: float, workers: int) -> None:
     from rich.table import Table
-    table = Table("image set", "noise level", "feature key", "samples", "bytes/sample", "total", "state")
+    table = Table("image set", "noise level", "feature key", "samples", "views", "bytes/image", "total", "state")
     todo_samples, todo_bytes = 0, 0
     for o in outputs:
         missing = sum(p.count for p in o.images.plan() if p.index in set(o.pending))
         total = o.images.n * o.bytes_per_sample
         state = "cached" if not o.pending else (f"{len(o.pending)} of {len(o.images.plan())} shards to do")
-        table.add_row(o.images.name, o.level.label(), o.writer.path.name, f"{o.images.n:,}", human_bytes(o.bytes_per_sample),
+        table.add_row(o.images.name, o.level.label(), o.writer.path.name, f"{o.images.n:,}", str(o.views.count),
+                      human_bytes(o.bytes_per_sample),
                       human_bytes(total), state)
         todo_samples += missing
         todo_bytes += missing * o.bytes_per_sample
     shape = "x".join(map(str, outputs[0].writer.layout["sample_shape"]))
-    console.print(f"plan: layer {layer}, targets {shape} float16" + (" (+ flipped)" if outputs[0].writer.layout["flip"] else ""))
+    console.print(f"plan: layer {layer}, targets {shape} float16 per view; views made for crop pad "
+                  f"{outputs[0].views.pad}, flip {'on' if outputs[0].views.flip else 'off'}", highlight=False)
     console.print(table)
     hours = todo_samples / max(rate * workers, 1e-9) / 3600
-    console.print(f"to compute: {todo_samples:,} sample-targets, {human_bytes(todo_bytes)} on disk, "
+    console.print(f"to compute: {todo_samples:,} images (all their views), {human_bytes(todo_bytes)} on disk, "
                   f"~{hours * 60:,.1f} min at {rate:,.0f} samples/s per worker x {workers}")
     _pooling_hint(todo_bytes)
 
@@ -162,6 +171,7 @@ def print_planned(cfg: Config, names: list[str], levels: list) -> None:
     """The plan from the configuration: sets that are not here are planned (the real set from the importer, the
     generated one from generate.n), a missing published checkpoint by its architecture; FLOPs of the tap counted."""
     from pipeline.estimates import describe_hours, duration, forward_flops, gpu_hours
+    from pipeline.plans.features import views_for
     from pipeline.plans.inputs import planned_generated, planned_real, teacher_for_plan
     from stages.extract import check_layer, target_shape
     from stages.generate import time_forward
@@ -181,22 +191,27 @@ def print_planned(cfg: Config, names: list[str], levels: list) -> None:
         console.print(f"planned: {planned.describe('dra-pipe import' if name == real_train_set(cfg) else 'dra-pipe generate')}",
                       highlight=False, soft_wrap=True)
         sets.append(planned)
-    views = (2 if cfg.features.flip else 1) * len(levels)          # one tapped forward per view and noise level
-    per_sample = 2 * c * h * w * views
-    samples = sum(s.n for s in sets)
-    tap_flops, full_flops = _tap_flops(net, layer), forward_flops(net)
-    console.print(f"plan: layer {layer}, targets {c}x{h}x{w} float16" + (" (+ flipped)" if cfg.features.flip else "")
-                  + f" at {', '.join(level.label() for level in levels)}", highlight=False)
+    kinds = {real_train_set(cfg): "real"}
+    spec = views_for(cfg, "real")
+    console.print(f"plan: layer {layer}, targets {c}x{h}x{w} float16 per view at "
+                  f"{', '.join(level.label() for level in levels)}; views made for crop pad {spec.pad}, flip "
+                  f"{'on' if spec.flip else 'off'}", highlight=False)
+    forwards, total = 0, 0
     for s in sets:
-        console.print(f"      {s.name}: {s.n:,} samples x {human_bytes(per_sample)} = {human_bytes(s.n * per_sample)}",
+        count = views_for(cfg, kinds.get(s.name, "generated")).count
+        per_image = 2 * c * h * w * count * len(levels)
+        forwards, total = forwards + s.n * count * len(levels), total + s.n * per_image
+        console.print(f"      {s.name}: {s.n:,} images x {count} view(s) x {len(levels)} noise level(s) x "
+                      f"{human_bytes(2 * c * h * w)} = {human_bytes(per_image)} per image, {human_bytes(s.n * per_image)}",
                       highlight=False)
-    console.print(f"compute: {views} tapped forward(s) per image x {tap_flops / 1e9:,.3g} GFLOP (the network up to "
-                  f"{layer}; a full forward is {full_flops / 1e9:,.3g}); "
-                  f"{describe_hours(gpu_hours(samples * views * tap_flops))}", highlight=False, soft_wrap=True)
-    seconds = time_forward(net, 4, 1) * tap_flops / full_flops * views
-    console.print(f"here: ~{duration(samples * seconds / cfg.ray.cpu_actors)} on {cfg.ray.cpu_actors} CPU worker(s) "
+    tap_flops, full_flops = _tap_flops(net, layer), forward_flops(net)
+    console.print(f"compute: one tapped forward per view and noise level ({forwards:,}) x {tap_flops / 1e9:,.3g} GFLOP "
+                  f"(the network up to {layer}; a full forward is {full_flops / 1e9:,.3g}); "
+                  f"{describe_hours(gpu_hours(forwards * tap_flops))}", highlight=False, soft_wrap=True)
+    seconds = time_forward(net, 4, 1) * tap_flops / full_flops
+    console.print(f"here: ~{duration(forwards * seconds / cfg.ray.cpu_actors)} on {cfg.ray.cpu_actors} CPU worker(s) "
                   f"(measured one full forward, scaled to the tap)", highlight=False, soft_wrap=True)
-    _pooling_hint(samples * per_sample)
+    _pooling_hint(total)
     console.print("dry run: nothing written")
 
 
@@ -242,7 +257,7 @@ def run_extract(cfg: Config, sigmas: list[float], names: list[str], dry_run: boo
     if not pending:
         return [o.writer.path for o in outputs]
     check_writable_root(cfg)
-    rate = probe_rate(net, pending[0].images, layer, cfg, pending[0].level)
+    rate = probe_rate(net, pending[0], layer, cfg)
     print_plan(outputs, layer, rate, cfg.ray.cpu_actors)
     if dry_run:
         return []
@@ -268,9 +283,10 @@ def execute(cfg: Config, spec: str, layer: str, outputs: list[Output]):
         for plan in images.plan():
             todo = tuple((str(o.writer.path), o.level) for o in mine if plan.index in o.pending)
             if todo:
-                jobs.append(ShardJob(plan.index, plan.first_id, plan.count, FeaturePayload(str(images.path.resolve()), todo)))
+                payload = FeaturePayload(str(images.path.resolve()), todo, mine[0].views)
+                jobs.append(ShardJob(plan.index, plan.first_id, plan.count, payload))
     writers = {str(o.writer.path): o.writer for o in outputs}
-    factory = partial(FeatureWorker, spec, layer, cfg.features.pool, cfg.features.flip, cfg.features.noise_seed,
+    factory = partial(FeatureWorker, spec, layer, cfg.features.pool, cfg.features.noise_seed,
                       cfg.features.batch_size)
 
     def record(job: ShardJob, results) -> None:

@@ -21,12 +21,13 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs of ceil(N_real / batch) steps [config train.epochs]"),
         workers: Optional[int] = typer.Option(None, "--workers", help="data-parallel Ray Train workers [config train.workers]"),
         features: Optional[str] = typer.Option(None, "--features", help="feature-set key to align with (default: found by the config's features section)"),
+        targets: Optional[str] = typer.Option(None, "--targets", help="views (stored views, exact) | online (teacher in the step, exact) | shifted (approximation) [config train.dra_targets]"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and an estimated time, train nothing"),
         config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
     ):
         """Train a robust classifier (stage 2), streaming images with their cached diffusion targets."""
         cfg = resolve(config, root, {"train.dra": dra, "train.dra_lambda": lam, "train.epochs": epochs,
-                                     "train.workers": workers})
+                                     "train.workers": workers, "train.dra_targets": targets})
         run_train(cfg, name, features, dry_run)
 
 
@@ -49,11 +50,13 @@ def run_train(cfg: Config, name: str | None = None, features: str | None = None,
         console.print(line, highlight=False)
     if status == "resume":
         console.print(f"resuming from {run.checkpoint}", highlight=False)
+    from pipeline.plans.teacher import teacher_for
+    teacher = teacher_for(job, Path(cfg.root))
     if job.settings["workers"] > 1:
         from trainer.distributed import train_distributed
-        train_distributed(job, job.settings["workers"], cfg.ray.address, cfg.ray.num_cpus)
+        train_distributed(job, job.settings["workers"], cfg.ray.address, cfg.ray.num_cpus, teacher)
     else:
-        _train_here(job)
+        _train_here(job, teacher)
     rows = run.read_metrics()
     if rows:
         console.print(f"done: {epoch_line(rows[-1])}", highlight=False)
@@ -66,7 +69,7 @@ def run_train(cfg: Config, name: str | None = None, features: str | None = None,
     return rows[-1] if rows else {}
 
 
-def _train_here(job) -> None:
+def _train_here(job, teacher=None) -> None:
     """Train in this process, with a progress bar of the loss terms and images/s."""
     from trainer.loop import set_cpu_threads, train
     from trainer.runs import RunFolder
@@ -82,7 +85,8 @@ def _train_here(job) -> None:
 
     with RateBar(f"train {job.name}", "steps", total=remaining) as bar:
         try:
-            train(job, on_step=on_step, on_epoch=lambda row: console.print(epoch_line(row), highlight=False))
+            train(job, on_step=on_step, on_epoch=lambda row: console.print(epoch_line(row), highlight=False),
+                  teacher=teacher)
         except KeyboardInterrupt:
             bar.close()
             console.print("interrupted; rerun the same command to resume from the last checkpoint")

@@ -28,7 +28,9 @@ def step_cost(job: Job, device: torch.device | None = None, max_batch: int = 64,
     stays within seconds, a small CNN is timed on a real-sized batch."""
     device = device or torch.device("cpu")
     per_rank = job.settings["batch_size"] // job.settings["workers"]
-    trainer = Trainer(job, Dist(device=device))
+    # online mode: the teacher's tapped forward is not counted here (a stand-in returns zeros)
+    stand_in = (lambda views, ids, labels: torch.zeros(len(ids), *job.target_shape)) if job.dra_targets == "online" else None
+    trainer = Trainer(job, Dist(device=device), stand_in)
     trainer.model.train()
     flops = count_flops(lambda: trainer.train_step(synthetic_batch(job, 1, derived_seed(0))))
     size = int(max(1, min(per_rank, max_batch, budget_flops // max(flops, 1))))
@@ -57,5 +59,6 @@ def synthetic_batch(job: Job, size: int, seed: int) -> dict[str, torch.Tensor]:
              "labels": torch.randint(0, job.classes, (size,), generator=g)}
     if job.dra:
         batch["targets"] = torch.randn((size, *job.target_shape), generator=g).half()
-        batch["targets_flip"] = torch.randn((size, *job.target_shape), generator=g).half()
+        batch["targets_v1"] = torch.randn((size, *job.target_shape), generator=g).half()
+        batch["views"] = torch.zeros(size, dtype=torch.long)             # view 0 of every image
     return batch

@@ -8,6 +8,7 @@ from pipeline.config import Config
 from pipeline.plans.inputs import PlannedImages, teacher_for_plan
 from stages.extract import check_layer, target_shape
 from stores.errors import UserError
+from stores.views import check_views, ViewSpec
 from trainer.job import shape_text
 from trainer.targets import find_feature_sets
 
@@ -18,15 +19,16 @@ class PlannedFeatures:
 
     key: str
     shape: tuple
-    flip: bool
+    views: ViewSpec
 
 
-def feature_sets_for(cfg: Config, real, gen, key: str | None, planned: list[str] | None) -> dict:
+def feature_sets_for(cfg: Config, real, gen, key: str | None, planned: list[str] | None,
+                     views: dict | None = None) -> dict:
     """The stored feature sets; in a dry run, where they (or their image sets) are not there yet, the planned ones."""
     stored = [x for x in (real, gen) if x is not None and not isinstance(x, PlannedImages)]
     if planned is None or (len(stored) == len([x for x in (real, gen) if x is not None])):
         try:
-            return find_feature_sets(Path(cfg.root), real, gen, cfg.features, key)
+            return find_feature_sets(Path(cfg.root), real, gen, cfg.features, key, views)
         except UserError:
             if planned is None:
                 raise
@@ -36,9 +38,20 @@ def feature_sets_for(cfg: Config, real, gen, key: str | None, planned: list[str]
     f = cfg.features
     planned.append(f"feature sets are not here yet (`dra-pipe extract-features` writes them): planned as {layer} at "
                    f"timestep {f.timesteps[0]}, pool {f.pool}, {shape_text(shape)} per image"
-                   + (" and its flip" if f.flip else ""))
-    planned_set = PlannedFeatures(f"(planned: {layer} t={f.timesteps[0]})", shape, bool(f.flip))
-    return {"real": planned_set, **({"generated": planned_set} if gen is not None else {})}
+                   + f", {views_for(cfg, 'real').label()}")
+    real_set = PlannedFeatures(f"(planned: {layer} t={f.timesteps[0]})", shape, views_for(cfg, "real"))
+    gen_set = PlannedFeatures(real_set.key, shape, views_for(cfg, "generated"))
+    return {"real": real_set, **({"generated": gen_set} if gen is not None else {})}
+
+
+def views_for(cfg: Config, kind: str) -> ViewSpec:
+    """The views extract-features stores for a real or generated set: made for the run's crop pad and flips."""
+    f, t = cfg.features, cfg.train
+    count, what = f.views, "features.views (--views)"
+    if kind == "generated" and f.views_generated is not None:
+        count, what = f.views_generated, "features.views_generated"
+    spec = check_views(count, t.crop_pad, t.flip, what)
+    return ViewSpec(spec.count, spec.pad, spec.flip, f.view_seed)
 
 
 def planned_target_shape(cfg: Config) -> tuple[tuple, str, str | None]:

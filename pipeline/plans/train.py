@@ -10,13 +10,14 @@ import math
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.plans.features import PlannedFeatures, feature_sets_for
+from pipeline.plans.features import PlannedFeatures, feature_sets_for, views_for
 from pipeline.plans.inputs import PlannedImages, planned_generated, planned_real
 from pipeline.workflow import real_train_set, training_generated_set
 from stores.errors import UserError
 from stores.images import ImageSet, image_set_dir
 from trainer.job import Job, check_dra_layer, normalisation, shape_text
 from trainer.loader import Source, split_batch
+from trainer.targets import check_views_match, views_of
 
 
 def make_job(cfg: Config, name: str | None = None, features_key: str | None = None,
@@ -37,13 +38,19 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     if gen is not None:
         _check_compatible(real, gen)
     dra = s["dra"] and s["dra_lambda"] > 0
-    feats = feature_sets_for(cfg, real, gen, features_key, planned) if dra else {}
+    mode = s["dra_targets"]
+    feats = feature_sets_for(cfg, real, gen, features_key, planned, _configured_views(cfg, mode)) if dra else {}
+    views = {k: views_of(f) for k, f in feats.items()}
+    if dra and mode == "views":
+        check_views_match(feats, s["crop_pad"], s["flip"])
+    mirror = bool(views) and all(v.flip and v.count >= 2 for v in views.values())
+    if dra and mode == "shifted" and s["flip"] and not mirror:
+        raise UserError(f"feature set {feats['real'].key} stores no mirrored view but train.flip is on; extract with "
+                        f"train.flip: true (view 1 = the mirror) or set train.flip: false")
     holdout = _holdout(real, s["holdout"])
-    real_source = _source(real, feats.get("real"), 0, stop=holdout[0])
-    gen_source = _source(gen, feats.get("generated"), 1) if gen is not None else None
-    if dra and s["flip"] and not all(f.flip for f in feats.values()):
-        raise UserError(f"feature set {feats['real'].key} stores no flipped targets but train.flip is on; extract with "
-                        f"features.flip: true or set train.flip: false")
+    streamed = {} if mode == "online" else feats          # the online teacher computes its targets in the step
+    real_source = _source(real, streamed.get("real"), 0, stop=holdout[0])
+    gen_source = _source(gen, streamed.get("generated"), 1) if gen is not None else None
     mean, std = planned_normalisation(real) if isinstance(real, PlannedImages) else normalisation(real, holdout[0])
     target_shape = tuple(feats["real"].shape) if dra else None
     layer = check_dra_layer(s, real, mean, std, target_shape) if dra else None
@@ -53,7 +60,19 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
                real=real_source, generated=gen_source, holdout=holdout, classes=real.classes, channels=real.channels,
                resolution=real.resolution, mean=mean, std=std, target_shape=target_shape,
                feature_keys={k: f.key for k, f in feats.items()}, dra_layer=layer, steps_per_epoch=steps,
-               total_steps=steps * s["epochs"])
+               total_steps=steps * s["epochs"],
+               view_counts=(views["real"].count if dra else 0, views["generated"].count if "generated" in views else 0),
+               view_seed=views["real"].seed if dra else None, mirror_view=mirror)
+
+
+def _configured_views(cfg: Config, mode: str) -> dict | None:
+    """The views extract-features would store with this config (preferred among several sets); None if invalid."""
+    if mode != "views":
+        return None
+    try:
+        return {"real": views_for(cfg, "real"), "generated": views_for(cfg, "generated")}
+    except UserError:
+        return None
 
 
 def _open_images(root: Path, name: str, how: str, planned: list[str] | None = None, plan=None):
@@ -113,9 +132,21 @@ def describe(job: Job) -> list[str]:
              f"objective {s['objective']}, L-inf eps {s['epsilon']:g}, {s['attack_steps']} steps of "
              f"{s['attack_step_size']:g}; classifier {s['arch']}"]
     if job.dra:
-        lines.append(f"DRA on: lambda {s['dra_lambda']:g}, {s['dra_view']} view, classifier layer {job.dra_layer} -> "
+        lines.append(f"DRA on: lambda {s['dra_lambda']:g}, targets {_targets_text(job)}, {s['dra_view']} view, "
+                     f"classifier layer {job.dra_layer} -> "
                      f"head (hidden {s['dra_hidden']}, depth {s['dra_depth']}) -> targets {shape_text(job.target_shape)}; "
                      f"feature sets {', '.join(f'{k} {v}' for k, v in job.feature_keys.items())}")
     else:
         lines.append("DRA off: plain " + ("DM-AT" if job.generated else "adversarial training") + ", no feature set used")
     return lines
+
+
+def _targets_text(job: Job) -> str:
+    mode = job.dra_targets
+    if mode == "views":
+        counts = f"{job.view_counts[0]} stored views per real image" + (
+            f", {job.view_counts[1]} per generated" if job.generated else "")
+        return f"views ({counts}, exact)"
+    if mode == "online":
+        return "online (the teacher in the step, exact)"
+    return "shifted (whole-cell shift of the un-augmented target: an approximation)"

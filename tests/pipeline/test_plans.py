@@ -112,7 +112,9 @@ def test_train_dry_run_plans_missing_stores_from_the_config(cli, tmp_path):
     text = " ".join(out.split())
     assert "image set cifar10-train is not here yet" in text and "planned as 50,000 images of 3x32x32, 10 classes" in text
     assert "cifar10-gen-20m is not here yet" in text and "planned as 20,000,000 images" in text
-    assert "planned as dec.8x8_in1 at timestep 100, pool none, 256x8x8 per image and its flip" in text
+    assert ("planned as dec.8x8_in1 at timestep 100, pool none, 256x8x8 per image, 16 view(s) for crop pad 4, flip on"
+            in text)
+    assert "targets views (16 stored views per real image, 4 per generated, exact)" in text
     assert "24 steps per epoch (ceil(48976 / 2048)) x 10 epochs = 240 steps" in text
     assert "layer3 -> head (hidden 64, depth 3) -> targets 256x8x8" in text
     per_image = _number(r"compute: ([\d,.]+) GFLOP per training image", text) * 1e9
@@ -159,12 +161,15 @@ def test_extract_dry_run_of_the_real_recipe_plans_without_model_or_images(cli, t
     code, out, err = cli("extract-features", "--dry-run", "-c", CIFAR_YAML, "--root", tmp_path / "ws")
     assert code == 0, err
     text = " ".join(out.split())
-    assert "plan: layer dec.8x8_in1, targets 256x8x8 float16 (+ flipped) at t=100" in text
-    assert "cifar10-train: 50,000 samples x 65.5 KB" in text and "cifar10-gen-20m: 20,000,000 samples x 65.5 KB = 1.3 TB" in text
+    assert "plan: layer dec.8x8_in1, targets 256x8x8 float16 per view at t=100" in text
+    assert "views made for crop pad 4, flip on" in text
+    assert "cifar10-train: 50,000 images x 16 view(s) x 1 noise level(s) x 32.8 KB = 524.3 KB per image, 26.2 GB" in text
+    assert "cifar10-gen-20m: 20,000,000 images x 4 view(s) x 1 noise level(s) x 32.8 KB = 131.1 KB per image, 2.6 TB" in text
     tap = _number(r"x ([\d.]+) GFLOP \(the network up to dec.8x8_in1", text)
     full = _number(r"a full forward is ([\d.]+)\)", text)
     assert full == pytest.approx(42.4, abs=0.05) and tap < full / 2          # the tap skips most of the decoder
-    assert _number(r"~([\d.]+) GPU-hours", text) == pytest.approx(20.05e6 * 2 * tap * 1e9 / 989.4e12 / 0.4 / 3600, rel=0.05)
+    forwards = 20e6 * 4 + 50e3 * 16                                          # one tapped forward per view
+    assert _number(r"~([\d.]+) GPU-hours", text) == pytest.approx(forwards * tap * 1e9 / 989.4e12 / 0.4 / 3600, rel=0.05)
     assert "--pool 2 stores 4x less" in text and not (tmp_path / "ws").exists()
 
 
@@ -196,7 +201,7 @@ def test_dry_runs_of_the_default_plan_everything_before_anything_exists(cli, tmp
     """The digits default in an empty workspace: the model fit-diffusion would train stands in for itself."""
     stand_in = "the model fit-diffusion trains on digits-train is not there yet"
     for command, needle in (("generate", "plan: 5,000 images -> digits-gen"),
-                            ("extract-features", "digits-train: 1,438 samples"),
+                            ("extract-features", "digits-train: 1,438 images x 4 view(s)"),
                             ("train", "11 steps per epoch (ceil(1294 / 128)) x 30 epochs = 330 steps")):
         code, out, err = cli(command, "--dry-run", "--root", tmp_path / "ws")
         text = " ".join(out.split())

@@ -9,18 +9,20 @@ from stores.features import feature_key, feature_set_dir, FeatureSet, FeatureSet
 from stores.images import plan_shards
 
 IDENTITY = {"image_set": "f" * 64, "model": "m" * 64, "layer": "dec.8x8_in1", "sigma": 0.3423, "noise_seed": 0,
-            "pool": "none", "dtype": "float16", "flip": True}
+            "pool": "none", "dtype": "float16", "views": {"count": 2, "pad": 0, "flip": True, "seed": 0}}
 
 
 def build(root, n=10, shard=4, shape=(3, 2, 2), flip=True, identity=IDENTITY, compression="none"):
+    """Two views (view 1 = the negated view 0) with `flip`, else one."""
     rng = np.random.default_rng(1)
     targets = rng.standard_normal((n, *shape)).astype(np.float16)
-    w = FeatureSetWriter(root, identity, n, shard, shape, flip, compression)
+    w = FeatureSetWriter(root, identity, n, shard, shape, 2 if flip else 1, compression)
     w.begin()
     for p in plan_shards(n, shard):
         sl = slice(p.first_id, p.first_id + p.count)
         ids = np.arange(p.first_id, p.first_id + p.count)
-        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, targets[sl], -targets[sl] if flip else None))
+        slab = np.stack([targets[sl], -targets[sl]], axis=1) if flip else targets[sl]       # (n, V, C, h, w)
+        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, slab))
     return FeatureSet(w.path), targets
 
 
@@ -31,7 +33,7 @@ def test_round_trip_by_image_shard(tmp_path, compression):
         slab = fs.read_shard(p.index)
         sl = slice(p.first_id, p.first_id + p.count)
         assert slab["targets"].dtype == np.float16
-        assert np.array_equal(slab["targets"], targets[sl]) and np.array_equal(slab["targets_flip"], -targets[sl])
+        assert np.array_equal(slab["targets"], targets[sl]) and np.array_equal(slab["targets_v1"], -targets[sl])
         assert slab["ids"].tolist() == list(range(p.first_id, p.first_id + p.count))
 
 
@@ -53,11 +55,11 @@ def test_key_follows_identity(tmp_path):
     assert feature_set_dir(tmp_path, IDENTITY).name == feature_key(IDENTITY)
     meta = json.loads((build(tmp_path)[0].path / "meta.json").read_text())
     assert meta["identity"] == IDENTITY and sorted(meta["shards"]) == ["0", "1", "2"]
-    assert set(meta["shards"]["1"]["files"]) == {"targets", "ids", "targets_flip"}
+    assert set(meta["shards"]["1"]["files"]) == {"targets", "ids", "targets_v1"}
 
 
 def test_incomplete_shard_is_not_readable(tmp_path):
-    w = FeatureSetWriter(tmp_path, IDENTITY, 10, 4, (3, 2, 2), False)
+    w = FeatureSetWriter(tmp_path, IDENTITY, 10, 4, (3, 2, 2), 1)
     w.begin()
     w.record(write_feature_shard(w.path, 0, 0, np.arange(4), np.zeros((4, 3, 2, 2), np.float16)))
     fs = FeatureSet(w.path)
@@ -86,7 +88,7 @@ def test_damaged_zarr_shard_fails_read_and_verify(tmp_path, damage, cli):
 
 
 def test_overflow_refused_with_count(tmp_path):
-    w = FeatureSetWriter(tmp_path, IDENTITY, 4, 4, (3, 2, 2), False)
+    w = FeatureSetWriter(tmp_path, IDENTITY, 4, 4, (3, 2, 2), 1)
     w.begin()
     bad = np.zeros((4, 3, 2, 2), np.float32)
     bad[0, 0, 0, 0] = 1e6                  # beyond float16's 65504
@@ -100,7 +102,7 @@ def test_overflow_refused_with_count(tmp_path):
 def test_layout_change_refused(tmp_path):
     build(tmp_path)
     with pytest.raises(UserError, match="exists with layout"):
-        FeatureSetWriter(tmp_path, IDENTITY, 10, 4, (3, 4, 4), True)
+        FeatureSetWriter(tmp_path, IDENTITY, 10, 4, (3, 4, 4), 2)
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
@@ -109,8 +111,8 @@ def test_fast_reader_equals_zarr(tmp_path, compression):
     fs, targets = build(tmp_path, n=150, shard=64, shape=(256, 8, 8), compression=compression)
     buffer, out = ShardBuffer(), np.empty((64, 256, 8, 8), np.float16)
     for index, first in ((0, 0), (1, 64), (2, 128)):      # the last shard is partial (22 samples)
-        got = fs.read_targets_fast(index, "targets_flip", buffer, out)
-        assert np.array_equal(got, fs.read_shard(index)["targets_flip"])
+        got = fs.read_targets_fast(index, "targets_v1", buffer, out)
+        assert np.array_equal(got, fs.read_shard(index)["targets_v1"])
         assert np.array_equal(got, -targets[first:first + 64])
 
 

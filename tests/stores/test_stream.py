@@ -20,11 +20,11 @@ def build(root, n=50, shard=8, fmt="npy", name="s"):
     s = ImageSet(w.path)
     # target of sample i = a pattern that encodes i, so any mismatch between image and target shows
     targets = (np.arange(n)[:, None, None, None] + np.zeros((1, 4, 2, 2))).astype(np.float16)
-    fw = FeatureSetWriter(root, {"image_set": s.fingerprint}, n, shard, (4, 2, 2), True)
+    fw = FeatureSetWriter(root, {"image_set": s.fingerprint}, n, shard, (4, 2, 2), 2)
     fw.begin()
     for p in s.plan():
         sl = slice(p.first_id, p.first_id + p.count)
-        fw.record(write_feature_shard(fw.path, p.index, p.first_id, np.arange(sl.start, sl.stop), targets[sl], -targets[sl]))
+        fw.record(write_feature_shard(fw.path, p.index, p.first_id, np.arange(sl.start, sl.stop), np.stack([targets[sl], -targets[sl]], axis=1)))
     return s, fw.path, images, labels
 
 
@@ -38,7 +38,7 @@ def test_batches_pair_each_image_with_its_target(tmp_path, workers):
         assert torch.equal(batch["images"], torch.from_numpy(images[ids]))
         assert torch.equal(batch["labels"], torch.from_numpy(labels[ids]))
         assert (batch["targets"][:, 0, 0, 0].numpy() == ids.astype(np.float16)).all()
-        assert (batch["targets_flip"][:, 0, 0, 0].numpy() == -ids.astype(np.float16)).all()
+        assert (batch["targets_v1"][:, 0, 0, 0].numpy() == -ids.astype(np.float16)).all()
         seen += ids.tolist()
     assert sorted(seen) == list(range(50))           # every sample once per epoch, none twice
 
@@ -85,7 +85,7 @@ def test_shard_loader_recycles_slots_and_every_kept_batch_stays_intact(tmp_path)
             assert torch.equal(batch["images"], torch.from_numpy(images[ids]))
             assert torch.equal(batch["labels"], torch.from_numpy(labels[ids]))
             assert (batch["targets"][:, 0, 0, 0].numpy() == ids.astype(np.float16)).all()
-            assert (batch["targets_flip"][:, 0, 0, 0].numpy() == -ids.astype(np.float16)).all()
+            assert (batch["targets_v1"][:, 0, 0, 0].numpy() == -ids.astype(np.float16)).all()
             seen += ids.tolist()
         assert sorted(seen) == list(range(200))
 

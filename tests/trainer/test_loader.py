@@ -9,7 +9,7 @@ from stores.features import FeatureSet
 from trainer.loader import MixPlan, Source, epoch_pieces, make_loader, split_batch
 from trainsets import GEN_OFFSET, feature_set, workspace
 
-TARGETS = ("ids", "images", "labels", "targets", "targets_flip")
+TARGETS = ("ids", "images", "labels", "targets", "targets_v1")
 
 
 def sources(ws, stop=None, features=True):
@@ -33,8 +33,8 @@ def test_mixed_batches_pair_every_image_with_its_target(tmp_path, workers):
         ids, gen_rows = batch["ids"].numpy(), batch["generated"].numpy()
         expected = ids + GEN_OFFSET * gen_rows
         assert (batch["targets"][:, 0, 0, 0].numpy() == expected.astype(np.float16)).all()
-        assert (batch["targets"] == batch["targets"][:, :1, :1, :1]).all()
-        assert (batch["targets_flip"][:, 0, 0, 0].numpy() == -expected.astype(np.float16)).all()
+        assert (batch["targets"][:, 0] == batch["targets"][:, :1, :1, :1][:, 0]).all()
+        assert (batch["targets_v1"][:, 0, 0, 0].numpy() == -expected.astype(np.float16)).all()
         for tag in (0, 1):
             rows = gen_rows == tag
             assert np.array_equal(batch["images"].numpy()[rows], images[tag].images[ids[rows]])
@@ -127,3 +127,31 @@ def test_feature_sets_found_by_identity_and_by_key(tmp_path):
     assert (by_key["real"].path, by_key["generated"].path) == (other_real, other_gen)
     with pytest.raises(UserError, match="no feature set for digits-train at timestep 200"):
         find_feature_sets(tmp_path, ws["real"], ws["gen"], load_config(None, {"features.timesteps": [200]}).features)
+
+
+VIEWS = ("ids", "images", "labels", "targets", "views")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_views_mode_streams_each_rows_drawn_view_and_resumes_exactly(tmp_path, workers):
+    ws = workspace(tmp_path, views=4)
+    gen_features = feature_set(tmp_path, ws["gen"], views=3, offset=GEN_OFFSET)
+    real = Source.open(ws["real"], FeatureSet(ws["real_features"]), 0, stop=100)
+    gen = Source.open(ws["gen"], FeatureSet(gen_features), 1)
+    plan = MixPlan(real, gen, 6, 10, seed=3, loader_workers=workers, keys=VIEWS, view_counts=(4, 3))
+    batches = take(plan, 12)
+    drawn = []
+    for batch in batches:
+        ids, gen_rows, views = batch["ids"].numpy(), batch["generated"].numpy(), batch["views"].numpy()
+        assert (views[~gen_rows] < 4).all() and (views[gen_rows] < 3).all() and (views >= 0).all()
+        sign = np.where(views % 2, -1, 1)
+        assert (batch["targets"][:, 0, 0, 0].numpy() == (sign * (ids + GEN_OFFSET * gen_rows)).astype(np.float16)).all()
+        assert (batch["targets"][:, 1, 0, 0].numpy() == views).all()          # the target of the drawn view
+        drawn += views[~gen_rows].tolist()
+    assert set(drawn) == {0, 1, 2, 3}
+    resumed = take(MixPlan(real, gen, 6, 10, seed=3, loader_workers=workers, keys=VIEWS, view_counts=(4, 3), start=5), 7)
+    for a, b in zip(batches[5:], resumed):
+        assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["views"], b["views"])
+        assert torch.equal(a["targets"], b["targets"])
+    other_rank = take(MixPlan(real, gen, 6, 10, seed=3, rank=1, world_size=2, keys=VIEWS, view_counts=(4, 3)), 3)
+    assert any(not torch.equal(a["views"], b["views"]) for a, b in zip(batches, other_rank))

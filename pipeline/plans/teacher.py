@@ -1,0 +1,60 @@
+"""The online teacher (`train.dra_targets: online`): the frozen diffusion model, truncated at the tapped layer,
+computing the target of the exact augmented image inside the training step.
+
+Built by the pipeline and handed to the trainer as a callable, so trainer/ never imports stages/. It is
+picklable (Ray Train ships it to every rank) and loads its model lazily, once per process, on the device of the
+images it is given. Its settings come from the run's feature set: model spec (provenance), layer, noise level,
+noise seed and pooling, so it computes what extract-features stores, with the same eps per image id.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stores.errors import UserError
+from stores.features import FeatureSet
+
+
+class OnlineTeacher:
+    """teacher(views_uint8 (B, H, W, C), ids (B,), labels (B,)) -> targets (B, Ct, h, w) float32, no gradients."""
+
+    def __init__(self, spec: str, layer: str, sigma: float, timestep: int | None, noise_seed: int, pool: str,
+                 fingerprint: str | None = None):
+        self.spec, self.layer, self.sigma, self.timestep = spec, layer, sigma, timestep
+        self.noise_seed, self.pool, self.fingerprint = noise_seed, pool, fingerprint
+        self._model = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_model": None}             # each process loads its own copy
+
+    def _load(self, device: torch.device):
+        from stages.fingerprint import model_fingerprint
+        from stages.models import load_model
+        model = load_model(self.spec)
+        if self.fingerprint is not None and model_fingerprint(model) != self.fingerprint:
+            raise UserError(f"model {self.spec} is not the teacher the feature set was made with (fingerprint "
+                            f"{self.fingerprint[:12]}); point model.spec at that model")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._model = model.eval().to(device)
+        return self._model
+
+    @torch.no_grad()
+    def __call__(self, views_uint8: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from stages.extract import NoiseLevel, view_targets
+        model = self._model or self._load(views_uint8.device)
+        level = NoiseLevel(self.sigma, self.timestep)
+        return view_targets(model, ids, views_uint8, labels, self.layer, level, self.noise_seed, self.pool)
+
+
+def teacher_for(job, root: Path) -> OnlineTeacher | None:
+    """The online teacher of an online-mode job, from its real feature set's identity and recorded model spec."""
+    if job.dra_targets != "online":
+        return None
+    fs = FeatureSet(Path(root) / "features" / job.feature_keys["real"])
+    ident, spec = fs.identity, fs.meta.get("provenance", {}).get("model_spec")
+    if not spec:
+        raise UserError(f"feature set {fs.key} records no model spec; extract it again with dra-pipe extract-features")
+    return OnlineTeacher(spec, ident["layer"], ident["sigma"], ident["timestep"], ident["noise_seed"], str(ident["pool"]),
+                         ident.get("model"))
