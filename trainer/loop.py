@@ -113,7 +113,7 @@ class Trainer:
         on_dev = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         # random draws on the CPU generator, pixels moved wherever the batch is: the same stream on any device
         mode = self.job.dra_targets if self.head is not None else None
-        aligned = align(mode, on_dev, s, self.aug_gen, self.job.view_seed, self.teacher)
+        aligned = align(mode, on_dev, s, self.aug_gen, self.job.view_seed, self.teacher, host=batch)
         x, t, mask = aligned.x, aligned.targets, aligned.mask
         y = on_dev["labels"]                                                                 # x (B, C, H, W), y (B,)
         with self.autocast():

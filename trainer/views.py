@@ -49,14 +49,16 @@ def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def align(mode: str | None, batch: dict, settings: dict, generator: torch.Generator, view_seed: int | None = None,
-          teacher: Teacher | None = None, draw: tuple | None = None) -> Aligned:
+          teacher: Teacher | None = None, draw: tuple | None = None, host: dict | None = None) -> Aligned:
     """The augmented images and what they align with. mode None: no DRA (a random crop/flip, no targets).
 
     draw: (flips, shifts) to use instead of the generator's draw (online and no-DRA modes; for tests).
+    host: the same batch on the CPU, to look its views up without waiting for the device.
     """
     images, pad, flip = batch["images"], settings["crop_pad"], settings["flip"]
     if mode == "views":
-        flips, shifts = view_augmentations(view_seed, batch["ids"], batch["views"], pad, flip)
+        index = host if host is not None else batch
+        flips, shifts = view_augmentations(view_seed, index["ids"], index["views"], pad, flip)
         return Aligned(to_unit(apply_views(images, flips, shifts)), batch["targets"], None, flips, shifts)
     flips, shifts = draw if draw is not None else draw_params(images.shape[0], generator, pad, flip)
     if mode == "online":

@@ -115,3 +115,13 @@ def test_every_mode_trains_and_reports_views_seen(digits, mode):
     assert row["dra"] > 0 and row["visits_real"] == pytest.approx(5 * 32 / 160)
     online = row["views_seen_real_online"]
     assert 0 < row["views_seen_real"] <= online + 1e-9 and online < 50
+
+
+def test_train_targets_flag_and_plan(cli, digits):
+    for mode, needle in (("online", "targets online (the teacher in the step, exact)"),
+                         ("views", "targets views (6 stored views per real image, exact)"),
+                         ("shifted", "targets shifted (whole-cell shift of the un-augmented target: an approximation)")):
+        code, out, err = cli("train", "--dry-run", "--targets", mode, "-c", digits["root"] / "pipeline.yaml")
+        assert code == 0 and needle in " ".join(out.split()), (mode, err)
+    code, _, err = cli("train", "--dry-run", "--targets", "nearest", "-c", digits["root"] / "pipeline.yaml")
+    assert code == 2 and "dra_targets" in err and err.count("\n") == 1
