@@ -95,7 +95,7 @@ def _build(work: Path, samples: int, console: Console) -> dict:
         feature_writers = {}
         for fmt in ("npy", "png"):
             fp = ImageSet(sets[fmt].path).fingerprint
-            feature_writers[fmt] = FeatureSetWriter(work, {"image_set": fp, "bench": True}, samples, SHARD, TARGET_SHAPE, False)
+            feature_writers[fmt] = FeatureSetWriter(work, {"image_set": fp, "bench": True}, samples, SHARD, TARGET_SHAPE, 1)
             feature_writers[fmt].begin()
         for plan in plan_shards(samples, SHARD):
             images = _smooth_images(rng, plan.count)

@@ -82,15 +82,15 @@ def _build(cfg: Config, work: Path, samples: int, model, layer: str, level, cons
     res, ch, classes = model.img_resolution, model.img_channels, max(model.label_dim, 2)
     shape = target_shape(model, layer, cfg.features.pool)
     t = cfg.train
-    flip = ViewSpec(min(cfg.features.views, distinct_augmentations(t.crop_pad, t.flip)), t.crop_pad, t.flip,
+    views = ViewSpec(min(cfg.features.views, distinct_augmentations(t.crop_pad, t.flip)), t.crop_pad, t.flip,
                     cfg.features.view_seed)
-    work = work / short_key([samples, res, ch, classes, shape, flip.identity(), layer, level.timestep, cfg.features.pool,
+    work = work / short_key([samples, res, ch, classes, shape, views.identity(), layer, level.timestep, cfg.features.pool,
                              cfg.data.shard_size, cfg.data.image_format], 8)      # one folder per data shape
     for name, kind, seed in (("bench-train", "real", 0), ("bench-gen", "generated", 1)):
-        _write_set(work, name, kind, samples, res, ch, classes, shape, flip, cfg, layer, level, seed)
+        _write_set(work, name, kind, samples, res, ch, classes, shape, views, cfg, layer, level, seed)
     over = dict(cfg)
     over.update({"root": str(work), "data": {**cfg.data, "name": "bench"}, "generate": {**cfg.generate, "name": None},
-                 "features": {**cfg.features, "views": flip.count, "views_generated": None},
+                 "features": {**cfg.features, "views": views.count, "views_generated": None},
                  "train": {**cfg.train, "dra": True, "dra_lambda": cfg.train.dra_lambda or 0.5, "workers": 1,
                            "holdout": 0, "unsup_fraction": cfg.train.unsup_fraction or 0.5}})
     bench_cfg = load_config(None, _flatten(over))
@@ -99,7 +99,7 @@ def _build(cfg: Config, work: Path, samples: int, model, layer: str, level, cons
     return make_job(bench_cfg, "bench"), bench_cfg
 
 
-def _write_set(work, name, kind, n, res, ch, classes, shape, flip, cfg, layer, level, seed) -> None:
+def _write_set(work, name, kind, n, res, ch, classes, shape, views, cfg, layer, level, seed) -> None:
     identity = make_identity(kind, {"bench": seed}, res, ch, classes, None, "train", cfg.data.shard_size,
                              cfg.data.image_format)
     writer = ImageSetWriter(work, name, identity, n)
@@ -110,12 +110,12 @@ def _write_set(work, name, kind, n, res, ch, classes, shape, flip, cfg, layer, l
             writer.write(p, rng.integers(0, 256, (p.count, res, res, ch), dtype=np.uint8), rng.integers(0, classes, p.count))
     images = ImageSet(writer.path)
     fid = {"image_set": images.fingerprint, "image_set_name": name, "model": "bench", "layer": layer,
-           "timestep": level.timestep, "sigma": level.sigma, "pool": cfg.features.pool, "views": flip.identity()}
-    fw = FeatureSetWriter(work, fid, n, images.shard_size, shape, flip.count)
+           "timestep": level.timestep, "sigma": level.sigma, "pool": cfg.features.pool, "views": views.identity()}
+    fw = FeatureSetWriter(work, fid, n, images.shard_size, shape, views.count)
     fw.begin()
     for i in fw.pending(images.plan_indices()):
         p = images.plan()[i]
-        t = rng.standard_normal((p.count, flip.count, *shape)).astype(np.float16)
+        t = rng.standard_normal((p.count, views.count, *shape)).astype(np.float16)
         fw.record(write_feature_shard(fw.path, i, p.first_id, np.arange(p.first_id, p.first_id + p.count), t))
 
 

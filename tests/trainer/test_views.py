@@ -1,5 +1,7 @@
 """Targets that match what the classifier sees: in `views` mode the trainer applies a stored view's augmentation
 and aligns with its stored target; that target equals the online teacher's for the very same augmented image."""
+import pickle
+
 import pytest
 import torch
 import yaml
@@ -89,6 +91,9 @@ def test_views_targets_equal_the_online_teachers_for_the_same_augmented_images(d
         assert torch.allclose(a, b, rtol=2e-3, atol=2e-3 * b.abs().max().item())
         augmented = batch["views"] != 0                                 # these targets differ from the image's own
         assert (a[augmented] - online_of_view0(teacher, batch)[augmented]).norm() > 0.05 * b[augmented].norm()
+    shipped = pickle.loads(pickle.dumps(teacher))                     # Ray Train ships it; each rank loads its own
+    assert teacher._model is not None and shipped._model is None
+    assert torch.equal(shipped(batch["images"][:4], batch["ids"][:4], batch["labels"][:4]), online_of_view0(teacher, batch)[:4])
 
 
 def online_of_view0(teacher, batch):
