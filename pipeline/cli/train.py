@@ -1,6 +1,7 @@
 """`dra-pipe train`: adversarial training (TRADES / PGD-AT) on real + generated images, with or without DRA."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -32,14 +33,23 @@ def register(app: typer.Typer) -> None:
 
 def run_train(cfg: Config, name: str | None = None, features: str | None = None, dry_run: bool = False) -> dict:
     """Plan, then train (or resume) to the end; returns the last metrics row."""
-    from pipeline.plans.train import describe, make_job
-    from trainer.runs import RunFolder
+    from pipeline.plans.train import make_job
     planned: list[str] | None = [] if dry_run else None
     job = make_job(cfg, name, features, planned)
     if dry_run:
         show_plan(job, planned)
         return {}
     check_writable(Path(cfg.root))
+    with contextlib.ExitStack() as stack:
+        if job.settings["workers"] > 1:            # checked to hold the workers before the run folder is written
+            from trainer.distributed import training_cluster
+            stack.enter_context(training_cluster(job.settings["workers"], cfg.ray.address, cfg.ray.num_cpus))
+        return _prepare_and_train(job)
+
+
+def _prepare_and_train(job) -> dict:
+    from pipeline.plans.train import describe
+    from trainer.runs import RunFolder
     run = RunFolder(job.run_dir)
     status = run.prepare(job.identity(), job.config)
     if status == "finished":
@@ -51,7 +61,11 @@ def run_train(cfg: Config, name: str | None = None, features: str | None = None,
         console.print(f"resuming from {run.checkpoint}", highlight=False)
     if job.settings["workers"] > 1:
         from trainer.distributed import train_distributed
-        train_distributed(job, job.settings["workers"], cfg.ray.address, cfg.ray.num_cpus)
+        try:
+            train_distributed(job, job.settings["workers"])
+        except KeyboardInterrupt:
+            console.print("interrupted; rerun the same command to resume from the last checkpoint")
+            raise typer.Exit(130)
     else:
         _train_here(job)
     rows = run.read_metrics()
