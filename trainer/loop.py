@@ -261,7 +261,7 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
         if dist.main:
             run.truncate_metrics(state["metrics_bytes"])
     holdout = load_holdout(job) if dist.main else None
-    batches = iter(make_loader(trainer.mix_plan()))
+    batches = iter(make_loader(trainer.mix_plan(), pin_memory=dist.device.type == "cuda"))
     trainer.model.train()
     while trainer.step < job.total_steps:
         started = time.perf_counter()
