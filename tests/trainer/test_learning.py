@@ -18,7 +18,7 @@ on average and the DRA loss can fall only by reading the targets out of the clas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -96,10 +96,13 @@ class Run:
     trained: Trainer                 # live weights and head of the last step (checkpoint.pt)
     initial: Trainer                 # the same run before its first step
     data: Digits
+    _accuracy: dict = field(default_factory=dict)
 
     def accuracy(self, eps: float = EVAL_EPS) -> dict[str, float]:
-        """Clean and PGD-10 accuracy of the EMA weights on the test images."""
-        return evaluate(self.ema, self.data.x_test, self.data.y_test, eps, 10, 0, torch.device("cpu"))
+        """Clean and PGD-10 accuracy of the EMA weights on the test images (fixed seed; computed once)."""
+        if eps not in self._accuracy:
+            self._accuracy[eps] = evaluate(self.ema, self.data.x_test, self.data.y_test, eps, 10, 0, torch.device("cpu"))
+        return self._accuracy[eps]
 
 
 class Runs:
@@ -132,11 +135,11 @@ def runs(digits) -> Runs:
     return Runs(digits)
 
 
-def weights_distance(a: dict, b: dict) -> float:
-    """Relative L2 distance of two classifiers' parameters (buffers left out)."""
-    keys = [k for k in a if a[k].is_floating_point() and not k.endswith(("running_mean", "running_var", "mean", "std"))]
-    diff = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in keys)
-    return (diff / sum(float(b[k].double().pow(2).sum()) for k in keys)) ** 0.5
+def weights_distance(a: Classifier, b: Classifier) -> float:
+    """||a - b|| / ||b|| over all parameters of two classifiers of one architecture (buffers left out)."""
+    pa, pb = ({k: p.detach() for k, p in m.named_parameters()} for m in (a, b))
+    diff = sum(float((pa[k] - pb[k]).double().pow(2).sum()) for k in pb)
+    return (diff / sum(float(p.double().pow(2).sum()) for p in pb.values())) ** 0.5
 
 
 def projected_alignment(trainer: Trainer, data: Digits) -> float:
@@ -172,10 +175,11 @@ def test_ema_weights_learn_and_are_an_average_not_a_copy(runs):
     copies the live weights (no distance to them)."""
     run = runs["trades-dra"]
     assert run.accuracy()["clean_acc"] >= 0.8                                  # chance: 0.1
-    ema, live, init = run.ema.state_dict(), run.trained.model.state_dict(), run.initial.model.state_dict()
-    assert all(torch.equal(ema[k], v) for k, v in run.trained.ema.module.state_dict().items())   # final.pt = the EMA
+    ema, live, init = run.ema, run.trained.model, run.initial.model
+    saved = ema.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in run.trained.ema.module.state_dict().items())   # final.pt = the EMA
     assert weights_distance(ema, live) > 5e-4            # measured 0.0024: the learning rate decays to 0 at the end
-    assert weights_distance(ema, init) > 10 * weights_distance(ema, live)
+    assert weights_distance(ema, init) > 10 * weights_distance(ema, live)                  # measured 0.25
 
 
 # --- DRA ----------------------------------------------------------------------------------------------------
@@ -208,7 +212,7 @@ def test_trades_keeps_more_pgd_accuracy_than_clean_training(runs):
     not yet robust at 0.2 itself (a few %), while at half the radius it holds about two thirds of the images,
     a clean-trained model about a quarter. Broken by: TRADES without its KL term (then it is clean training)."""
     trades, clean = runs["trades"].accuracy(), runs["clean"].accuracy()
-    assert trades["pgd_acc"] > clean["pgd_acc"] + 0.2                          # measured 0.66 and 0.20
+    assert trades["pgd_acc"] > clean["pgd_acc"] + 0.3                          # measured 0.66 and 0.20 (no KL: 0.34)
     assert trades["clean_acc"] >= 0.8 and clean["clean_acc"] >= 0.8
 
 
