@@ -32,15 +32,18 @@ def image_set(root: Path, name: str, kind: str, n: int, shard: int, res: int = 8
 
 
 def feature_set(root: Path, images: ImageSet, shape=(8, 4, 4), flip: bool = False, offset: int = 0,
-                model: str = "m0", timestep: int = 100, layer: str = "dec.4x4_in1", pool: str = "none") -> Path:
+                model: str = "m0", timestep: int = 100, layer: str = "dec.4x4_in1", pool: str = "none",
+                targets: np.ndarray | None = None) -> Path:
+    """A feature set for `images`: the id-encoded targets above, or `targets` (N, *shape) as given."""
     identity = {"image_set": images.fingerprint, "image_set_name": images.name, "model": model, "layer": layer,
                 "timestep": timestep, "sigma": 0.3423, "pool": pool, "flip": flip}
     w = FeatureSetWriter(root, identity, images.n, images.shard_size, shape, flip)
     w.begin()
     for p in images.plan():
         ids = np.arange(p.first_id, p.first_id + p.count)
-        targets = (ids[:, None, None, None] + offset + np.zeros((1, *shape))).astype(np.float16)
-        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, targets, -targets if flip else None))
+        shard = (ids[:, None, None, None] + offset + np.zeros((1, *shape))) if targets is None else targets[ids]
+        shard = shard.astype(np.float16)
+        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, shard, -shard if flip else None))
     return w.path
 
 
