@@ -105,6 +105,7 @@ SCHEMA: dict[str, Any] = {
         "epsilon": _k(float, 0.2, "L-inf radius in [0, 1] pixel units (digits: 17 grey levels, so 8/255 is meaningless; CIFAR: 8/255)", min=0.0, max=1.0),
         "attack_steps": _k(int, 10, "PGD steps during training", min=1),
         "attack_step_size": _k(float, 0.05, "PGD step size in [0, 1] pixel units", min=0.0, max=1.0),
+        "attack_start": _k(str, "normal", "start of the TRADES inner attack: normal (x + 0.001 N(0,1), TRADES) or uniform in the eps-ball (DM-AT)", choices=("normal", "uniform")),
         "crop_pad": _k(int, 1, "random-crop padding in pixels (DM-AT: 4 on 32x32)", min=0, max=64),
         "flip": _k(bool, False, "random horizontal flips (off for digits: a mirrored digit is another glyph)"),
         "dra_targets": _k(str, "views", "what DRA aligns with: views = stored targets of stored augmentations (exact), "

@@ -35,8 +35,9 @@ def image_set(root: Path, name: str, kind: str, n: int, shard: int, res: int = 8
 
 def feature_set(root: Path, images: ImageSet, shape=(8, 4, 4), flip: bool = False, offset: int = 0,
                 model: str = "m0", timestep: int = 100, layer: str = "dec.4x4_in1", pool: str = "none",
-                views: int | None = None, pad: int = 1) -> Path:
-    """Views made for crop pad `pad` and `flip` (the default train settings: pad 1, no flips); 2 views with flips."""
+                views: int | None = None, pad: int = 1, targets: np.ndarray | None = None) -> Path:
+    """Views made for crop pad `pad` and `flip` (the default train settings: pad 1, no flips); 2 views with flips.
+    The id-encoded targets above, or `targets` as given: (N, *shape) for every view, or (N, V, *shape)."""
     spec = ViewSpec(views or (2 if flip else 1), pad, flip)
     identity = {"image_set": images.fingerprint, "image_set_name": images.name, "model": model, "layer": layer,
                 "timestep": timestep, "sigma": 0.3423, "pool": pool, "views": spec.identity()}
@@ -45,10 +46,13 @@ def feature_set(root: Path, images: ImageSet, shape=(8, 4, 4), flip: bool = Fals
     sign = np.where(np.arange(spec.count) % 2, -1, 1)
     for p in images.plan():
         ids = np.arange(p.first_id, p.first_id + p.count)
-        targets = np.zeros((p.count, spec.count, *shape))
-        targets[:, :, 0] = (ids[:, None] + offset)[:, :, None, None] * sign[None, :, None, None]
-        targets[:, :, 1] = np.arange(spec.count)[None, :, None, None]
-        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, targets.astype(np.float16)))
+        if targets is not None:                  # (N, *shape): the same for every view, or (N, V, *shape)
+            slab = targets[ids] if targets.ndim == len(shape) + 2 else np.repeat(targets[ids][:, None], spec.count, axis=1)
+        else:
+            slab = np.zeros((p.count, spec.count, *shape))
+            slab[:, :, 0] = (ids[:, None] + offset)[:, :, None, None] * sign[None, :, None, None]
+            slab[:, :, 1] = np.arange(spec.count)[None, :, None, None]
+        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, slab.astype(np.float16)))
     return w.path
 
 

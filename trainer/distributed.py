@@ -7,7 +7,10 @@ are read from the run folder, not from Ray's Result (in Ray 2.60 its `metrics` c
 """
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -34,35 +37,114 @@ def _epoch_line(row: dict) -> str:
     return f"epoch {row['epoch']}: {terms}{acc} ({row['images_per_s']:,.0f} images/s)"
 
 
-def train_distributed(job: Job, workers: int, address: str | None = None, num_cpus: int | None = None,
-                      teacher=None) -> None:
-    """Run the job on `workers` Ray Train workers (one GPU each when there are GPUs) and wait for the end.
+@contextmanager
+def training_cluster(workers: int, address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """The Ray instance the workers will run on, checked to hold them: joined or started here (and shut down
+    after), or the one this process already holds. Enter it before anything is written for the run."""
+    import ray
+    started_here = not ray.is_initialized()
+    if started_here:
+        with _sigint_ignored():        # Ray's processes inherit it: Ctrl-C reaches the driver alone, not the raylet
+            ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                     log_to_driver=True, configure_logging=False)
+    try:
+        use_gpu = torch.cuda.is_available()
+        check_capacity(workers, use_gpu, _alive_resources())
+        reserve_or_refuse(workers, use_gpu, RESOURCE_WAIT_S)
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
 
-    teacher: the online teacher callable; it is pickled to every worker and loads its model there, lazily."""
+
+def train_distributed(job: Job, workers: int, teacher=None) -> None:
+    """Run the job on `workers` Ray Train workers (one GPU each when there are GPUs) and wait for the end;
+    inside `training_cluster`. teacher: the online teacher callable (train.dra_targets: online); it is pickled
+    to every worker and loads its model there, lazily."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     use_gpu = torch.cuda.is_available()
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
+    trainer = _interruptible(TorchTrainer)(
+        _worker, train_loop_config={"job": job, "threads": cpus, "teacher": teacher},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=job.name, storage_path=str(Path(job.run_dir).resolve() / "ray"),
+                             failure_config=FailureConfig(max_failures=0)))
+    previous = signal.getsignal(signal.SIGINT)
     try:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
-        trainer = TorchTrainer(
-            _worker, train_loop_config={"job": job, "threads": cpus, "teacher": teacher},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(name=job.name, storage_path=str(Path(job.run_dir).resolve() / "ray"),
-                                 failure_config=FailureConfig(max_failures=0)))
-        try:
-            trainer.fit()
-        except Exception as exc:
-            raise _user_facing(exc) from None
+        trainer.fit()
+    except Exception as exc:
+        raise _user_facing(exc) from None
     finally:
-        if started_here:
-            ray.shutdown()
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interruptible(trainer_cls: type) -> type:
+    """The trainer class with Ray Train's Ctrl-C handler replaced: Ray's aborts the run and exits the process
+    (status 0 or 1, no word); ours aborts the run too, then raises KeyboardInterrupt, so the CLI says
+    "interrupted; rerun to resume" and exits 130 as single-process training does."""
+    import ray
+
+    class Interruptible(trainer_cls):
+        def _register_sigint_handler(self, controller) -> None:
+            def on_sigint(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)    # a second Ctrl-C stops at once
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:                                            # the controller is gone already
+                    pass
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return Interruptible
+
+
+RESOURCE_WAIT_S = 60.0          # how long the workers may wait for free CPUs/GPUs before the run is refused
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while Ray starts its processes. They inherit the disposition (and Python keeps an ignored
+    SIGINT ignored), so a Ctrl-C in the terminal interrupts only this driver, which shuts Ray down cleanly,
+    instead of killing the raylet and workers mid-call with native stack dumps."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _alive_resources() -> list[dict]:
+    import ray
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_capacity(workers: int, use_gpu: bool, nodes: list[dict]) -> None:
+    """Refuse a worker count the cluster can never hold (Ray Train would wait for it without end)."""
+    kind = "GPU" if use_gpu else "CPU"
+    have = sum(int(n.get(kind, 0)) for n in nodes)
+    if workers > have:
+        raise UserError(f"train.workers is {workers} but the Ray cluster has {have} {kind}{'s' if have != 1 else ''} "
+                        f"(one per worker); pass --workers {max(1, have)} or fewer, or join a larger cluster")
+
+
+def reserve_or_refuse(workers: int, use_gpu: bool, timeout: float) -> None:
+    """Wait at most `timeout` s for the workers' resources to be free at once (other jobs may hold them); the
+    reservation is released right away and Ray Train makes its own."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    bundle = {"CPU": 1, **({"GPU": 1} if use_gpu else {})}
+    group = placement_group([bundle] * workers, strategy="SPREAD")
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=timeout)
+        if not ready:
+            raise UserError(f"{workers} training workers ({bundle}) found no free resources within {timeout:.0f} s: "
+                            f"other jobs hold them (`ray status`); pass a smaller --workers or free the cluster")
+    finally:
+        remove_placement_group(group)
 
 
 def _user_facing(exc: BaseException) -> BaseException:

@@ -237,9 +237,12 @@ class MixedStream(IterableDataset):
         return out
 
 
-def make_loader(plan: MixPlan) -> DataLoader:
-    """The rank's DataLoader over MixedStream; iterate it for as many steps as needed (it never ends)."""
+def make_loader(plan: MixPlan, pin_memory: bool = False) -> DataLoader:
+    """The rank's DataLoader over MixedStream; iterate it for as many steps as needed (it never ends).
+
+    pin_memory: hand batches over in page-locked memory, so the step's `.to(device, non_blocking=True)` copies
+    overlap with compute (on CUDA; on the CPU it only costs a copy)."""
     workers = plan.loader_workers
     # its own generator: creating the iterator must not draw from torch's global RNG (exact resume)
     return DataLoader(MixedStream(plan), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-                      generator=torch.Generator().manual_seed(plan.seed))
+                      generator=torch.Generator().manual_seed(plan.seed), pin_memory=pin_memory)

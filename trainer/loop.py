@@ -137,7 +137,8 @@ class Trainer:
         """Adversarial examples for the objective; TRADES attacks in train mode, PGD-AT in eval mode (DM-AT)."""
         s = self.s
         if s["objective"] == "trades":
-            return trades_adversary(self.model, x, s["epsilon"], s["attack_step_size"], s["attack_steps"], self.attack_gen)
+            return trades_adversary(self.model, x, s["epsilon"], s["attack_step_size"], s["attack_steps"], self.attack_gen,
+                                    start=s["attack_start"])
         if s["objective"] == "pgd-at":
             self.model.eval()
             x_adv = pgd_attack(self.model, x, y, s["epsilon"], s["attack_step_size"], s["attack_steps"],
@@ -215,7 +216,10 @@ def load_holdout(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int, seed: int,
              device: torch.device, batch: int = 512) -> dict[str, float]:
-    """Clean and PGD-`steps` (step 2.5 eps / steps, random start, fixed seed) accuracy of `model` in eval mode."""
+    """Clean and PGD-`steps` (step 2.5 eps / steps, random start, fixed seed) accuracy of `model` in eval mode.
+
+    An image counts as robust only when it is classified correctly both clean and after the attack, as in
+    `dra-pipe eval`, so the held-out PGD accuracy that picks best.pt is never above the clean one."""
     if len(labels) == 0:
         return {}
     model.eval()
@@ -224,10 +228,11 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: 
     for lo in range(0, len(labels), batch):
         x, y = images[lo:lo + batch].to(device), labels[lo:lo + batch].to(device)
         with torch.no_grad():
-            clean += int((model(x).argmax(1) == y).sum())
+            right = model(x).argmax(1) == y                                              # (B,) bool
+        clean += int(right.sum())
         x_adv = pgd_attack(model, x, y, eps, 2.5 * eps / steps, steps, generator=gen)
         with torch.no_grad():
-            robust += int((model(x_adv).argmax(1) == y).sum())
+            robust += int((right & (model(x_adv).argmax(1) == y)).sum())
     return {"clean_acc": clean / len(labels), "pgd_acc": robust / len(labels)}
 
 
@@ -272,7 +277,7 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
         if dist.main:
             run.truncate_metrics(state["metrics_bytes"])
     holdout = load_holdout(job) if dist.main else None
-    batches = iter(make_loader(trainer.mix_plan()))
+    batches = iter(make_loader(trainer.mix_plan(), pin_memory=dist.device.type == "cuda"))
     trainer.model.train()
     while trainer.step < job.total_steps:
         started = time.perf_counter()

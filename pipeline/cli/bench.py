@@ -10,7 +10,7 @@ from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
 from stores.errors import UserError
 
 
-BENCHES = ("stores", "generate", "extract", "sampler", "train")
+BENCHES = ("stores", "generate", "extract", "sampler", "train", "gpu")
 
 
 def register(app: typer.Typer) -> None:
@@ -18,13 +18,15 @@ def register(app: typer.Typer) -> None:
 
 
 def bench_cmd(
-    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train"),
+    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train | gpu"),
     samples: int = typer.Option(100_000, "--samples", help="stores: samples in the synthetic benchmark set"),
     batch: int = typer.Option(512, "--batch", help="stores: batch size of the streaming reader"),
     workers: int = typer.Option(2, "--workers", help="stores: DataLoader worker processes"),
     cold: bool = typer.Option(True, "--cold/--warm-only", help="stores: also time cold passes (drops the page cache; needs root)"),
     n: Optional[int] = typer.Option(None, "--n", help="generate: images to generate per pass"),
-    work_dir: Optional[Path] = typer.Option(None, "--dir", help="where to build benchmark data (default: <root>/bench)"),
+    work_dir: Optional[Path] = typer.Option(None, "--dir", help="where to build benchmark data (default: ROOT/bench)"),
+    smoke: bool = typer.Option(False, "--smoke", help="gpu: the same code paths on the CPU with tiny sizes (about a minute)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="gpu: write the table as JSON here (default: ROOT/bench/gpu/gpu.json)"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Measure a stage against its bare baseline in the same run (ratios, not absolute times)."""
@@ -45,5 +47,8 @@ def bench_cmd(
     elif what == "train":
         from pipeline.bench.train import bench_train
         bench_train(cfg, console, work_dir=work / "train")
+    elif what == "gpu":
+        from pipeline.bench.gpu import bench_gpu
+        bench_gpu(work / ("gpu-smoke" if smoke else "gpu"), console, smoke=smoke, out=out)
     else:
         raise UserError(f"unknown benchmark {what!r}; available: {', '.join(BENCHES)}")

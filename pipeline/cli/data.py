@@ -36,7 +36,7 @@ def config_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 
 def import_cmd(
     importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder"),
-    source: Optional[Path] = typer.Option(None, "--from", help="file or folder to import (CIFAR tarball, .npz, image folder)"),
+    source: Optional[Path] = typer.Option(None, "--from", help="file or folder to import (CIFAR tarball, .npz, image folder) [config data.source, when IMPORTER is data.importer]"),
     name: Optional[str] = typer.Option(None, "--name", help="set name prefix; sets are <name>-<split> (default: the importer)"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="samples per shard [config data.shard_size]"),
     image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless, default) or npy (raw) [config data.image_format]"),
@@ -44,7 +44,8 @@ def import_cmd(
 ):
     """Import a real data set into image stores (one per split)."""
     cfg = resolve(config, root, {"data.shard_size": shard_size, "data.image_format": image_format})
-    run_import(cfg, importer, str(source) if source else None, name)
+    configured = cfg.data.source if importer == cfg.data.importer else None   # data.source belongs to data.importer
+    run_import(cfg, importer, str(source) if source else configured, name or (cfg.data.name if configured else None))
 
 
 def ls_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):

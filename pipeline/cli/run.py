@@ -27,7 +27,7 @@ def run_cmd(
     """Run every stage pipeline.yaml names (run.stages), end to end, reusing what is cached."""
     cfg = resolve(config, root, {"run.seeds": parse_seeds(seeds) if seeds is not None else None})
     run_seeds(cfg)                                 # a bad seed list fails before any stage runs
-    _check_autoattack(cfg)
+    check_autoattack(cfg)
     started = time.perf_counter()
     runs = []
     for stage in cfg.run.stages:
@@ -74,7 +74,7 @@ def _train_variants(cfg: Config) -> list[Config]:
     return variants
 
 
-def _check_autoattack(cfg: Config) -> None:
+def check_autoattack(cfg: Config) -> None:
     """The eval stage needs pyautoattack when eval.autoattack is on: say so before the first stage, not after them."""
     from trainer.evaluate import autoattack_available
     if "eval" in cfg.run.stages and cfg.eval.autoattack and not autoattack_available():
@@ -111,16 +111,21 @@ def _stage_train(cfg: Config, runs: list[str]) -> list[str]:
 
 
 def _stage_eval(cfg: Config, runs: list[str]) -> None:
+    for name in runs or [v.name for v in map(_job_for, _train_variants(cfg))]:
+        evaluate_cached(cfg, name)
+
+
+def evaluate_cached(cfg: Config, name: str) -> None:
+    """Evaluate run `name` unless its eval.json is newer than its weights and made with the same settings."""
     from pipeline.cli.eval import run_eval
     from trainer.classifier_files import find_run
-    for name in runs or [v.name for v in map(_job_for, _train_variants(cfg))]:
-        folder = find_run(Path(cfg.root), name)
-        result = folder.final.with_name("eval.json")
-        weights = folder.weights(cfg.eval.weights)
-        if result.exists() and result.stat().st_mtime >= weights.stat().st_mtime and _same_eval(result, cfg):
-            console.print(f"cached: {result} (newer than the run's weights, same settings)", highlight=False)
-            continue
-        run_eval(cfg, name, None)
+    folder = find_run(Path(cfg.root), name)
+    result = folder.final.with_name("eval.json")
+    weights = folder.weights(cfg.eval.weights)
+    if result.exists() and result.stat().st_mtime >= weights.stat().st_mtime and _same_eval(result, cfg):
+        console.print(f"cached: {result} (newer than the run's weights, same settings)", highlight=False)
+        return
+    run_eval(cfg, name, None)
 
 
 def _job_for(cfg: Config):

@@ -1,6 +1,7 @@
 """`dra-pipe train`: adversarial training (TRADES / PGD-AT) on real + generated images, with or without DRA."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -33,14 +34,25 @@ def register(app: typer.Typer) -> None:
 
 def run_train(cfg: Config, name: str | None = None, features: str | None = None, dry_run: bool = False) -> dict:
     """Plan, then train (or resume) to the end; returns the last metrics row."""
-    from pipeline.plans.train import describe, make_job
-    from trainer.runs import RunFolder
+    from pipeline.plans.train import make_job
     planned: list[str] | None = [] if dry_run else None
     job = make_job(cfg, name, features, planned)
     if dry_run:
         show_plan(job, planned)
         return {}
     check_writable(Path(cfg.root))
+    from pipeline.plans.teacher import teacher_for
+    teacher = teacher_for(job, Path(cfg.root))             # online mode: checked before the run folder is written
+    with contextlib.ExitStack() as stack:
+        if job.settings["workers"] > 1:            # checked to hold the workers before the run folder is written
+            from trainer.distributed import training_cluster
+            stack.enter_context(training_cluster(job.settings["workers"], cfg.ray.address, cfg.ray.num_cpus))
+        return _prepare_and_train(job, teacher)
+
+
+def _prepare_and_train(job, teacher=None) -> dict:
+    from pipeline.plans.train import describe
+    from trainer.runs import RunFolder
     run = RunFolder(job.run_dir)
     status = run.prepare(job.identity(), job.config)
     if status == "finished":
@@ -50,11 +62,13 @@ def run_train(cfg: Config, name: str | None = None, features: str | None = None,
         console.print(line, highlight=False)
     if status == "resume":
         console.print(f"resuming from {run.checkpoint}", highlight=False)
-    from pipeline.plans.teacher import teacher_for
-    teacher = teacher_for(job, Path(cfg.root))
     if job.settings["workers"] > 1:
         from trainer.distributed import train_distributed
-        train_distributed(job, job.settings["workers"], cfg.ray.address, cfg.ray.num_cpus, teacher)
+        try:
+            train_distributed(job, job.settings["workers"], teacher)
+        except KeyboardInterrupt:
+            console.print("interrupted; rerun the same command to resume from the last checkpoint")
+            raise typer.Exit(130)
     else:
         _train_here(job, teacher)
     rows = run.read_metrics()

@@ -7,6 +7,7 @@ The trainer knows stage 1 only through the stores: the real training set `<prefi
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from pipeline.config import Config
@@ -33,6 +34,7 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     real = _open_images(root, real_train_set(cfg), "dra-pipe import", planned, lambda: planned_real(cfg))
     fraction = s["unsup_fraction"]
     split_batch(s["batch_size"], fraction, s["workers"])
+    check_loader_workers(s["loader_workers"], os.cpu_count() or 1)
     gen = _open_images(root, training_generated_set(cfg), "dra-pipe generate", planned,
                        lambda: planned_generated(cfg, real)) if fraction > 0 else None
     if gen is not None:
@@ -73,6 +75,13 @@ def _configured_views(cfg: Config, mode: str) -> dict | None:
         return {"real": views_for(cfg, "real"), "generated": views_for(cfg, "generated")}
     except UserError:
         return None
+
+
+def check_loader_workers(loader_workers: int, cpus: int) -> None:
+    """More DataLoader processes than CPUs only contend with the step (and with each other)."""
+    if loader_workers > cpus:
+        raise UserError(f"train.loader_workers is {loader_workers} but this machine has {cpus} CPUs; set "
+                        f"train.loader_workers to {cpus} or fewer")
 
 
 def _open_images(root: Path, name: str, how: str, planned: list[str] | None = None, plan=None):

@@ -37,7 +37,10 @@ def plan_actors(nodes: Sequence[dict], cpu_actors: int) -> ActorPlan:
     cpus = [int(n.get("CPU", 0)) for n in nodes if int(n.get("CPU", 0)) > 0]
     if not cpus:
         raise UserError("the Ray cluster has no CPUs or GPUs to run workers on")
-    actors = max(1, min(cpu_actors, sum(cpus)))
+    if cpu_actors > sum(cpus):
+        raise UserError(f"{cpu_actors} CPU workers asked (ray.cpu_actors) but the Ray cluster has {sum(cpus)} CPUs; "
+                        f"pass --workers {sum(cpus)} or fewer")
+    actors = max(1, cpu_actors)
     per = next(c for c in range(max(cpus), 0, -1) if sum(n // c for n in cpus) >= actors)
     return ActorPlan(actors, per, 0, per)
 

@@ -29,6 +29,9 @@ from pipeline.shards.cluster import ActorPlan
 from stores.manifest import ShardJob
 
 
+START_WAIT_S = 600.0      # how long workers may wait for the cluster's resources before the stage gives up
+
+
 class ShardFailed(RuntimeError):
     """A shard failed on every attempt; the job stopped."""
 
@@ -115,13 +118,19 @@ class _Driver:
         handle = self.actor_cls.remote(self.factory, self.plan.threads)
         return _Slot(name, handle, self.in_flight)
 
-    def start(self, patience: float = 60.0) -> None:
-        """Create the actors and build their workers; say so while the cluster keeps them waiting."""
+    def start(self, patience: float = 60.0, max_wait: float = START_WAIT_S) -> None:
+        """Create the actors and build their workers; say so while the cluster keeps them waiting, and give up
+        after `max_wait` seconds (other jobs may hold the resources for ever)."""
         started = time.perf_counter()
         self.slots = [self._new_slot(f"w{i}") for i in range(self.plan.actors)]
         waiting = {slot.handle.setup.remote(): slot for slot in self.slots}
         while waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=patience)
+            if time.perf_counter() - started > max_wait:
+                raise WorkerStartError(f"{len(waiting)} of {self.plan.describe()} did not start within {max_wait:.0f} s: "
+                                       f"the cluster's CPUs/GPUs are held by other jobs (`ray status`); pass a smaller "
+                                       f"--workers or free the cluster")
+            left = max_wait - (time.perf_counter() - started)
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=max(0.1, min(patience, left)))
             if not ready:
                 self.on_event(f"still waiting for {len(waiting)} worker(s) to start ({self.plan.describe()}): "
                               f"are the cluster's CPUs/GPUs taken by other jobs? (`ray status`)")
@@ -244,11 +253,12 @@ def run_shards(jobs: Sequence[ShardJob], factory: Callable[[], ShardWorker], pla
                max_attempts: int, record: Callable[[ShardJob, Any], None],
                on_progress: Callable[[Progress], None] | None = None,
                on_event: Callable[[str], None] | None = None,
-               in_flight: int = 2, poll_seconds: float = 0.5) -> RunSummary:
+               in_flight: int = 2, poll_seconds: float = 0.5, start_wait: float = START_WAIT_S) -> RunSummary:
     """Run every job on `plan.actors` actors of the connected Ray instance; record(job, result) per finished shard.
 
     Raises ShardFailed when a shard fails `max_attempts` times (an actor dying during a shard counts as
-    a failure of the shards it held), WorkerStartError when the factory fails, and passes
+    a failure of the shards it held), WorkerStartError when the factory fails or the actors cannot start
+    within `start_wait` seconds, and passes
     KeyboardInterrupt on. Actors are always killed at the end; recorded shards stay recorded.
     """
     if not jobs:
@@ -257,7 +267,7 @@ def run_shards(jobs: Sequence[ShardJob], factory: Callable[[], ShardWorker], pla
         raise ValueError("max_attempts and in_flight must be at least 1")
     driver = _Driver(factory, plan, max_attempts, record, on_progress, on_event, in_flight, poll_seconds)
     try:
-        driver.start()
+        driver.start(max_wait=start_wait)
         return driver.run(jobs)
     finally:
         driver.stop()

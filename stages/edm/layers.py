@@ -1,9 +1,11 @@
-"""Building blocks of the EDM networks (DDPM++, NCSN++ and ADM U-Nets).
+"""Layers of the EDM U-Nets, written from Karras et al. (2022, appendix F) and the DDPM++/NCSN++
+(Song et al. 2021) and ADM (Dhariwal & Nichol 2021) papers.
 
-Module and tensor names follow the official NVlabs/edm code (`weight`, `bias`, `resample_filter`,
-`norm0`, `conv0`, `affine`, `qkv`, ...) so that official state dicts load by name. Every layer casts
-its parameters to the input dtype, so a float16 input runs the layer in float16; attention
-weights are always computed in float32.
+The attribute names that hold tensors (`weight`, `bias`, `resample_filter`, `freqs`, and in a block
+`norm0`, `conv0`, `affine`, `norm1`, `conv1`, `skip`, `norm2`, `qkv`, `proj`) are the names used
+in the published checkpoints, so those tensors load by name. Each layer casts its parameters to the
+dtype of its input, so a float16 input runs the layer in float16; attention scores and their softmax
+are always formed in float32.
 """
 from __future__ import annotations
 
@@ -16,47 +18,54 @@ from torch import nn
 
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
-    """Random initial weights for `shape` by one of the four EDM init modes."""
-    if mode == "xavier_uniform":
-        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
-    if mode == "xavier_normal":
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
-    if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
-    if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f"unknown init mode {mode!r}: use xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal")
+    """A random tensor with variance 1 / fan, from a uniform or a normal law.
+
+    `xavier_*` take fan as the mean of fan_in and fan_out, `kaiming_*` take fan_in. U(-a, a) with
+    a = sqrt(3 / fan) has the same variance as N(0, 1 / fan).
+    """
+    family, _, law = mode.partition("_")
+    if family not in ("xavier", "kaiming") or law not in ("uniform", "normal"):
+        raise ValueError(f"unknown init mode {mode!r}: use xavier_uniform, xavier_normal, "
+                         f"kaiming_uniform or kaiming_normal")
+    fan = fan_in if family == "kaiming" else (fan_in + fan_out) / 2
+    if law == "normal":
+        return math.sqrt(1 / fan) * torch.randn(*shape)
+    return math.sqrt(3 / fan) * (2 * torch.rand(*shape) - 1)
+
+
+def _init_param(shape: Sequence[int], gain: float, **law) -> nn.Parameter:
+    """A parameter drawn by `weight_init` and multiplied by `gain` (0 gives a zero start)."""
+    return nn.Parameter(weight_init(shape, **law) * gain)
 
 
 def resample_kernel(taps: Sequence[float]) -> torch.Tensor:
-    """Separable 2-D resampling filter from 1-D taps, normalised to sum 1: (1, 1, k, k)."""
-    f = torch.as_tensor(list(taps), dtype=torch.float32)
-    return (torch.outer(f, f) / f.sum().square())[None, None]
+    """The 2-D FIR kernel (1, 1, k, k) of 1-D taps: their outer product, scaled to sum to one."""
+    t = torch.as_tensor(list(taps), dtype=torch.float32)                       # (k,)
+    return (t[:, None] * t[None, :] / t.sum() ** 2).reshape(1, 1, len(t), len(t))
 
 
 class Linear(nn.Module):
-    """Fully connected layer y = x W^T + b with EDM initialisation."""
+    """Affine map y = x W^T + b; W is (out_features, in_features)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  init_mode: str = "kaiming_normal", init_weight: float = 1, init_bias: float = 0):
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
-        self.bias = nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+        law = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _init_param((out_features, in_features), init_weight, **law)
+        self.bias = _init_param((out_features,), init_bias, **law) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), b)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class Conv2d(nn.Module):
-    """Square convolution with optional 2x up- or downsampling through a fixed FIR filter.
+    """k x k convolution ("same" padding), optionally with a 2x FIR up- or downsampling.
 
-    `kernel=0` gives a parameter-free resampler. With `fused_resample` the filter and the
-    convolution are applied in the cheaper order (filter after a downsampling conv, before an
-    upsampling one); the unfused order resamples first.
+    `kernel=0` leaves only the resampling (no parameters). The plain order resamples first and then
+    convolves; `fused_resample` (the NCSN++ residual encoder) instead convolves at full size with
+    the filter's padding added and then downsamples, or upsamples before the convolution.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True,
@@ -65,161 +74,162 @@ class Conv2d(nn.Module):
                  fused_resample: bool = False,
                  init_mode: str = "kaiming_normal", init_weight: float = 1, init_bias: float = 0):
         if up and down:
-            raise ValueError("Conv2d: up and down are exclusive")
+            raise ValueError("Conv2d resamples up or down, not both")
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.up = up
-        self.down = down
-        self.fused_resample = fused_resample
-        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        w = weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight if kernel else None
-        b = weight_init([out_channels], **fans) * init_bias if kernel and bias else None
-        self.weight = None if w is None else nn.Parameter(w)
-        self.bias = None if b is None else nn.Parameter(b)
+        area = kernel * kernel
+        law = dict(mode=init_mode, fan_in=in_channels * area, fan_out=out_channels * area)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.up, self.down, self.fused_resample = up, down, fused_resample
+        self.weight = _init_param((out_channels, in_channels, kernel, kernel), init_weight, **law) if kernel else None
+        self.bias = _init_param((out_channels,), init_bias, **law) if kernel and bias else None
         self.register_buffer("resample_filter", resample_kernel(resample_filter) if up or down else None)
 
-    def _resample(self, x: torch.Tensor, f: torch.Tensor, pad: int) -> torch.Tensor:
-        """Depthwise 2x up- or downsampling of x with filter f."""
-        c = x.shape[1]
+    def _schedule(self, weight: torch.Tensor | None, fir: torch.Tensor | None) -> list[tuple[str, int]]:
+        """The steps to run, in order, as ("conv" | "fir", padding)."""
+        conv_pad = 0 if weight is None else weight.shape[-1] // 2
+        fir_pad = 0 if fir is None else (fir.shape[-1] - 1) // 2
+        if fir is None:
+            return [] if weight is None else [("conv", conv_pad)]
+        if weight is None:
+            return [("fir", fir_pad)]
+        if not self.fused_resample:
+            return [("fir", fir_pad), ("conv", conv_pad)]
         if self.up:
-            return F.conv_transpose2d(x, (f * 4).tile([c, 1, 1, 1]), groups=c, stride=2, padding=pad)
-        return F.conv2d(x, f.tile([c, 1, 1, 1]), groups=c, stride=2, padding=pad)
+            return [("fir", max(fir_pad - conv_pad, 0)), ("conv", max(conv_pad - fir_pad, 0))]
+        return [("conv", conv_pad + fir_pad), ("fir", 0)]
+
+    def _fir(self, x: torch.Tensor, fir: torch.Tensor, pad: int) -> torch.Tensor:
+        """Per-channel filtering with stride 2; upsampling is transposed, with gain 4 to keep the mean."""
+        channels = x.shape[1]
+        if self.up:
+            return F.conv_transpose2d(x, (4 * fir).expand(channels, 1, -1, -1), stride=2, padding=pad, groups=channels)
+        return F.conv2d(x, fir.expand(channels, 1, -1, -1), stride=2, padding=pad, groups=channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, H', W')
-        w = None if self.weight is None else self.weight.to(x.dtype)
-        f = None if self.resample_filter is None else self.resample_filter.to(x.dtype)
-        w_pad = 0 if w is None else w.shape[-1] // 2
-        f_pad = 0 if f is None else (f.shape[-1] - 1) // 2
-        if self.fused_resample and self.up and w is not None:
-            x = self._resample(x, f, max(f_pad - w_pad, 0))
-            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and self.down and w is not None:
-            x = F.conv2d(x, w, padding=w_pad + f_pad)
-            x = self._resample(x, f, 0)
-        else:
-            if f is not None:
-                x = self._resample(x, f, f_pad)
-            if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
-        if self.bias is not None:
-            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
-        return x
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        fir = None if self.resample_filter is None else self.resample_filter.to(x.dtype)
+        for step, pad in self._schedule(weight, fir):
+            x = F.conv2d(x, weight, padding=pad) if step == "conv" else self._fir(x, fir, pad)
+        if self.bias is None:
+            return x
+        return x + self.bias.to(x.dtype)[None, :, None, None]
 
 
-class GroupNorm(nn.Module):
-    """Group normalisation with at most 32 groups and at least 4 channels per group."""
+class GroupNorm(nn.GroupNorm):
+    """torch's GroupNorm with the group count capped so that every group has enough channels."""
 
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
-        super().__init__()
-        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        groups = min(num_groups, num_channels // min_channels_per_group)
+        super().__init__(groups, num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over positions; q, k, v: (N, c, L) -> (N, c, L), weights in float32."""
-    logits = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(k.shape[1]))  # (N, Lq, Lk)
-    w = logits.softmax(dim=2).to(q.dtype)
-    return torch.einsum("nqk,nck->ncq", w, v)
+    """Softmax attention of each query position over all key positions: (N, c, L) each -> (N, c, L)."""
+    scores = torch.bmm(q.float().transpose(1, 2), k.float() / math.sqrt(k.shape[1]))  # (N, Lq, Lk)
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.bmm(v, probs.transpose(1, 2))                                      # (N, c, Lq)
 
 
 class UNetBlock(nn.Module):
-    """Residual block with noise-embedding modulation, optional 2x resampling and self-attention.
+    """Pre-activation residual block conditioned on an embedding, with optional resampling and attention.
 
-    Covers DDPM++/NCSN++ (additive embedding, skip_scale sqrt(1/2)) and ADM (adaptive scale/shift).
-    Order: norm0 -> SiLU -> conv0 (resamples) -> + affine(emb) -> norm1 -> SiLU -> dropout -> conv1,
-    plus skip(x); then optionally norm2 -> qkv -> attention -> proj, plus the residual.
+    One class for all three architectures: DDPM++/NCSN++ add the embedding as a per-channel bias and
+    scale every residual sum by sqrt(1/2); ADM lets it predict a scale and a shift after norm1.
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int,
                  up: bool = False, down: bool = False,
-                 attention: bool = False,           # add a self-attention layer after the residual part
+                 attention: bool = False,           # follow the residual part with self-attention
                  num_heads: int | None = None,      # attention heads; None = out_channels // channels_per_head
                  channels_per_head: int = 64,
                  dropout: float = 0,
                  skip_scale: float = 1,             # multiplier after each residual sum
                  eps: float = 1e-5,                 # GroupNorm epsilon
                  resample_filter: Sequence[float] = (1, 1),
-                 resample_proj: bool = False,       # 1x1 conv on a resampled skip even if channels match
-                 adaptive_scale: bool = True,       # emb gives scale and shift (ADM) instead of a bias
+                 resample_proj: bool = False,       # 1x1 conv on a resampled shortcut even if widths match
+                 adaptive_scale: bool = True,       # embedding gives scale and shift (ADM), not a bias
                  init: dict | None = None, init_zero: dict | None = None, init_attn: dict | None = None):
         super().__init__()
-        init = dict(init or {})
-        init_zero = dict(init_weight=0) if init_zero is None else dict(init_zero)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.emb_channels = emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
-        self.dropout = dropout
-        self.skip_scale = float(skip_scale)
-        self.adaptive_scale = adaptive_scale
+        plain = dict(init or {})
+        zeroed = {"init_weight": 0} if init_zero is None else dict(init_zero)
+        heads = 0
+        if attention:
+            heads = out_channels // channels_per_head if num_heads is None else num_heads
+        self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
+        self.num_heads, self.dropout = heads, dropout
+        self.skip_scale, self.adaptive_scale = float(skip_scale), adaptive_scale
+        resampling = dict(up=up, down=down, resample_filter=resample_filter)
+        modulation_width = 2 * out_channels if adaptive_scale else out_channels
 
+        # Residual branch; the order of registration is the order of the checkpoint's parameters.
         self.norm0 = GroupNorm(in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
-        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, **resampling, **plain)
+        self.affine = Linear(emb_channels, modulation_width, **plain)
         self.norm1 = GroupNorm(out_channels, eps=eps)
-        self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero)
-        self.skip = None
-        if out_channels != in_channels or up or down:
-            kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init)
-        if self.num_heads:
+        self.conv1 = Conv2d(out_channels, out_channels, 3, **zeroed)
+        # Shortcut: identity unless the width or the size changes.
+        reshapes = in_channels != out_channels or up or down
+        project = resample_proj or in_channels != out_channels
+        self.skip = Conv2d(in_channels, out_channels, 1 if project else 0, **resampling, **plain) if reshapes else None
+        if heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, 1, **(init if init_attn is None else init_attn))
-            self.proj = Conv2d(out_channels, out_channels, 1, **init_zero)
+            self.qkv = Conv2d(out_channels, 3 * out_channels, 1, **(plain if init_attn is None else init_attn))
+            self.proj = Conv2d(out_channels, out_channels, 1, **zeroed)
 
-    def _residual(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv0(F.silu(self.norm0(x)))                                  # (B, Cout, H', W')
-        params = self.affine(emb)[:, :, None, None].to(h.dtype)                # (B, Cout or 2*Cout, 1, 1)
+    def _residual_branch(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv0(F.silu(self.norm0(x)))                                 # (B, Cout, H', W')
+        modulation = self.affine(emb)[:, :, None, None].to(h.dtype)           # (B, Cout or 2 Cout, 1, 1)
         if self.adaptive_scale:
-            scale, shift = params.chunk(2, dim=1)
-            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+            scale, shift = modulation.chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm1(h), scale + 1)                # norm1(h) * (1 + scale) + shift
         else:
-            h = F.silu(self.norm1(h + params))
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        return (h + (x if self.skip is None else self.skip(x))) * self.skip_scale
+            h = self.norm1(h + modulation)
+        h = F.dropout(F.silu(h), p=self.dropout, training=self.training)
+        return self.conv1(h)
 
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, hgt, wid = x.shape
-        qkv = self.qkv(self.norm2(x))                                          # (B, 3C, H, W)
-        q, k, v = qkv.reshape(b * self.num_heads, c // self.num_heads, 3, hgt * wid).unbind(2)  # (B*heads, C/heads, HW)
-        a = attention(q, k, v).reshape(b, c, hgt, wid)
-        return (self.proj(a) + x) * self.skip_scale
+    def _self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        per_head = c // self.num_heads
+        # qkv channels are laid out (head, channel, q/k/v)
+        q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, per_head, 3, height * width).unbind(2)
+        return self.proj(attention(q, k, v).reshape(b, c, height, width))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W), (B, E)
-        x = self._residual(x, emb)
-        return self._attend(x) if self.num_heads else x
+        shortcut = x if self.skip is None else self.skip(x)
+        x = (self._residual_branch(x, emb) + shortcut) * self.skip_scale
+        if self.num_heads:
+            x = (self._self_attention(x) + x) * self.skip_scale
+        return x
 
 
 class PositionalEmbedding(nn.Module):
-    """Sinusoidal embedding [cos(x f), sin(x f)] with f = (1/max_positions)^(i / (C/2 - endpoint))."""
+    """Transformer-style sinusoids [cos(x w_i) | sin(x w_i)], w_i = max_positions^(-i / n), i < C/2.
+
+    n is C/2 (or C/2 - 1 with `endpoint`, so that the last frequency is exactly 1 / max_positions).
+    """
 
     def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
         super().__init__()
-        self.num_channels = num_channels
-        self.max_positions = max_positions
-        self.endpoint = endpoint
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, C)
-        half = self.num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
-        freqs = (1 / self.max_positions) ** freqs
-        x = torch.outer(x, freqs.to(x.dtype))
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        count = self.num_channels // 2
+        exponents = torch.arange(count, dtype=torch.float32, device=x.device) / (count - 1 if self.endpoint else count)
+        angular = (1 / self.max_positions) ** exponents                       # (C/2,)
+        phase = x[:, None] * angular.to(x.dtype)[None, :]                     # (B, C/2)
+        return torch.cat([phase.cos(), phase.sin()], dim=1)
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features [cos(2 pi x f), sin(2 pi x f)], f ~ N(0, scale^2) kept as a buffer."""
+    """Random Fourier features [cos(2 pi x w) | sin(2 pi x w)] with fixed w ~ N(0, scale^2) (NCSN++)."""
 
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        self.register_buffer("freqs", scale * torch.randn(num_channels // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, C)
-        x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        phase = x[:, None] * (2 * math.pi * self.freqs).to(x.dtype)[None, :]  # (B, C/2)
+        return torch.cat([phase.cos(), phase.sin()], dim=1)

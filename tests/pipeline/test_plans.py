@@ -210,3 +210,11 @@ def test_dry_runs_of_the_default_plan_everything_before_anything_exists(cli, tmp
         if command == "generate":                  # a random network's samples say nothing about image sizes
             assert "B/image, at most" in text
     assert not (tmp_path / "ws").exists()
+
+
+def test_more_loader_workers_than_cpus_refused():
+    from pipeline.plans.train import check_loader_workers
+    from stores.errors import UserError
+    check_loader_workers(2, 2)
+    with pytest.raises(UserError, match="train.loader_workers is 3 but this machine has 2 CPUs; set train.loader_workers to 2"):
+        check_loader_workers(3, 2)

@@ -114,6 +114,15 @@ def test_factory_error_is_a_start_error():
         run_shards(jobs(2), partial(_bad_factory), ONE, max_attempts=1, record=lambda j, r: None)
 
 
+def test_workers_that_cannot_start_give_up_within_the_bound():
+    """Three 1-CPU actors on a 2-CPU Ray: the third never starts; the run stops with one line, not a hang."""
+    three = ActorPlan(actors=3, num_cpus=1, num_gpus=0, threads=1)
+    started = time.perf_counter()
+    with pytest.raises(WorkerStartError, match="of 3 CPU workers x 1 thread did not start within 2 s"):
+        run_shards(jobs(3), partial(Sleepy), three, max_attempts=1, record=lambda j, r: None, start_wait=2.0)
+    assert time.perf_counter() - started < 30
+
+
 def _bad_factory():
     raise ValueError("boom in shard 0")
 
@@ -148,7 +157,8 @@ def test_plan_actors():
     assert plan_actors([{"CPU": 16, "GPU": 4}, {"CPU": 8, "GPU": 2}], 3) == ActorPlan(6, 1, 1, 4)
     assert plan_actors([{"CPU": 2}], 1) == ActorPlan(1, 2, 0, 2)
     assert plan_actors([{"CPU": 2}], 2) == ActorPlan(2, 1, 0, 1)
-    assert plan_actors([{"CPU": 2}], 5) == ActorPlan(2, 1, 0, 1)            # no more actors than CPUs
+    with pytest.raises(UserError, match="5 CPU workers asked .* has 2 CPUs; pass --workers 2"):
+        plan_actors([{"CPU": 2}], 5)                                         # no more actors than CPUs: refused
     assert plan_actors([{"CPU": 16}, {"CPU": 16}], 3) == ActorPlan(3, 8, 0, 8)   # 16 each would not fit 3
     assert plan_actors([{"CPU": 1}, {"CPU": 1}], 2) == ActorPlan(2, 1, 0, 1)     # one per node
     with pytest.raises(UserError):

@@ -42,6 +42,18 @@ def test_cifar10_import_both_splits_and_class_names(cli, tmp_path):
     assert ImageSet.open(tmp_path / "dra-data", "cifar10-test").n == 12
 
 
+def test_import_takes_data_source_from_the_config(cli, tmp_path):
+    """`import cifar10 -c CONFIG` reads data.source (and data.name) when the config's importer is cifar10."""
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    make_cifar_tarball(tarball)
+    (tmp_path / "c10.yaml").write_text(f"data:\n  importer: cifar10\n  source: {tarball}\n  name: mycifar\n")
+    code, out, err = cli("import", "cifar10", "-c", "c10.yaml")
+    assert code == 0, err
+    assert ImageSet.open(tmp_path / "dra-data", "mycifar-train").n == 30
+    code, _, err = cli("import", "cifar100", "-c", "c10.yaml")          # another importer: the source is not its own
+    assert code == 2 and "--from" in err and err.count("\n") == 1
+
+
 def test_cifar100_import(cli, tmp_path):
     tarball = tmp_path / "cifar-100-python.tar.gz"
     make_cifar_tarball(tarball, classes=100)

@@ -1,0 +1,141 @@
+"""`dra-pipe sweep`: a grid of config overrides x seeds, every cell run by the same stages as `dra-pipe run`.
+
+A sweep is its axes (KEY=V1,V2,...) and its seeds. Each cell of the cross product is a configuration; each
+(cell, seed) one training run, named by the hash of its Job identity, so two cells that resolve to the same
+training (lambda 0 at any timestep) share one run, and a rerun finds every finished run, evaluation and cached
+store where it left them. Stage 1 caches by identity too: extraction runs once per distinct teacher setting.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.config import check_value, key_spec
+from stores.errors import UserError
+from stores.identity import short_key
+
+METRICS = ("clean", "pgd_ce", "pgd_margin", "autoattack")
+HEADERS = {"clean": "clean", "pgd_ce": "PGD-CE", "pgd_margin": "PGD-margin", "autoattack": "AutoAttack",
+           "erank": "eff. rank"}
+FIXED_BY_SWEEP = ("train.seed", "run.seeds", "run.compare_dra")      # the sweep sets these itself
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str          # dotted config key
+    values: tuple     # checked values, in the order given
+
+
+def parse_axis(spec: str) -> Axis:
+    """'train.dra_lambda=0,0.1,0.5' -> Axis; values parsed as YAML scalars and checked against the schema.
+    A list-valued key takes one element per cell: features.timesteps=25,100 gives [25] and [100]."""
+    key, sep, text = spec.partition("=")
+    key = key.strip()
+    if not sep or not key or not text.strip():
+        raise UserError(f"sweep axis {spec!r}: write KEY=V1,V2,... such as train.dra_lambda=0,0.5")
+    if key in FIXED_BY_SWEEP:
+        raise UserError(f"sweep axis {key}: the sweep sets it itself; give seeds with --seeds")
+    spec_of = key_spec(key)
+    values = []
+    for raw in text.split(","):
+        value = yaml.safe_load(raw.strip()) if raw.strip() else None
+        if value is None:
+            raise UserError(f"sweep axis {key}: empty or null value in {text!r}; list values such as {key}=1,2")
+        if spec_of.kind is list and not isinstance(value, list):
+            value = [value]
+        values.append(check_value(key, spec_of, value, "sweep"))
+    if len({json.dumps(v) for v in values}) != len(values):
+        raise UserError(f"sweep axis {key}: a value is listed twice in {text!r}")
+    return Axis(key, tuple(values))
+
+
+def parse_axes(specs: list[str]) -> list[Axis]:
+    if not specs:
+        raise UserError("name at least one axis, e.g. `dra-pipe sweep train.dra_lambda=0,0.5`")
+    axes = [parse_axis(s) for s in specs]
+    keys = [a.key for a in axes]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"sweep axis {next(k for k in keys if keys.count(k) > 1)} is given twice; list all its values in one")
+    return axes
+
+
+def cells(axes: list[Axis]) -> list[dict]:
+    """The cross product: one {key: value} per cell, the first axis varying slowest."""
+    return [dict(zip((a.key for a in axes), combo)) for combo in itertools.product(*(a.values for a in axes))]
+
+
+def default_name(axes: list[Axis], seeds: list[int]) -> str:
+    return "sweep-" + short_key({"axes": [[a.key, list(a.values)] for a in axes], "seeds": seeds})[:10]
+
+
+def label(cell: dict) -> str:
+    return ", ".join(f"{k}={_text(v)}" for k, v in cell.items())
+
+
+def _text(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) if len(value) != 1 else str(value[0])
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def summarise(values: list[float | None]) -> dict | None:
+    """Mean and sample std over seeds (None when a seed lacks the figure, e.g. AutoAttack off)."""
+    if not values or any(v is None for v in values):
+        return None
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "values": [float(v) for v in values]}
+
+
+def _cell_text(stat: dict | None, percent: bool) -> str:
+    if stat is None:
+        return "-"
+    if percent:
+        return f"{stat['mean']:.2%} +- {stat['std']:.2%}"
+    return f"{stat['mean']:.2f} +- {stat['std']:.2f}"
+
+
+def markdown(axes: list[Axis], rows: list[dict], command: str) -> str:
+    """table.md: one row per cell, mean +- sample std over the seeds."""
+    columns = [a.key for a in axes] + ["seeds", *(HEADERS[m] for m in (*METRICS, "erank"))]
+    lines = [f"`{command}`", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells_text = [_text(row["cell"][a.key]) for a in axes] + [",".join(map(str, row["seeds"]))]
+        cells_text += [_cell_text(row["stats"].get(m), m != "erank") for m in (*METRICS, "erank")]
+        lines.append("| " + " | ".join(cells_text) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(axes: list[Axis], rows: list[dict], path: Path) -> Path:
+    """Robust accuracy (PGD-CE, and AutoAttack where run) against each swept key: one panel per key, one line per
+    setting of the other keys, mean with sample-std error bars over the seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, panels = plt.subplots(1, len(axes), figsize=(4.5 * len(axes), 3.6), squeeze=False)
+    for ax_index, (axis, panel) in enumerate(zip(axes, panels[0])):
+        others = [a for i, a in enumerate(axes) if i != ax_index]
+        groups: dict[str, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(label({a.key: row["cell"][a.key] for a in others}) or "all", []).append(row)
+        positions = {json.dumps(v): i for i, v in enumerate(axis.values)}
+        for name, members in groups.items():
+            for metric, style in (("pgd_ce", "-o"), ("autoattack", "--s")):
+                points = [(positions[json.dumps(r["cell"][axis.key])], r["stats"][metric]) for r in members
+                          if r["stats"].get(metric)]
+                if points:
+                    xs, stats = zip(*sorted(points, key=lambda p: p[0]))
+                    panel.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], fmt=style,
+                                   capsize=3, label=f"{HEADERS[metric]} {name}" if name != "all" else HEADERS[metric])
+        panel.set_xticks(range(len(axis.values)), [_text(v) for v in axis.values])
+        panel.set_xlabel(axis.key)
+        panel.set_ylabel("robust accuracy")
+        panel.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,89 @@
+"""dra-pipe sweep: the grid's cells x seeds, one extraction per teacher, one training per identity, a no-op rerun."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from stores.features import list_feature_sets
+
+
+def _config(tmp_path, model_dir) -> None:
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
+        "root": str(tmp_path / "ws"),
+        "data": {"shard_size": 512},
+        "model": {"spec": f"dra:{model_dir}"},
+        "generate": {"n": 256, "steps": 4, "batch_size": 128},
+        "features": {"batch_size": 256},
+        "train": {"epochs": 1, "batch_size": 128, "attack_steps": 2, "holdout": 32, "holdout_pgd_steps": 2,
+                  "dra_hidden": 16},
+        "eval": {"n": 40, "pgd_steps": 2, "autoattack": False},
+        "ray": {"cpu_actors": 1, "num_cpus": 2},
+        "run": {"stages": ["import", "generate", "extract-features", "train", "eval", "report"]}}))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_model_dir, ray_local):
+    """One real sweep, lambda {0, 0.5} x timestep {25, 100} x seeds {0, 1}, run twice."""
+    import sys
+    from pipeline.cli.main import main
+    tmp = tmp_path_factory.mktemp("sweep")
+    _config(tmp, tiny_model_dir)
+    args = ["sweep", "train.dra_lambda=0,0.5", "features.timesteps=25,100", "--seeds", "0,1", "--name", "grid",
+            "-c", str(tmp / "pipeline.yaml")]
+
+    for _ in range(2):
+        saved = sys.argv
+        sys.argv = ["dra-pipe", *args]
+        try:
+            main()
+        except SystemExit as exc:
+            assert exc.code in (0, None)
+        finally:
+            sys.argv = saved
+    runs = {p.name: (p / "final.pt").stat().st_mtime for p in (tmp / "ws" / "runs").iterdir()}
+    return tmp, runs
+
+
+def test_each_cell_once_per_seed_and_each_training_once(swept):
+    tmp, runs = swept
+    results = json.loads((tmp / "ws" / "sweeps" / "grid" / "results.json").read_text())
+    cells = results["cells"]
+    assert [(c["cell"]["train.dra_lambda"], c["cell"]["features.timesteps"]) for c in cells] == \
+        [(0.0, [25]), (0.0, [100]), (0.5, [25]), (0.5, [100])]
+    assert all(len(c["runs"]) == 2 for c in cells)
+    assert cells[0]["runs"] == cells[1]["runs"]                  # lambda 0 is one training, whatever the timestep
+    assert len(set(cells[2]["runs"]) | set(cells[3]["runs"])) == 4
+    assert len(runs) == 6 and set(runs) == {r for c in cells for r in c["runs"]}
+    assert all("-nodra-" in r for r in cells[0]["runs"]) and all("-dra-" in r for r in cells[2]["runs"])
+    stats = cells[2]["stats"]
+    assert len(stats["clean"]["values"]) == 2 and stats["autoattack"] is None and stats["erank"]["mean"] > 1
+
+
+def test_extraction_once_per_teacher(swept):
+    tmp, _ = swept
+    sets = list_feature_sets(tmp / "ws")
+    timesteps = sorted(json.loads((p / "meta.json").read_text())["identity"]["timestep"] for p in sets)
+    assert timesteps == [25, 25, 100, 100]                        # real + generated set, per timestep, once
+
+
+def test_outputs_and_rerun_is_a_noop(swept):
+    tmp, runs = swept
+    out = tmp / "ws" / "sweeps" / "grid"
+    table = (out / "table.md").read_text()
+    assert table.count("\n| ") == 5 and "train.dra_lambda" in table and "+-" in table   # header + 4 cells
+    assert (out / "robust_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = {p.name: (p / "final.pt").stat().st_mtime for p in (tmp / "ws" / "runs").iterdir()}
+    assert again == runs                                           # the second sweep trained nothing
+
+
+@pytest.mark.parametrize("axis, needle", [("train.nokey=1", "unknown configuration key 'train.nokey'"),
+                                          ("train.dra_lambda", "write KEY=V1,V2"),
+                                          ("train.epochs=2,x", "key 'train.epochs'"),
+                                          ("train.dra_lambda=0,0", "listed twice"),
+                                          ("train.seed=1,2", "--seeds")])
+def test_bad_axes_one_line_nothing_written(cli, tmp_path, axis, needle):
+    code, _, err = cli("sweep", axis)
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "dra-data").exists()
