@@ -16,6 +16,7 @@ import yaml
 from stores.errors import UserError
 
 DEFAULT_CONFIG_NAME = "pipeline.yaml"
+MAX_COUNT = 10 ** 10           # stores.tarshard.KEY_DIGITS: a sample id has 10 digits
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
 
 def _validate(schema: dict, data: Any, where: str, path: str = "") -> dict:
     if not isinstance(data, dict):
-        raise UserError(f"{where}: section '{path or '<top level>'}' must be a mapping, got {data!r}")
+        raise UserError(f"{where}: section '{path or '<top level>'}' must be a mapping, got {data!r:.60}")
     out = {}
     for name, value in data.items():
         dotted = f"{path}.{name}" if path else str(name)
@@ -264,6 +265,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             source = str(path)
             try:
                 data = yaml.safe_load(path.read_text()) or {}
+            except (OSError, UnicodeDecodeError) as exc:
+                why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+                raise UserError(f"config file {path}: {why}; pass --config with a pipeline.yaml") from None
             except yaml.YAMLError as exc:
                 mark = getattr(exc, "problem_mark", None)
                 at = f" at line {mark.line + 1}" if mark else ""
@@ -318,4 +322,6 @@ def parse_count(text: str | int) -> int:
             raise UserError(f"invalid count {text!r}: use a positive integer such as 50000, 1.5k, 20M or 1e6") from None
     if not math.isfinite(value) or value != int(value) or value < 1:
         raise UserError(f"invalid count {text!r}: must be a positive whole number of samples (e.g. 50000, 1.5k, 20M)")
+    if value > MAX_COUNT:
+        raise UserError(f"count {text!r} is over {MAX_COUNT:,.0f}, the most a set can hold (sample ids have 10 digits)")
     return int(value)

@@ -7,7 +7,6 @@ zarr reads a missing shard back as fill values without error, so readers never t
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,11 +18,12 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from stores.errors import IntegrityError, UserError
-from stores.identity import short_key, write_json_atomic
+from stores.identity import read_json_record, short_key, write_json_atomic
 from stores.manifest import worker_name
 from stores.tarshard import file_sha256_and_size, ShardBuffer
 
 META_JSON = "meta.json"
+META_KEYS = {"identity": dict, "layout": dict, "shards": dict}    # what a readable meta.json holds
 ZARR_NAME = "features.zarr"
 MIN_CHUNK_BYTES = 1 << 20
 ARRAYS_FLIP = ("targets", "ids", "targets_flip")
@@ -71,10 +71,7 @@ class FeatureSet:
         meta_path = self.path / META_JSON
         if not meta_path.exists():
             raise UserError(f"no feature set at {self.path} (missing {META_JSON}); `dra-pipe ls` lists the sets")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            raise IntegrityError(f"{meta_path}: not valid JSON; the feature set's record is damaged") from None
+        self.meta = read_json_record(meta_path, META_KEYS, "the feature set's record")
         self.identity: dict = self.meta["identity"]
         if feature_key(self.identity) != self.path.name:
             raise IntegrityError(f"{self.path}: folder name does not match the identity in {META_JSON}")
@@ -183,7 +180,7 @@ class FeatureSetWriter:
         self.records: dict[int, FeatureShardRecord] = {}
         meta_path = self.path / META_JSON
         if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
+            meta = read_json_record(meta_path, META_KEYS, "the feature set's record")
             if meta["identity"] != identity:
                 raise IntegrityError(f"{self.path}: holds another identity (hash collision or hand edit); move it away")
             self.records = {int(i): FeatureShardRecord(**r) for i, r in meta["shards"].items()}

@@ -292,7 +292,7 @@ def representation(root: Path, info: RunInfo, s: EvalSettings) -> dict:
     name = f"{info.prefix}-test"
     if not (image_set_dir(root, name) / DATASET_JSON).exists():
         raise UserError(f"no test set {name} under {root}/images for run {info.name}")
-    model, record = load_classifier(info.folder.weights(s.weights))
+    model, record = load_classifier(info.folder.weights(s.weights), stored=True)
     images = ImageSet.open(root, name)
     check_fits(record, images)
     x, _ = read_images(images, s.rank_n)
@@ -324,15 +324,17 @@ def make_report(root: Path, runs: list[str], s: EvalSettings, out: Path | None =
         raise UserError("name at least one run")
     infos = [load_run(root, run) for run in runs]
     report = Report(out or report_folder(root, [i.name for i in infos]), COLUMNS)
-    report.folder.mkdir(parents=True, exist_ok=True)
     ranks: dict[str, dict] = {}
-    for info in infos:
-        log(f"{info.name}: figures, effective rank")
-        run_figures(root, info, report)
+    for info in infos:                    # every run's weights are read before anything is written
+        log(f"{info.name}: effective rank")
         try:
             ranks[info.name] = representation(root, info, s)
         except UserError as exc:
             report.notes.append(f"{info.name}: no effective rank ({exc})")
+    report.folder.mkdir(parents=True, exist_ok=True)
+    for info in infos:
+        log(f"{info.name}: figures")
+        run_figures(root, info, report)
         if info.eval is None:
             report.notes.append(f"{info.name}: not evaluated yet; `dra-pipe eval {info.name}` fills clean/PGD/AutoAttack")
         report.rows.append(table_row(info, ranks.get(info.name, {}).get("erank")))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from stores.errors import UserError
+from stores.errors import IntegrityError, UserError
 from stores.identity import write_json_atomic
 from trainer.classifiers import build_classifier
 
@@ -66,7 +66,19 @@ class RunFolder:
                 f.truncate(size)
 
     def read_metrics(self) -> list[dict]:
-        return [json.loads(line) for line in self.metrics.read_text().splitlines()] if self.metrics.exists() else []
+        if not self.metrics.exists():
+            return []
+        rows = []
+        for number, line in enumerate(self.metrics.read_bytes().splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except ValueError:                       # JSONDecodeError and UnicodeDecodeError
+                row = None
+            if not isinstance(row, dict):
+                raise IntegrityError(f"{self.metrics}: line {number} is not a JSON object (damaged); "
+                                     f"delete the run folder and train again")
+            rows.append(row)
+        return rows
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
@@ -83,9 +95,20 @@ class RunFolder:
     def save_best(self, payload: dict) -> None:
         _save_atomic({"format": FINAL_FORMAT, **payload}, self.best)
 
-    def weights(self, choice: str) -> Path:
-        """best.pt for `best` when the run has one (it needs held-out images), else final.pt."""
+    def weights(self, choice: str, explicit: bool = False) -> Path:
+        """best.pt for `best` when the run has one (it needs held-out images), else final.pt: see weights_note.
+        An explicit `best` (a --weights flag) for a run without best.pt is refused."""
+        if choice == "best" and not self.best.exists() and explicit:
+            raise UserError(f"run {self.path.name} has no best.pt (trained without held-out images, train.holdout 0); "
+                            f"pass --weights final")
         return self.best if choice == "best" and self.best.exists() else self.final
+
+    def weights_note(self, choice: str) -> str | None:
+        """Why final.pt stands in for `best`, if it does: one line for the user."""
+        if choice == "best" and not self.best.exists():
+            return (f"run {self.path.name} has no best.pt (no held-out images to select by, train.holdout 0): "
+                    f"using final.pt, the last epoch's weights")
+        return None
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
