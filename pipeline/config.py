@@ -33,6 +33,7 @@ class Key:
     item: type | None = None          # element type for lists
     below_max: bool = False           # max is exclusive
     item_choices: tuple | None = None # allowed values of list elements
+    min_items: int = 0                # shortest allowed list
 
 
 def _k(kind, default, help, **kw) -> Key:
@@ -58,7 +59,7 @@ SCHEMA: dict[str, Any] = {
     },
     "fit_diffusion": {
         "model_channels": _k(int, 32, "base channel count of the SongUNet trained by fit-diffusion", min=4, max=512),
-        "channel_mult": _k(list, [1, 2], "channel multiplier per resolution level", item=int),
+        "channel_mult": _k(list, [1, 2], "channel multiplier per resolution level", item=int, min=1, min_items=1),
         "num_blocks": _k(int, 2, "residual blocks per resolution level", min=1, max=8),
         "batch_size": _k(int, 128, "training batch size", min=1, max=65536),
         "lr": _k(float, 1e-3, "Adam learning rate (ramped up linearly over the first 5% of the run)", min=0.0, max=1.0),
@@ -207,6 +208,8 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
         if key.max is not None and (value >= key.max if key.below_max else value > key.max):
             bound = f"< {key.max}" if key.below_max else f"<= {key.max}"
             raise UserError(f"{prefix} must be {bound}, got {value!r}")
+    if isinstance(value, list) and len(value) < key.min_items:
+        raise UserError(f"{prefix} needs at least {key.min_items} item(s), got {value!r}")
     if isinstance(value, list) and key.item is not None:
         for v in value:
             if isinstance(v, bool) or not isinstance(v, key.item):

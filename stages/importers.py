@@ -56,6 +56,8 @@ def import_source(root: Path, importer: str, source: str | None, name: str | Non
     src_path = Path(source) if source else None
     if src_path is not None and not src_path.exists():
         raise UserError(f"{src_path}: no such file or folder; check --from")
+    if src_path is not None and src_path.is_dir() != (importer == "folder"):
+        raise UserError(f"{src_path}: import {importer} reads a {'folder' if importer == 'folder' else 'file'}; check --from")
     described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(src_path, 10),
                  "cifar100": lambda: _cifar(src_path, 100), "npz": lambda: _npz(src_path),
                  "folder": lambda: _folder(src_path)}
@@ -213,9 +215,8 @@ def _cifar(path: Path, classes: int) -> list[SplitSource]:
 
 
 def _cifar_split(split, batches, label_key, classes, names, path) -> SplitSource:
-    for b in batches:
-        if "data" not in b or label_key not in b:
-            raise UserError(f"{path}: a {split} batch lacks 'data' or '{label_key}'; is this the python CIFAR tarball?")
+    if any("data" not in b or label_key not in b for b in batches):
+        raise UserError(f"{path}: a {split} batch lacks 'data' or '{label_key}'; is this the python CIFAR tarball?")
     try:
         data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
     except (TypeError, ValueError):
@@ -256,8 +257,7 @@ def _npz(path: Path) -> list[SplitSource]:
     if (labels < 0).any():
         raise UserError(f"{path}: negative labels; labels must be class indices 0..K-1")
     if classes > MAX_CLASSES:
-        raise UserError(f"{path}: label {classes - 1} would make {classes:,} classes (at most {MAX_CLASSES:,}); "
-                        f"labels must be class indices 0..K-1")
+        raise UserError(f"{path}: label {classes - 1} makes {classes:,} classes (at most {MAX_CLASSES:,}); use indices 0..K-1")
     _check_stored_length(path, shape)
     reader = _npz_reader(path, shape)
     return [SplitSource("train", shape[0], shape[1], shape[3], max(classes, 1), None, reader)]

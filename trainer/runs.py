@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from stores.errors import IntegrityError, UserError
-from stores.identity import write_json_atomic
+from stores.identity import read_json_record, write_json_atomic
 from trainer.classifiers import build_classifier
 
 FINAL_FORMAT = "dra-pipe-classifier"
@@ -39,7 +39,7 @@ class RunFolder:
     def prepare(self, identity: dict, config: dict) -> str:
         """Create the folder, or check that it holds this very run. Returns 'new', 'resume' or 'finished'."""
         if self.run_json.exists():
-            old = json.loads(self.run_json.read_text())["identity"]
+            old = read_json_record(self.run_json, {"identity": dict}, f"run {self.path.name}'s record")["identity"]
             if old != _jsonable(identity):
                 raise UserError(f"run {self.path.name} exists with other settings ({_diff(old, _jsonable(identity))}); "
                                 f"pass --name to start another run")
@@ -87,7 +87,11 @@ class RunFolder:
     def load_checkpoint(self) -> dict | None:
         if not self.checkpoint.exists():
             return None
-        return torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:                 # a pickle error, a truncated zip, ...
+            raise IntegrityError(f"{self.checkpoint}: unreadable ({type(exc).__name__}); the checkpoint is damaged: "
+                                 f"delete it to train run {self.path.name} from the start") from None
 
     def save_final(self, payload: dict) -> None:
         _save_atomic({"format": FINAL_FORMAT, **payload}, self.final)

@@ -47,6 +47,7 @@ ROWS = [
     ("cifar-float-labels", "import cifar10 --from {base}/floatlabels.tar.gz --root {base}/new", 2, "labels are float64"),
     ("folder-empty-class", "import folder --from {base}/classes --root {base}/new", 2, "class folder b holds no"),
     ("unknown-importer", "import imagenet --root {base}/new", 2, "unknown importer"),
+    ("npz-from-folder", "import npz --from {base}/classes --root {base}/new", 2, "import npz reads a file"),
     # generate: a plan is arithmetic, absurd N refused
     ("generate-1e30", "generate --n 1e30 --dry-run --root {ws}", 2, "the most a set can hold"),
     ("generate-zero", "generate --n 0 --dry-run --root {ws}", 2, "invalid count"),
@@ -95,8 +96,15 @@ ROWS = [
     ("model-given-truncated", "model info --model dra:{base}/given-model --root {fit}", 2, "weights unreadable"),
     ("model-bad-spec", "model info --model frob --root {ws}", 2, "not understood"),
     ("generate-fitted-truncated", "generate --n 100 --root {fit}", 1, "weights unreadable"),
+    # run files the pipeline wrote: damaged is exit 1
+    ("report-cut-final", "report cut-final --out {base}/rep --root {ws}", 1, "final.pt: unreadable"),
+    ("report-eval-json", "report bad-eval --out {base}/rep --root {ws}", 1, "eval.json: unreadable"),
+    ("report-config-yaml", "report bad-config --out {base}/rep --root {ws}", 1, "config.yaml: unreadable"),
+    ("train-run-json", "train --name bad-record --config {base}/real-only.yaml --root {ws}", 1, "run.json: not valid JSON"),
     # the other stages
     ("fit-no-images", "fit-diffusion --images nosuch --root {ws}", 2, "nosuch"),
+    ("fit-empty-levels", "fit-diffusion --config {base}/no-levels.yaml --root {ws}", 2, "needs at least 1 item"),
+    ("fit-too-many-levels", "fit-diffusion --config {base}/six-levels.yaml --root {ws}", 2, "cannot be halved 5 times"),
     ("extract-timestep", "extract-features --timestep 5000 --root {ws}", 2, "5000"),
     ("run-bad-seeds", "run --seeds a,b --root {ws}", 2, "seeds"),
 ]
@@ -151,6 +159,9 @@ def _bad_inputs(base: Path) -> None:
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(base / "classes" / "a" / f"{i}.png")
     (base / "binary.yaml").write_bytes(b"\xff\xfe\x00\x9c binary \x80\x81")
     (base / "list.yaml").write_text("- 1\n- 2\n")
+    (base / "no-levels.yaml").write_text("fit_diffusion:\n  channel_mult: []\n")
+    (base / "six-levels.yaml").write_text("fit_diffusion:\n  channel_mult: [1, 1, 1, 1, 1, 1]\n")
+    (base / "real-only.yaml").write_text("train:\n  dra: false\n  unsup_fraction: 0.0\n  epochs: 1\n")
     (base / "junk.pt").write_bytes(bytes(range(256)) * 4)
 
 
@@ -167,8 +178,12 @@ def _runs(ws: Path) -> None:
     from stores.images import ImageSet
     save_run(ws, "tiny", fit_small_cnn(ImageSet.open(ws, "digits-train"), steps=3), 0.1, dra=False, unsup_fraction=0.0)
     runs = ws / "runs"
-    for name in ("garbage-best", "cut-final", "bad-metrics"):
+    for name in ("garbage-best", "cut-final", "bad-metrics", "bad-eval", "bad-config", "bad-record"):
         shutil.copytree(runs / "tiny", runs / name)
+    (runs / "bad-eval" / "eval.json").write_bytes(b"\xff\xfe{")
+    (runs / "bad-config" / "config.yaml").write_text("train: [\n")
+    (runs / "bad-record" / "run.json").write_text("{garbage")
+    (runs / "bad-record" / "final.pt").unlink()                # unfinished: train would resume it
     (runs / "garbage-best" / "best.pt").write_bytes(b"not a checkpoint" * 64)
     final = (runs / "cut-final" / "final.pt").read_bytes()
     (runs / "cut-final" / "final.pt").write_bytes(final[: len(final) // 2])
@@ -240,3 +255,24 @@ def test_huge_plans_are_arithmetic():
     left = ShardPlans(25, 10, done=[1])
     assert [(p.index, p.first_id, p.count) for p in left] == [(0, 0, 10), (2, 20, 5)]
     assert len(left) == 2 and left[1].index == 2 and left.samples == 15
+
+
+def test_recompute_caps_k_at_the_cached_samples(tiny_model_dir, tmp_path):
+    """verify --recompute K with K far above the set size checks every cached sample once, and returns."""
+    from stages.extract import compute_targets, NoiseLevel, recompute_deviation
+    from stages.models import load_model
+    from stores.features import FeatureSet, FeatureSetWriter, write_feature_shard
+    from trainsets import image_set
+    net = load_model(f"dra:{tiny_model_dir}")
+    images = image_set(tmp_path, "t-train", "real", 20, 8)
+    identity = {"image_set": images.fingerprint, "image_set_name": images.name, "model": "tiny", "timestep": 100,
+                "layer": "dec.4x4_in1", "sigma": 0.5, "noise_seed": 0, "pool": "none", "flip": False}
+    shards = [images.read_shard(p.index) for p in images.plan()]
+    targets = [compute_targets(net, s.ids, s.images, s.labels, "dec.4x4_in1", NoiseLevel(0.5, 100), 0, "none", False)[0]
+               for s in shards]
+    writer = FeatureSetWriter(tmp_path, identity, images.n, images.shard_size, targets[0].shape[1:], False)
+    writer.begin()
+    for p, s, t in zip(images.plan(), shards, targets):
+        writer.record(write_feature_shard(writer.path, p.index, p.first_id, s.ids, t.astype(np.float16)))
+    result = recompute_deviation(net, images, FeatureSet(writer.path), 10 ** 9)
+    assert result["samples"] == images.n and result["max_rel"] < 1e-2
