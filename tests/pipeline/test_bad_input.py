@@ -93,6 +93,7 @@ ROWS = [
     ("report-no-run", "report nosuch --root {ws}", 2, "no run nosuch"),
     # diffusion models: the workspace's own fitted model is stored data, a file given by path is input
     ("model-fitted-truncated", "model info --root {fit}", 1, "model.safetensors: weights unreadable"),
+    ("model-fitted-flipped", "model info --root {flip}", 1, "do not match the recorded fingerprint"),
     ("model-given-truncated", "model info --model dra:{base}/given-model --root {fit}", 2, "weights unreadable"),
     ("model-bad-spec", "model info --model frob --root {ws}", 2, "not understood"),
     ("generate-fitted-truncated", "generate --n 100 --root {fit}", 1, "weights unreadable"),
@@ -191,22 +192,26 @@ def _runs(ws: Path) -> None:
         f.write("{garbage\n")
 
 
-def _fitted_model(base: Path, ws: Path) -> Path:
-    """A root whose fitted model (for the default fit settings) has a truncated model.safetensors."""
+def _fitted_models(base: Path, ws: Path) -> None:
+    """Roots `fit` and `flip` whose fitted model (for the default fit settings) has a truncated model.safetensors,
+    or one flipped byte in its weights; `given-model`, truncated, outside any workspace."""
     import torch
     from pipeline.config import load_config
     from pipeline.models import fitted_model_dir
     from stages.edm.networks import EDMPrecond
     from stages.models import save_own
-    fit = base / "fit"
-    shutil.copytree(ws / "images" / "digits-train", fit / "images" / "digits-train")
     torch.manual_seed(0)
     net = EDMPrecond(**tiny_edm_config()).eval()
-    for folder in (fitted_model_dir(load_config(None, {"root": str(fit)})), base / "given-model"):
+    folders = {}
+    for name in ("fit", "flip"):
+        shutil.copytree(ws / "images" / "digits-train", base / name / "images" / "digits-train")
+        folders[name] = fitted_model_dir(load_config(None, {"root": str(base / name)}))
+    for damage, folder in (("cut", folders["fit"]), ("flip", folders["flip"]), ("cut", base / "given-model")):
         save_own(net, folder, {"test": "bad input"})
-        weights = folder / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:-100])
-    return fit
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        if damage == "flip":
+            data[-5] ^= 0x40                                   # inside the last tensor's bytes
+        (folder / "model.safetensors").write_bytes(bytes(data) if damage == "flip" else bytes(data[:-100]))
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +224,8 @@ def bad(tmp_path_factory, one_thread_for_module):
     _runs(ws)
     _bad_inputs(base)
     _damaged_roots(base, ws)
-    return {"base": base, "ws": ws, "fit": _fitted_model(base, ws)}
+    _fitted_models(base, ws)
+    return {"base": base, "ws": ws, "fit": base / "fit", "flip": base / "flip"}
 
 
 @pytest.mark.parametrize("argv, code, fragment", [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
