@@ -76,7 +76,7 @@ class FeatureSet:
         if feature_key(self.identity) != self.path.name:
             raise IntegrityError(f"{self.path}: folder name does not match the identity in {META_JSON}")
         self.layout: dict = self.meta["layout"]
-        self.records = {int(i): FeatureShardRecord(**r) for i, r in self.meta["shards"].items()}
+        self.records = _shard_records(self.meta, meta_path)
         self.group = zarr.open_group(self.path / ZARR_NAME, mode="r")
 
     @property
@@ -183,7 +183,7 @@ class FeatureSetWriter:
             meta = read_json_record(meta_path, META_KEYS, "the feature set's record")
             if meta["identity"] != identity:
                 raise IntegrityError(f"{self.path}: holds another identity (hash collision or hand edit); move it away")
-            self.records = {int(i): FeatureShardRecord(**r) for i, r in meta["shards"].items()}
+            self.records = _shard_records(meta, meta_path)
             if meta["layout"] != self.layout:
                 raise UserError(f"feature set {self.path.name} exists with layout {meta['layout']}, not {self.layout}; "
                                 f"delete {self.path} to rebuild it")
@@ -255,6 +255,13 @@ def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarra
 def _check_crc(body, stored, path: Path, what: str) -> None:
     if google_crc32c.value(np.frombuffer(body, np.uint8)).to_bytes(4, "little") != bytes(stored):
         raise IntegrityError(f"{path}: {what} fails its crc32c (corrupted); run `dra-pipe verify`")
+
+
+def _shard_records(meta: dict, meta_path: Path) -> dict[int, "FeatureShardRecord"]:
+    try:
+        return {int(i): FeatureShardRecord(**r) for i, r in meta["shards"].items()}
+    except (TypeError, ValueError):
+        raise IntegrityError(f"{meta_path}: malformed shard records; the feature set's record is damaged") from None
 
 
 def list_feature_sets(root: Path) -> list[Path]:

@@ -343,6 +343,8 @@ def make_report(root: Path, runs: list[str], s: EvalSettings, out: Path | None =
             ranks[info.name] = representation(root, info, s)
         except UserError as exc:
             report.notes.append(f"{info.name}: no effective rank ({exc})")
+        if info.folder.weights_note(s.weights):
+            report.notes.append(info.folder.weights_note(s.weights))
     report.folder.mkdir(parents=True, exist_ok=True)
     for info in infos:
         log(f"{info.name}: figures")

@@ -95,8 +95,11 @@ def load_scorer(root: Path, arg: str, weights: str, images: ImageSet):
     from stages.select import Scorer
     from trainer.classifier_files import find_run, load_classifier, state_fingerprint
     from trainer.evaluate import check_fits
-    path = Path(arg) if Path(arg).is_file() else find_run(root, arg).weights(weights)
-    model, record = load_classifier(path, stored=path != Path(arg))
+    folder = None if Path(arg).is_file() else find_run(root, arg)
+    path = folder.weights(weights) if folder else Path(arg)
+    if folder and folder.weights_note(weights):
+        console.print(f"note: {folder.weights_note(weights)}", highlight=False, soft_wrap=True)
+    model, record = load_classifier(path, stored=folder is not None)
     check_fits(record, images)
     return Scorer(model, state_fingerprint(record["state_dict"]), str(path))
 

@@ -247,6 +247,8 @@ def test_fallback_to_final_is_said_and_recorded(cli, bad, tmp_path):
     assert code == 0 and err == ""
     assert "note: run tiny has no best.pt" in out and "using final.pt" in out
     assert json.loads(out_file.read_text())["weights"] == "final"
+    code, out, err = cli("report", "tiny", "--rank-n", "16", "--out", tmp_path / "rep", "--root", bad["ws"])
+    assert code == 0 and err == "" and "note: run tiny has no best.pt" in out
 
 
 def test_help_keeps_placeholders(cli):
