@@ -284,3 +284,13 @@ def test_recompute_caps_k_at_the_cached_samples(tiny_model_dir, tmp_path):
         writer.record(write_feature_shard(writer.path, p.index, p.first_id, s.ids, t.astype(np.float16)))
     result = recompute_deviation(net, images, FeatureSet(writer.path), 10 ** 9)
     assert result["samples"] == images.n and result["max_rel"] < 1e-2
+
+
+def test_half_built_bench_folder_is_rebuilt(cli, tmp_path):
+    """A bench stores build that died midway (no ready stamp) does not block the next one, of any size."""
+    work = tmp_path / "bench"
+    code, _, err = cli("bench", "stores", "--samples", "7", "--warm-only", "--workers", "0", "--dir", work)
+    assert code == 0, err
+    (work / "ready-7").unlink()
+    code, out, err = cli("bench", "stores", "--samples", "9", "--warm-only", "--workers", "0", "--dir", work)
+    assert code == 0 and err == "" and (work / "ready-9").exists() and not (work / "ready-7").exists(), err
