@@ -257,7 +257,12 @@ def test_help_keeps_placeholders(cli):
 
 
 def test_huge_plans_are_arithmetic():
+    from pipeline.config import parse_count
+    from stores.errors import UserError
     from stores.images import plan_shards, ShardPlans
+    assert parse_count("20M") == 20_000_000 and parse_count("10G") == 10 ** 10
+    with pytest.raises(UserError, match="sample ids have 10 digits"):
+        parse_count("10.5G")
     plans = plan_shards(10 ** 10, 1)
     assert len(plans) == 10 ** 10 and plans[-1].first_id == 10 ** 10 - 1
     left = ShardPlans(25, 10, done=[1])
