@@ -95,6 +95,7 @@ ROWS = [
     ("model-fitted-truncated", "model info --root {fit}", 1, "model.safetensors: weights unreadable"),
     ("model-fitted-flipped", "model info --root {flip}", 1, "do not match the recorded fingerprint"),
     ("model-given-truncated", "model info --model dra:{base}/given-model --root {fit}", 2, "weights unreadable"),
+    ("diffusers-no-weights", "model info --model diffusers:{base}/unet --root {ws}", 2, "it has no weights"),
     ("model-bad-spec", "model info --model frob --root {ws}", 2, "not understood"),
     ("generate-fitted-truncated", "generate --n 100 --root {fit}", 1, "weights unreadable"),
     # run files the pipeline wrote: damaged is exit 1
@@ -164,6 +165,8 @@ def _bad_inputs(base: Path) -> None:
     (base / "six-levels.yaml").write_text("fit_diffusion:\n  channel_mult: [1, 1, 1, 1, 1, 1]\n")
     (base / "real-only.yaml").write_text("train:\n  dra: false\n  unsup_fraction: 0.0\n  epochs: 1\n")
     (base / "junk.pt").write_bytes(bytes(range(256)) * 4)
+    (base / "unet").mkdir()
+    (base / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 8}')
 
 
 def _damaged_roots(base: Path, ws: Path) -> None:
