@@ -33,6 +33,11 @@ def _escape_placeholders(command) -> None:
         _escape_placeholders(sub)
 
 
+def one_line(exc: Exception) -> str:
+    """A message that quotes a library's error can hold newlines: the user gets one line all the same."""
+    return " ".join(str(exc).split())
+
+
 def usage_line(exc: click_errors.UsageError) -> str:
     """A usage error (unknown option, missing argument, bad value) as one line naming the option and the help."""
     message = " ".join(exc.format_message().split()).rstrip(".")
@@ -55,16 +60,16 @@ def main() -> None:
         print(f"error: {usage_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except click_errors.ClickException as exc:
-        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)   # one line, like the rest
         sys.exit(exc.exit_code)
     except typer.Abort:
         print("interrupted: finished shards and checkpoints are kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except IntegrityError as exc:
-        print(f"data error: {exc}", file=sys.stderr)
+        print(f"data error: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: finished shards and checkpoints are kept; rerun the same command to resume", file=sys.stderr)
