@@ -6,11 +6,6 @@ import sys
 
 import typer
 
-try:
-    from typer._click import exceptions as click_errors   # typer >= 0.22 vendors click
-except ImportError:
-    from click import exceptions as click_errors
-
 from pipeline.cli import bench, data, eval, extract, generate, models, run, select, train
 from stores.errors import IntegrityError, UserError
 
@@ -19,6 +14,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                        "Stage 1 writes images and diffusion features once into sharded stores; stage 2 streams them.")
 for group in (data, models, generate, extract, select, train, eval, run, bench):
     group.register(app)
+
+
+try:
+    from typer._click import exceptions as click_errors   # typer >= 0.22 vendors click
+except ImportError:
+    from click import exceptions as click_errors
 
 
 def _escape_placeholders(command) -> None:
