@@ -15,7 +15,7 @@ from pipeline.plans.features import PlannedFeatures, feature_sets_for
 from pipeline.plans.inputs import PlannedImages, planned_generated, planned_real
 from pipeline.workflow import real_train_set, training_generated_set
 from stores.errors import UserError
-from stores.images import ImageSet, image_set_dir
+from stores.images import ImageSet, image_set_dir, validate_set_name
 from trainer.job import Job, check_dra_layer, normalisation, shape_text
 from trainer.loader import Source, split_batch
 
@@ -51,7 +51,7 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     target_shape = tuple(feats["real"].shape) if dra else None
     layer = check_dra_layer(s, real, mean, std, target_shape) if dra else None
     steps = math.ceil(real_source.n / s["batch_size"])
-    run_name = name or f"{s['arch']}-{'dra' if dra else 'nodra'}-{s['seed']}"
+    run_name = validate_set_name(name or f"{s['arch']}-{'dra' if dra else 'nodra'}-{s['seed']}", "run")
     return Job(name=run_name, run_dir=str(root / "runs" / run_name), settings=s, config=_plain(cfg),
                real=real_source, generated=gen_source, holdout=holdout, classes=real.classes, channels=real.channels,
                resolution=real.resolution, mean=mean, std=std, target_shape=target_shape,
