@@ -16,6 +16,7 @@ import yaml
 from stores.errors import UserError
 
 DEFAULT_CONFIG_NAME = "pipeline.yaml"
+MAX_COUNT = 10 ** 10           # stores.tarshard.KEY_DIGITS: a sample id has 10 digits
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Key:
     item: type | None = None          # element type for lists
     below_max: bool = False           # max is exclusive
     item_choices: tuple | None = None # allowed values of list elements
+    min_items: int = 0                # shortest allowed list
 
 
 def _k(kind, default, help, **kw) -> Key:
@@ -57,7 +59,7 @@ SCHEMA: dict[str, Any] = {
     },
     "fit_diffusion": {
         "model_channels": _k(int, 32, "base channel count of the SongUNet trained by fit-diffusion", min=4, max=512),
-        "channel_mult": _k(list, [1, 2], "channel multiplier per resolution level", item=int),
+        "channel_mult": _k(list, [1, 2], "channel multiplier per resolution level", item=int, min=1, min_items=1),
         "num_blocks": _k(int, 2, "residual blocks per resolution level", min=1, max=8),
         "batch_size": _k(int, 128, "training batch size", min=1, max=65536),
         "lr": _k(float, 1e-3, "Adam learning rate (ramped up linearly over the first 5% of the run)", min=0.0, max=1.0),
@@ -215,6 +217,8 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
         if key.max is not None and (value >= key.max if key.below_max else value > key.max):
             bound = f"< {key.max}" if key.below_max else f"<= {key.max}"
             raise UserError(f"{prefix} must be {bound}, got {value!r}")
+    if isinstance(value, list) and len(value) < key.min_items:
+        raise UserError(f"{prefix} needs at least {key.min_items} item(s), got {value!r}")
     if isinstance(value, list) and key.item is not None:
         for v in value:
             if isinstance(v, bool) or not isinstance(v, key.item):
@@ -228,7 +232,7 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
 
 def _validate(schema: dict, data: Any, where: str, path: str = "") -> dict:
     if not isinstance(data, dict):
-        raise UserError(f"{where}: section '{path or '<top level>'}' must be a mapping, got {data!r}")
+        raise UserError(f"{where}: section '{path or '<top level>'}' must be a mapping, got {data!r:.60}")
     out = {}
     for name, value in data.items():
         dotted = f"{path}.{name}" if path else str(name)
@@ -273,6 +277,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             source = str(path)
             try:
                 data = yaml.safe_load(path.read_text()) or {}
+            except (OSError, UnicodeDecodeError) as exc:
+                why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+                raise UserError(f"config file {path}: {why}; pass --config with a pipeline.yaml") from None
             except yaml.YAMLError as exc:
                 mark = getattr(exc, "problem_mark", None)
                 at = f" at line {mark.line + 1}" if mark else ""
@@ -327,4 +334,6 @@ def parse_count(text: str | int) -> int:
             raise UserError(f"invalid count {text!r}: use a positive integer such as 50000, 1.5k, 20M or 1e6") from None
     if not math.isfinite(value) or value != int(value) or value < 1:
         raise UserError(f"invalid count {text!r}: must be a positive whole number of samples (e.g. 50000, 1.5k, 20M)")
+    if value > MAX_COUNT:
+        raise UserError(f"count {text!r} is over {MAX_COUNT:,.0f}, the most a set can hold (sample ids have 10 digits)")
     return int(value)

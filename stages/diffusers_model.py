@@ -156,10 +156,13 @@ def load_diffusers_denoiser(path) -> DiffusersDenoiser:
     scheduler = _scheduler_config(root, unet_dir)
     if scheduler is not None:
         check_scheduler_config(scheduler)
+    if not any((unet_dir / f"diffusion_pytorch_model.{ext}").is_file() for ext in ("safetensors", "bin")):
+        raise UserError(f"cannot load the diffusers UNet2DModel in {unet_dir}: it has no weights "
+                        f"(diffusion_pytorch_model.safetensors); save the model with save_pretrained")
     from diffusers import UNet2DModel
 
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
-        raise UserError(f"cannot load the diffusers UNet2DModel in {unet_dir}: {err}") from err
+        raise UserError(f"cannot load the diffusers UNet2DModel in {unet_dir}: {' '.join(str(err).split())[:200]}") from None
     return DiffusersDenoiser(unet).eval()

@@ -213,11 +213,13 @@ def recompute_deviation(model: Denoiser, images: ImageSet, feature_set, k: int, 
     done = sorted(feature_set.records)
     if not done:
         raise UserError(f"feature set {feature_set.key} has no completed shard to check")
-    rng = np.random.default_rng(seed)
+    counts = np.array([feature_set.records[i].count for i in done])
+    starts = np.concatenate([[0], np.cumsum(counts)])              # k distinct samples, at most every one cached
+    positions = np.random.default_rng(seed).choice(int(starts[-1]), size=min(k, int(starts[-1])), replace=False)
     picks: dict[int, set[int]] = {}
-    for _ in range(k):
-        index = int(rng.choice(done))
-        picks.setdefault(index, set()).add(int(rng.integers(feature_set.records[index].count)))
+    for pos in positions:
+        j = int(np.searchsorted(starts, pos, side="right")) - 1
+        picks.setdefault(done[j], set()).add(int(pos - starts[j]))
     worst_abs = worst_rel = 0.0
     per_view = [0.0] * len(feature_set.target_names())
     checked = 0

@@ -19,6 +19,7 @@ import torch
 
 from stages.edm.networks import EDMPrecond
 from stages.models import save_own
+from stores.errors import UserError
 from stores.identity import short_key
 from stores.images import ImageSet
 from stores.stream import ShardStream
@@ -53,6 +54,9 @@ class FitSettings:
 def network_config(images: ImageSet, s: FitSettings) -> dict:
     """EDMPrecond keywords for a small DDPM++ network fitting the image set's shape."""
     lowest = images.resolution // 2 ** (len(s.channel_mult) - 1)
+    if lowest < 1 or images.resolution % 2 ** (len(s.channel_mult) - 1):
+        raise UserError(f"fit_diffusion.channel_mult has {len(s.channel_mult)} levels, but {images.resolution}x"
+                        f"{images.resolution} images cannot be halved {len(s.channel_mult) - 1} times; use fewer levels")
     return dict(img_resolution=images.resolution, img_channels=images.channels, label_dim=images.classes,
                 sigma_data=SIGMA_DATA, model_type="SongUNet", model_channels=s.model_channels,
                 channel_mult=list(s.channel_mult), num_blocks=s.num_blocks, attn_resolutions=[lowest],

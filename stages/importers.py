@@ -56,6 +56,8 @@ def import_source(root: Path, importer: str, source: str | None, name: str | Non
     src_path = Path(source) if source else None
     if src_path is not None and not src_path.exists():
         raise UserError(f"{src_path}: no such file or folder; check --from")
+    if src_path is not None and src_path.is_dir() != (importer == "folder"):
+        raise UserError(f"{src_path}: import {importer} reads a {'folder' if importer == 'folder' else 'file'}; check --from")
     described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(src_path, 10),
                  "cifar100": lambda: _cifar(src_path, 100), "npz": lambda: _npz(src_path),
                  "folder": lambda: _folder(src_path)}
@@ -108,6 +110,17 @@ def planned_train_split(importer: str, test_fraction: float, split_seed: int) ->
         train = _digits(test_fraction, split_seed)[0]
         return train.n, train.classes, train.channels, train.resolution
     return CIFAR_TRAIN_SHAPE.get(importer)
+
+
+MAX_CLASSES = 100_000      # more would be a label mistake (a float scaled, an id column), not a data set
+
+
+def _class_labels(raw, where: str) -> np.ndarray:
+    """Labels as int64 class indices; refuses floats (which would truncate), strings, objects and nesting."""
+    labels = np.asarray(raw)
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise UserError(f"{where}: labels are {labels.dtype} {labels.shape}; expected one integer class index per image")
+    return labels.astype(np.int64)
 
 
 def _check_labels(labels: np.ndarray, classes: int, first_id: int) -> None:
@@ -174,6 +187,8 @@ def _load_batch(tar: tarfile.TarFile, member: str, archive: Path) -> dict:
         raise UserError(f"{archive}: member {member} missing; is this the python version of the CIFAR tarball?") from None
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise UserError(f"{archive}: member {member} is not a CIFAR batch ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{archive}: member {member} is a {type(data).__name__}, not a CIFAR batch (a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
 
 
@@ -200,8 +215,13 @@ def _cifar(path: Path, classes: int) -> list[SplitSource]:
 
 
 def _cifar_split(split, batches, label_key, classes, names, path) -> SplitSource:
-    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    if any("data" not in b or label_key not in b for b in batches):
+        raise UserError(f"{path}: a {split} batch lacks 'data' or '{label_key}'; is this the python CIFAR tarball?")
+    try:
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: {split} 'data' is not an array of bytes; is this the python CIFAR tarball?") from None
+    labels = np.concatenate([_class_labels(b[label_key], f"{path} ({split})") for b in batches])
     if data.ndim != 2 or data.shape[1] != 3072:
         raise UserError(f"{path}: {split} rows have shape {data.shape[1:]}, expected 3072 bytes (3x32x32)")
     if len(data) != len(labels):
@@ -225,18 +245,40 @@ def _npz(path: Path) -> list[SplitSource]:
             if f"{key}.npy" not in members:
                 raise UserError(f"{path}: no array '{key}' (has {', '.join(sorted(m.removesuffix('.npy') for m in members))}); "
                                 f"expected DM-AT's format with 'image' and 'label'")
-        with archive.open("label.npy") as f:
-            labels = np.lib.format.read_array(f, allow_pickle=False).astype(np.int64).reshape(-1)
+        labels = _read_npz_labels(archive, path)
         shape, dtype = _npy_member_header(archive, "image.npy")
     if len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or dtype != np.uint8:
         raise UserError(f"{path}: 'image' is {dtype} {shape}; expected (N, H, W, C) uint8 with square images and C 1 or 3")
     if shape[0] != len(labels):
         raise UserError(f"{path}: {shape[0]} images but {len(labels)} labels; the arrays must have the same length")
-    classes = int(labels.max()) + 1 if len(labels) else 0
+    if shape[0] == 0:
+        raise UserError(f"{path}: 'image' holds no images; nothing to import")
+    classes = int(labels.max()) + 1
     if (labels < 0).any():
         raise UserError(f"{path}: negative labels; labels must be class indices 0..K-1")
+    if classes > MAX_CLASSES:
+        raise UserError(f"{path}: label {classes - 1} makes {classes:,} classes (at most {MAX_CLASSES:,}); use indices 0..K-1")
+    _check_stored_length(path, shape)
     reader = _npz_reader(path, shape)
     return [SplitSource("train", shape[0], shape[1], shape[3], max(classes, 1), None, reader)]
+
+
+def _read_npz_labels(archive: zipfile.ZipFile, path: Path) -> np.ndarray:
+    try:
+        with archive.open("label.npy") as f:
+            raw = np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: 'label' is not a readable array ({str(exc)[:80]}); save integer labels with np.savez") from None
+    return _class_labels(raw.reshape(-1) if raw.ndim == 2 and 1 in raw.shape else raw, f"{path}: 'label'")
+
+
+def _check_stored_length(path: Path, shape) -> None:
+    """The 'image' member must hold all N*H*W*C bytes its header promises (a memmap past them fails late)."""
+    with zipfile.ZipFile(path) as archive, archive.open("image.npy") as member:
+        read_npy_header(member)
+        stored = archive.getinfo("image.npy").file_size - member.tell()
+    if stored < int(np.prod(shape)):
+        raise UserError(f"{path}: 'image' ends early ({stored:,} of {int(np.prod(shape)):,} bytes); save the file again")
 
 
 def _npy_member_header(archive: zipfile.ZipFile, member: str):
@@ -309,6 +351,9 @@ def _folder_files(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     files = [(f, k) for k, c in enumerate(classes) for f in sorted((path / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise UserError(f"{path}: the class subfolders hold no .png or .jpg files")
+    empty = sorted(set(classes) - {classes[k] for _, k in files})
+    if empty:
+        raise UserError(f"{path}: class folder {empty[0]} holds no .png or .jpg files; add its images or remove it")
     return classes, files
 
 

@@ -12,13 +12,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stages.denoiser import Denoiser
 from stages.edm.networks import EDMPrecond
 from stages.edm_pickle import load_edm_pickle
 from stages.fingerprint import model_fingerprint
-from stores.errors import UserError
+from stores.errors import IntegrityError, UserError
 
 FORMAT = "dra-pipe-model"
 SPEC_HELP = "edm:PATH.pkl (official EDM pickle) | diffusers:DIR (UNet2DModel, DDPM) | dra:DIR (saved by fit-diffusion)"
@@ -68,23 +69,28 @@ def save_own(model: EDMPrecond, folder: Path, provenance: dict) -> str:
 
 
 def load_own(folder: Path) -> EDMPrecond:
+    """A model in the workspace's store (<root>/models/fit-*) that does not load is damaged data (IntegrityError);
+    one given by path is bad input (UserError)."""
     config_path, weights = folder / "config.json", folder / "model.safetensors"
+    damaged = IntegrityError if folder.parent.name == "models" and folder.name.startswith("fit-") else UserError
     if not config_path.exists() or not weights.exists():
-        raise UserError(f"{folder}: not a dra-pipe model (needs config.json and model.safetensors)")
+        raise damaged(f"{folder}: not a dra-pipe model (needs config.json and model.safetensors)")
     try:
         meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{config_path}: not valid JSON") from None
-    if meta.get("format") != FORMAT or meta.get("class") != "EDMPrecond":
-        raise UserError(f"{config_path}: not a dra-pipe EDMPrecond model (format {meta.get('format')!r}, class {meta.get('class')!r})")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise damaged(f"{config_path}: not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("class") != "EDMPrecond":
+        found = (meta.get("format"), meta.get("class")) if isinstance(meta, dict) else (type(meta).__name__, None)
+        raise damaged(f"{config_path}: not a dra-pipe EDMPrecond model (format {found[0]!r}, class {found[1]!r})")
     model = EDMPrecond(**_from_json(meta["config"]))
     try:
         state = load_file(weights)
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError) as exc:
-        raise UserError(f"{weights}: weights do not fit the configured network ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, OSError, SafetensorError) as exc:
+        raise damaged(f"{weights}: weights unreadable or not those of the configured network "
+                      f"({str(exc).splitlines()[0][:100]}); refit the model") from None
     if model_fingerprint(model) != meta["fingerprint"]:
-        raise UserError(f"{folder}: weights do not match the recorded fingerprint (damaged or edited); refit the model")
+        raise damaged(f"{folder}: weights do not match the recorded fingerprint (damaged or edited); refit the model")
     return model
 
 

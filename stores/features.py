@@ -10,7 +10,6 @@ zarr reads a missing shard back as fill values without error, so readers never t
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,11 +21,12 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from stores.errors import IntegrityError, UserError
-from stores.identity import short_key, write_json_atomic
+from stores.identity import read_json_record, short_key, write_json_atomic
 from stores.manifest import worker_name
 from stores.tarshard import file_sha256_and_size, ShardBuffer
 
 META_JSON = "meta.json"
+META_KEYS = {"identity": dict, "layout": dict, "shards": dict}    # what a readable meta.json holds
 ZARR_NAME = "features.zarr"
 MIN_CHUNK_BYTES = 1 << 20
 def view_array(v: int) -> str:
@@ -75,15 +75,12 @@ class FeatureSet:
         meta_path = self.path / META_JSON
         if not meta_path.exists():
             raise UserError(f"no feature set at {self.path} (missing {META_JSON}); `dra-pipe ls` lists the sets")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            raise IntegrityError(f"{meta_path}: not valid JSON; the feature set's record is damaged") from None
+        self.meta = read_json_record(meta_path, META_KEYS, "the feature set's record")
         self.identity: dict = self.meta["identity"]
         if feature_key(self.identity) != self.path.name:
             raise IntegrityError(f"{self.path}: folder name does not match the identity in {META_JSON}")
         self.layout: dict = self.meta["layout"]
-        self.records = {int(i): FeatureShardRecord(**r) for i, r in self.meta["shards"].items()}
+        self.records = _shard_records(self.meta, meta_path)
         self.group = zarr.open_group(self.path / ZARR_NAME, mode="r")
 
     @property
@@ -191,10 +188,10 @@ class FeatureSetWriter:
         self.records: dict[int, FeatureShardRecord] = {}
         meta_path = self.path / META_JSON
         if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
+            meta = read_json_record(meta_path, META_KEYS, "the feature set's record")
             if meta["identity"] != identity:
                 raise IntegrityError(f"{self.path}: holds another identity (hash collision or hand edit); move it away")
-            self.records = {int(i): FeatureShardRecord(**r) for i, r in meta["shards"].items()}
+            self.records = _shard_records(meta, meta_path)
             if meta["layout"] != self.layout:
                 raise UserError(f"feature set {self.path.name} exists with layout {meta['layout']}, not {self.layout}; "
                                 f"delete {self.path} to rebuild it")
@@ -266,6 +263,13 @@ def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarra
 def _check_crc(body, stored, path: Path, what: str) -> None:
     if google_crc32c.value(np.frombuffer(body, np.uint8)).to_bytes(4, "little") != bytes(stored):
         raise IntegrityError(f"{path}: {what} fails its crc32c (corrupted); run `dra-pipe verify`")
+
+
+def _shard_records(meta: dict, meta_path: Path) -> dict[int, "FeatureShardRecord"]:
+    try:
+        return {int(i): FeatureShardRecord(**r) for i, r in meta["shards"].items()}
+    except (TypeError, ValueError):
+        raise IntegrityError(f"{meta_path}: malformed shard records; the feature set's record is damaged") from None
 
 
 def list_feature_sets(root: Path) -> list[Path]:

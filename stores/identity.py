@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stores.errors import IntegrityError
+
 
 def canonical_json(obj: Any) -> str:
     """Sorted keys, no whitespace, floats as repr: the same object always gives the same text."""
@@ -28,6 +30,18 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_record(path: Path, keys: dict[str, type], what: str) -> dict:
+    """A JSON object the pipeline wrote, with `keys` of the given types; anything else is damaged data."""
+    try:
+        record = json.loads(Path(path).read_bytes())
+    except (ValueError, OSError):                       # JSONDecodeError, UnicodeDecodeError, a folder
+        raise IntegrityError(f"{path}: not valid JSON; {what} is damaged") from None
+    wrong = [k for k, kind in keys.items() if not isinstance(record, dict) or not isinstance(record.get(k), kind)]
+    if wrong:
+        raise IntegrityError(f"{path}: no valid '{wrong[0]}' field; {what} is damaged")
+    return record
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

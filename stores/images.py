@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from stores.errors import IntegrityError, UserError
-from stores.identity import canonical_json, write_json_atomic
+from stores.identity import canonical_json, read_json_record, write_json_atomic
 from stores.manifest import read_manifest, ShardRecord, write_manifest
 from stores.tarshard import decode_image, iter_members, shard_name, ShardBuffer, write_tar_shard
 
@@ -24,9 +22,10 @@ def image_set_dir(root: Path, name: str) -> Path:
     return Path(root) / "images" / name
 
 
-def validate_set_name(name: str) -> str:
+def validate_set_name(name: str, what: str = "set") -> str:
+    """A folder name inside the workspace: no separators, no leading dot (so no `..` escapes)."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise UserError(f"invalid set name {name!r}: use letters, digits, '-', '_' and '.'")
+        raise UserError(f"invalid {what} name {name!r}: use letters, digits, '-', '_' and '.'")
     return name
 
 
@@ -37,9 +36,52 @@ class ShardPlan:
     count: int
 
 
-def plan_shards(n: int, shard_size: int) -> list[ShardPlan]:
+class ShardPlans(Sequence):
+    """Contiguous id ranges, shard i = ids [i*S, min((i+1)*S, n)), less the shards in `done`: computed on demand,
+    so len() and `samples` are arithmetic and a plan of 10^10 samples costs no memory."""
+
+    def __init__(self, n: int, shard_size: int, done: Iterable[int] = ()):
+        self.n, self.shard_size = n, shard_size
+        self.total = -(-n // shard_size)                       # ceil without floats
+        self._done = sorted(i for i in set(done) if 0 <= i < self.total)
+
+    def _plan(self, i: int) -> ShardPlan:
+        return ShardPlan(i, i * self.shard_size, min(self.shard_size, self.n - i * self.shard_size))
+
+    def _shard_index(self, k: int) -> int:
+        """The index of the k-th remaining shard: skip every done shard at or below it."""
+        i = k
+        for d in self._done:
+            if d > i:
+                break
+            i += 1
+        return i
+
+    def __len__(self) -> int:
+        return self.total - len(self._done)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return self._plan(self._shard_index(k))
+
+    def __iter__(self) -> Iterator[ShardPlan]:
+        done = set(self._done)
+        return (self._plan(i) for i in range(self.total) if i not in done)
+
+    @property
+    def samples(self) -> int:
+        """Samples in the remaining shards."""
+        return self.n - sum(self._plan(d).count for d in self._done)
+
+
+def plan_shards(n: int, shard_size: int) -> ShardPlans:
     """Contiguous id ranges: shard i holds ids [i*S, min((i+1)*S, n))."""
-    return [ShardPlan(i, i * shard_size, min(shard_size, n - i * shard_size)) for i in range(math.ceil(n / shard_size))]
+    return ShardPlans(n, shard_size)
 
 
 def make_identity(kind: str, source: dict, resolution: int, channels: int, classes: int, class_names: list[str] | None,
@@ -71,10 +113,7 @@ class ImageSet:
         meta_path = self.path / DATASET_JSON
         if not meta_path.exists():
             raise UserError(f"no image set at {self.path} (missing {DATASET_JSON}); `dra-pipe ls` lists the sets")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            raise IntegrityError(f"{meta_path}: not valid JSON; the set's identity is damaged") from None
+        meta = read_json_record(meta_path, {"identity": dict, "n": int, "fingerprint": str}, "the set's identity")
         self.meta = meta
         self.identity: dict = meta["identity"]
         self.n: int = meta["n"]
@@ -200,7 +239,7 @@ class ImageSetWriter:
         self.created = False
         existing = self.path / DATASET_JSON
         if existing.exists():
-            old = json.loads(existing.read_text())
+            old = read_json_record(existing, {"identity": dict, "n": int}, "the set's identity")
             if old["identity"] != identity:
                 raise UserError(f"image set '{name}' already exists at {self.path} with another identity "
                                 f"({_identity_diff(old['identity'], identity)}); choose another --name or delete that folder")
@@ -222,8 +261,9 @@ class ImageSetWriter:
         plans = plan_shards(self.n, self.identity["shard_size"])
         return r.index < len(plans) and plans[r.index].first_id == r.first_id and plans[r.index].count == r.count
 
-    def pending(self) -> list[ShardPlan]:
-        return [p for p in plan_shards(self.n, self.identity["shard_size"]) if not (p.index in self.records and self._fits(self.records[p.index]))]
+    def pending(self) -> ShardPlans:
+        done = [i for i, r in self.records.items() if self._fits(r)]
+        return ShardPlans(self.n, self.identity["shard_size"], done)
 
     def write(self, plan: ShardPlan, images: np.ndarray, labels: np.ndarray) -> ShardRecord:
         """Write and record one shard in this process."""

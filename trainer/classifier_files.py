@@ -14,16 +14,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stores.errors import UserError
+from stores.errors import IntegrityError, UserError
 from trainer.classifiers import Classifier, build_classifier
 from trainer.runs import FINAL_FORMAT, RunFolder
 
 RECORD_KEYS = ("arch", "num_classes", "in_channels", "resolution", "mean", "std", "state_dict", "threat_model")
 
 
-def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
-    """(classifier in eval mode, record) from a final.pt or an exported file; every problem is one UserError."""
-    path = Path(path)
+def load_classifier(path: str | Path, stored: bool = False) -> tuple[Classifier, dict]:
+    """(classifier in eval mode, record) from a final.pt or an exported file; every problem is one UserError,
+    or, for `stored` (a run's own final.pt / best.pt, written by training), one IntegrityError: damaged data."""
+    try:
+        return _load_classifier(Path(path))
+    except UserError as exc:
+        if stored and Path(path).is_file():
+            raise IntegrityError(f"{exc} - the run's own file is damaged; delete it and train the run again") from None
+        raise
+
+
+def _load_classifier(path: Path) -> tuple[Classifier, dict]:
     if not path.is_file():
         raise UserError(f"no classifier file {path}")
     try:
@@ -85,7 +94,7 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def export_classifier(source: str | Path, out: str | Path, run_name: str | None = None) -> dict:
+def export_classifier(source: str | Path, out: str | Path, run_name: str | None = None, stored: bool = False) -> dict:
     """Write the classifier of `source` (final.pt or an export) to `out` for others; returns what was written.
 
     The file holds the EMA state dict, architecture, shape, normalisation, threat model, fingerprint and the
@@ -94,7 +103,7 @@ def export_classifier(source: str | Path, out: str | Path, run_name: str | None 
     out = Path(out)
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    _, record = load_classifier(source)
+    _, record = load_classifier(source, stored)
     export = {"format": FINAL_FORMAT, **{k: record[k] for k in RECORD_KEYS},
               "fingerprint": state_fingerprint(record["state_dict"]), "dra_pipe_version": package_version("dra-pipe"),
               "run": run_name or record.get("run"), "dra": record.get("dra"), "objective": record.get("objective"),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from stores.errors import UserError
+from stores.errors import IntegrityError, UserError
 from stores.identity import write_json_atomic
 from stores.images import DATASET_JSON, image_set_dir, ImageSet
 from trainer.classifier_files import find_run, load_classifier
@@ -68,14 +68,26 @@ class RunInfo:
         return self.setting("train", "generated_set") or self.setting("generate", "name") or f"{self.prefix}-gen"
 
 
+def _read_stored(path: Path, read) -> dict:
+    """A run's file, written by the pipeline: one that does not read as a mapping is damaged data."""
+    try:
+        value = read(path)
+    except Exception as exc:              # torch, YAML and JSON each raise their own kinds
+        value = exc
+    if not isinstance(value, dict):
+        raise IntegrityError(f"{path}: unreadable ({type(value).__name__}); the run's file is damaged: delete it and "
+                             f"train or evaluate the run again")
+    return value
+
+
 def load_run(root: Path, run: str) -> RunInfo:
     import torch
     folder = find_run(root, run)
-    record = torch.load(folder.final, map_location="cpu", weights_only=True)
+    record = _read_stored(folder.final, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     record = {k: v for k, v in record.items() if k != "state_dict"}
-    config = yaml.safe_load(folder.config.read_text()) if folder.config.exists() else {}
+    config = _read_stored(folder.config, lambda p: yaml.safe_load(p.read_text()) or {}) if folder.config.exists() else {}
     eval_path = folder.path / "eval.json"
-    evaluated = json.loads(eval_path.read_text()) if eval_path.exists() else None
+    evaluated = _read_stored(eval_path, lambda p: json.loads(p.read_bytes())) if eval_path.exists() else None
     return RunInfo(folder.path.name, folder, config or {}, folder.read_metrics(), record, evaluated)
 
 
@@ -292,7 +304,7 @@ def representation(root: Path, info: RunInfo, s: EvalSettings) -> dict:
     name = f"{info.prefix}-test"
     if not (image_set_dir(root, name) / DATASET_JSON).exists():
         raise UserError(f"no test set {name} under {root}/images for run {info.name}")
-    model, record = load_classifier(info.folder.weights(s.weights))
+    model, record = load_classifier(info.folder.weights(s.weights), stored=True)
     images = ImageSet.open(root, name)
     check_fits(record, images)
     x, _ = read_images(images, s.rank_n)
@@ -324,15 +336,19 @@ def make_report(root: Path, runs: list[str], s: EvalSettings, out: Path | None =
         raise UserError("name at least one run")
     infos = [load_run(root, run) for run in runs]
     report = Report(out or report_folder(root, [i.name for i in infos]), COLUMNS)
-    report.folder.mkdir(parents=True, exist_ok=True)
     ranks: dict[str, dict] = {}
-    for info in infos:
-        log(f"{info.name}: figures, effective rank")
-        run_figures(root, info, report)
+    for info in infos:                    # every run's weights are read before anything is written
+        log(f"{info.name}: effective rank")
         try:
             ranks[info.name] = representation(root, info, s)
         except UserError as exc:
             report.notes.append(f"{info.name}: no effective rank ({exc})")
+        if info.folder.weights_note(s.weights):
+            report.notes.append(info.folder.weights_note(s.weights))
+    report.folder.mkdir(parents=True, exist_ok=True)
+    for info in infos:
+        log(f"{info.name}: figures")
+        run_figures(root, info, report)
         if info.eval is None:
             report.notes.append(f"{info.name}: not evaluated yet; `dra-pipe eval {info.name}` fills clean/PGD/AutoAttack")
         report.rows.append(table_row(info, ranks.get(info.name, {}).get("erank")))

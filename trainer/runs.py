@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from stores.errors import UserError
-from stores.identity import write_json_atomic
+from stores.errors import IntegrityError, UserError
+from stores.identity import read_json_record, write_json_atomic
 from trainer.classifiers import build_classifier
 
 FINAL_FORMAT = "dra-pipe-classifier"
@@ -39,7 +39,7 @@ class RunFolder:
     def prepare(self, identity: dict, config: dict) -> str:
         """Create the folder, or check that it holds this very run. Returns 'new', 'resume' or 'finished'."""
         if self.run_json.exists():
-            old = json.loads(self.run_json.read_text())["identity"]
+            old = read_json_record(self.run_json, {"identity": dict}, f"run {self.path.name}'s record")["identity"]
             if old != _jsonable(identity):
                 raise UserError(f"run {self.path.name} exists with other settings ({_diff(old, _jsonable(identity))}); "
                                 f"pass --name to start another run")
@@ -66,7 +66,19 @@ class RunFolder:
                 f.truncate(size)
 
     def read_metrics(self) -> list[dict]:
-        return [json.loads(line) for line in self.metrics.read_text().splitlines()] if self.metrics.exists() else []
+        if not self.metrics.exists():
+            return []
+        rows = []
+        for number, line in enumerate(self.metrics.read_bytes().splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except ValueError:                       # JSONDecodeError and UnicodeDecodeError
+                row = None
+            if not isinstance(row, dict):
+                raise IntegrityError(f"{self.metrics}: line {number} is not a JSON object (damaged); "
+                                     f"delete the run folder and train again")
+            rows.append(row)
+        return rows
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
@@ -75,7 +87,11 @@ class RunFolder:
     def load_checkpoint(self) -> dict | None:
         if not self.checkpoint.exists():
             return None
-        return torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:                 # a pickle error, a truncated zip, ...
+            raise IntegrityError(f"{self.checkpoint}: unreadable ({type(exc).__name__}); the checkpoint is damaged: "
+                                 f"delete it to train run {self.path.name} from the start") from None
 
     def save_final(self, payload: dict) -> None:
         _save_atomic({"format": FINAL_FORMAT, **payload}, self.final)
@@ -83,9 +99,20 @@ class RunFolder:
     def save_best(self, payload: dict) -> None:
         _save_atomic({"format": FINAL_FORMAT, **payload}, self.best)
 
-    def weights(self, choice: str) -> Path:
-        """best.pt for `best` when the run has one (it needs held-out images), else final.pt."""
+    def weights(self, choice: str, explicit: bool = False) -> Path:
+        """best.pt for `best` when the run has one (it needs held-out images), else final.pt: see weights_note.
+        An explicit `best` (a --weights flag) for a run without best.pt is refused."""
+        if choice == "best" and not self.best.exists() and explicit:
+            raise UserError(f"run {self.path.name} has no best.pt (trained without held-out images, train.holdout 0); "
+                            f"pass --weights final")
         return self.best if choice == "best" and self.best.exists() else self.final
+
+    def weights_note(self, choice: str) -> str | None:
+        """Why final.pt stands in for `best`, if it does: one line for the user."""
+        if choice == "best" and not self.best.exists():
+            return (f"run {self.path.name} has no best.pt (no held-out images to select by, train.holdout 0): "
+                    f"using final.pt, the last epoch's weights")
+        return None
 
 
 def _save_atomic(obj: dict, path: Path) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 from stores.features import FeatureSetWriter, write_feature_shard
+from stores.errors import UserError
 from stores.images import ImageSet, ImageSetWriter, make_identity, plan_shards
 from stores.stream import ShardLoader
 
@@ -80,13 +81,15 @@ def _report(results: dict, samples: int, cold: bool, console: Console) -> None:
 
 def _build(work: Path, samples: int, console: Console) -> dict:
     stamp = work / f"ready-{samples}"
+    if not stamp.exists() and work.exists():            # half-built or of another size: built again
+        if any(work.iterdir()) and not list(work.glob("ready-*")) and not (work / "images").exists():
+            raise UserError(f"{work} is not a bench folder and not empty; pass --dir with a new or empty folder")
+        shutil.rmtree(work)
     sets = {}
     for fmt in ("npy", "png"):
         identity = make_identity("generated", {"bench": samples}, 32, 3, 10, None, "train", SHARD, fmt)
         sets[fmt] = ImageSetWriter(work, f"bench-{fmt}", identity, samples)
     if not stamp.exists():
-        if work.exists():
-            shutil.rmtree(work)
         rng = np.random.default_rng(0)
         for writer in sets.values():
             writer.begin()

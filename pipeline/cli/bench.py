@@ -30,6 +30,9 @@ def bench_cmd(
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Measure a stage against its bare baseline in the same run (ratios, not absolute times)."""
+    for flag, value, least in (("--samples", samples, 1), ("--batch", batch, 1), ("--workers", workers, 0), ("--n", n, 1)):
+        if value is not None and value < least:
+            raise UserError(f"bench {flag} {value}: give a number >= {least}")
     cfg = resolve(config, root)
     work = work_dir or Path(cfg.root) / "bench"
     if what == "stores":

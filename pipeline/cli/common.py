@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -9,6 +10,7 @@ import typer
 from rich.console import Console
 
 from pipeline.config import Config, load_config
+from stores.errors import UserError
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -24,6 +26,20 @@ def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None
     cfg = load_config(config, over)
     cfg["root"] = str(Path(cfg.root).expanduser().resolve())   # Ray workers run elsewhere: absolute paths only
     return cfg
+
+
+def check_output_file(path: Path, flag: str = "--out") -> None:
+    """Before any work: the file an --out names must be writable (its folder exists and takes a new file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; pass {flag} FILE")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; pass {flag} in an existing folder")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}; pass {flag} in a writable folder") from None
 
 
 def human_bytes(n: float) -> str:

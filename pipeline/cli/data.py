@@ -1,6 +1,7 @@
 """`dra-pipe config`, `import`, `ls` and `verify`: the configuration, real data into image sets, the catalog."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -51,7 +52,11 @@ def import_cmd(
 def ls_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
     """List every image and feature set under the root, with size, identity and completeness."""
     cfg = resolve(config, root)
-    show_catalog(Path(cfg.root))
+    damaged = show_catalog(Path(cfg.root))
+    if damaged:
+        print(f"data error: {len(damaged)} damaged set(s) ({', '.join(damaged[:3])}); `dra-pipe verify` names the "
+              f"problems", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name or feature key (default: every set)"),
@@ -84,7 +89,8 @@ def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name o
         if not found and kind == "features" and recompute:
             report_recompute(base, path, recompute)
     if problems:
-        console.print(f"{len(problems)} problem(s) found; rerun the stage that wrote the set to redo those shards")
+        print(f"data error: {len(problems)} problem(s) found; rerun the stage that wrote the set to redo those shards",
+              file=sys.stderr)
         raise typer.Exit(1)
     console.print(f"all {checked} set(s) intact")
 
@@ -103,18 +109,20 @@ def run_import(cfg: Config, importer: str, source: str | None, name: str | None)
         console.print(f"throughput: {bar.rate:,.0f} images/s ({bar.done} images in {bar.seconds:.2f} s)")
 
 
-def show_catalog(root: Path) -> None:
+def show_catalog(root: Path) -> list[str]:
+    """Print the catalog; returns the names of the sets whose records are damaged."""
     from stores.catalog import catalog
     entries = catalog(root)
     if not entries:
         console.print(f"nothing under {root} yet: `dra-pipe import digits` creates the first sets")
-        return
+        return []
     table = Table("store", "name", "kind", "samples", "shards", "bytes", "identity", "state", title=f"{root}")
     for e in entries:
         state = "complete" if e.complete else (f"error: {e.error}" if e.error else f"partial {e.shards_done}/{e.shards_total}")
         table.add_row(e.kind, e.name, e.what, f"{e.samples:,}/{e.total:,}", f"{e.shards_done}/{e.shards_total}",
                       human_bytes(e.bytes), e.summary, state)
     console.print(table)
+    return [e.name for e in entries if e.error]
 
 
 RECOMPUTE_TOLERANCE = 0.02      # float16 rounding and batching stay far below this

@@ -7,10 +7,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt
+from pipeline.cli.common import check_output_file, ConfigOpt, console, resolve, RootOpt
 from pipeline.config import Config
 from pipeline.workflow import real_test_set
 from stores.errors import UserError
+from stores.workspace import check_writable
 
 
 def register(app: typer.Typer) -> None:
@@ -36,11 +37,11 @@ def eval_cmd(
     """Clean, PGD (cross-entropy and margin) and AutoAttack accuracy of a run's EMA weights or an exported file."""
     cfg = resolve(config, root, {"eval.n": n, "eval.pgd_steps": pgd_steps, "eval.pgd_restarts": restarts,
                                  "eval.autoattack": autoattack, "eval.weights": weights})
-    run_eval(cfg, run, model, images, out)
+    run_eval(cfg, run, model, images, out, explicit_weights=weights is not None)
 
 
 def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name: str | None = None,
-             out: Path | None = None) -> dict:
+             out: Path | None = None, explicit_weights: bool = False) -> dict:
     """Evaluate, write eval.json, print the table; returns the eval.json body."""
     from trainer.classifier_files import find_run, load_classifier
     from trainer.evaluate import autoattack_available, EvalSettings, evaluate_file, open_test_set, write_eval_json
@@ -52,12 +53,17 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
         raise UserError("eval.autoattack is on but pyautoattack is not installed: `pip install pyautoattack`, "
                         "or pass --no-autoattack (eval.autoattack: false)")
     root = Path(cfg.root)
-    path = find_run(root, run).weights(s.weights) if run is not None else model_file
-    net, record = load_classifier(path)
+    folder = find_run(root, run) if run is not None else None
+    path = folder.weights(s.weights, explicit_weights) if folder else model_file
+    net, record = load_classifier(path, stored=folder is not None)
     test = open_test_set(root, images_name or real_test_set(cfg))
     target = out or (path.with_name("eval.json") if run is not None else path.with_name(path.name + ".eval.json"))
+    check_output_file(target)
+    if folder and folder.weights_note(s.weights):
+        console.print(f"note: {folder.weights_note(s.weights)}", highlight=False, soft_wrap=True)
     _header(record, path, test, s)
     result = evaluate_file(path, record, net, test, s, log=lambda line: console.print(f"  {line}", highlight=False, soft_wrap=True))
+    result["weights"] = path.stem if folder else str(path)        # best or final: which file was evaluated
     write_eval_json(result, target)
     show_eval(result)
     console.print(f"wrote {target}", highlight=False, soft_wrap=True)
@@ -113,7 +119,10 @@ def export_cmd(
     from trainer.classifier_files import export_classifier, find_run
     folder = find_run(Path(cfg.root), run)
     target = out or Path(f"{folder.path.name}.pt")
-    written = export_classifier(folder.weights(cfg.eval.weights), target, folder.path.name)
+    source = folder.weights(cfg.eval.weights, explicit=weights is not None)
+    if folder.weights_note(cfg.eval.weights):
+        console.print(f"note: {folder.weights_note(cfg.eval.weights)}", highlight=False, soft_wrap=True)
+    written = export_classifier(source, target, folder.path.name, stored=True)
     params = sum(t.numel() for t in written["state_dict"].values())
     console.print(f"exported {written['arch']} of run {folder.path.name} ({params:,} values, L-inf eps "
                   f"{written['threat_model']['epsilon']:g}, fingerprint {written['fingerprint'][:16]}) to {target}; "
@@ -138,6 +147,7 @@ def run_report(cfg: Config, runs: list[str], out: Path | None = None):
     from trainer.report import SUMMARY_COLUMNS, make_report
     s = EvalSettings.from_config(cfg.eval)
     s.apply_threads()
+    check_writable(Path(out) if out else Path(cfg.root) / "reports", "report folder", "--out")
     report = make_report(Path(cfg.root), runs, s, out,
                          log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     table = Table(*report.columns, title="runs")

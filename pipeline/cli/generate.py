@@ -17,7 +17,7 @@ from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolv
 from pipeline.config import Config, parse_count
 from pipeline.progress import RateBar
 from pipeline.workflow import generated_set, real_train_set
-from stores.images import ImageSet, ImageSetWriter, ShardPlan, plan_shards, validate_set_name
+from stores.images import ImageSet, ImageSetWriter, ShardPlans, plan_shards, validate_set_name
 from stores.manifest import ShardRecord
 from stores.workspace import check_writable
 
@@ -70,7 +70,7 @@ class GenerateJob:
     settings: GenerateSettings
     model: object                      # the loaded model (a published stand-in when planning without the file)
     writer: ImageSetWriter | None      # None when only planning: the model file is not here
-    pending: list[ShardPlan]
+    pending: ShardPlans                # lazy: len() and .samples are arithmetic
     stand_in: str | None = None        # what stands in for a model that is not here yet (dry runs), as a note
 
     @property
@@ -153,7 +153,7 @@ def show_plan(job: GenerateJob, actors: ActorPlan, cfg: Config | None = None) ->
     from pipeline.estimates import describe_hours, forward_flops, gpu_hours
     from stages.generate import estimate_bytes
     s = job.settings
-    todo = sum(plan.count for plan in job.pending)
+    todo = job.pending.samples                    # arithmetic: N may be 10^10
     done = job.shards - len(job.pending)
     here = measure_here(job, actors)
     per_image, how = (here.bytes_per_image, f"from a {here.images}-image probe") if here.bytes_per_image else \

@@ -16,15 +16,61 @@ for group in (data, models, generate, extract, select, train, eval, run, sweep, 
     group.register(app)
 
 
+try:
+    from typer._click import exceptions as click_errors   # typer >= 0.22 vendors click
+except ImportError:
+    from click import exceptions as click_errors
+
+
+def _escape_placeholders(command) -> None:
+    """Help is rendered as markdown, where `<root>` would be an HTML tag and vanish: escape every `<`."""
+    if command.help and "\\<" not in command.help:
+        command.help = command.help.replace("<", "\\<")
+    for param in command.params:
+        text = getattr(param, "help", None)
+        if text and "\\<" not in text:
+            param.help = text.replace("<", "\\<")
+    for sub in getattr(command, "commands", {}).values():
+        _escape_placeholders(sub)
+
+
+def one_line(exc: Exception) -> str:
+    """A message that quotes a library's error can hold newlines: the user gets one line all the same."""
+    return " ".join(str(exc).split())
+
+
+def usage_line(exc: click_errors.UsageError) -> str:
+    """A usage error (unknown option, missing argument, bad value) as one line naming the option and the help."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    message = message[0].lower() + message[1:] if message else "bad usage"
+    where = f"; see {exc.ctx.command_path} --help" if exc.ctx is not None else ""
+    return f"{message}{where}"
+
+
 def main() -> None:
     """Entry point: bad input -> one line and exit 2; damaged data -> one line and exit 1."""
+    command = typer.main.get_command(app)
+    _escape_placeholders(command)
     try:
-        app()
+        code = command.main(prog_name="dra-pipe", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click_errors.NoArgsIsHelpError as exc:     # the help is printed already
+        sys.exit(exc.exit_code)
+    except click_errors.UsageError as exc:
+        print(f"error: {usage_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except click_errors.ClickException as exc:
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)   # one line, like the rest
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("interrupted: finished shards and checkpoints are kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except IntegrityError as exc:
-        print(f"data error: {exc}", file=sys.stderr)
+        print(f"data error: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: finished shards and checkpoints are kept; rerun the same command to resume", file=sys.stderr)

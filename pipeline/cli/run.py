@@ -135,7 +135,10 @@ def _job_for(cfg: Config):
 
 def _same_eval(path: Path, cfg: Config) -> bool:
     import json
-    return json.loads(path.read_text()).get("settings") == dict(cfg.eval)
+    try:
+        return json.loads(path.read_bytes()).get("settings") == dict(cfg.eval)
+    except (ValueError, AttributeError):          # a damaged eval.json is evaluated again
+        return False
 
 
 def _stage_report(cfg: Config, runs: list[str]) -> None:

@@ -14,7 +14,7 @@ from pipeline.config import Config
 from pipeline.progress import RateBar
 from pipeline.workflow import generated_set
 from stores.errors import UserError
-from stores.images import DATASET_JSON, image_set_dir, ImageSet, ImageSetWriter
+from stores.images import DATASET_JSON, image_set_dir, ImageSet, ImageSetWriter, validate_set_name
 from stores.workspace import check_writable
 
 
@@ -47,7 +47,7 @@ def run_select(cfg: Config, source_name: str | None, scorer_arg: str, fraction: 
     source = _open_source(root, source_name or generated_set(cfg))
     scorer = load_scorer(root, scorer_arg, cfg.eval.weights, source)
     identity = selection_identity(source, scorer, fraction)
-    name = out or f"{source.name}-top{round(fraction * 100)}"
+    name = validate_set_name(out or f"{source.name}-top{round(fraction * 100)}")
     folder = image_set_dir(root, name)
     if _existing_identity(folder) not in (None, identity):
         raise UserError(f"image set {name} already exists with another identity (other source, scorer or fraction); "
@@ -95,8 +95,11 @@ def load_scorer(root: Path, arg: str, weights: str, images: ImageSet):
     from stages.select import Scorer
     from trainer.classifier_files import find_run, load_classifier, state_fingerprint
     from trainer.evaluate import check_fits
-    path = Path(arg) if Path(arg).is_file() else find_run(root, arg).weights(weights)
-    model, record = load_classifier(path)
+    folder = None if Path(arg).is_file() else find_run(root, arg)
+    path = folder.weights(weights) if folder else Path(arg)
+    if folder and folder.weights_note(weights):
+        console.print(f"note: {folder.weights_note(weights)}", highlight=False, soft_wrap=True)
+    model, record = load_classifier(path, stored=folder is not None)
     check_fits(record, images)
     return Scorer(model, state_fingerprint(record["state_dict"]), str(path))
 

@@ -15,7 +15,7 @@ from pipeline.plans.features import PlannedFeatures, feature_sets_for, views_for
 from pipeline.plans.inputs import PlannedImages, planned_generated, planned_real
 from pipeline.workflow import real_train_set, training_generated_set
 from stores.errors import UserError
-from stores.images import ImageSet, image_set_dir
+from stores.images import ImageSet, image_set_dir, validate_set_name
 from trainer.job import Job, check_dra_layer, normalisation, shape_text
 from trainer.loader import Source, split_batch
 from trainer.targets import check_views_match, views_of
@@ -34,7 +34,8 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     real = _open_images(root, real_train_set(cfg), "dra-pipe import", planned, lambda: planned_real(cfg))
     fraction = s["unsup_fraction"]
     split_batch(s["batch_size"], fraction, s["workers"])
-    check_loader_workers(s["loader_workers"], os.cpu_count() or 1)
+    if planned is None:                            # a dry run may plan for a larger machine than this one
+        check_loader_workers(s["loader_workers"], os.cpu_count() or 1)
     gen = _open_images(root, training_generated_set(cfg), "dra-pipe generate", planned,
                        lambda: planned_generated(cfg, real)) if fraction > 0 else None
     if gen is not None:
@@ -57,7 +58,7 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     target_shape = tuple(feats["real"].shape) if dra else None
     layer = check_dra_layer(s, real, mean, std, target_shape) if dra else None
     steps = math.ceil(real_source.n / s["batch_size"])
-    run_name = name or f"{s['arch']}-{'dra' if dra else 'nodra'}-{s['seed']}"
+    run_name = validate_set_name(name or f"{s['arch']}-{'dra' if dra else 'nodra'}-{s['seed']}", "run")
     return Job(name=run_name, run_dir=str(root / "runs" / run_name), settings=s, config=_plain(cfg),
                real=real_source, generated=gen_source, holdout=holdout, classes=real.classes, channels=real.channels,
                resolution=real.resolution, mean=mean, std=std, target_shape=target_shape,

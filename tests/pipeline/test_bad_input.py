@@ -1,0 +1,305 @@
+"""Every bad input, one line: a hostile user's inputs to every command, through the real CLI.
+
+Each row: the exit status (2 bad input, 1 damaged stored data), exactly one line on stderr naming the problem,
+no traceback, and the workspace (every file's size and mtime, every folder) unchanged.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_edm_config
+
+# (id, argv with {ws} {fit} {base} placeholders, exit status, fragment stderr must contain)
+ROWS = [
+    # usage errors: one line naming the option, not a rich box
+    ("unknown-option", "train --frobnicate", 2, "no such option: --frobnicate; see dra-pipe train --help"),
+    ("bad-int", "verify --recompute abc", 2, "'--recompute'"),
+    ("missing-argument", "import", 2, "missing argument 'importer'"),
+    ("no-such-command", "frobnicate", 2, "no such command 'frobnicate'"),
+    ("float-for-int", "eval tiny --n 1.5 --root {ws}", 2, "'--n'"),
+    ("missing-value", "export tiny --out", 2, "'--out' requires an argument"),
+    # configuration files and roots
+    ("config-binary", "ls --config {base}/binary.yaml", 2, "not UTF-8"),
+    ("config-folder", "ls --config {base}", 2, "Is a directory"),
+    ("config-list", "config --config {base}/list.yaml", 2, "must be a mapping"),
+    ("config-missing", "config --config {base}/none.yaml", 2, "does not exist"),
+    ("config-bad-value", "eval tiny --weights frob --root {ws}", 2, "eval.weights"),
+    ("root-proc", "import digits --root /proc/dra-ws", 2, "not writable"),
+    ("root-sys", "import digits --root /sys/dra-ws", 2, "not writable"),
+    # importers: malformed content, wrong data
+    ("npz-float-labels", "import npz --from {base}/float.npz --root {base}/new", 2, "float64"),
+    ("npz-billion-classes", "import npz --from {base}/huge.npz --root {base}/new", 2, "1,000,000,001 classes"),
+    ("npz-no-images", "import npz --from {base}/zero.npz --root {base}/new", 2, "no images"),
+    ("npz-object-labels", "import npz --from {base}/object.npz --root {base}/new", 2, "'label' is not a readable array"),
+    ("npz-ends-early", "import npz --from {base}/short.npz --root {base}/new", 2, "ends early"),
+    ("npz-not-zip", "import npz --from {base}/list.yaml --root {base}/new", 2, "not an .npz file"),
+    ("cifar-no-data", "import cifar10 --from {base}/nodata.tar.gz --root {base}/new", 2, "lacks 'data'"),
+    ("cifar-object-labels", "import cifar10 --from {base}/objlabels.tar.gz --root {base}/new", 2, "labels are object"),
+    ("cifar-float-labels", "import cifar10 --from {base}/floatlabels.tar.gz --root {base}/new", 2, "labels are float64"),
+    ("folder-empty-class", "import folder --from {base}/classes --root {base}/new", 2, "class folder b holds no"),
+    ("unknown-importer", "import imagenet --root {base}/new", 2, "unknown importer"),
+    ("npz-from-folder", "import npz --from {base}/classes --root {base}/new", 2, "import npz reads a file"),
+    # generate: a plan is arithmetic, absurd N refused
+    ("generate-1e30", "generate --n 1e30 --dry-run --root {ws}", 2, "the most a set can hold"),
+    ("generate-zero", "generate --n 0 --dry-run --root {ws}", 2, "invalid count"),
+    ("generate-words", "generate --n lots --dry-run --root {ws}", 2, "invalid count"),
+    ("generate-escape", "generate --name ../escape --dry-run --root {ws}", 2, "invalid set name"),
+    # verify, ls: damaged records are data errors
+    ("verify-negative", "verify --recompute -1 --root {ws}", 2, "--recompute -1"),
+    ("verify-unknown", "verify nosuch --root {ws}", 2, "no image or feature set named 'nosuch'"),
+    ("ls-dataset-not-utf8", "ls --root {base}/dmg-utf8", 1, "damaged set(s) (digits-test)"),
+    ("verify-dataset-not-utf8", "verify --root {base}/dmg-utf8", 1, "1 problem(s) found"),
+    ("verify-dataset-shape", "verify --root {base}/dmg-shape", 1, "1 problem(s) found"),
+    ("ls-meta-shape", "ls --root {base}/dmg-meta", 1, "damaged set(s) (abc)"),
+    ("verify-meta-not-utf8", "verify --root {base}/dmg-meta", 1, "1 problem(s) found"),
+    # bench: sizes must be positive
+    ("bench-generate-n0", "bench generate --n 0 --root {ws}", 2, "bench --n 0"),
+    ("bench-samples-0", "bench stores --samples 0 --root {ws}", 2, "bench --samples 0"),
+    ("bench-samples-neg", "bench stores --samples -5 --root {ws}", 2, "bench --samples -5"),
+    ("bench-batch-0", "bench stores --batch 0 --root {ws}", 2, "bench --batch 0"),
+    ("bench-foreign-dir", "bench stores --samples 10 --dir {base}/classes --root {ws}", 2, "not a bench folder"),
+    ("bench-unknown", "bench frob --root {ws}", 2, "unknown benchmark"),
+    # run names and set names stay inside the workspace
+    ("train-escape", "train --name ../escape --dry-run --root {ws}", 2, "invalid run name '../escape'"),
+    ("train-slash", "train --name a/b --dry-run --root {ws}", 2, "invalid run name 'a/b'"),
+    ("select-escape", "select digits-train --scorer tiny --out ../escape --root {ws}", 2, "invalid set name '../escape'"),
+    ("select-junk-scorer", "select digits-train --scorer {base}/junk.pt --root {ws}", 2, "not a readable classifier"),
+    # eval: weights chosen explicitly, outputs checked before the work, damaged run files are data errors
+    ("eval-best-missing", "eval tiny --weights best --no-autoattack --root {ws}", 2, "has no best.pt"),
+    ("eval-out-no-folder", "eval tiny --out {base}/nofolder/e.json --no-autoattack --root {ws}", 2, "does not exist"),
+    ("eval-out-proc", "eval tiny --out /proc/e.json --no-autoattack --root {ws}", 2, "cannot write /proc/e.json"),
+    ("eval-out-folder", "eval tiny --out {base} --no-autoattack --root {ws}", 2, "it is a folder"),
+    ("eval-junk-model", "eval --model {base}/junk.pt --no-autoattack --root {ws}", 2, "not a readable classifier"),
+    ("eval-garbage-best", "eval garbage-best --no-autoattack --root {ws}", 1, "is damaged"),
+    ("eval-cut-final", "eval cut-final --weights final --no-autoattack --root {ws}", 1, "is damaged"),
+    ("eval-no-run", "eval nosuch --root {ws}", 2, "no run nosuch"),
+    ("eval-run-and-model", "eval tiny --model {base}/junk.pt --root {ws}", 2, "one of them"),
+    # export, report
+    ("export-best-missing", "export tiny --weights best --out {base}/x.pt --root {ws}", 2, "has no best.pt"),
+    ("export-garbage-best", "export garbage-best --out {base}/x.pt --root {ws}", 1, "is damaged"),
+    ("export-no-folder", "export tiny --out {base}/nofolder/x.pt --root {ws}", 2, "does not exist"),
+    ("report-garbage-best", "report garbage-best --out {base}/rep --root {ws}", 1, "is damaged"),
+    ("report-bad-metrics", "report bad-metrics --out {base}/rep --root {ws}", 1, "line 4 is not a JSON object"),
+    ("report-out-proc", "report tiny --out /proc/rep --root {ws}", 2, "report folder /proc/rep is not writable"),
+    ("report-no-run", "report nosuch --root {ws}", 2, "no run nosuch"),
+    # diffusion models: the workspace's own fitted model is stored data, a file given by path is input
+    ("model-fitted-truncated", "model info --root {fit}", 1, "model.safetensors: weights unreadable"),
+    ("model-fitted-flipped", "model info --root {flip}", 1, "do not match the recorded fingerprint"),
+    ("model-given-truncated", "model info --model dra:{base}/given-model --root {fit}", 2, "weights unreadable"),
+    ("diffusers-no-weights", "model info --model diffusers:{base}/unet --root {ws}", 2, "it has no weights"),
+    ("model-bad-spec", "model info --model frob --root {ws}", 2, "not understood"),
+    ("generate-fitted-truncated", "generate --n 100 --root {fit}", 1, "weights unreadable"),
+    # run files the pipeline wrote: damaged is exit 1
+    ("report-cut-final", "report cut-final --out {base}/rep --root {ws}", 1, "final.pt: unreadable"),
+    ("report-eval-json", "report bad-eval --out {base}/rep --root {ws}", 1, "eval.json: unreadable"),
+    ("report-config-yaml", "report bad-config --out {base}/rep --root {ws}", 1, "config.yaml: unreadable"),
+    ("train-run-json", "train --name bad-record --config {base}/real-only.yaml --root {ws}", 1, "run.json: not valid JSON"),
+    # the other stages
+    ("fit-no-images", "fit-diffusion --images nosuch --root {ws}", 2, "nosuch"),
+    ("fit-empty-levels", "fit-diffusion --config {base}/no-levels.yaml --root {ws}", 2, "needs at least 1 item"),
+    ("fit-too-many-levels", "fit-diffusion --config {base}/six-levels.yaml --root {ws}", 2, "cannot be halved 5 times"),
+    ("extract-timestep", "extract-features --timestep 5000 --root {ws}", 2, "5000"),
+    ("run-bad-seeds", "run --seeds a,b --root {ws}", 2, "seeds"),
+]
+
+
+def _snapshot(*folders: Path) -> dict:
+    """Every file's (size, mtime) and every folder, under the given folders."""
+    out = {}
+    for top in folders:
+        for p in sorted(top.rglob("*")):
+            out[str(p)] = (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
+    return out
+
+
+def _cifar_tar(path: Path, batch: dict) -> None:
+    """A CIFAR-10 python tarball whose five train batches and test batch are all `batch`."""
+    folder = "cifar-10-batches-py"
+    members = {f"{folder}/data_batch_{i}": batch for i in range(1, 6)}
+    members[f"{folder}/test_batch"] = batch
+    members[f"{folder}/batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            payload = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _bad_inputs(base: Path) -> None:
+    images = np.zeros((4, 8, 8, 1), np.uint8)
+    np.savez(base / "float.npz", image=images, label=np.array([0.5, 1.7, 2.2, 3.9]))
+    np.savez(base / "huge.npz", image=images, label=np.array([0, 1, 2, 10 ** 9]))
+    np.savez(base / "zero.npz", image=images[:0], label=np.zeros(0, np.int64))
+    np.savez(base / "object.npz", image=images, label=np.array([0, None, 1, 2], dtype=object))
+    with zipfile.ZipFile(base / "short.npz", "w", zipfile.ZIP_STORED) as z:     # header says 4 images, holds 1
+        z.writestr("image.npy", _npy_bytes(images)[:-3 * 64])
+        z.writestr("label.npy", _npy_bytes(np.arange(4)))
+    rows = np.zeros((4, 3072), np.uint8)
+    _cifar_tar(base / "nodata.tar.gz", {b"labels": [0, 1, 2, 3]})
+    _cifar_tar(base / "objlabels.tar.gz", {b"data": rows, b"labels": np.array([0, None, 1, 2], dtype=object)})
+    _cifar_tar(base / "floatlabels.tar.gz", {b"data": rows, b"labels": [0.5, 1.5, 2.0, 3.0]})
+    from PIL import Image
+    (base / "classes" / "a").mkdir(parents=True)
+    (base / "classes" / "b").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(base / "classes" / "a" / f"{i}.png")
+    (base / "binary.yaml").write_bytes(b"\xff\xfe\x00\x9c binary \x80\x81")
+    (base / "list.yaml").write_text("- 1\n- 2\n")
+    (base / "no-levels.yaml").write_text("fit_diffusion:\n  channel_mult: []\n")
+    (base / "six-levels.yaml").write_text("fit_diffusion:\n  channel_mult: [1, 1, 1, 1, 1, 1]\n")
+    (base / "real-only.yaml").write_text("train:\n  dra: false\n  unsup_fraction: 0.0\n  epochs: 1\n")
+    (base / "junk.pt").write_bytes(bytes(range(256)) * 4)
+    (base / "unet").mkdir()
+    (base / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 8}')
+
+
+def _damaged_roots(base: Path, ws: Path) -> None:
+    for name, text in (("dmg-utf8", b"\xff\xfe{not utf-8"), ("dmg-shape", b"[1, 2, 3]")):
+        shutil.copytree(ws / "images" / "digits-test", base / name / "images" / "digits-test")
+        (base / name / "images" / "digits-test" / "dataset.json").write_bytes(text)
+    (base / "dmg-meta" / "features" / "abc").mkdir(parents=True)
+    (base / "dmg-meta" / "features" / "abc" / "meta.json").write_bytes(b'{"identity": 5, "\xff": 1}')
+
+
+def _runs(ws: Path) -> None:
+    from evalruns import fit_small_cnn, save_run
+    from stores.images import ImageSet
+    save_run(ws, "tiny", fit_small_cnn(ImageSet.open(ws, "digits-train"), steps=3), 0.1, dra=False, unsup_fraction=0.0)
+    runs = ws / "runs"
+    for name in ("garbage-best", "cut-final", "bad-metrics", "bad-eval", "bad-config", "bad-record"):
+        shutil.copytree(runs / "tiny", runs / name)
+    (runs / "bad-eval" / "eval.json").write_bytes(b"\xff\xfe{")
+    (runs / "bad-config" / "config.yaml").write_text("train: [\n")
+    (runs / "bad-record" / "run.json").write_text("{garbage")
+    (runs / "bad-record" / "final.pt").unlink()                # unfinished: train would resume it
+    (runs / "garbage-best" / "best.pt").write_bytes(b"not a checkpoint" * 64)
+    final = (runs / "cut-final" / "final.pt").read_bytes()
+    (runs / "cut-final" / "final.pt").write_bytes(final[: len(final) // 2])
+    with open(runs / "bad-metrics" / "metrics.jsonl", "a") as f:
+        f.write("{garbage\n")
+
+
+def _fitted_models(base: Path, ws: Path) -> None:
+    """Roots `fit` and `flip` whose fitted model (for the default fit settings) has a truncated model.safetensors,
+    or one flipped byte in its weights; `given-model`, truncated, outside any workspace."""
+    import torch
+    from pipeline.config import load_config
+    from pipeline.models import fitted_model_dir
+    from stages.edm.networks import EDMPrecond
+    from stages.models import save_own
+    torch.manual_seed(0)
+    net = EDMPrecond(**tiny_edm_config()).eval()
+    folders = {}
+    for name in ("fit", "flip"):
+        shutil.copytree(ws / "images" / "digits-train", base / name / "images" / "digits-train")
+        folders[name] = fitted_model_dir(load_config(None, {"root": str(base / name)}))
+    for damage, folder in (("cut", folders["fit"]), ("flip", folders["flip"]), ("cut", base / "given-model")):
+        save_own(net, folder, {"test": "bad input"})
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        if damage == "flip":
+            data[-5] ^= 0x40                                   # inside the last tensor's bytes
+        (folder / "model.safetensors").write_bytes(bytes(data) if damage == "flip" else bytes(data[:-100]))
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, one_thread_for_module):
+    """An imported digits workspace with finished and damaged runs; damaged roots; malformed input files."""
+    from stages.importers import import_source
+    base = tmp_path_factory.mktemp("bad-input")
+    ws = base / "ws"
+    import_source(ws, "digits", None, None, 10000, "png")
+    _runs(ws)
+    _bad_inputs(base)
+    _damaged_roots(base, ws)
+    _fitted_models(base, ws)
+    return {"base": base, "ws": ws, "fit": base / "fit", "flip": base / "flip"}
+
+
+@pytest.mark.parametrize("argv, code, fragment", [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
+def test_bad_input_gets_one_line(cli, bad, tmp_path, argv, code, fragment):
+    args = argv.format(**{k: str(v) for k, v in bad.items()}).split()
+    before = _snapshot(bad["base"], tmp_path)
+    got, out, err = cli(*args)
+    assert "Traceback" not in out + err
+    assert (got, err.count("\n")) == (code, 1), err
+    assert err.startswith("error: " if code == 2 else "data error: ") and fragment in err, err
+    assert _snapshot(bad["base"], tmp_path) == before
+
+
+def test_fallback_to_final_is_said_and_recorded(cli, bad, tmp_path):
+    """eval.weights best (the default) on a run without best.pt: one note, and eval.json says which weights."""
+    out_file = tmp_path / "e.json"
+    code, out, err = cli("eval", "tiny", "--no-autoattack", "--n", "8", "--pgd-steps", "1", "--out", out_file,
+                         "--root", bad["ws"])
+    assert code == 0 and err == ""
+    assert "note: run tiny has no best.pt" in out and "using final.pt" in out
+    assert json.loads(out_file.read_text())["weights"] == "final"
+    code, out, err = cli("report", "tiny", "--rank-n", "16", "--out", tmp_path / "rep", "--root", bad["ws"])
+    assert code == 0 and err == "" and "note: run tiny has no best.pt" in out
+
+
+def test_help_keeps_placeholders(cli):
+    """Help is markdown, where `<root>` would be an HTML tag and vanish."""
+    code, out, _ = cli("eval", "--help")
+    assert code == 0 and "<root>/runs" in out
+
+
+def test_huge_plans_are_arithmetic():
+    from pipeline.config import parse_count
+    from stores.errors import UserError
+    from stores.images import plan_shards, ShardPlans
+    assert parse_count("20M") == 20_000_000 and parse_count("10G") == 10 ** 10
+    with pytest.raises(UserError, match="sample ids have 10 digits"):
+        parse_count("10.5G")
+    plans = plan_shards(10 ** 10, 1)
+    assert len(plans) == 10 ** 10 and plans[-1].first_id == 10 ** 10 - 1
+    left = ShardPlans(25, 10, done=[1])
+    assert [(p.index, p.first_id, p.count) for p in left] == [(0, 0, 10), (2, 20, 5)]
+    assert len(left) == 2 and left[1].index == 2 and left.samples == 15
+
+
+def test_recompute_caps_k_at_the_cached_samples(tiny_model_dir, tmp_path):
+    """verify --recompute K with K far above the set size checks every cached sample once, and returns."""
+    from stages.extract import compute_targets, NoiseLevel, recompute_deviation
+    from stages.models import load_model
+    from stores.features import FeatureSet, FeatureSetWriter, write_feature_shard
+    from trainsets import image_set
+    net = load_model(f"dra:{tiny_model_dir}")
+    images = image_set(tmp_path, "t-train", "real", 20, 8)
+    identity = {"image_set": images.fingerprint, "image_set_name": images.name, "model": "tiny", "timestep": 100,
+                "layer": "dec.4x4_in1", "sigma": 0.5, "noise_seed": 0, "pool": "none", "flip": False}
+    shards = [images.read_shard(p.index) for p in images.plan()]
+    targets = [compute_targets(net, s.ids, s.images, s.labels, "dec.4x4_in1", NoiseLevel(0.5, 100), 0, "none", False)[0]
+               for s in shards]
+    writer = FeatureSetWriter(tmp_path, identity, images.n, images.shard_size, targets[0].shape[1:], False)
+    writer.begin()
+    for p, s, t in zip(images.plan(), shards, targets):
+        writer.record(write_feature_shard(writer.path, p.index, p.first_id, s.ids, t.astype(np.float16)))
+    result = recompute_deviation(net, images, FeatureSet(writer.path), 10 ** 9)
+    assert result["samples"] == images.n and result["max_rel"] < 1e-2
+
+
+def test_half_built_bench_folder_is_rebuilt(cli, tmp_path):
+    """A bench stores build that died midway (no ready stamp) does not block the next one, of any size."""
+    work = tmp_path / "bench"
+    code, _, err = cli("bench", "stores", "--samples", "7", "--warm-only", "--workers", "0", "--dir", work)
+    assert code == 0, err
+    (work / "ready-7").unlink()
+    code, out, err = cli("bench", "stores", "--samples", "9", "--warm-only", "--workers", "0", "--dir", work)
+    assert code == 0 and err == "" and (work / "ready-9").exists() and not (work / "ready-7").exists(), err
