@@ -279,15 +279,16 @@ def test_recompute_caps_k_at_the_cached_samples(tiny_model_dir, tmp_path):
     from stages.extract import compute_targets, NoiseLevel, recompute_deviation
     from stages.models import load_model
     from stores.features import FeatureSet, FeatureSetWriter, write_feature_shard
+    from stores.views import ViewSpec
     from trainsets import image_set
     net = load_model(f"dra:{tiny_model_dir}")
     images = image_set(tmp_path, "t-train", "real", 20, 8)
     identity = {"image_set": images.fingerprint, "image_set_name": images.name, "model": "tiny", "timestep": 100,
-                "layer": "dec.4x4_in1", "sigma": 0.5, "noise_seed": 0, "pool": "none", "flip": False}
+                "layer": "dec.4x4_in1", "sigma": 0.5, "noise_seed": 0, "pool": "none", "views": ViewSpec(1, 0, False).identity()}
     shards = [images.read_shard(p.index) for p in images.plan()]
-    targets = [compute_targets(net, s.ids, s.images, s.labels, "dec.4x4_in1", NoiseLevel(0.5, 100), 0, "none", False)[0]
-               for s in shards]
-    writer = FeatureSetWriter(tmp_path, identity, images.n, images.shard_size, targets[0].shape[1:], False)
+    targets = [compute_targets(net, s.ids, s.images, s.labels, "dec.4x4_in1", NoiseLevel(0.5, 100), 0, "none",
+                               ViewSpec(1, 0, False))[:, 0] for s in shards]
+    writer = FeatureSetWriter(tmp_path, identity, images.n, images.shard_size, targets[0].shape[1:], 1)
     writer.begin()
     for p, s, t in zip(images.plan(), shards, targets):
         writer.record(write_feature_shard(writer.path, p.index, p.first_id, s.ids, t.astype(np.float16)))
