@@ -20,7 +20,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from stores.errors import IntegrityError, UserError
 from stores.identity import short_key, write_json_atomic
-from stores.locks import LockedWriter
+from stores.locks import holds_only_the_lock, LockedWriter
 from stores.manifest import worker_name
 from stores.tarshard import file_sha256_and_size, ShardBuffer
 
@@ -269,5 +269,6 @@ def _check_crc(body, stored, path: Path, what: str) -> None:
 
 def list_feature_sets(root: Path) -> list[Path]:
     base = Path(root) / "features"
-    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.exists() else []
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and not holds_only_the_lock(p)) \
+        if base.exists() else []                   # a folder with just its lock: a writer is only starting there
 

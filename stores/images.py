@@ -271,4 +271,5 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> str:
 
 def list_image_sets(root: Path) -> list[Path]:
     base = Path(root) / "images"
-    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.exists() else []
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and not holds_only_the_lock(p)) \
+        if base.exists() else []                   # a folder with just its lock: a writer is only starting there

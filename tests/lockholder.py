@@ -62,8 +62,8 @@ def holding(folder: Path, copy_from: Path | None = None):
     finally:
         if holder.releasing:
             holder.process.wait(timeout=30)
-        elif holder.process.poll() is None:
-            holder.kill()
+        else:
+            holder.release()
 
 
 TRY = """
