@@ -93,10 +93,14 @@ def test_every_writer_is_refused_while_another_process_writes_and_changes_nothin
 
 
 def test_readers_do_not_wait_for_a_writer(cli, ws):
-    with holding(image_set_dir(ws["root"], "digits-train")):
+    """ls and verify read while sets are written: a complete one, and a new one that holds only its lock yet
+    (not a set, so not listed)."""
+    with holding(image_set_dir(ws["root"], "digits-train")), holding(image_set_dir(ws["root"], "starting")):
         started = time.monotonic()
         code, out, _ = cli("ls", "-c", ws["config"])
-        assert code == 0 and "digits-train" in out and "error" not in out
+        assert code == 0 and "digits-train" in out and "error" not in out and "starting" not in out
+        code, out, _ = cli("verify", "-c", ws["config"])
+        assert code == 0 and "all 3 set(s) intact" in out, out
         code, out, _ = cli("verify", "digits-train", "-c", ws["config"])
         assert code == 0 and "ok: image set digits-train" in out
         assert time.monotonic() - started < 30

@@ -1,4 +1,5 @@
 """Writer locks: another process holding a set's lock refuses (or delays) a second writer; death releases it."""
+import fcntl
 import json
 import os
 import socket
@@ -84,6 +85,22 @@ def test_a_waiter_whose_holder_removed_the_folder_locks_the_new_one(tmp_path):
         with writer_lock(folder, "set", wait=True, announce=lambda line: None):
             assert not another_process_can_lock(folder)
     assert not folder.exists()                                # released with nothing written: no folder stays
+
+
+def test_a_lock_file_removed_while_opened_is_not_taken(tmp_path, monkeypatch):
+    """Deterministic version of that race: the holder removes its folder between this writer's open and flock."""
+    folder = tmp_path / "set"
+    holder = Holder(folder)
+    real_flock = fcntl.flock
+
+    def flock_after_the_holder_left(fd, operation):
+        if holder.process.poll() is None:
+            holder.release()
+        return real_flock(fd, operation)
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_holder_left)
+    with writer_lock(folder, "set"):
+        monkeypatch.undo()
+        assert (folder / LOCK_NAME).exists() and not another_process_can_lock(folder)
 
 
 def test_a_process_may_nest_its_own_lock_and_holds_it_to_the_outermost_release(tmp_path):
