@@ -78,26 +78,37 @@ class WriterLock:
     def _take(self):
         """Open, flock (non-blocking, polled so Ctrl-C stops a wait at once), check it is still the folder's file."""
         announced = False
-        while True:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            f = open(self.path, "a+")                      # never truncates: a refused writer changes nothing
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _describe(read_holder(f))
-                f.close()
-                if not self.wait:
-                    raise UserError(f"{self.what} is being written by {holder}; wait for it to finish, or pass --wait "
-                                    f"to wait for it") from None
-                if not announced:
-                    self.announce(f"waiting for {self.what}: it is being written by {holder} (Ctrl-C stops waiting)")
-                    announced = True
-                time.sleep(POLL_SECONDS)
-                continue
-            if _same_file(f, self.path):
-                _record_holder(f)
-                return f
-            f.close()                                      # the holder removed the folder before releasing: retry
+        try:
+            while True:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                f = open(self.path, "a+")                  # never truncates: a refused writer changes nothing
+                if not _try_flock(f):
+                    holder = _describe(read_holder(f))
+                    f.close()
+                    if not self.wait:
+                        raise UserError(f"{self.what} is being written by {holder}; wait for it to finish, or pass "
+                                        f"--wait to wait for it")
+                    if not announced:
+                        self.announce(f"waiting for {self.what}: it is being written by {holder} (Ctrl-C stops waiting)")
+                        announced = True
+                    time.sleep(POLL_SECONDS)
+                elif _same_file(f, self.path):
+                    _record_holder(f)
+                    return f
+                else:
+                    f.close()                              # the holder removed the folder before releasing: retry
+        except KeyboardInterrupt:
+            if announced:
+                self.announce(f"stopped waiting for {self.what}; this command wrote nothing")
+            raise
+
+
+def _try_flock(f) -> bool:
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def read_holder(f) -> dict | None:

@@ -1,6 +1,7 @@
 """One writer per set, run or model: every writing command is refused (exit 2, one line naming the holder's host
 and pid, nothing changed) while another process writes the same output, or waits for it with --wait."""
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -153,6 +154,24 @@ def test_import_with_wait_proceeds_once_the_holder_releases(tmp_path):
         assert second.wait(timeout=120) == 0, drain(lines)
     assert ImageSet.open(root, "c-train").complete and ImageSet.open(root, "c-test").complete
     assert "imported c-train" in second.stdout.read()
+
+
+def test_ctrl_c_stops_a_wait_cleanly(tmp_path):
+    tarball = tmp_path / "cifar.tar.gz"
+    make_cifar_tarball(tarball)
+    root = tmp_path / "ws"
+    with holding(image_set_dir(root, "c-train")):
+        before = snapshot(root)
+        waiting = subprocess.Popen([sys.executable, "-c", CLI, "import", "cifar10", "--from", str(tarball), "--name",
+                                    "c", "--wait", "--root", str(root)], env=env(), cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = stream_lines(waiting.stderr)
+        next_line(lines, "waiting for image set 'c-train'")
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=60) == 130
+        rest = drain(lines)
+        assert rest.startswith("stopped waiting for image set 'c-train'") and "Traceback" not in rest, rest
+        assert snapshot(root) == before
 
 
 def test_a_killed_writer_releases_the_set(cli, tmp_path):
