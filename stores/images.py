@@ -74,6 +74,14 @@ class ShardPlans(Sequence):
         done = set(self._done)
         return (self._plan(i) for i in range(self.total) if i not in done)
 
+    def __eq__(self, other) -> bool:
+        """Equal to any list or tuple of the same plans, as the list it stands for would be."""
+        if not isinstance(other, (list, tuple, ShardPlans)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
     @property
     def samples(self) -> int:
         """Samples in the remaining shards."""

@@ -67,10 +67,11 @@ class WriterLock:
         if entry[1] > 0:
             return
         del self._held[str(self.path)]
-        if holds_only_the_lock(self.folder):       # nothing was written: leave no folder
-            self.path.unlink(missing_ok=True)      # still held: a waiter finds its file gone and starts over
+        empty = holds_only_the_lock(self.folder)
+        self.path.unlink(missing_ok=True)          # still held: a waiter finds its file gone and starts over, and a
+        if empty:                                  # refused or finished writer leaves no lock file behind
             try:
-                self.folder.rmdir()
+                self.folder.rmdir()                # nothing was written: leave no folder
             except OSError:                        # a waiter made a new lock file meanwhile: the folder is its
                 pass
         entry[0].close()                           # closing the file releases the flock

@@ -61,7 +61,7 @@ def fit_diffusion_cmd(
 
 def run_fit_diffusion(cfg: Config, images_name: str | None, wait: bool = False) -> Path:
     """Fit (or resume) the model, holding its lock (in its training folder) while it trains: one fit at a time."""
-    from stages.fit_diffusion import training_dir
+    from stages.fit_diffusion import network_config, training_dir
     from stores.images import ImageSet
     from stores.locks import writer_lock
     images = ImageSet.open(Path(cfg.root), images_name or real_train_set(cfg))
@@ -72,6 +72,10 @@ def run_fit_diffusion(cfg: Config, images_name: str | None, wait: bool = False) 
         console.print(f"cached: model {out.name} (fit on {images.name} with these settings) - nothing to do")
         return out
     check_writable(Path(cfg.root))
+    settings = fit_settings(cfg)
+    network_config(images, settings)                 # bad levels or batch refused before anything is written
+    if settings.batch_size > images.n:
+        raise UserError(f"fit_diffusion.batch_size {settings.batch_size} exceeds the {images.n} images of {images.name}")
     with writer_lock(training_dir(out), f"model {out.name}", wait):
         return _fit(cfg, images, out)
 
@@ -83,8 +87,6 @@ def _fit(cfg: Config, images, out: Path) -> Path:
         return out
     settings = fit_settings(cfg)
     trainer = Trainer(images, settings, out)
-    if settings.batch_size > images.n:
-        raise UserError(f"fit_diffusion.batch_size {settings.batch_size} exceeds the {images.n} images of {images.name}")
     start = trainer.step
     console.print(f"fit-diffusion on {images.name}: {settings.total_steps} steps of {settings.batch_size} "
                   f"({settings.duration_kimg:g} kimg)" + (f", resuming at step {start}" if trainer.resumed else ""))
