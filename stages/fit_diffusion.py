@@ -85,10 +85,15 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
 
 
+def training_dir(out_dir: Path) -> Path:
+    """Where a fit keeps its checkpoint and writer lock: out_dir itself appears only when the model is saved."""
+    return Path(out_dir).with_name(f".{Path(out_dir).name}.training")
+
+
 class Trainer:
     def __init__(self, images: ImageSet, settings: FitSettings, out_dir: Path):
         self.images, self.s, self.out_dir = images, settings, Path(out_dir)
-        self.checkpoint_path = self.out_dir.with_name(f".{self.out_dir.name}.training") / "checkpoint.pt"
+        self.checkpoint_path = training_dir(self.out_dir) / "checkpoint.pt"
         torch.manual_seed(settings.seed)
         self.net = EDMPrecond(**network_config(images, settings)).train()
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)

@@ -51,8 +51,9 @@ class ImportResult:
 
 def import_source(root: Path, importer: str, source: str | None, name: str | None, shard_size: int,
                   image_format: str, test_fraction: float = 0.2, split_seed: int = 0,
-                  progress: Callable[[int], None] | None = None) -> list[ImportResult]:
-    """Import every split of `source` as image sets `<name>-<split>`."""
+                  progress: Callable[[int], None] | None = None, wait: bool = False) -> list[ImportResult]:
+    """Import every split of `source` as image sets `<name>-<split>` (each locked while written; `wait` waits for
+    another writer of it instead of refusing)."""
     src_path = Path(source) if source else None
     if src_path is not None and not src_path.exists():
         raise UserError(f"{src_path}: no such file or folder; check --from")
@@ -74,16 +75,16 @@ def import_source(root: Path, importer: str, source: str | None, name: str | Non
         settings = {"test_fraction": test_fraction, "split_seed": split_seed} if importer == "digits" else {}
         identity = make_identity("real", {"importer": importer, "checksum": checksum, **settings}, split.resolution,
                                  split.channels, split.classes, split.class_names, split.split, shard_size, image_format)
-        results.append(_write_split(root, f"{base}-{split.split}", identity, split, progress))
+        results.append(_write_split(root, f"{base}-{split.split}", identity, split, progress, wait))
     return results
 
 
-def _write_split(root: Path, name: str, identity: dict, split: SplitSource, progress) -> ImportResult:
+def _write_split(root: Path, name: str, identity: dict, split: SplitSource, progress, wait: bool) -> ImportResult:
     writer = ImageSetWriter(root, name, identity, split.n)
-    pending = writer.pending()
-    if not pending and (writer.path / DATASET_JSON).exists():
+    if not writer.pending() and (writer.path / DATASET_JSON).exists():
         return ImportResult(name, split.n, 0, True, dataset_fingerprint(identity, split.n))
-    writer.begin()
+    writer.begin(wait)
+    pending = writer.pending()     # read under the lock: what a writer before us finished is kept
     try:
         for plan in pending:
             images, labels = split.read(plan.first_id, plan.count)
@@ -96,6 +97,8 @@ def _write_split(root: Path, name: str, identity: dict, split: SplitSource, prog
     except Exception:
         writer.abort()             # bad input found midway: remove the set this run created
         raise
+    finally:
+        writer.close()
     return ImportResult(name, split.n, len(pending), False, ImageSet(writer.path).fingerprint)
 
 

@@ -22,6 +22,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, short_key, write_json_atomic
+from stores.locks import holds_only_the_lock, LockedWriter
 from stores.manifest import worker_name
 from stores.tarshard import file_sha256_and_size, ShardBuffer
 
@@ -175,29 +176,37 @@ class FeatureSet:
         return [i for i in shard_indices if i not in self.records]
 
 
-class FeatureSetWriter:
+class FeatureSetWriter(LockedWriter):
     """Create or resume a feature set for one image set. The driver owns meta.json."""
 
     def __init__(self, root: Path, identity: dict, n: int, shard_size: int, sample_shape: tuple[int, int, int],
                  views: int = 1, compression: str = "none", provenance: dict | None = None):
+        if isinstance(views, bool) or int(views) < 1:      # the pre-views signature passed a flip flag here
+            raise ValueError(f"views must be a count >= 1, got {views!r}")
         self.path = feature_set_dir(root, identity)
         self.identity = identity
         self.provenance = provenance or {}       # how to recompute (e.g. the model spec); not part of the identity
         self.layout = {"n": n, "shard_size": shard_size, "sample_shape": list(sample_shape), "views": int(views),
                        "dtype": "float16", "compression": compression}
         self.records: dict[int, FeatureShardRecord] = {}
+        self.what = f"feature set {self.path.name}"
+        self._reread()
+
+    def _reread(self) -> None:
+        """Refuse a folder that holds another identity or layout; read its completed shards."""
         meta_path = self.path / META_JSON
         if meta_path.exists():
             meta = read_json_record(meta_path, META_KEYS, "the feature set's record")
-            if meta["identity"] != identity:
+            if meta["identity"] != self.identity:
                 raise IntegrityError(f"{self.path}: holds another identity (hash collision or hand edit); move it away")
             self.records = _shard_records(meta, meta_path)
             if meta["layout"] != self.layout:
                 raise UserError(f"feature set {self.path.name} exists with layout {meta['layout']}, not {self.layout}; "
                                 f"delete {self.path} to rebuild it")
 
-    def begin(self) -> None:
-        """Create the zarr arrays (idempotent) and meta.json."""
+    def begin(self, wait: bool = False) -> None:
+        """Lock the set, then create the zarr arrays (idempotent) and meta.json; `pending()` after it."""
+        self.lock(wait)
         self.path.mkdir(parents=True, exist_ok=True)
         store = self.path / ZARR_NAME
         if not (store / "zarr.json").exists():
@@ -274,5 +283,6 @@ def _shard_records(meta: dict, meta_path: Path) -> dict[int, "FeatureShardRecord
 
 def list_feature_sets(root: Path) -> list[Path]:
     base = Path(root) / "features"
-    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.exists() else []
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and not holds_only_the_lock(p)) \
+        if base.exists() else []                   # a folder with just its lock: a writer is only starting there
 

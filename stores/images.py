@@ -11,6 +11,7 @@ import numpy as np
 
 from stores.errors import IntegrityError, UserError
 from stores.identity import canonical_json, read_json_record, write_json_atomic
+from stores.locks import holds_only_the_lock, LockedWriter
 from stores.manifest import read_manifest, ShardRecord, write_manifest
 from stores.tarshard import decode_image, iter_members, shard_name, ShardBuffer, write_tar_shard
 
@@ -72,6 +73,14 @@ class ShardPlans(Sequence):
     def __iter__(self) -> Iterator[ShardPlan]:
         done = set(self._done)
         return (self._plan(i) for i in range(self.total) if i not in done)
+
+    def __eq__(self, other) -> bool:
+        """Equal to any list or tuple of the same plans, as the list it stands for would be."""
+        if not isinstance(other, (list, tuple, ShardPlans)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
 
     @property
     def samples(self) -> int:
@@ -229,7 +238,7 @@ class ImageSet:
         return [p.index for p in self.plan()]
 
 
-class ImageSetWriter:
+class ImageSetWriter(LockedWriter):
     """Creates or resumes an image set. The driver owns the manifest; any process may write shard files."""
 
     def __init__(self, root: Path, name: str, identity: dict, n: int):
@@ -237,20 +246,30 @@ class ImageSetWriter:
         self.identity = identity
         self.n = n
         self.created = False
-        existing = self.path / DATASET_JSON
+        self.what = f"image set '{self.path.name}'"
+        self._read_existing()
+
+    def _read_existing(self) -> None:
+        """Refuse a set that holds another identity or more samples; read its completed shards."""
+        name, existing = self.path.name, self.path / DATASET_JSON
         if existing.exists():
             old = read_json_record(existing, {"identity": dict, "n": int}, "the set's identity")
-            if old["identity"] != identity:
+            if old["identity"] != self.identity:
                 raise UserError(f"image set '{name}' already exists at {self.path} with another identity "
-                                f"({_identity_diff(old['identity'], identity)}); choose another --name or delete that folder")
-            if old["n"] > n:
-                raise UserError(f"image set '{name}' already holds {old['n']} samples, more than the {n} asked for; "
+                                f"({_identity_diff(old['identity'], self.identity)}); choose another --name or delete that folder")
+            if old["n"] > self.n:
+                raise UserError(f"image set '{name}' already holds {old['n']} samples, more than the {self.n} asked for; "
                                 f"pass --n {old['n']} or more, or another --name")
         self.records = read_manifest(self.path)
 
-    def begin(self) -> None:
-        """Create the folder and write dataset.json (with the possibly grown n). Call after validating inputs."""
-        self.created = not self.path.exists()
+    def _reread(self) -> None:
+        self.created = holds_only_the_lock(self.path)       # new: abort() may remove the folder
+        self._read_existing()
+
+    def begin(self, wait: bool = False) -> None:
+        """Lock the set, then create the folder and write dataset.json (with the possibly grown n). Call after
+        validating inputs, and `pending()` after it: the set is read again under the lock."""
+        self.lock(wait)
         self.path.mkdir(parents=True, exist_ok=True)
         # A grown set: the old last shard may be short; it is redone with its full range.
         self.records = {i: r for i, r in self.records.items() if self._fits(r)}
@@ -280,8 +299,9 @@ class ImageSetWriter:
 
     def abort(self) -> None:
         """Remove what this writer created (bad input found midway): nothing half-written stays."""
-        if self.created and self.path.exists():
-            shutil.rmtree(self.path)
+        if self._lock is not None and self.created and self.path.exists():
+            shutil.rmtree(self.path)                # under the lock: a waiting writer sees the folder gone
+        self.close()
 
 
 def _identity_diff(old: dict, new: dict, prefix: str = "") -> str:
@@ -299,4 +319,5 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> str:
 
 def list_image_sets(root: Path) -> list[Path]:
     base = Path(root) / "images"
-    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.exists() else []
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and not holds_only_the_lock(p)) \
+        if base.exists() else []                   # a folder with just its lock: a writer is only starting there

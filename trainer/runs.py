@@ -17,6 +17,7 @@ import yaml
 
 from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, write_json_atomic
+from stores.locks import writer_lock, WriterLock
 from trainer.classifiers import build_classifier
 
 FINAL_FORMAT = "dra-pipe-classifier"
@@ -35,6 +36,10 @@ class RunFolder:
     @property
     def finished(self) -> bool:
         return self.final.exists()
+
+    def lock(self, wait: bool = False) -> WriterLock:
+        """The run's writer lock, for the process that prepares and drives it (`with run.lock(wait):`)."""
+        return writer_lock(self.path, f"run '{self.path.name}'", wait)
 
     def prepare(self, identity: dict, config: dict) -> str:
         """Create the folder, or check that it holds this very run. Returns 'new', 'resume' or 'finished'."""

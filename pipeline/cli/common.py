@@ -17,6 +17,8 @@ err_console = Console(stderr=True)
 
 ConfigOpt = typer.Option(Path("pipeline.yaml"), "--config", "-c", help="pipeline.yaml to read (defaults apply if ./pipeline.yaml is absent)")
 RootOpt = typer.Option(None, "--root", help="workspace root; overrides `root:` of the config")
+WaitOpt = typer.Option(False, "--wait", help="if another process is writing the same output, wait until it finishes "
+                       "(default: refuse, naming its host and pid)")
 
 
 def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None = None) -> Config:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve
+from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve, WaitOpt
 from pipeline.config import Config, explain, to_yaml
 from pipeline.progress import RateBar
 from stores.errors import IntegrityError, UserError
@@ -41,12 +41,14 @@ def import_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="set name prefix; sets are <name>-<split> (default: the importer)"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="samples per shard [config data.shard_size]"),
     image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless, default) or npy (raw) [config data.image_format]"),
+    wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Import a real data set into image stores (one per split)."""
     cfg = resolve(config, root, {"data.shard_size": shard_size, "data.image_format": image_format})
     configured = cfg.data.source if importer == cfg.data.importer else None   # data.source belongs to data.importer
-    run_import(cfg, importer, str(source) if source else configured, name or (cfg.data.name if configured else None))
+    run_import(cfg, importer, str(source) if source else configured, name or (cfg.data.name if configured else None),
+               wait)
 
 
 def ls_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
@@ -95,11 +97,11 @@ def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name o
     console.print(f"all {checked} set(s) intact")
 
 
-def run_import(cfg: Config, importer: str, source: str | None, name: str | None) -> None:
+def run_import(cfg: Config, importer: str, source: str | None, name: str | None, wait: bool = False) -> None:
     from stages.importers import import_source
     with RateBar("import", "images") as bar:
         results = import_source(Path(cfg.root), importer, source, name, cfg.data.shard_size, cfg.data.image_format,
-                                cfg.data.test_fraction, cfg.data.split_seed, bar.advance)
+                                cfg.data.test_fraction, cfg.data.split_seed, bar.advance, wait)
     for r in results:
         if r.skipped:
             console.print(f"already imported: {r.name} ({r.n} samples, fingerprint {r.fingerprint[:12]}) - nothing to do")

@@ -1,13 +1,14 @@
 """`dra-pipe eval`, `dra-pipe report`, `dra-pipe export`: robust accuracy, comparisons and figures, sharing weights."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import check_output_file, ConfigOpt, console, resolve, RootOpt
+from pipeline.cli.common import check_output_file, ConfigOpt, console, resolve, RootOpt, WaitOpt
 from pipeline.config import Config
 from pipeline.workflow import real_test_set
 from stores.errors import UserError
@@ -32,17 +33,19 @@ def eval_cmd(
     autoattack: Optional[bool] = typer.Option(None, "--autoattack/--no-autoattack", help="run AutoAttack [config eval.autoattack]"),
     weights: Optional[str] = typer.Option(None, "--weights", help="a run's best (held-out PGD selection) or final weights [config eval.weights]"),
     out: Optional[Path] = typer.Option(None, "--out", help="eval.json path (default: the run's eval.json, or FILE.eval.json)"),
+    wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Clean, PGD (cross-entropy and margin) and AutoAttack accuracy of a run's EMA weights or an exported file."""
     cfg = resolve(config, root, {"eval.n": n, "eval.pgd_steps": pgd_steps, "eval.pgd_restarts": restarts,
                                  "eval.autoattack": autoattack, "eval.weights": weights})
-    run_eval(cfg, run, model, images, out, explicit_weights=weights is not None)
+    run_eval(cfg, run, model, images, out, wait, explicit_weights=weights is not None)
 
 
 def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name: str | None = None,
-             out: Path | None = None, explicit_weights: bool = False) -> dict:
-    """Evaluate, write eval.json, print the table; returns the eval.json body."""
+             out: Path | None = None, wait: bool = False, explicit_weights: bool = False) -> dict:
+    """Evaluate, write eval.json, print the table; returns the eval.json body. Writing into a run's folder, it
+    holds the run's lock (refused while another process trains or evaluates the run, or waits with `wait`)."""
     from trainer.classifier_files import find_run, load_classifier
     from trainer.evaluate import autoattack_available, EvalSettings, evaluate_file, open_test_set, write_eval_json
     if (run is None) == (model_file is None):
@@ -54,17 +57,19 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
                         "or pass --no-autoattack (eval.autoattack: false)")
     root = Path(cfg.root)
     folder = find_run(root, run) if run is not None else None
-    path = folder.weights(s.weights, explicit_weights) if folder else model_file
+    path = folder.weights(s.weights, explicit_weights) if folder is not None else model_file
     net, record = load_classifier(path, stored=folder is not None)
     test = open_test_set(root, images_name or real_test_set(cfg))
     target = out or (path.with_name("eval.json") if run is not None else path.with_name(path.name + ".eval.json"))
     check_output_file(target)
     if folder and folder.weights_note(s.weights):
         console.print(f"note: {folder.weights_note(s.weights)}", highlight=False, soft_wrap=True)
+    into_run = folder is not None and Path(target).resolve().parent == folder.path.resolve()
     _header(record, path, test, s)
-    result = evaluate_file(path, record, net, test, s, log=lambda line: console.print(f"  {line}", highlight=False, soft_wrap=True))
-    result["weights"] = path.stem if folder else str(path)        # best or final: which file was evaluated
-    write_eval_json(result, target)
+    with folder.lock(wait) if into_run else nullcontext():
+        result = evaluate_file(path, record, net, test, s, log=lambda line: console.print(f"  {line}", highlight=False, soft_wrap=True))
+        result["weights"] = path.stem if folder else str(path)        # best or final: which file was evaluated
+        write_eval_json(result, target)
     show_eval(result)
     console.print(f"wrote {target}", highlight=False, soft_wrap=True)
     return result

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, console, human_bytes, resolve, RootOpt
+from pipeline.cli.common import ConfigOpt, console, human_bytes, resolve, RootOpt, WaitOpt
 from pipeline.config import Config
 from pipeline.models import resolve_model_spec
 from pipeline.workflow import real_train_set, training_generated_set
@@ -52,6 +53,7 @@ def register(app: typer.Typer) -> None:
         address: Optional[str] = typer.Option(None, "--address", help="join a Ray cluster: auto or HOST:PORT [config ray.address]"),
         workers: Optional[int] = typer.Option(None, "--workers", help="CPU actors when there is no GPU [config ray.cpu_actors]"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (bytes per sample, total, time) and stop"),
+        wait: bool = WaitOpt,
         config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
     ):
         """Compute the frozen diffusion model's activations for every image (stage 1b), cached by identity."""
@@ -60,7 +62,7 @@ def register(app: typer.Typer) -> None:
                                      "ray.cpu_actors": workers, "features.timesteps": list(timestep) if timestep else None})
         from pipeline.shards.runner import ShardFailed, WorkerStartError
         try:
-            run_extract(cfg, list(sigma or []), list(images or []), dry_run)
+            run_extract(cfg, list(sigma or []), list(images or []), dry_run, wait)
         except KeyboardInterrupt:
             raise typer.Exit(130)
         except (ShardFailed, WorkerStartError) as exc:
@@ -240,7 +242,7 @@ def check_writable_root(cfg: Config) -> None:
     check_writable(Path(cfg.root))
 
 
-def run_extract(cfg: Config, sigmas: list[float], names: list[str], dry_run: bool) -> list[Path]:
+def run_extract(cfg: Config, sigmas: list[float], names: list[str], dry_run: bool, wait: bool = False) -> list[Path]:
     from stages.models import load_model
     levels = noise_levels(cfg, sigmas)
     if dry_run and _missing_inputs(cfg, names):
@@ -262,7 +264,10 @@ def run_extract(cfg: Config, sigmas: list[float], names: list[str], dry_run: boo
     if dry_run:
         return []
     del net
-    execute(cfg, spec, layer, pending)
+    with ExitStack() as locks:                    # every set to write is locked before Ray starts
+        for o in pending:
+            locks.enter_context(o.writer.lock(wait))
+        execute(cfg, spec, layer, pending)
     return [o.writer.path for o in outputs]
 
 
@@ -277,6 +282,7 @@ def execute(cfg: Config, spec: str, layer: str, outputs: list[Output]):
     check_writable(Path(cfg.root))
     for o in outputs:
         o.writer.begin()
+        o.pending = o.writer.pending(o.images.plan_indices())          # read under the lock
     jobs = []
     for images in {id(o.images): o.images for o in outputs}.values():
         mine = [o for o in outputs if o.images is images]

@@ -6,6 +6,7 @@ retries) and the image store (the driver records each shard after its data).
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve
+from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve, WaitOpt
 from pipeline.config import Config, parse_count
 from pipeline.progress import RateBar
 from pipeline.workflow import generated_set, real_train_set
@@ -44,6 +45,7 @@ def generate_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="join a running Ray cluster: auto or HOST:PORT [config ray.address; default: a local Ray]"),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPU workers when there is no GPU [config ray.cpu_actors]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (shards, bytes, time) and stop"),
+    wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Generate N class-conditional images into a generated image set, on Ray workers (resumable)."""
@@ -52,7 +54,7 @@ def generate_cmd(
                                  "generate.sampler": sampler, "generate.steps": steps, "generate.batch_size": batch_size,
                                  "ray.address": address, "ray.cpu_actors": workers})
     try:
-        run_generate(cfg, dry_run)
+        run_generate(cfg, dry_run, wait=wait)
     except KeyboardInterrupt:
         raise typer.Exit(130)
     except (ShardFailed, WorkerStartError) as exc:
@@ -118,10 +120,11 @@ def class_names(cfg: Config) -> list[str] | None:
 
 
 def run_generate(cfg: Config, dry_run: bool = False, on_progress: Callable[[Progress], None] | None = None,
-                 poll_seconds: float = 0.5) -> RunSummary | None:
+                 poll_seconds: float = 0.5, wait: bool = False) -> RunSummary | None:
     """Plan, then generate the missing shards (none if the set is complete). Returns the run's summary.
 
-    on_progress sees the runner's progress (workers, their pids and shards) every poll_seconds.
+    on_progress sees the runner's progress (workers, their pids and shards) every poll_seconds. The set is locked
+    before Ray starts (refused while another process writes it, or waited for with `wait`).
     """
     from pipeline.shards.cluster import cluster_nodes, plan_actors, ray_session
     job = prepare(cfg, dry_run)
@@ -132,7 +135,7 @@ def run_generate(cfg: Config, dry_run: bool = False, on_progress: Callable[[Prog
         show_plan(job, plan_actors(local_nodes(cfg), cfg.ray.cpu_actors), cfg)
         console.print("dry run: nothing written")
         return None
-    with ray_session(cfg.ray.address, cfg.ray.num_cpus):
+    with job.writer.lock(wait) if not dry_run else nullcontext(), ray_session(cfg.ray.address, cfg.ray.num_cpus):
         actors = plan_actors(cluster_nodes(), cfg.ray.cpu_actors)
         show_plan(job, actors, cfg)
         if dry_run:
@@ -228,7 +231,7 @@ def execute(job: GenerateJob, actors: ActorPlan, max_attempts: int,
     from stores.manifest import ShardJob
     job.writer.begin()
     remove_temporaries(job.writer.path)
-    jobs = [ShardJob(p.index, p.first_id, p.count) for p in job.pending]
+    jobs = [ShardJob(p.index, p.first_id, p.count) for p in job.writer.pending()]      # read under the lock
     factory = partial(GenerateWorker, job.spec, job.settings, str(job.writer.path))
     with RateBar("generate", "images", total=sum(j.count for j in jobs)) as bar:
         try:

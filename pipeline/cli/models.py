@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve
+from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve, WaitOpt
 from pipeline.config import Config
 from pipeline.models import fit_settings, fitted_model_dir, resolve_model_spec
 from pipeline.progress import RateBar
@@ -50,17 +50,20 @@ def fit_diffusion_cmd(
     duration_kimg: Optional[float] = typer.Option(None, "--duration-kimg", help="training length in thousands of images [config fit_diffusion.duration_kimg]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step [config fit_diffusion.batch_size]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed [config fit_diffusion.seed]"),
+    wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Train a class-conditional EDM on an image set (resumable), saved as safetensors + JSON."""
     cfg = resolve(config, root, {"fit_diffusion.duration_kimg": duration_kimg, "fit_diffusion.batch_size": batch_size,
                                  "fit_diffusion.seed": seed})
-    run_fit_diffusion(cfg, images)
+    run_fit_diffusion(cfg, images, wait)
 
 
-def run_fit_diffusion(cfg: Config, images_name: str | None) -> Path:
-    from stages.fit_diffusion import Trainer
+def run_fit_diffusion(cfg: Config, images_name: str | None, wait: bool = False) -> Path:
+    """Fit (or resume) the model, holding its lock (in its training folder) while it trains: one fit at a time."""
+    from stages.fit_diffusion import network_config, training_dir
     from stores.images import ImageSet
+    from stores.locks import writer_lock
     images = ImageSet.open(Path(cfg.root), images_name or real_train_set(cfg))
     if not images.complete:
         raise UserError(f"image set {images.name} is incomplete ({len(images.missing_shards())} shards missing); rerun the stage that writes it")
@@ -70,9 +73,20 @@ def run_fit_diffusion(cfg: Config, images_name: str | None) -> Path:
         return out
     check_writable(Path(cfg.root))
     settings = fit_settings(cfg)
-    trainer = Trainer(images, settings, out)
+    network_config(images, settings)                 # bad levels or batch refused before anything is written
     if settings.batch_size > images.n:
         raise UserError(f"fit_diffusion.batch_size {settings.batch_size} exceeds the {images.n} images of {images.name}")
+    with writer_lock(training_dir(out), f"model {out.name}", wait):
+        return _fit(cfg, images, out)
+
+
+def _fit(cfg: Config, images, out: Path) -> Path:
+    from stages.fit_diffusion import Trainer
+    if (out / "config.json").exists():
+        console.print(f"cached: model {out.name} (another fit finished it while this one waited) - nothing to do")
+        return out
+    settings = fit_settings(cfg)
+    trainer = Trainer(images, settings, out)
     start = trainer.step
     console.print(f"fit-diffusion on {images.name}: {settings.total_steps} steps of {settings.batch_size} "
                   f"({settings.duration_kimg:g} kimg)" + (f", resuming at step {start}" if trainer.resumed else ""))

@@ -9,12 +9,13 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt
+from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt, WaitOpt
 from pipeline.config import Config
 from pipeline.progress import RateBar
 from pipeline.workflow import generated_set
 from stores.errors import UserError
 from stores.images import DATASET_JSON, image_set_dir, ImageSet, ImageSetWriter, validate_set_name
+from stores.locks import writer_lock
 from stores.workspace import check_writable
 
 
@@ -26,20 +27,21 @@ def register(app: typer.Typer) -> None:
         fraction: float = typer.Option(0.2, "--fraction", help="fraction of each class to keep (DM-AT: 0.2, 5M -> 1M)"),
         out: Optional[str] = typer.Option(None, "--out", help="name of the selected set (default: the source's name + `-top20` for --fraction 0.2)"),
         batch_size: int = typer.Option(512, "--batch-size", help="images per scoring batch"),
+        wait: bool = WaitOpt,
         config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
     ):
         """Keep the most confidently recognised fraction of each class of a generated set, as a new image set
         (DM-AT's 1M CIFAR-10 set: the top 20% of 5M by a standard classifier's softmax score). Resumable."""
         cfg = resolve(config, root)
-        run_select(cfg, source, scorer, fraction, out, batch_size)
+        run_select(cfg, source, scorer, fraction, out, batch_size, wait)
 
 
 def run_select(cfg: Config, source_name: str | None, scorer_arg: str, fraction: float, out: str | None,
-               batch_size: int) -> ImageSet:
-    """Validate everything, score (or reuse saved scores), choose, write the missing shards, write the table."""
-    from stages.generate import pick_device
-    from stages.select import (check_fraction, choose, load_or_score, selection_identity, write_selected,
-                               write_table)
+               batch_size: int, wait: bool = False) -> ImageSet:
+    """Validate everything, score (or reuse saved scores), choose, write the missing shards, write the table.
+
+    The output set is locked from before its saved scores are read or written until the table is written."""
+    from stages.select import check_fraction, selection_identity
     root = Path(cfg.root)
     fraction = check_fraction(fraction)
     if batch_size < 1:
@@ -49,6 +51,14 @@ def run_select(cfg: Config, source_name: str | None, scorer_arg: str, fraction: 
     identity = selection_identity(source, scorer, fraction)
     name = validate_set_name(out or f"{source.name}-top{round(fraction * 100)}")
     folder = image_set_dir(root, name)
+    with writer_lock(folder, f"image set '{name}'", wait):
+        return _select_into(root, folder, name, identity, source, scorer, fraction, batch_size)
+
+
+def _select_into(root: Path, folder: Path, name: str, identity: dict, source: ImageSet, scorer, fraction: float,
+                 batch_size: int) -> ImageSet:
+    from stages.generate import pick_device
+    from stages.select import choose, load_or_score, write_selected, write_table
     if _existing_identity(folder) not in (None, identity):
         raise UserError(f"image set {name} already exists with another identity (other source, scorer or fraction); "
                         f"pass another --out or delete {folder}")
@@ -69,12 +79,12 @@ def run_select(cfg: Config, source_name: str | None, scorer_arg: str, fraction: 
         if not (folder / DATASET_JSON).exists():
             shutil.rmtree(folder, ignore_errors=True)                # only the scores were there: leave nothing
         raise UserError(f"--fraction {fraction:g} keeps no image of any class of {source.name}; raise it")
-    writer = ImageSetWriter(root, name, identity, len(kept))
-    writer.begin()
-    started = time.perf_counter()
-    todo = sum(p.count for p in writer.pending())
-    with RateBar(f"write {name}", "images", total=todo) as bar:
-        write_selected(writer, source, kept, bar.advance)
+    with ImageSetWriter(root, name, identity, len(kept)) as writer:     # its lock nests in this command's
+        writer.begin()
+        started = time.perf_counter()
+        todo = sum(p.count for p in writer.pending())
+        with RateBar(f"write {name}", "images", total=todo) as bar:
+            write_selected(writer, source, kept, bar.advance)
     written_s = time.perf_counter() - started
     write_table(folder, kept, labels, scores)
     _summary(name, source, kept, labels, scores, todo, written_s)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt
+from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt, WaitOpt
 from pipeline.config import Config
 from pipeline.progress import RateBar
 from stores.workspace import check_writable
@@ -24,16 +24,19 @@ def register(app: typer.Typer) -> None:
         features: Optional[str] = typer.Option(None, "--features", help="feature-set key to align with (default: found by the config's features section)"),
         targets: Optional[str] = typer.Option(None, "--targets", help="views (stored views, exact) | online (teacher in the step, exact) | shifted (approximation) [config train.dra_targets]"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and an estimated time, train nothing"),
+        wait: bool = WaitOpt,
         config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
     ):
         """Train a robust classifier (stage 2), streaming images with their cached diffusion targets."""
         cfg = resolve(config, root, {"train.dra": dra, "train.dra_lambda": lam, "train.epochs": epochs,
                                      "train.workers": workers, "train.dra_targets": targets})
-        run_train(cfg, name, features, dry_run)
+        run_train(cfg, name, features, dry_run, wait)
 
 
-def run_train(cfg: Config, name: str | None = None, features: str | None = None, dry_run: bool = False) -> dict:
-    """Plan, then train (or resume) to the end; returns the last metrics row."""
+def run_train(cfg: Config, name: str | None = None, features: str | None = None, dry_run: bool = False,
+              wait: bool = False) -> dict:
+    """Plan, then train (or resume) to the end; returns the last metrics row. The run folder is locked from before
+    its config.yaml and run.json are written to the end (this driver holds it while Ray Train workers write)."""
     from pipeline.plans.train import make_job
     planned: list[str] | None = [] if dry_run else None
     job = make_job(cfg, name, features, planned)
@@ -47,13 +50,18 @@ def run_train(cfg: Config, name: str | None = None, features: str | None = None,
         if job.settings["workers"] > 1:            # checked to hold the workers before the run folder is written
             from trainer.distributed import training_cluster
             stack.enter_context(training_cluster(job.settings["workers"], cfg.ray.address, cfg.ray.num_cpus))
-        return _prepare_and_train(job, teacher)
+        return _prepare_and_train(job, wait, teacher)
 
 
-def _prepare_and_train(job, teacher=None) -> dict:
-    from pipeline.plans.train import describe
+def _prepare_and_train(job, wait: bool, teacher=None) -> dict:
     from trainer.runs import RunFolder
     run = RunFolder(job.run_dir)
+    with run.lock(wait):
+        return _train_run(job, run, teacher)
+
+
+def _train_run(job, run, teacher=None) -> dict:
+    from pipeline.plans.train import describe
     status = run.prepare(job.identity(), job.config)
     if status == "finished":
         console.print(f"run {job.name} is complete ({run.final}) - nothing to do", highlight=False)

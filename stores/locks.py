@@ -1,0 +1,192 @@
+"""One writer per set, run or model: an flock on `<folder>/.lock`, which the OS releases when the holder dies.
+
+The file records who holds it (host, pid, command, since), so a refused writer can say whom it waits for.
+Readers never take it. A process may take a lock it already holds again (nested: a command locks a folder
+before its writer does); the lock is released when the outermost holder releases it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from stores.errors import UserError
+
+LOCK_NAME = ".lock"
+POLL_SECONDS = 0.2
+
+
+def writer_lock(folder: Path, what: str, wait: bool = False,
+                announce: Callable[[str], None] | None = None) -> "WriterLock":
+    """`with writer_lock(folder, "image set 'x'", wait):` - refuses (UserError) or waits while another process writes.
+
+    Take it before anything is written, including the folder's identity file; the folder is created for the lock
+    file and removed again on release if nothing else was written into it.
+    """
+    return WriterLock(folder, what, wait, announce)
+
+
+class WriterLock:
+    _held: dict[str, list] = {}          # this process's locks: lock path -> [open file, depth]
+
+    def __init__(self, folder: Path, what: str, wait: bool = False, announce: Callable[[str], None] | None = None):
+        self.folder = Path(folder).absolute()
+        self.path = self.folder / LOCK_NAME
+        self.what, self.wait = what, wait
+        self.announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.acquired = False
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> "WriterLock":
+        key = str(self.path)
+        if key in self._held:
+            self._held[key][1] += 1
+        else:
+            self._held[key] = [self._take(), 1]
+        self.acquired = True
+        return self
+
+    def release(self) -> None:
+        if not self.acquired:
+            return
+        self.acquired = False
+        entry = self._held[str(self.path)]
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del self._held[str(self.path)]
+        empty = holds_only_the_lock(self.folder)
+        self.path.unlink(missing_ok=True)          # still held: a waiter finds its file gone and starts over, and a
+        if empty:                                  # refused or finished writer leaves no lock file behind
+            try:
+                self.folder.rmdir()                # nothing was written: leave no folder
+            except OSError:                        # a waiter made a new lock file meanwhile: the folder is its
+                pass
+        entry[0].close()                           # closing the file releases the flock
+
+    def _take(self):
+        """Open, flock (non-blocking, polled so Ctrl-C stops a wait at once), check it is still the folder's file."""
+        announced = False
+        try:
+            while True:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                f = open(self.path, "a+")                  # never truncates: a refused writer changes nothing
+                if not _try_flock(f):
+                    holder = _describe(read_holder(f))
+                    f.close()
+                    if not self.wait:
+                        raise UserError(f"{self.what} is being written by {holder}; wait for it to finish, or pass "
+                                        f"--wait to wait for it")
+                    if not announced:
+                        self.announce(f"waiting for {self.what}: it is being written by {holder} (Ctrl-C stops waiting)")
+                        announced = True
+                    time.sleep(POLL_SECONDS)
+                elif _same_file(f, self.path):
+                    _record_holder(f)
+                    return f
+                else:
+                    f.close()                              # the holder removed the folder before releasing: retry
+        except KeyboardInterrupt:
+            if announced:
+                self.announce(f"stopped waiting for {self.what}; this command wrote nothing")
+            raise
+
+
+def _try_flock(f) -> bool:
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def read_holder(f) -> dict | None:
+    """The holder's record from an open lock file; None while it is not yet written (the holder just locked)."""
+    for _ in range(10):
+        try:
+            return json.loads(os.pread(f.fileno(), 4096, 0).decode())
+        except (ValueError, UnicodeDecodeError):
+            time.sleep(0.02)
+    return None
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "another process"
+    return (f"pid {holder.get('pid')} on host {holder.get('host')} ({holder.get('command', '?')}, "
+            f"since {holder.get('since', '?')})")
+
+
+def _record_holder(f) -> None:
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else []
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "command": shlex.join(argv)[:300],
+              "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    os.ftruncate(f.fileno(), 0)
+    os.pwrite(f.fileno(), (json.dumps(record, sort_keys=True) + "\n").encode(), 0)
+
+
+def _same_file(f, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(f.fileno())
+    return (mine.st_dev, mine.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def holds_only_the_lock(folder: Path) -> bool:
+    """The folder holds nothing but its lock file: a writer that holds the lock is creating it."""
+    return Path(folder).is_dir() and [p.name for p in Path(folder).iterdir()] == [LOCK_NAME]
+
+
+class LockedWriter:
+    """Base of the store writers: `lock(wait)` takes the folder's writer lock, then `_reread()` reads the folder
+    again under it (another writer may have created, grown or finished it meanwhile); `close()` releases."""
+
+    path: Path
+    what: str                            # for the messages: "image set 'x'"
+    _lock: WriterLock | None = None
+
+    def lock(self, wait: bool = False):
+        """`with writer.lock(wait):` holds the lock to the end of the block; begin() takes it if not yet held."""
+        if self._lock is None:
+            self._lock = writer_lock(self.path, self.what, wait).acquire()
+            try:
+                self._reread()
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    def _reread(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the writer lock (the OS releases it too if the process dies)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()                 # a writer nobody closed releases its lock when it is collected
+        except Exception:
+            pass
