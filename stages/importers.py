@@ -9,7 +9,6 @@ import gzip
 import io
 import pickle
 import tarfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,28 +16,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from stages.npz_source import npz_splits
+from stages.sources import check_labels, class_labels, SplitSource
 from stores.errors import UserError
 from stores.identity import file_sha256
 from stores.images import dataset_fingerprint, DATASET_JSON, ImageSet, ImageSetWriter, make_identity
-from stores.tarshard import read_npy_header
 from stores.workspace import check_writable
-
-# Reads `count` samples starting at `start` -> (images (count, H, W, C) uint8, labels (count,))
-ReadFn = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
-
-
-@dataclass
-class SplitSource:
-    """One split of a source, validated and ready to stream."""
-
-    split: str
-    n: int
-    resolution: int
-    channels: int
-    classes: int
-    class_names: list[str] | None
-    read: ReadFn
-
 
 @dataclass
 class ImportResult:
@@ -60,7 +43,7 @@ def import_source(root: Path, importer: str, source: str | None, name: str | Non
     if src_path is not None and src_path.is_dir() != (importer == "folder"):
         raise UserError(f"{src_path}: import {importer} reads a {'folder' if importer == 'folder' else 'file'}; check --from")
     described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(src_path, 10),
-                 "cifar100": lambda: _cifar(src_path, 100), "npz": lambda: _npz(src_path),
+                 "cifar100": lambda: _cifar(src_path, 100), "npz": lambda: npz_splits(src_path),
                  "folder": lambda: _folder(src_path)}
     if importer not in described:
         raise UserError(f"unknown importer {importer!r}; use one of {', '.join(described)}")
@@ -88,7 +71,7 @@ def _write_split(root: Path, name: str, identity: dict, split: SplitSource, prog
     try:
         for plan in pending:
             images, labels = split.read(plan.first_id, plan.count)
-            _check_labels(labels, split.classes, plan.first_id)
+            check_labels(labels, split.classes, plan.first_id)
             writer.write(plan, images, labels)
             if progress:
                 progress(plan.count)
@@ -113,24 +96,6 @@ def planned_train_split(importer: str, test_fraction: float, split_seed: int) ->
         train = _digits(test_fraction, split_seed)[0]
         return train.n, train.classes, train.channels, train.resolution
     return CIFAR_TRAIN_SHAPE.get(importer)
-
-
-MAX_CLASSES = 100_000      # more would be a label mistake (a float scaled, an id column), not a data set
-
-
-def _class_labels(raw, where: str) -> np.ndarray:
-    """Labels as int64 class indices; refuses floats (which would truncate), strings, objects and nesting."""
-    labels = np.asarray(raw)
-    if labels.dtype.kind not in "iu" or labels.ndim != 1:
-        raise UserError(f"{where}: labels are {labels.dtype} {labels.shape}; expected one integer class index per image")
-    return labels.astype(np.int64)
-
-
-def _check_labels(labels: np.ndarray, classes: int, first_id: int) -> None:
-    bad = np.flatnonzero((labels < 0) | (labels >= classes))
-    if bad.size:
-        i = int(bad[0])
-        raise UserError(f"label {int(labels[i])} of sample {first_id + i} is outside [0, {classes}); fix the labels of the source")
 
 
 def _source_checksum(importer: str, path: Path | None) -> str:
@@ -224,125 +189,17 @@ def _cifar_split(split, batches, label_key, classes, names, path) -> SplitSource
         data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
     except (TypeError, ValueError):
         raise UserError(f"{path}: {split} 'data' is not an array of bytes; is this the python CIFAR tarball?") from None
-    labels = np.concatenate([_class_labels(b[label_key], f"{path} ({split})") for b in batches])
+    labels = np.concatenate([class_labels(b[label_key], f"{path} ({split})") for b in batches])
     if data.ndim != 2 or data.shape[1] != 3072:
         raise UserError(f"{path}: {split} rows have shape {data.shape[1:]}, expected 3072 bytes (3x32x32)")
     if len(data) != len(labels):
         raise UserError(f"{path}: {split} has {len(data)} images but {len(labels)} labels")
-    _check_labels(labels, classes, 0)
+    check_labels(labels, classes, 0)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)     # (N, H, W, C)
     return _in_memory(split, np.ascontiguousarray(images), labels, classes, names)
 
 
 # --- DM-AT .npz ----------------------------------------------------------------------------------------------
-
-def _npz(path: Path) -> list[SplitSource]:
-    """`image` (N, H, W, C) uint8 and `label` (N,): memory-mapped when stored, streamed when compressed."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
-        raise UserError(f"{path}: not an .npz file (zip archive of .npy arrays); expected DM-AT's format with 'image' and 'label'") from None
-    with archive:
-        members = set(archive.namelist())
-        for key in ("image", "label"):
-            if f"{key}.npy" not in members:
-                raise UserError(f"{path}: no array '{key}' (has {', '.join(sorted(m.removesuffix('.npy') for m in members))}); "
-                                f"expected DM-AT's format with 'image' and 'label'")
-        labels = _read_npz_labels(archive, path)
-        shape, dtype = _npy_member_header(archive, "image.npy")
-    if len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or dtype != np.uint8:
-        raise UserError(f"{path}: 'image' is {dtype} {shape}; expected (N, H, W, C) uint8 with square images and C 1 or 3")
-    if shape[0] != len(labels):
-        raise UserError(f"{path}: {shape[0]} images but {len(labels)} labels; the arrays must have the same length")
-    if shape[0] == 0:
-        raise UserError(f"{path}: 'image' holds no images; nothing to import")
-    classes = int(labels.max()) + 1
-    if (labels < 0).any():
-        raise UserError(f"{path}: negative labels; labels must be class indices 0..K-1")
-    if classes > MAX_CLASSES:
-        raise UserError(f"{path}: label {classes - 1} makes {classes:,} classes (at most {MAX_CLASSES:,}); use indices 0..K-1")
-    _check_stored_length(path, shape)
-    reader = _npz_reader(path, shape)
-    return [SplitSource("train", shape[0], shape[1], shape[3], max(classes, 1), None, reader)]
-
-
-def _read_npz_labels(archive: zipfile.ZipFile, path: Path) -> np.ndarray:
-    try:
-        with archive.open("label.npy") as f:
-            raw = np.lib.format.read_array(f, allow_pickle=False)
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{path}: 'label' is not a readable array ({str(exc)[:80]}); save integer labels with np.savez") from None
-    return _class_labels(raw.reshape(-1) if raw.ndim == 2 and 1 in raw.shape else raw, f"{path}: 'label'")
-
-
-def _check_stored_length(path: Path, shape) -> None:
-    """The 'image' member must hold all N*H*W*C bytes its header promises (a memmap past them fails late)."""
-    with zipfile.ZipFile(path) as archive, archive.open("image.npy") as member:
-        read_npy_header(member)
-        stored = archive.getinfo("image.npy").file_size - member.tell()
-    if stored < int(np.prod(shape)):
-        raise UserError(f"{path}: 'image' ends early ({stored:,} of {int(np.prod(shape)):,} bytes); save the file again")
-
-
-def _npy_member_header(archive: zipfile.ZipFile, member: str):
-    with archive.open(member) as f:
-        shape, fortran, dtype = read_npy_header(f)
-    if fortran:
-        raise UserError(f"{archive.filename}: '{member}' is in Fortran order; save it in C order")
-    return shape, dtype
-
-
-def _npz_reader(path: Path, shape) -> ReadFn:
-    archive = zipfile.ZipFile(path)
-    info = archive.getinfo("image.npy")
-    if info.compress_type == zipfile.ZIP_STORED:
-        offset = _stored_data_offset(path, info, archive)
-        images = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(shape))
-        return lambda start, count: (np.ascontiguousarray(images[start:start + count]), _labels(path)[start:start + count])
-    return _StreamingReader(archive, shape, path)
-
-
-def _labels(path: Path, _cache={}) -> np.ndarray:
-    if path not in _cache:
-        with zipfile.ZipFile(path) as archive, archive.open("label.npy") as f:
-            _cache[path] = np.lib.format.read_array(f, allow_pickle=False).astype(np.int64).reshape(-1)
-    return _cache[path]
-
-
-def _stored_data_offset(path: Path, info: zipfile.ZipInfo, archive: zipfile.ZipFile) -> int:
-    """Byte offset of the array data of an uncompressed .npy member inside the zip file."""
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-        member_start = info.header_offset + 30 + name_len + extra_len
-    with archive.open(info) as m:
-        read_npy_header(m)
-        header_len = m.tell()
-    return member_start + header_len
-
-
-class _StreamingReader:
-    """Sequential reads of a compressed member: shards are requested in order, so we never seek back."""
-
-    def __init__(self, archive: zipfile.ZipFile, shape, path: Path):
-        self.archive, self.shape, self.path = archive, shape, path
-        self.stream = archive.open("image.npy")
-        read_npy_header(self.stream)
-        self.position = 0
-
-    def __call__(self, start: int, count: int):
-        if start != self.position:
-            raise RuntimeError("compressed .npz members are read in order")
-        per = int(np.prod(self.shape[1:]))
-        raw = self.stream.read(per * count)
-        if len(raw) != per * count:
-            raise UserError(f"{self.path}: 'image' ends early at sample {start + len(raw) // per}")
-        self.position += count
-        return np.frombuffer(raw, np.uint8).reshape(count, *self.shape[1:]), _labels(self.path)[start:start + count]
-
-
-# --- image folders -------------------------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 

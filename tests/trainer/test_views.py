@@ -102,9 +102,9 @@ def online_of_view0(teacher, batch):
 
 
 def test_a_feature_set_made_for_another_crop_or_flip_is_refused(digits):
-    for train, needle in (({"crop_pad": 1}, "crop pad 1, flip on"), ({"flip": False}, "crop pad 2, flip off")):
+    for settings, needle in (({"crop_pad": 1}, "crop pad 1, flip on"), ({"flip": False}, "crop pad 2, flip off")):
         with pytest.raises(UserError, match="holds views made for crop pad 2, flip on") as caught:
-            make_job(config(digits, **train), "refused")
+            make_job(config(digits, **settings), "refused")
         assert needle in str(caught.value) and "train.crop_pad" in str(caught.value)
     make_job(config(digits, crop_pad=1, dra_targets="shifted"), "shifted-ok")    # the approximation takes any set
 
