@@ -199,7 +199,7 @@ def _cifar_split(split, batches, label_key, classes, names, path) -> SplitSource
     return _in_memory(split, np.ascontiguousarray(images), labels, classes, names)
 
 
-# --- DM-AT .npz ----------------------------------------------------------------------------------------------
+# --- image folders -------------------------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
