@@ -10,7 +10,7 @@ from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
 from stores.errors import UserError
 
 
-BENCHES = ("stores", "generate", "extract", "sampler", "train", "gpu")
+BENCHES = ("stores", "generate", "extract", "sampler", "train", "targets", "gpu")
 
 
 def register(app: typer.Typer) -> None:
@@ -18,13 +18,14 @@ def register(app: typer.Typer) -> None:
 
 
 def bench_cmd(
-    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train | gpu"),
-    samples: int = typer.Option(100_000, "--samples", help="stores: samples in the synthetic benchmark set"),
+    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train | targets | gpu"),
+    samples: int = typer.Option(100_000, "--samples", help="stores: samples in the synthetic benchmark set; targets: real images measured (at most one shard)"),
     batch: int = typer.Option(512, "--batch", help="stores: batch size of the streaming reader"),
     workers: int = typer.Option(2, "--workers", help="stores: DataLoader worker processes"),
     cold: bool = typer.Option(True, "--cold/--warm-only", help="stores: also time cold passes (drops the page cache; needs root)"),
     n: Optional[int] = typer.Option(None, "--n", help="generate: images to generate per pass"),
     work_dir: Optional[Path] = typer.Option(None, "--dir", help="where to build benchmark data (default: ROOT/bench)"),
+    cifar: bool = typer.Option(False, "--cifar/--no-cifar", help="targets: also time the online teacher on the CIFAR-size pair (WRN-28-10 + EDM CIFAR-10; minutes here)"),
     smoke: bool = typer.Option(False, "--smoke", help="gpu: the same code paths on the CPU with tiny sizes (about a minute)"),
     out: Optional[Path] = typer.Option(None, "--out", help="gpu: write the table as JSON here (default: ROOT/bench/gpu/gpu.json)"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
@@ -50,6 +51,9 @@ def bench_cmd(
     elif what == "train":
         from pipeline.bench.train import bench_train
         bench_train(cfg, console, work_dir=work / "train")
+    elif what == "targets":
+        from pipeline.bench.targets import bench_targets
+        bench_targets(cfg, console, images=min(samples, 4096), cifar=cifar)
     elif what == "gpu":
         from pipeline.bench.gpu import bench_gpu
         bench_gpu(work / ("gpu-smoke" if smoke else "gpu"), console, smoke=smoke, out=out)
