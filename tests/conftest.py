@@ -31,6 +31,18 @@ def cli(monkeypatch, capsys, tmp_path):
     return run
 
 
+def run_cli(*args: str) -> None:
+    """`dra-pipe ARGS` in-process for module-scoped fixtures (the `cli` fixture is per test); must succeed."""
+    from pipeline.cli.main import main
+    saved, sys.argv = sys.argv, ["dra-pipe", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None), f"dra-pipe {' '.join(map(str, args))} exited {exc.code}"
+    finally:
+        sys.argv = saved
+
+
 def make_cifar_tarball(path: Path, classes: int = 10, n_train: int = 30, n_test: int = 12, seed: int = 0,
                        bad_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A small tarball in the layout of the official python CIFAR archives; returns (train rows, train labels)."""

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from pipeline.bench.sampler import _sync as sync, _timed as repeat_timed
 from pipeline.estimates import forward_flops
 from stages.noise import labels_for, latents_for
 from stages.samplers import NFECounter, sample
@@ -22,23 +23,10 @@ from trainer.loop import Dist, mix_plan, Trainer
 SAMPLER_VARIANTS = ("float32", "tf32", "bf16", "fp16", "channels_last", "compile")
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def timed(fn: Callable, dev: torch.device, min_seconds: float, min_reps: int = 1):
-    """(seconds per call, last result) after one untimed warm-up call."""
-    out = fn()
-    reps, total = 0, 0.0
-    while reps < min_reps or total < min_seconds:
-        sync(dev)
-        started = time.perf_counter()
-        out = fn()
-        sync(dev)
-        total += time.perf_counter() - started
-        reps += 1
-    return total / reps, out
+    """(seconds per call, last result) after one untimed warm-up call (bench sampler's timer)."""
+    fn()
+    return repeat_timed(fn, dev, min_seconds, min_reps)
 
 
 @contextlib.contextmanager

@@ -11,20 +11,13 @@ TRAIN = {"epochs": 1, "batch_size": 32, "attack_steps": 1, "dra_hidden": 16, "ho
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory, tiny_model_dir, ray_local):
     """180 real digits, 6 stored views per image made by extract-features for crop pad 2 with flips."""
-    import sys
-    from pipeline.cli.main import main
+    from conftest import run_cli
     tmp = tmp_path_factory.mktemp("targets")
     (tmp / "pipeline.yaml").write_text(yaml.safe_dump({
         "root": str(tmp / "ws"), "data": {"shard_size": 64, "test_fraction": 0.9}, "model": {"spec": f"dra:{tiny_model_dir}"},
         "features": {"views": 6, "layer": "dec.4x4_in1"}, "train": TRAIN, "ray": {"cpu_actors": 1}}))
-    for args in (["import", "digits"], ["extract-features", "--images", "digits-train"]):
-        saved, sys.argv = sys.argv, ["dra-pipe", *args, "-c", str(tmp / "pipeline.yaml")]
-        try:
-            main()
-        except SystemExit as exc:
-            assert exc.code in (0, None)
-        finally:
-            sys.argv = saved
+    run_cli("import", "digits", "-c", tmp / "pipeline.yaml")
+    run_cli("extract-features", "--images", "digits-train", "-c", tmp / "pipeline.yaml")
     import io
     from rich.console import Console
     from pipeline.bench.targets import bench_targets

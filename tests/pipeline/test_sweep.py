@@ -26,28 +26,19 @@ def _config(tmp_path, model_dir) -> None:
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_model_dir, ray_local):
     """One real sweep, lambda {0, 0.5} x timestep {25, 100} x seeds {0, 1}, run twice."""
-    import sys
-    from pipeline.cli.main import main
+    from conftest import run_cli
     tmp = tmp_path_factory.mktemp("sweep")
     _config(tmp, tiny_model_dir)
-    args = ["sweep", "train.dra_lambda=0,0.5", "features.timesteps=25,100", "--seeds", "0,1", "--name", "grid",
-            "-c", str(tmp / "pipeline.yaml")]
-
+    snapshots = []
     for _ in range(2):
-        saved = sys.argv
-        sys.argv = ["dra-pipe", *args]
-        try:
-            main()
-        except SystemExit as exc:
-            assert exc.code in (0, None)
-        finally:
-            sys.argv = saved
-    runs = {p.name: (p / "final.pt").stat().st_mtime for p in (tmp / "ws" / "runs").iterdir()}
-    return tmp, runs
+        run_cli("sweep", "train.dra_lambda=0,0.5", "features.timesteps=25,100", "--seeds", "0,1", "--name", "grid",
+                "-c", tmp / "pipeline.yaml")
+        snapshots.append({p.name: (p / "final.pt").stat().st_mtime_ns for p in (tmp / "ws" / "runs").iterdir()})
+    return tmp, snapshots
 
 
 def test_each_cell_once_per_seed_and_each_training_once(swept):
-    tmp, runs = swept
+    tmp, (runs, _) = swept
     results = json.loads((tmp / "ws" / "sweeps" / "grid" / "results.json").read_text())
     cells = results["cells"]
     assert [(c["cell"]["train.dra_lambda"], c["cell"]["features.timesteps"]) for c in cells] == \
@@ -69,13 +60,12 @@ def test_extraction_once_per_teacher(swept):
 
 
 def test_outputs_and_rerun_is_a_noop(swept):
-    tmp, runs = swept
+    tmp, (first, second) = swept
     out = tmp / "ws" / "sweeps" / "grid"
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 5 and "train.dra_lambda" in table and "+-" in table   # header + 4 cells
     assert (out / "robust_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = {p.name: (p / "final.pt").stat().st_mtime for p in (tmp / "ws" / "runs").iterdir()}
-    assert again == runs                                           # the second sweep trained nothing
+    assert second == first                                         # the second sweep trained nothing
 
 
 @pytest.mark.parametrize("axis, needle", [("train.nokey=1", "unknown configuration key 'train.nokey'"),
