@@ -13,6 +13,7 @@ import shlex
 import socket
 import sys
 import time
+from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -151,7 +152,7 @@ def holds_only_the_lock(folder: Path) -> bool:
     return Path(folder).is_dir() and [p.name for p in Path(folder).iterdir()] == [LOCK_NAME]
 
 
-class LockedWriter:
+class LockedWriter(ABC):
     """Base of the store writers: `lock(wait)` takes the folder's writer lock, then `_reread()` reads the folder
     again under it (another writer may have created, grown or finished it meanwhile); `close()` releases."""
 
@@ -170,8 +171,9 @@ class LockedWriter:
                 raise
         return self
 
+    @abstractmethod
     def _reread(self) -> None:
-        raise NotImplementedError
+        """Read the folder's identity and completed shards again, now that no other writer can change them."""
 
     def close(self) -> None:
         """Release the writer lock (the OS releases it too if the process dies)."""

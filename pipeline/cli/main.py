@@ -22,7 +22,7 @@ except ImportError:
     from click import exceptions as click_errors
 
 
-def _escape_placeholders(command) -> None:
+def _escape_markdown_brackets(command) -> None:
     """Help is rendered as markdown, where `<root>` would be an HTML tag and vanish: escape every `<`."""
     if command.help and "\\<" not in command.help:
         command.help = command.help.replace("<", "\\<")
@@ -31,7 +31,7 @@ def _escape_placeholders(command) -> None:
         if text and "\\<" not in text:
             param.help = text.replace("<", "\\<")
     for sub in getattr(command, "commands", {}).values():
-        _escape_placeholders(sub)
+        _escape_markdown_brackets(sub)
 
 
 def one_line(exc: Exception) -> str:
@@ -50,7 +50,7 @@ def usage_line(exc: click_errors.UsageError) -> str:
 def main() -> None:
     """Entry point: bad input -> one line and exit 2; damaged data -> one line and exit 1."""
     command = typer.main.get_command(app)
-    _escape_placeholders(command)
+    _escape_markdown_brackets(command)
     try:
         code = command.main(prog_name="dra-pipe", standalone_mode=False)
         if isinstance(code, int) and code:
