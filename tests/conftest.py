@@ -117,6 +117,23 @@ def conformance_dir() -> Path:
     return candidates[0] / "conformance"
 
 
+def songunet_small():
+    """(network, json, npz) of the conformance songunet-small EDMPrecond with its official parameters; skips the
+    test when the conformance data is not there."""
+    import json
+    import torch
+    from stages.edm import EDMPrecond
+    root = conformance_dir()
+    if not (root / "songunet-small.npz").is_file():
+        pytest.skip("conformance data songunet-small not found (set DRA_SHARED)")
+    cfg = json.loads((root / "songunet-small.json").read_text())
+    z = np.load(root / "songunet-small.npz")
+    net = EDMPrecond(**cfg["config"]).eval()
+    net.load_state_dict({k.removeprefix("param:"): torch.from_numpy(z[k]) for k in z.files if k.startswith("param:")},
+                        strict=False)
+    return net, cfg, z
+
+
 @pytest.fixture
 def one_thread(monkeypatch):
     """Tiny models on a shared 2-core machine: one torch thread, as each CPU worker has. Two OpenMP threads spin

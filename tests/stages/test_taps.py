@@ -1,40 +1,18 @@
 """Feature taps on EDM networks: values, hook hygiene, layer errors, shapes and counts."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
-from stages.edm import EDMPrecond
 from stages.taps import describe_layers, features, parameter_count
 from stores.errors import UserError
-
-
-def _conformance_dir() -> Path | None:
-    candidates = [REPO.parent / "shared"]
-    if os.environ.get("DRA_SHARED"):
-        candidates.append(Path(os.environ["DRA_SHARED"]))
-    candidates.append(Path("/work/shared"))
-    return next((c / "conformance" for c in candidates if (c / "conformance" / "songunet-small.npz").is_file()), None)
 
 
 @pytest.fixture(scope="module")
 def small():
     """The conformance songunet-small network with its official parameters, its json and npz."""
-    root = _conformance_dir()
-    if root is None:
-        pytest.skip("conformance data not found (set DRA_SHARED)")
-    cfg = json.loads((root / "songunet-small.json").read_text())
-    z = np.load(root / "songunet-small.npz")
-    net = EDMPrecond(**cfg["config"]).eval()
-    net.load_state_dict({k.removeprefix("param:"): torch.from_numpy(z[k]) for k in z.files if k.startswith("param:")},
-                        strict=False)
-    return net, cfg, z
+    from conftest import songunet_small
+    return songunet_small()
 
 
 def _hook_count(net: torch.nn.Module) -> int:

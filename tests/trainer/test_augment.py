@@ -2,16 +2,11 @@
 real (small, randomly initialised) EDM SongUNet against targets recomputed on the augmented images."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
 from trainer.augment import apply_augment, augment, cell_shifts, draw_params, shift_images
 
 pytestmark = pytest.mark.usefixtures("one_thread_for_module")   # tiny models: see conftest.one_thread
@@ -116,19 +111,8 @@ def test_flip_uses_stored_variant_or_mirrors():
 # --- measured against a real diffusion network ----------------------------------------------------------------
 
 def _songunet():
-    from stages.edm import EDMPrecond
-
-    roots = [Path(os.environ["DRA_SHARED"])] if os.environ.get("DRA_SHARED") else []
-    roots += [REPO.parent / "shared", Path("/work/shared")]
-    root = next((r / "conformance" for r in roots if (r / "conformance" / "songunet-small.npz").is_file()), None)
-    if root is None:
-        pytest.skip("conformance data songunet-small not found (set DRA_SHARED)")
-    cfg = json.loads((root / "songunet-small.json").read_text())
-    z = np.load(root / "songunet-small.npz")
-    net = EDMPrecond(**cfg["config"]).eval()
-    net.load_state_dict({k.removeprefix("param:"): torch.from_numpy(z[k]) for k in z.files if k.startswith("param:")},
-                        strict=False)
-    return net
+    from conftest import songunet_small
+    return songunet_small()[0]
 
 
 @pytest.fixture(scope="module")
