@@ -102,7 +102,8 @@ def feature_identity(images: ImageSet, model_fp: str, layer: str, level: NoiseLe
     """What a feature set is: its folder key is a hash of this."""
     return {"image_set": images.fingerprint, "image_set_name": images.name, "model": model_fp, "layer": layer,
             "timestep": level.timestep, "sigma": level.sigma, "noise_stream": level.noise_stream,
-            "noise_seed": noise_seed, "pool": pool, "dtype": "float16", "views": views.identity(),
+            "noise_seed": noise_seed, "noise_key": "seed, image set, id, timestep", "pool": pool, "dtype": "float16",
+            "views": views.identity(),
             "labels": "sample class" if conditional else "none"}
 
 
@@ -132,22 +133,25 @@ def _tapped(model: Denoiser, x: torch.Tensor, eps: torch.Tensor, labels, layer: 
 
 @torch.no_grad()
 def view_targets(model: Denoiser, ids, views_uint8, labels, layer: str, level: NoiseLevel, noise_seed: int,
-                 pool: str) -> torch.Tensor:
-    """Targets of already augmented images (B, H, W, C) uint8, each with its image id's eps: (B, Ct, h, w) float32."""
+                 pool: str, image_sets: str | list[str]) -> torch.Tensor:
+    """Targets of already augmented images (B, H, W, C) uint8, each with its image's eps (keyed by its image set's
+    fingerprint, one for all or one per row, and its id): (B, Ct, h, w) float32."""
     ids = torch.as_tensor(ids).cpu().tolist()
     x = to_model_range(views_uint8)                                                   # (B, C, H, W)
-    return _tapped(model, x, noise_for(ids, x.shape[1:], noise_seed, level.noise_stream), labels, layer, level, pool)
+    eps = noise_for(ids, x.shape[1:], noise_seed, level.noise_stream, image_sets)
+    return _tapped(model, x, eps, labels, layer, level, pool)
 
 
 @torch.no_grad()
 def compute_targets(model: Denoiser, ids: np.ndarray, images: np.ndarray, labels: np.ndarray, layer: str,
-                    level: NoiseLevel, noise_seed: int, pool: str, views: ViewSpec) -> np.ndarray:
-    """Targets of every view of a batch in one forward: float16 (B, V, Ct, h, w)."""
+                    level: NoiseLevel, noise_seed: int, pool: str, views: ViewSpec, image_set: str) -> np.ndarray:
+    """Targets of every view of a batch of image set `image_set` (its fingerprint keys the noise) in one forward:
+    float16 (B, V, Ct, h, w)."""
     B, V = len(ids), views.count
     flips, shifts = all_views(views, ids)                                             # (B, V), (B, V, 2)
     repeated = torch.from_numpy(np.ascontiguousarray(images)).repeat_interleave(V, dim=0)   # (B V, H, W, C)
     x = to_model_range(apply_views(repeated, flips.reshape(-1), shifts.reshape(-1, 2)))     # (B V, C, H, W)
-    eps = noise_for(ids.tolist(), x.shape[1:], noise_seed, level.noise_stream)        # (B, C, H, W): same for every view
+    eps = noise_for(ids.tolist(), x.shape[1:], noise_seed, level.noise_stream, image_set)  # (B, C, H, W): every view
     out = _tapped(model, x, eps.repeat_interleave(V, dim=0), np.repeat(labels, V), layer, level, pool)
     return _to_float16(out).reshape(B, V, *out.shape[1:])
 
@@ -190,7 +194,7 @@ class FeatureWorker:
             sl = slice(lo, lo + step)
             for out, (_, level) in zip(parts, payload.outputs):
                 out.append(compute_targets(self.model, shard.ids[sl], shard.images[sl], shard.labels[sl], self.layer,
-                                           level, self.noise_seed, self.pool, payload.views))
+                                           level, self.noise_seed, self.pool, payload.views, images.fingerprint))
             progress(len(shard.ids[sl]))
         return started, [np.concatenate(out) for out in parts]
 
@@ -229,7 +233,7 @@ def recompute_deviation(model: Denoiser, images: ImageSet, feature_set, k: int, 
         sel = np.array(sorted(rows))
         views = ViewSpec.from_identity(ident.get("views"))
         fresh = compute_targets(model, shard.ids[sel], shard.images[sel], shard.labels[sel], ident["layer"],
-                                level, ident["noise_seed"], ident["pool"], views)            # (k, V, Ct, h, w)
+                                level, ident["noise_seed"], ident["pool"], views, images.fingerprint)  # (k, V, Ct, h, w)
         pairs = [(fresh[:, v], cached[name][sel]) for v, name in enumerate(feature_set.target_names())]
         for v, (new, old) in enumerate(pairs):                                                # per view
             new, old = new.astype(np.float32), old.astype(np.float32)

@@ -5,7 +5,8 @@ sha256("dra-pipe|<seed>|<key>|<stream>"). Values are drawn on the CPU and then m
 latents, labels and noise are bitwise the same whatever the batch, worker, device or resume point.
 
 Streams: "latents" (initial noise), "churn/<step>" (sampler churn noise),
-"feature-noise/<timestep>" (eps for feature extraction), "labels" (keyed by block index).
+"feature-noise/<image-set fingerprint>/<timestep>" (eps for feature extraction: keyed by the image set too, so
+real image i and generated image i do not share their noise), "labels" (keyed by block index).
 """
 from __future__ import annotations
 
@@ -43,9 +44,15 @@ def sample_generator(seed: int, sample_id: int, stream: str) -> torch.Generator:
     return generator
 
 
-def _normals(ids: Iterable, shape: Sequence[int], seed: int, stream: str, dtype: torch.dtype) -> torch.Tensor:
-    """Stack of per-sample standard normals: [B, *shape]."""
-    rows = [torch.randn(tuple(shape), generator=sample_generator(seed, i, stream), dtype=dtype) for i in _id_list(ids)]
+def _normals(ids: Iterable, shape: Sequence[int], seed: int, stream: str | Sequence[str],
+             dtype: torch.dtype) -> torch.Tensor:
+    """Stack of per-sample standard normals: [B, *shape]. stream: one for every id, or one per id."""
+    id_list = _id_list(ids)
+    streams = [stream] * len(id_list) if isinstance(stream, str) else list(stream)
+    if len(streams) != len(id_list):
+        raise ValueError(f"{len(streams)} noise streams for {len(id_list)} ids")
+    rows = [torch.randn(tuple(shape), generator=sample_generator(seed, i, st), dtype=dtype)
+            for i, st in zip(id_list, streams)]
     if not rows:
         return torch.empty((0, *shape), dtype=dtype)
     return torch.stack(rows)
@@ -56,9 +63,16 @@ def latents_for(ids: Iterable, shape: Sequence[int], seed: int, dtype: torch.dty
     return _normals(ids, shape, seed, "latents", dtype)
 
 
-def noise_for(ids: Iterable, shape: Sequence[int], seed: int, t: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Feature-extraction eps for each id at timestep t: [B, C, H, W] given shape = (C, H, W)."""
-    return _normals(ids, shape, seed, f"feature-noise/{_check_int('timestep', t)}", dtype)
+def noise_for(ids: Iterable, shape: Sequence[int], seed: int, t: int, image_set: str | Sequence[str],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Feature-extraction eps for each id of image set `image_set` (a fingerprint; or one per id, for a batch mixing
+    real and generated images) at timestep t: [B, C, H, W] given shape = (C, H, W)."""
+    t = _check_int("timestep", t)
+    sets = [image_set] if isinstance(image_set, str) else list(image_set)
+    if not all(isinstance(k, str) and k and "|" not in k for k in sets):
+        raise ValueError(f"image-set keys must be non-empty strings without '|'; got {image_set!r}")
+    streams = f"feature-noise/{image_set}/{t}" if isinstance(image_set, str) else [f"feature-noise/{k}/{t}" for k in sets]
+    return _normals(ids, shape, seed, streams, dtype)
 
 
 def labels_for(ids: Iterable, num_classes: int, seed: int) -> torch.Tensor:

@@ -5,7 +5,7 @@
   (stores/views.py, the function extract-features used) and aligns with that view's stored target. No shift,
   no mask.
 - online (exact, the reference): the step draws a random crop/flip as without DRA and asks the frozen teacher
-  (a callable the pipeline builds: teacher(views_uint8, ids, labels) -> targets) for the target of that very
+  (a callable the pipeline builds: teacher(views_uint8, ids, labels, generated) -> targets) for the target of that very
   augmented image.
 - shifted (an approximation): the un-augmented target moved by whole cells (trainer/augment.py); at a U-Net
   bottleneck 60-80% wrong against the true target of the cropped image.
@@ -22,7 +22,8 @@ from stores.views import apply_views, distinct_augmentations, view_augmentations
 from trainer.augment import apply_augment, draw_params
 
 MODES = ("views", "online", "shifted")
-Teacher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (views uint8, ids, labels) -> targets
+Teacher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (views uint8, ids, labels, generated) -> targets
 
 
 @dataclass
@@ -64,7 +65,8 @@ def align(mode: str | None, batch: dict, settings: dict, generator: torch.Genera
     if mode == "online":
         viewed = apply_views(images, flips, shifts)                                     # (B, H, W, C) uint8
         with torch.no_grad():
-            targets = teacher(viewed, batch["ids"], batch["labels"]).to(images.device)
+            index = host if host is not None else batch
+            targets = teacher(viewed, index["ids"], index["labels"], index["generated"]).to(images.device)
         return Aligned(to_unit(viewed), targets, None, flips, shifts)
     if mode == "shifted":
         x, t, mask = _shifted(batch, flips, shifts)

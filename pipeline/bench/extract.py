@@ -92,14 +92,15 @@ def _bare(net, images, layer: str, level, cfg: Config, threads: int) -> dict:
     b = max(1, f.batch_size // views.count)
     try:
         first = images.read_shard(images.plan_indices()[0])
-        compute_targets(net, first.ids[:b], first.images[:b], first.labels[:b], layer, level, f.noise_seed, f.pool, views)
+        compute_targets(net, first.ids[:b], first.images[:b], first.labels[:b], layer, level, f.noise_seed, f.pool, views,
+                        images.fingerprint)
         started, count = time.perf_counter(), 0
         for index in images.plan_indices():
             shard = images.read_shard(index)
             for lo in range(0, len(shard.ids), b):
                 sl = slice(lo, lo + b)
                 compute_targets(net, shard.ids[sl], shard.images[sl], shard.labels[sl], layer, level, f.noise_seed,
-                                f.pool, views)
+                                f.pool, views, images.fingerprint)
             count += len(shard.ids)
         seconds = time.perf_counter() - started
     finally:

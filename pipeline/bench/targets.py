@@ -91,7 +91,8 @@ def _relative(aligned: torch.Tensor, true: torch.Tensor, keep: torch.Tensor | No
 def _errors(job, teacher, level, features: FeatureSet, s: dict, seed: int) -> dict:
     ident, pad, flip = features.identity, job.settings["crop_pad"], job.settings["flip"]
     truth = lambda flips, shifts: view_targets(teacher, s["ids"], apply_views(s["images"], flips, shifts),  # noqa: E731
-                                               s["labels"], ident["layer"], level, ident["noise_seed"], str(ident["pool"]))
+                                               s["labels"], ident["layer"], level, ident["noise_seed"], str(ident["pool"]),
+                                               ident["image_set"])
     # stored views: the view the loader would draw for each row, its stored target, against the truth of that view
     counts = np.full(len(s["ids"]), features.views)
     chosen = torch.from_numpy(view_choices(seed, 0, 0, counts))

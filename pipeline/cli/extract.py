@@ -126,10 +126,11 @@ def probe_rate(net, output: Output, layer: str, cfg: Config) -> float:
     shard = images.read_shard(images.plan_indices()[0])
     n = min(max(1, cfg.features.batch_size // views.count), len(shard.ids))
     one = ViewSpec(1, 0, False)
-    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, output.level, 0, cfg.features.pool, one)
+    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, output.level, 0, cfg.features.pool, one,
+                    images.fingerprint)
     started = time.perf_counter()
     compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, output.level,
-                    cfg.features.noise_seed, cfg.features.pool, views)
+                    cfg.features.noise_seed, cfg.features.pool, views, images.fingerprint)
     return n / (time.perf_counter() - started)
 
 

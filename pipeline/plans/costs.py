@@ -29,7 +29,8 @@ def step_cost(job: Job, device: torch.device | None = None, max_batch: int = 64,
     device = device or torch.device("cpu")
     per_rank = job.settings["batch_size"] // job.settings["workers"]
     # online mode: the teacher's tapped forward is not counted here (a stand-in returns zeros)
-    stand_in = (lambda views, ids, labels: torch.zeros(len(ids), *job.target_shape)) if job.dra_targets == "online" else None
+    stand_in = ((lambda views, ids, labels, generated: torch.zeros(len(ids), *job.target_shape))
+                if job.dra_targets == "online" else None)
     trainer = Trainer(job, Dist(device=device), stand_in)
     trainer.model.train()
     flops = count_flops(lambda: trainer.train_step(synthetic_batch(job, 1, derived_seed(0))))
@@ -56,7 +57,7 @@ def synthetic_batch(job: Job, size: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     r, c = job.resolution, job.channels
     batch = {"ids": torch.arange(size), "images": torch.randint(0, 256, (size, r, r, c), generator=g, dtype=torch.uint8),
-             "labels": torch.randint(0, job.classes, (size,), generator=g)}
+             "labels": torch.randint(0, job.classes, (size,), generator=g), "generated": torch.zeros(size, dtype=torch.bool)}
     if job.dra:
         batch["targets"] = torch.randn((size, *job.target_shape), generator=g).half()
         batch["targets_v1"] = torch.randn((size, *job.target_shape), generator=g).half()

@@ -17,12 +17,14 @@ from stores.features import FeatureSet
 
 
 class OnlineTeacher:
-    """teacher(views_uint8 (B, H, W, C), ids (B,), labels (B,)) -> targets (B, Ct, h, w) float32, no gradients."""
+    """teacher(views_uint8 (B, H, W, C), ids (B,), labels (B,), generated (B,) bool) -> targets (B, Ct, h, w)
+    float32, no gradients. image_sets: the (real, generated) image-set fingerprints that key each row's noise."""
 
     def __init__(self, spec: str, layer: str, sigma: float, timestep: int | None, noise_seed: int, pool: str,
-                 fingerprint: str | None = None):
+                 image_sets: tuple[str, str | None], fingerprint: str | None = None):
         self.spec, self.layer, self.sigma, self.timestep = spec, layer, sigma, timestep
         self.noise_seed, self.pool, self.fingerprint = noise_seed, pool, fingerprint
+        self.image_sets = image_sets
         self._model = None
 
     def __getstate__(self) -> dict:
@@ -41,11 +43,16 @@ class OnlineTeacher:
         return self._model
 
     @torch.no_grad()
-    def __call__(self, views_uint8: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, views_uint8: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
+                 generated: torch.Tensor) -> torch.Tensor:
         from stages.extract import NoiseLevel, view_targets
         model = self._model or self._load(views_uint8.device)
         level = NoiseLevel(self.sigma, self.timestep)
-        return view_targets(model, ids, views_uint8, labels, self.layer, level, self.noise_seed, self.pool)
+        real, gen = self.image_sets
+        if gen is None and bool(generated.any()):
+            raise ValueError("generated rows in the batch, but the teacher knows no generated image set")
+        keys = [gen if g else real for g in generated.cpu().tolist()]
+        return view_targets(model, ids, views_uint8, labels, self.layer, level, self.noise_seed, self.pool, keys)
 
 
 def teacher_for(job, root: Path) -> OnlineTeacher | None:
@@ -56,5 +63,7 @@ def teacher_for(job, root: Path) -> OnlineTeacher | None:
     ident, spec = fs.identity, fs.meta.get("provenance", {}).get("model_spec")
     if not spec:
         raise UserError(f"feature set {fs.key} records no model spec; extract it again with dra-pipe extract-features")
+    gen_key = job.feature_keys.get("generated")
+    gen = FeatureSet(Path(root) / "features" / gen_key).identity["image_set"] if gen_key else None
     return OnlineTeacher(spec, ident["layer"], ident["sigma"], ident["timestep"], ident["noise_seed"], str(ident["pool"]),
-                         ident.get("model"))
+                         (ident["image_set"], gen), ident.get("model"))

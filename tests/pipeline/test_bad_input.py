@@ -287,7 +287,7 @@ def test_recompute_caps_k_at_the_cached_samples(tiny_model_dir, tmp_path):
                 "layer": "dec.4x4_in1", "sigma": 0.5, "noise_seed": 0, "pool": "none", "views": ViewSpec(1, 0, False).identity()}
     shards = [images.read_shard(p.index) for p in images.plan()]
     targets = [compute_targets(net, s.ids, s.images, s.labels, "dec.4x4_in1", NoiseLevel(0.5, 100), 0, "none",
-                               ViewSpec(1, 0, False))[:, 0] for s in shards]
+                               ViewSpec(1, 0, False), images.fingerprint)[:, 0] for s in shards]
     writer = FeatureSetWriter(tmp_path, identity, images.n, images.shard_size, targets[0].shape[1:], 1)
     writer.begin()
     for p, s, t in zip(images.plan(), shards, targets):

@@ -51,10 +51,10 @@ def test_default_and_bad_layers(model):
         target_shape(EDMPrecond(**{**CONFIG, "img_resolution": 12}), "dec.6x6_in1", "4")
 
 
-def _direct(model, images_uint8, ids, labels, level, seed):
+def _direct(model, images_uint8, ids, labels, level, seed, digits):
     """The layer output for a(x) + sigma * eps(id), one image at a time (no batching across views)."""
     x = to_model_range(images_uint8)
-    x_sigma = x + level.sigma * noise_for(ids.tolist(), (1, 8, 8), seed, level.noise_stream)
+    x_sigma = x + level.sigma * noise_for(ids.tolist(), (1, 8, 8), seed, level.noise_stream, digits.fingerprint)
     with torch.no_grad():
         return features(model, x_sigma, torch.full((len(ids),), level.sigma), torch.from_numpy(labels),
                         ["dec.4x4_in1"])["dec.4x4_in1"].numpy()
@@ -65,13 +65,13 @@ def test_targets_equal_the_layer_output_for_x_plus_sigma_eps(model, digits):
     ids, images, labels = shard.ids[:6], shard.images[:6], shard.labels[:6]
     level = NoiseLevel.from_timestep(100)
     views = ViewSpec(5, 1, True, seed=3)
-    targets = compute_targets(model, ids, images, labels, "dec.4x4_in1", level, 7, "none", views)
+    targets = compute_targets(model, ids, images, labels, "dec.4x4_in1", level, 7, "none", views, digits.fingerprint)
     assert targets.dtype == np.float16 and targets.shape == (6, 5, 16, 4, 4)
-    assert np.allclose(targets[:, 0], _direct(model, images, ids, labels, level, 7), atol=2e-3, rtol=1e-3)
+    assert np.allclose(targets[:, 0], _direct(model, images, ids, labels, level, 7, digits), atol=2e-3, rtol=1e-3)
     flips, shifts = all_views(views, ids)                                  # (6, 5), (6, 5, 2)
     for v in range(5):
         viewed = apply_views(torch.from_numpy(images), flips[:, v], shifts[:, v]).numpy()
-        assert np.allclose(targets[:, v], _direct(model, viewed, ids, labels, level, 7), atol=2e-3, rtol=1e-3)
+        assert np.allclose(targets[:, v], _direct(model, viewed, ids, labels, level, 7, digits), atol=2e-3, rtol=1e-3)
     # view 1 is the mirror; its target is not just the mirrored map: storing it is what keeps flips faithful
     assert np.abs(targets[:, 1] - targets[:, 0, ..., ::-1]).max() > 1e-2
     assert np.abs(targets[:, 2] - targets[:, 0]).max() > 1e-2
@@ -80,10 +80,10 @@ def test_targets_equal_the_layer_output_for_x_plus_sigma_eps(model, digits):
 def test_targets_depend_on_sample_id_not_on_batch(model, digits):
     shard = digits.read_shard(0)
     level = NoiseLevel.from_timestep(200)
-    whole = compute_targets(model, shard.ids[:8], shard.images[:8], shard.labels[:8], "dec.4x4_in1", level, 0, "2", ONE)
-    part = compute_targets(model, shard.ids[4:8], shard.images[4:8], shard.labels[4:8], "dec.4x4_in1", level, 0, "2", ONE)
+    whole = compute_targets(model, shard.ids[:8], shard.images[:8], shard.labels[:8], "dec.4x4_in1", level, 0, "2", ONE, digits.fingerprint)
+    part = compute_targets(model, shard.ids[4:8], shard.images[4:8], shard.labels[4:8], "dec.4x4_in1", level, 0, "2", ONE, digits.fingerprint)
     assert np.allclose(whole[4:8], part, atol=1e-3)
-    other_seed = compute_targets(model, shard.ids[4:8], shard.images[4:8], shard.labels[4:8], "dec.4x4_in1", level, 1, "2", ONE)
+    other_seed = compute_targets(model, shard.ids[4:8], shard.images[4:8], shard.labels[4:8], "dec.4x4_in1", level, 1, "2", ONE, digits.fingerprint)
     assert np.abs(other_seed - part).max() > 1e-3
 
 

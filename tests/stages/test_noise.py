@@ -25,8 +25,8 @@ def test_ids_seeds_and_streams_differ():
     a = latents_for(range(50), SHAPE, seed=0)
     assert len({tuple(row.flatten().tolist()) for row in a}) == 50
     assert not torch.equal(a, latents_for(range(50), SHAPE, seed=1))
-    assert not torch.equal(noise_for(range(5), SHAPE, 0, t=100), a[:5])
-    assert not torch.equal(noise_for(range(5), SHAPE, 0, t=100), noise_for(range(5), SHAPE, 0, t=200))
+    assert not torch.equal(noise_for(range(5), SHAPE, 0, 100, "fp"), a[:5])
+    assert not torch.equal(noise_for(range(5), SHAPE, 0, 100, "fp"), noise_for(range(5), SHAPE, 0, 200, "fp"))
     assert len({stream_seed(0, i, s) for i in range(100) for s in ("latents", "labels")}) == 200
 
 
@@ -74,3 +74,14 @@ def test_churn_noise_per_sample_and_step():
 def test_bad_ids_rejected(bad):
     with pytest.raises(ValueError):
         latents_for([bad], SHAPE, seed=0)
+
+
+def test_feature_noise_is_keyed_by_image_set():
+    """Real image i and generated image i must not share their eps; a mixed batch gets each row's set's noise."""
+    real = noise_for(range(4), SHAPE, 0, 100, "real-fp")
+    generated = noise_for(range(4), SHAPE, 0, 100, "gen-fp")
+    assert not torch.equal(real, generated)
+    mixed = noise_for(range(4), SHAPE, 0, 100, ["real-fp", "gen-fp", "real-fp", "gen-fp"])
+    assert torch.equal(mixed[0::2], real[0::2]) and torch.equal(mixed[1::2], generated[1::2])
+    with pytest.raises(ValueError, match="2 noise streams for 4 ids"):
+        noise_for(range(4), SHAPE, 0, 100, ["a", "b"])

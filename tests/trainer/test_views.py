@@ -75,7 +75,7 @@ def test_views_targets_equal_the_online_teachers_for_the_same_augmented_images(d
     fs = digits["features"]
     ident = fs.identity
     teacher = OnlineTeacher(digits["spec"], LAYER, ident["sigma"], ident["timestep"], ident["noise_seed"], "none",
-                            ident["model"])
+                            (ident["image_set"], None), ident["model"])
     settings = {"crop_pad": PAD, "flip": True}
     for seed in (0, 1):
         batch = first_batch(digits, seed)
@@ -93,12 +93,25 @@ def test_views_targets_equal_the_online_teachers_for_the_same_augmented_images(d
         assert (a[augmented] - online_of_view0(teacher, batch)[augmented]).norm() > 0.05 * b[augmented].norm()
     shipped = pickle.loads(pickle.dumps(teacher))                     # Ray Train ships it; each rank loads its own
     assert teacher._model is not None and shipped._model is None
-    assert torch.equal(shipped(batch["images"][:4], batch["ids"][:4], batch["labels"][:4]), online_of_view0(teacher, batch)[:4])
+    assert torch.equal(shipped(batch["images"][:4], batch["ids"][:4], batch["labels"][:4], batch["generated"][:4]), online_of_view0(teacher, batch)[:4])
+
+
+def test_online_teacher_keys_each_rows_noise_by_its_image_set(digits):
+    ident = digits["features"].identity
+    teacher = OnlineTeacher(digits["spec"], LAYER, ident["sigma"], ident["timestep"], ident["noise_seed"], "none",
+                            (ident["image_set"], "g" * 64), ident["model"])
+    shard = digits["images"].read_shard(0)
+    args = torch.from_numpy(shard.images[:8]), torch.from_numpy(shard.ids[:8]), torch.from_numpy(shard.labels[:8])
+    as_real = teacher(*args, torch.zeros(8, dtype=torch.bool))
+    as_generated = teacher(*args, torch.ones(8, dtype=torch.bool))
+    assert (as_real - as_generated).norm() > 0.01 * as_real.norm()
+    stored = torch.from_numpy(digits["features"].read_shard(0)["targets"][:8]).float()   # extract keyed by the real set
+    assert (as_real - stored).norm() < 1e-2 * stored.norm()
 
 
 def online_of_view0(teacher, batch):
     """The teacher's target of the un-augmented image (what a cache without views holds)."""
-    return teacher(batch["images"], batch["ids"], batch["labels"]).float()
+    return teacher(batch["images"], batch["ids"], batch["labels"], batch["generated"]).float()
 
 
 def test_a_feature_set_made_for_another_crop_or_flip_is_refused(digits):
