@@ -264,6 +264,23 @@ def key_spec(dotted: str) -> Key:
     return node
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text; a device, a FIFO or a file over 1 MiB (/dev/zero, a data file) is refused, not read forever."""
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; pass --config with a pipeline.yaml file")
+    if not path.is_file():
+        raise UserError(f"config file {path} is not a regular file; pass --config with a pipeline.yaml file")
+    with path.open("rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} is over {MAX_CONFIG_BYTES >> 20} MiB, not a pipeline.yaml; "
+                        "pass --config with the right file")
+    return raw.decode("utf-8")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults <- the YAML file (if it exists or was asked for) <- flag overrides (dotted keys)."""
     resolved = defaults()
@@ -276,7 +293,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         else:
             source = str(path)
             try:
-                data = yaml.safe_load(path.read_text()) or {}
+                data = yaml.safe_load(_read_config_text(path)) or {}
             except (OSError, UnicodeDecodeError) as exc:
                 why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
                 raise UserError(f"config file {path}: {why}; pass --config with a pipeline.yaml") from None

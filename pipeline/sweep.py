@@ -40,6 +40,8 @@ def parse_axis(spec: str) -> Axis:
         raise UserError(f"sweep axis {spec!r}: write KEY=V1,V2,... such as train.dra_lambda=0,0.5")
     if key in FIXED_BY_SWEEP:
         raise UserError(f"sweep axis {key}: the sweep sets it itself; give seeds with --seeds")
+    if key == "root":
+        raise UserError("sweep axis root: a sweep runs in one workspace, reusing its caches; pass --root DIR instead")
     spec_of = key_spec(key)
     values = []
     for raw in text.split(","):

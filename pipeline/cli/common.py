@@ -27,6 +27,8 @@ def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None
         over["root"] = str(root)
     cfg = load_config(config, over)
     cfg["root"] = str(Path(cfg.root).expanduser().resolve())   # Ray workers run elsewhere: absolute paths only
+    if Path(cfg.root).exists() and not Path(cfg.root).is_dir():
+        raise UserError(f"workspace root {cfg.root} is a file, not a folder; pass --root DIR (or set root: in the config)")
     return cfg
 
 

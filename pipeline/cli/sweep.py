@@ -43,7 +43,7 @@ def run_sweep(base: Config, axes: list[Axis], seeds_text: str | None, name: str 
     seeds = parse_seeds(seeds_text) if seeds_text is not None else list(base.run.seeds or [base.train.seed])
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds must list distinct seeds, got {seeds_text!r}")
-    name = validate_set_name(name or default_name(axes, seeds))
+    name = validate_set_name(name or default_name(axes, seeds), "sweep")
     plans = [(cell, [_variant(base, cell, seed) for seed in seeds]) for cell in cells(axes)]   # all checked first
     for _, variants in plans:
         check_autoattack(variants[0])

@@ -29,7 +29,10 @@ ROWS = [
     ("missing-value", "export tiny --out", 2, "'--out' requires an argument"),
     # configuration files and roots
     ("config-binary", "ls --config {base}/binary.yaml", 2, "not UTF-8"),
-    ("config-folder", "ls --config {base}", 2, "Is a directory"),
+    ("config-folder", "ls --config {base}", 2, "is a folder"),
+    ("config-device", "ls --config /dev/zero", 2, "is not a regular file"),
+    ("config-huge", "ls --config {base}/huge.yaml", 2, "over 1 MiB"),
+    ("root-is-file", "ls --root {base}/list.yaml", 2, "is a file, not a folder"),
     ("config-list", "config --config {base}/list.yaml", 2, "must be a mapping"),
     ("config-missing", "config --config {base}/none.yaml", 2, "does not exist"),
     ("config-bad-value", "eval tiny --weights frob --root {ws}", 2, "eval.weights"),
@@ -53,6 +56,14 @@ ROWS = [
     ("generate-zero", "generate --n 0 --dry-run --root {ws}", 2, "invalid count"),
     ("generate-words", "generate --n lots --dry-run --root {ws}", 2, "invalid count"),
     ("generate-escape", "generate --name ../escape --dry-run --root {ws}", 2, "invalid set name"),
+    # sweep: axes are checked before any work
+    ("sweep-no-equals", "sweep frob --root {ws}", 2, "write KEY=V1,V2"),
+    ("sweep-unknown-key", "sweep train.nokey=1 --root {ws}", 2, "unknown configuration key 'train.nokey'"),
+    ("sweep-bad-value", "sweep train.dra_lambda=a,b --root {ws}", 2, "must be number, got 'a'"),
+    ("sweep-twice", "sweep train.dra_lambda=1 train.dra_lambda=2 --root {ws}", 2, "is given twice"),
+    ("sweep-root-axis", "sweep root=/tmp/elsewhere --root {ws}", 2, "a sweep runs in one workspace"),
+    ("sweep-seeds", "sweep train.dra_lambda=1 --seeds x --root {ws}", 2, "--seeds must be comma-separated"),
+    ("sweep-escape", "sweep train.dra_lambda=1 --name ../x --root {ws}", 2, "invalid sweep name"),
     # verify, ls: damaged records are data errors
     ("verify-negative", "verify --recompute -1 --root {ws}", 2, "--recompute -1"),
     ("verify-unknown", "verify nosuch --root {ws}", 2, "no image or feature set named 'nosuch'"),
@@ -161,6 +172,7 @@ def _bad_inputs(base: Path) -> None:
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(base / "classes" / "a" / f"{i}.png")
     (base / "binary.yaml").write_bytes(b"\xff\xfe\x00\x9c binary \x80\x81")
     (base / "list.yaml").write_text("- 1\n- 2\n")
+    (base / "huge.yaml").write_text("# padding\n" * 120_000)
     (base / "no-levels.yaml").write_text("fit_diffusion:\n  channel_mult: []\n")
     (base / "six-levels.yaml").write_text("fit_diffusion:\n  channel_mult: [1, 1, 1, 1, 1, 1]\n")
     (base / "real-only.yaml").write_text("train:\n  dra: false\n  unsup_fraction: 0.0\n  epochs: 1\n")
