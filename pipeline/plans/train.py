@@ -1,7 +1,8 @@
 """What `dra-pipe train` will do, resolved and checked before anything runs: the Job, from the configuration.
 
 The trainer knows stage 1 only through the stores: the real training set `<prefix>-train`, the generated set
-(`generate.name` or `<prefix>-gen`) and, with DRA, a feature set for each (`trainer.targets`), or named with
+(`train.generated_set`, else the workspace's only generated set, else `generate.name` or
+`<prefix>-gen`) and, with DRA, a feature set for each (`trainer.targets`), or named with
 `--features KEY`. In a dry run, stores that are not there yet are planned from the configuration.
 """
 from __future__ import annotations
