@@ -37,7 +37,8 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     split_batch(s["batch_size"], fraction, s["workers"])
     if planned is None:                            # a dry run may plan for a larger machine than this one
         check_loader_workers(s["loader_workers"], os.cpu_count() or 1)
-    gen = _open_images(root, training_generated_set(cfg), "dra-pipe generate", planned,
+    gen = _open_images(root, training_generated_set(cfg),
+                       "dra-pipe generate` or `dra-pipe import npz --generated", planned,
                        lambda: planned_generated(cfg, real)) if fraction > 0 else None
     if gen is not None:
         _check_compatible(real, gen)
