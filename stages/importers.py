@@ -43,10 +43,10 @@ def import_source(root: Path, importer: str, source: str | list[str] | None, nam
     described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(paths[0], 10),
                  "cifar100": lambda: _cifar(paths[0], 100), "npz": lambda: [npz_files_split(paths)],
                  "folder": lambda: _folder(paths[0])}
-    splits = described[importer]()                        # every file validated before the first is hashed
+    splits = described[importer]()                        # every file validated, and the root, before hashing
+    check_writable(Path(root))
     checksums = [_source_checksum(importer, p) for p in paths] if paths and importer != "digits" else \
         [_source_checksum(importer, None)]
-    check_writable(Path(root))
     if generated:
         split = splits[0]
         identity = make_identity("generated", _npz_provenance(checksums, split), split.resolution,

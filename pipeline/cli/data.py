@@ -37,7 +37,7 @@ def config_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 
 def import_cmd(
     importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder"),
-    sources: Optional[list[Path]] = typer.Option(None, "--from", help="file or folder to import (CIFAR tarball, .npz, image folder); npz: repeat it to append several files into one set, in order [config data.source, when IMPORTER is data.importer]"),
+    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH", help="file or folder to import (CIFAR tarball, .npz, image folder); npz: repeat it to append several files into one set, in order [config data.source, when IMPORTER is data.importer]"),
     generated: bool = typer.Option(False, "--generated", help="npz only: the files hold generated images (DM-AT's published data): write one generated set, the trainer's generated data"),
     name: Optional[str] = typer.Option(None, "--name", help="set name prefix; sets are <name>-<split> (default: the importer). With --generated: the generated set's name [default: train.generated_set, else generate.name, else <data name>-gen]"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="samples per shard [config data.shard_size]"),
