@@ -98,7 +98,8 @@ SCHEMA: dict[str, Any] = {
         "epochs": _k(int, 30, "epochs of ceil(N_real / batch) batches", min=1),
         "batch_size": _k(int, 128, "global batch size (split evenly over the workers)", min=1, max=65536),
         "generated_set": _k(str, None, "generated image set to train on (e.g. one made by `dra-pipe select`); null = "
-                            "generate's set", nullable=True),
+                            "the workspace's only generated set (e.g. DM-AT's data from `import npz --generated`), "
+                            "else generate's set", nullable=True),
         "unsup_fraction": _k(float, 0.5, "fraction of each batch drawn from generated data, in [0, 1)", min=0.0, max=1.0, below_max=True),
         "lr": _k(float, 0.1, "peak SGD learning rate (Nesterov 0.9; warmup then cosine, per step)", min=0.0),
         "weight_decay": _k(float, 5e-4, "weight decay (skipped on BN and biases)", min=0.0),

@@ -1,7 +1,12 @@
-"""Names the stages agree on, derived from the configuration (no stage code here)."""
+"""Names the stages agree on, derived from the configuration (and, for the trainer's generated set, from the sets
+the workspace holds); no stage code here."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.config import Config
+from stores.errors import UserError
+from stores.images import generated_set_names
 
 
 def data_prefix(cfg: Config) -> str:
@@ -22,5 +27,15 @@ def generated_set(cfg: Config) -> str:
 
 
 def training_generated_set(cfg: Config) -> str:
-    """The generated set the trainer streams (and extract-features prepares): train.generated_set, else generate's."""
-    return cfg.train.generated_set or generated_set(cfg)
+    """The generated set the trainer streams (and extract-features prepares): train.generated_set; else the
+    workspace's only generated set (e.g. DM-AT's data from `import npz --generated`); else generate's set. Several
+    generated sets and none of them generate's: the user must choose."""
+    if cfg.train.generated_set:
+        return cfg.train.generated_set
+    default, found = generated_set(cfg), generated_set_names(Path(cfg.root))
+    if len(found) == 1:
+        return found[0]
+    if found and default not in found:
+        raise UserError(f"the workspace holds {len(found)} generated image sets ({', '.join(found)}) and none is "
+                        f"generate's set {default}; set train.generated_set to the one to train on")
+    return default

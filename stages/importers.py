@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from stages.npz_source import npz_splits
+from stages.npz_source import npz_files_split, npz_splits
 from stages.sources import check_labels, class_labels, SplitSource
 from stores.errors import UserError
 from stores.identity import file_sha256
@@ -32,34 +32,69 @@ class ImportResult:
     fingerprint: str
 
 
-def import_source(root: Path, importer: str, source: str | None, name: str | None, shard_size: int,
+def import_source(root: Path, importer: str, source: str | list[str] | None, name: str | None, shard_size: int,
                   image_format: str, test_fraction: float = 0.2, split_seed: int = 0,
-                  progress: Callable[[int], None] | None = None, wait: bool = False) -> list[ImportResult]:
+                  progress: Callable[[int], None] | None = None, wait: bool = False,
+                  generated: bool = False) -> list[ImportResult]:
     """Import every split of `source` as image sets `<name>-<split>` (each locked while written; `wait` waits for
-    another writer of it instead of refusing)."""
-    src_path = Path(source) if source else None
-    if src_path is not None and not src_path.exists():
-        raise UserError(f"{src_path}: no such file or folder; check --from")
-    if src_path is not None and src_path.is_dir() != (importer == "folder"):
-        raise UserError(f"{src_path}: import {importer} reads a {'folder' if importer == 'folder' else 'file'}; check --from")
-    described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(src_path, 10),
-                 "cifar100": lambda: _cifar(src_path, 100), "npz": lambda: npz_splits(src_path),
-                 "folder": lambda: _folder(src_path)}
-    if importer not in described:
-        raise UserError(f"unknown importer {importer!r}; use one of {', '.join(described)}")
-    if importer != "digits" and not source:
-        raise UserError(f"import {importer} needs --from PATH (the file or folder to import)")
-    checksum = _source_checksum(importer, src_path)
-    splits = described[importer]()
+    another writer of it instead of refusing). npz takes several files, appended in order into one split;
+    `generated` (npz only) writes them as one generated set named `name`, as DM-AT's published data is."""
+    paths = _source_paths(importer, source, generated)
+    described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(paths[0], 10),
+                 "cifar100": lambda: _cifar(paths[0], 100), "npz": lambda: [npz_files_split(paths)],
+                 "folder": lambda: _folder(paths[0])}
+    splits = described[importer]()                        # every file validated, and the root, before hashing
     check_writable(Path(root))
+    checksums = [_source_checksum(importer, p) for p in paths] if paths and importer != "digits" else \
+        [_source_checksum(importer, None)]
+    if generated:
+        split = splits[0]
+        identity = make_identity("generated", _npz_provenance(checksums, split), split.resolution,
+                                 split.channels, split.classes, None, "train", shard_size, image_format)
+        return [_write_split(root, name or "npz-gen", identity, split, progress, wait)]
     base = name or importer
     results = []
     for split in splits:
         settings = {"test_fraction": test_fraction, "split_seed": split_seed} if importer == "digits" else {}
-        identity = make_identity("real", {"importer": importer, "checksum": checksum, **settings}, split.resolution,
+        origin = {"checksum": checksums[0]} if len(checksums) == 1 else {"checksums": checksums}
+        identity = make_identity("real", {"importer": importer, **origin, **settings}, split.resolution,
                                  split.channels, split.classes, split.class_names, split.split, shard_size, image_format)
         results.append(_write_split(root, f"{base}-{split.split}", identity, split, progress, wait))
     return results
+
+
+def _source_paths(importer: str, source: str | list[str] | None, generated: bool) -> list[Path]:
+    """The files or folder to read, checked: one for every importer but npz (several, in order), none for digits."""
+    sources = [source] if isinstance(source, (str, Path)) else list(source or [])
+    if importer not in IMPORTERS:
+        raise UserError(f"unknown importer {importer!r}; use one of {', '.join(IMPORTERS)}")
+    if generated and importer != "npz":
+        raise UserError(f"--generated applies to import npz (DM-AT's generated data); import {importer} writes real "
+                        f"sets, drop --generated")
+    if importer != "digits" and not sources:
+        raise UserError(f"import {importer} needs --from PATH (the file or folder to import)")
+    if len(sources) > 1 and importer != "npz":
+        raise UserError(f"import {importer} reads one --from {'folder' if importer == 'folder' else 'file'}, got "
+                        f"{len(sources)}; give one --from (only import npz appends several files)")
+    paths = [Path(s) for s in sources]
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path}: no such file or folder; check --from")
+        if path.is_dir() != (importer == "folder"):
+            raise UserError(f"{path}: import {importer} reads a {'folder' if importer == 'folder' else 'file'}; check --from")
+    twice = [p for k, p in enumerate(paths) if any(p.resolve() == q.resolve() for q in paths[:k])]
+    if twice:
+        raise UserError(f"{twice[0]}: given twice as --from; give each file once")
+    return paths
+
+
+IMPORTERS = ("digits", "cifar10", "cifar100", "npz", "folder")
+
+
+def _npz_provenance(checksums: list[str], split: SplitSource) -> dict:
+    """Where a generated set from .npz files came from: DM-AT's format, each file's sha256 and image count, in
+    order (file names are left out: renaming a file does not change its images)."""
+    return {"importer": "npz", "format": "DM-AT npz", "checksums": checksums, "counts": list(split.file_counts)}
 
 
 def _write_split(root: Path, name: str, identity: dict, split: SplitSource, progress, wait: bool) -> ImportResult:
@@ -99,6 +134,7 @@ def planned_train_split(importer: str, test_fraction: float, split_seed: int) ->
 
 
 def _source_checksum(importer: str, path: Path | None) -> str:
+    """sha256 of the source, streamed (a 31 GB .npz is read once, never held)."""
     if importer == "digits":
         return file_sha256(_digits_file())
     if path.is_dir():

@@ -1,7 +1,9 @@
 """DM-AT's generated-data `.npz` (arrays `image` (N, H, W, C) uint8 and `label` (N,)), read without loading it:
-memory-mapped where the member is stored uncompressed, streamed in order where it is deflated."""
+memory-mapped where the member is stored uncompressed, streamed in order where it is deflated. Several files (DM-AT's
+20M set comes in two halves) read as one split: ids 0..n_1-1 from the first, then n_1.. from the second, and so on."""
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 
@@ -10,6 +12,48 @@ import numpy as np
 from stages.sources import class_labels, MAX_CLASSES, ReadFn, SplitSource
 from stores.errors import UserError
 from stores.tarshard import read_npy_header
+
+
+DMAT_MEMBERS = {"image.npy", "label.npy"}      # the arrays of DM-AT's published files, and nothing else
+
+
+def has_dmat_layout(path: Path) -> bool:
+    """Whether `path` is a zip holding exactly DM-AT's arrays `image` and `label` (its headers only are read)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return set(archive.namelist()) == DMAT_MEMBERS
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def npz_files_split(paths: list[Path]) -> SplitSource:
+    """One training split over several .npz files, appended in the order given; every file holds one image shape."""
+    parts = [npz_splits(p)[0] for p in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        if (part.resolution, part.channels) != (first.resolution, first.channels):
+            raise UserError(f"{path}: images are {_shape_text(part)}, but {paths[0]} holds {_shape_text(first)}; "
+                            f"every --from file of one set must hold images of one shape")
+    if len(parts) == 1:
+        return dataclasses.replace(first, file_counts=(first.n,))
+    starts = np.cumsum([0] + [p.n for p in parts])     # (files + 1,) global id where each file begins
+
+    def read(start: int, count: int):
+        images, labels = [], []
+        for k, part in enumerate(parts):
+            lo, hi = max(start, int(starts[k])), min(start + count, int(starts[k + 1]))
+            if lo < hi:
+                got = part.read(lo - int(starts[k]), hi - lo)
+                images.append(got[0])
+                labels.append(got[1])
+        return np.concatenate(images), np.concatenate(labels)
+
+    return SplitSource("train", int(starts[-1]), first.resolution, first.channels, max(p.classes for p in parts),
+                       None, read, tuple(p.n for p in parts))
+
+
+def _shape_text(part: SplitSource) -> str:
+    return f"{part.channels}x{part.resolution}x{part.resolution}"
 
 
 def npz_splits(path: Path) -> list[SplitSource]:
@@ -79,10 +123,12 @@ def _npz_reader(path: Path, shape) -> ReadFn:
 
 
 def _labels(path: Path, _cache={}) -> np.ndarray:
-    if path not in _cache:
+    stat = Path(path).stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)      # a file written again at the same path is read again
+    if key not in _cache:
         with zipfile.ZipFile(path) as archive, archive.open("label.npy") as f:
-            _cache[path] = np.lib.format.read_array(f, allow_pickle=False).astype(np.int64).reshape(-1)
-    return _cache[path]
+            _cache[key] = np.lib.format.read_array(f, allow_pickle=False).astype(np.int64).reshape(-1)
+    return _cache[key]
 
 
 def _stored_data_offset(path: Path, info: zipfile.ZipInfo, archive: zipfile.ZipFile) -> int:
@@ -99,7 +145,8 @@ def _stored_data_offset(path: Path, info: zipfile.ZipInfo, archive: zipfile.ZipF
 
 
 class _StreamingReader:
-    """Sequential reads of a compressed member: shards are requested in order, so we never seek back."""
+    """Sequential reads of a compressed member: shards are requested in order, so we never seek back; a resumed
+    import skips forward (decompressing what it passes) to its first pending shard."""
 
     def __init__(self, archive: zipfile.ZipFile, shape, path: Path):
         self.archive, self.shape, self.path = archive, shape, path
@@ -108,11 +155,19 @@ class _StreamingReader:
         self.position = 0
 
     def __call__(self, start: int, count: int):
-        if start != self.position:
-            raise RuntimeError("compressed .npz members are read in order")
         per = int(np.prod(self.shape[1:]))
+        if start < self.position:
+            raise RuntimeError("compressed .npz members are read in order")
+        self._skip_to(start, per)
         raw = self.stream.read(per * count)
         if len(raw) != per * count:
             raise UserError(f"{self.path}: 'image' ends early at sample {start + len(raw) // per}")
         self.position += count
         return np.frombuffer(raw, np.uint8).reshape(count, *self.shape[1:]), _labels(self.path)[start:start + count]
+
+    def _skip_to(self, start: int, per: int, chunk: int = 4096) -> None:
+        while self.position < start:
+            step = min(chunk, start - self.position)
+            if len(self.stream.read(per * step)) != per * step:
+                raise UserError(f"{self.path}: 'image' ends early at sample {self.position}")
+            self.position += step

@@ -23,6 +23,7 @@ class SplitSource:
     classes: int
     class_names: list[str] | None
     read: ReadFn
+    file_counts: tuple[int, ...] = ()      # images per source file, in order, for sources read from several files
 
 
 MAX_CLASSES = 100_000      # more would be a label mistake (a float scaled, an id column), not a data set

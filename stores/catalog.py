@@ -44,7 +44,7 @@ def _image_entry(path: Path) -> Entry:
     plan = s.plan()
     missing = s.missing_shards()
     src = s.identity["source"]
-    origin = src.get("importer") or src.get("model", "")[:12]
+    origin = src.get("format") or src.get("importer") or src.get("model", "")[:12]
     summary = (f"{s.identity['split']} {s.resolution}x{s.resolution}x{s.channels} {s.classes} classes "
                f"from {origin} fp {s.fingerprint[:12]}")
     return Entry("images", s.name, s.identity["kind"], s.completed_samples(), s.n, len(plan) - len(missing), len(plan),

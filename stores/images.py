@@ -321,3 +321,17 @@ def list_image_sets(root: Path) -> list[Path]:
     base = Path(root) / "images"
     return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and not holds_only_the_lock(p)) \
         if base.exists() else []                   # a folder with just its lock: a writer is only starting there
+
+
+def generated_set_names(root: Path) -> list[str]:
+    """Names of the workspace's generated image sets (kind generated: `generate`, `select`, `import npz
+    --generated`), sorted; a set whose dataset.json is damaged is left out (`ls` and `verify` name it)."""
+    names = []
+    for path in list_image_sets(root):
+        try:
+            record = read_json_record(path / DATASET_JSON, {"identity": dict}, "the set's identity")
+        except (UserError, IntegrityError):
+            continue
+        if record["identity"].get("kind") == "generated":
+            names.append(path.name)
+    return names

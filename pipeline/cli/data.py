@@ -37,18 +37,29 @@ def config_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 
 def import_cmd(
     importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder"),
-    source: Optional[Path] = typer.Option(None, "--from", help="file or folder to import (CIFAR tarball, .npz, image folder) [config data.source, when IMPORTER is data.importer]"),
-    name: Optional[str] = typer.Option(None, "--name", help="set name prefix; sets are <name>-<split> (default: the importer)"),
+    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH", help="file or folder to import (CIFAR tarball, .npz, image folder); npz: repeat it to append several files into one set, in order [config data.source, when IMPORTER is data.importer]"),
+    generated: bool = typer.Option(False, "--generated", help="npz only: the files hold generated images (DM-AT's published data): write one generated set, the trainer's generated data"),
+    name: Optional[str] = typer.Option(None, "--name", help="set name prefix; sets are <name>-<split> (default: the importer). With --generated: the generated set's name [default: train.generated_set, else generate.name, else <data name>-gen]"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="samples per shard [config data.shard_size]"),
     image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless, default) or npy (raw) [config data.image_format]"),
     wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
-    """Import a real data set into image stores (one per split)."""
+    """Import a real data set into image stores (one per split), or DM-AT's generated .npz files (--generated)."""
     cfg = resolve(config, root, {"data.shard_size": shard_size, "data.image_format": image_format})
+    if generated:       # data.source is the real data's file; generated files are always named
+        run_import(cfg, importer, [str(s) for s in sources or []], name or generated_import_name(cfg), wait,
+                   generated=True)
+        return
     configured = cfg.data.source if importer == cfg.data.importer else None   # data.source belongs to data.importer
-    run_import(cfg, importer, str(source) if source else configured, name or (cfg.data.name if configured else None),
-               wait)
+    run_import(cfg, importer, [str(s) for s in sources] if sources else configured,
+               name or (cfg.data.name if configured else None), wait)
+
+
+def generated_import_name(cfg: Config) -> str:
+    """The set `import npz --generated` writes: the one the trainer is told to use, else the one generate writes."""
+    from pipeline.workflow import generated_set
+    return cfg.train.generated_set or generated_set(cfg)
 
 
 def ls_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
@@ -97,18 +108,35 @@ def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name o
     console.print(f"all {checked} set(s) intact")
 
 
-def run_import(cfg: Config, importer: str, source: str | None, name: str | None, wait: bool = False) -> None:
+def run_import(cfg: Config, importer: str, source: str | list[str] | None, name: str | None, wait: bool = False,
+               generated: bool = False) -> None:
     from stages.importers import import_source
     with RateBar("import", "images") as bar:
         results = import_source(Path(cfg.root), importer, source, name, cfg.data.shard_size, cfg.data.image_format,
-                                cfg.data.test_fraction, cfg.data.split_seed, bar.advance, wait)
+                                cfg.data.test_fraction, cfg.data.split_seed, bar.advance, wait, generated)
+    kind = "generated set " if generated else ""
     for r in results:
         if r.skipped:
-            console.print(f"already imported: {r.name} ({r.n} samples, fingerprint {r.fingerprint[:12]}) - nothing to do")
+            console.print(f"already imported: {kind}{r.name} ({r.n} samples, fingerprint {r.fingerprint[:12]}) - "
+                          f"nothing to do")
         else:
-            console.print(f"imported {r.name}: {r.n} samples in {r.shards_written} shards, fingerprint {r.fingerprint[:12]}")
+            console.print(f"imported {kind}{r.name}: {r.n} samples in {r.shards_written} shards, fingerprint "
+                          f"{r.fingerprint[:12]}")
     if bar.done:
         console.print(f"throughput: {bar.rate:,.0f} images/s ({bar.done} images in {bar.seconds:.2f} s)")
+    if importer == "npz" and not generated:
+        _dmat_hint(source)
+
+
+def _dmat_hint(source: str | list[str] | None) -> None:
+    """DM-AT's published files are generated data: say how to import them as such (not refused: an npz of real
+    images has the same layout)."""
+    from stages.npz_source import has_dmat_layout
+    files = [source] if isinstance(source, str) else list(source or [])
+    if any(has_dmat_layout(Path(f)) for f in files):
+        console.print("hint: this .npz has DM-AT's layout ('image' and 'label'); if it holds generated images "
+                      "(DM-AT's published data), import it with --generated so the trainer uses it as its generated "
+                      "set", highlight=False, soft_wrap=True)
 
 
 def show_catalog(root: Path) -> list[str]:

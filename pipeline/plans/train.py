@@ -1,7 +1,8 @@
 """What `dra-pipe train` will do, resolved and checked before anything runs: the Job, from the configuration.
 
 The trainer knows stage 1 only through the stores: the real training set `<prefix>-train`, the generated set
-(`generate.name` or `<prefix>-gen`) and, with DRA, a feature set for each (`trainer.targets`), or named with
+(`train.generated_set`, else the workspace's only generated set, else `generate.name` or
+`<prefix>-gen`) and, with DRA, a feature set for each (`trainer.targets`), or named with
 `--features KEY`. In a dry run, stores that are not there yet are planned from the configuration.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     split_batch(s["batch_size"], fraction, s["workers"])
     if planned is None:                            # a dry run may plan for a larger machine than this one
         check_loader_workers(s["loader_workers"], os.cpu_count() or 1)
-    gen = _open_images(root, training_generated_set(cfg), "dra-pipe generate", planned,
+    gen = _open_images(root, training_generated_set(cfg),
+                       "dra-pipe generate` or `dra-pipe import npz --generated", planned,
                        lambda: planned_generated(cfg, real)) if fraction > 0 else None
     if gen is not None:
         _check_compatible(real, gen)

@@ -51,6 +51,14 @@ ROWS = [
     ("folder-empty-class", "import folder --from {base}/classes --root {base}/new", 2, "class folder b holds no"),
     ("unknown-importer", "import imagenet --root {base}/new", 2, "unknown importer"),
     ("npz-from-folder", "import npz --from {base}/classes --root {base}/new", 2, "import npz reads a file"),
+    ("generated-not-npz", "import cifar10 --generated --from {base}/nodata.tar.gz --root {base}/new", 2,
+     "--generated applies to import npz"),
+    ("cifar-two-from", "import cifar10 --from {base}/nodata.tar.gz --from {base}/objlabels.tar.gz --root {base}/new", 2,
+     "import cifar10 reads one --from file, got 2"),
+    ("npz-second-shape", "import npz --generated --from {base}/gen8.npz --from {base}/gen4.npz --root {base}/new", 2,
+     "gen4.npz: images are 3x4x4, but"),
+    ("npz-same-file-twice", "import npz --generated --from {base}/gen8.npz --from {base}/gen8.npz --root {base}/new", 2,
+     "given twice"),
     # generate: a plan is arithmetic, absurd N refused
     ("generate-1e30", "generate --n 1e30 --dry-run --root {ws}", 2, "the most a set can hold"),
     ("generate-zero", "generate --n 0 --dry-run --root {ws}", 2, "invalid count"),
@@ -157,6 +165,8 @@ def _bad_inputs(base: Path) -> None:
     np.savez(base / "float.npz", image=images, label=np.array([0.5, 1.7, 2.2, 3.9]))
     np.savez(base / "huge.npz", image=images, label=np.array([0, 1, 2, 10 ** 9]))
     np.savez(base / "zero.npz", image=images[:0], label=np.zeros(0, np.int64))
+    np.savez(base / "gen8.npz", image=np.zeros((4, 8, 8, 3), np.uint8), label=np.arange(4))
+    np.savez(base / "gen4.npz", image=np.zeros((4, 4, 4, 3), np.uint8), label=np.arange(4))
     np.savez(base / "object.npz", image=images, label=np.array([0, None, 1, 2], dtype=object))
     with zipfile.ZipFile(base / "short.npz", "w", zipfile.ZIP_STORED) as z:     # header says 4 images, holds 1
         z.writestr("image.npy", _npy_bytes(images)[:-3 * 64])

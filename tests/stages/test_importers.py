@@ -78,6 +78,80 @@ def test_npz_import_streams(cli, tmp_path, compressed, monkeypatch):
     got = s.read_range(0, 50)
     assert np.array_equal(got.images, image) and np.array_equal(got.labels, label)
     assert len(s.records) == 4
+    assert s.identity["kind"] == "real" and "hint: this .npz has DM-AT's layout" in out and "--generated" in out
+
+
+def dmat_halves(tmp_path):
+    """DM-AT's 20M set in miniature: two .npz halves (37 stored images, then 25 deflated), random pixels."""
+    rng = np.random.default_rng(1)
+    halves = []
+    for name, n, save in (("part1.npz", 37, np.savez), ("part2.npz", 25, np.savez_compressed)):
+        image, label = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
+        save(tmp_path / name, image=image, label=label)
+        halves.append((tmp_path / name, image, label))
+    return halves
+
+
+def sha256_of(path):
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_dmat_halves_import_as_one_generated_set(cli, tmp_path, monkeypatch):
+    """`import npz --generated` with two files: one generated set, ids 0..36 from the first and 37..61 from the
+    second (shard 3 spans both), each file's sha256 in order; a rerun is a no-op, other files are refused; the
+    trainer takes the only generated set by default and asks to choose among several."""
+    from pipeline.config import load_config
+    from pipeline.workflow import training_generated_set
+    from stores.errors import UserError
+    (a, image_a, label_a), (b, image_b, label_b) = dmat_halves(tmp_path)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load would read a whole array"))
+    args = ("import", "npz", "--generated", "--from", a, "--from", b, "--name", "dmat-20m", "--shard-size", "10")
+    code, out, err = cli(*args)
+    assert code == 0 and "imported generated set dmat-20m: 62 samples in 7 shards" in out and "hint" not in out, err
+    s = ImageSet.open(tmp_path / "dra-data", "dmat-20m")
+    got = s.read_range(0, s.n)
+    assert s.identity["kind"] == "generated" and s.n == 62 and (s.resolution, s.channels) == (32, 3)
+    assert np.array_equal(got.ids, np.arange(62))
+    assert np.array_equal(got.images, np.concatenate([image_a, image_b]))
+    assert np.array_equal(got.labels, np.concatenate([label_a, label_b]))
+    assert s.identity["source"] == {"importer": "npz", "format": "DM-AT npz", "checksums": [sha256_of(a), sha256_of(b)],
+                                    "counts": [37, 25]}
+    code, out, _ = cli(*args)
+    assert code == 0 and "already imported: generated set dmat-20m" in out
+    code, _, err = cli(*args[:5], "--name", "dmat-20m", "--shard-size", "10")           # the first half alone
+    assert code == 2 and "another identity" in err and ImageSet.open(tmp_path / "dra-data", "dmat-20m").n == 62
+    cfg = load_config(None, {"root": str(tmp_path / "dra-data")})
+    assert training_generated_set(cfg) == "dmat-20m"            # not generate's digits-gen: the only generated set
+    code, _, err = cli(*args[:5], "--name", "dmat-half", "--shard-size", "10")
+    assert code == 0, err
+    with pytest.raises(UserError, match=r"2 generated image sets \(dmat-20m, dmat-half\).*set train.generated_set"):
+        training_generated_set(cfg)
+    assert training_generated_set(load_config(None, {"root": cfg.root, "train.generated_set": "dmat-half"})) == "dmat-half"
+
+
+def test_killed_generated_import_resumes(cli, tmp_path, monkeypatch):
+    """Interrupted after 4 shards (ids 0..39), the same command writes the other 3: the deflated second half is
+    streamed from its 4th image on, and the set equals the two halves appended."""
+    from stores.images import ImageSetWriter
+    (a, image_a, _), (b, image_b, _) = dmat_halves(tmp_path)
+    write, calls = ImageSetWriter.write, []
+
+    def write_then_die(self, plan, images, labels):
+        calls.append(plan.index)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return write(self, plan, images, labels)
+    monkeypatch.setattr(ImageSetWriter, "write", write_then_die)
+    args = ("import", "npz", "--generated", "--from", a, "--from", b, "--shard-size", "10")
+    code, _, err = cli(*args)
+    assert code == 130 and "Traceback" not in err
+    assert sorted(ImageSet.open(tmp_path / "dra-data", "digits-gen").records) == [0, 1, 2, 3]
+    monkeypatch.setattr(ImageSetWriter, "write", write)
+    code, out, err = cli(*args)
+    assert code == 0 and "imported generated set digits-gen: 62 samples in 3 shards" in out, err
+    s = ImageSet.open(tmp_path / "dra-data", "digits-gen")
+    assert s.complete and np.array_equal(s.read_range(0, 62).images, np.concatenate([image_a, image_b]))
 
 
 def test_folder_import(cli, tmp_path):
