@@ -32,6 +32,21 @@ def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None
     return cfg
 
 
+_interrupt_reported = False
+
+
+def interrupted(detail: str) -> typer.Exit:
+    """Ctrl-C: one line on stderr saying what is kept and how to resume; raise the Exit(130) it returns."""
+    global _interrupt_reported
+    print(f"interrupted: {detail}", file=sys.stderr)
+    _interrupt_reported = True
+    return typer.Exit(130)
+
+
+def interrupt_reported() -> bool:
+    return _interrupt_reported
+
+
 def check_output_file(path: Path, flag: str = "--out") -> None:
     """Before any work: the file an --out names must be writable (its folder exists and takes a new file)."""
     path = Path(path)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, interrupted, resolve, WaitOpt
 from pipeline.config import Config, parse_count
 from pipeline.progress import RateBar
 from pipeline.workflow import generated_set, real_train_set
@@ -240,9 +240,8 @@ def execute(job: GenerateJob, actors: ActorPlan, max_attempts: int,
                                  on_event=lambda message: bar.console.print(f"warning: {message}", highlight=False))
         except KeyboardInterrupt:
             bar.close()
-            console.print(f"interrupted: {job.shards - len(job.writer.pending())} of {job.shards} shards of {job.name} "
-                          f"are complete; rerun the same command to resume")
-            raise
+            raise interrupted(f"{job.shards - len(job.writer.pending())} of {job.shards} shards of {job.name} "
+                              f"are complete; rerun the same command to resume")
     show_summary(job, summary, actors)
     return summary
 

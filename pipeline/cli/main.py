@@ -7,6 +7,7 @@ import sys
 import typer
 
 from pipeline.cli import bench, data, eval, extract, generate, models, run, select, sweep, train
+from pipeline.cli.common import interrupt_reported
 from stores.errors import IntegrityError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
@@ -33,6 +34,8 @@ def _escape_markdown_brackets(command) -> None:
     for sub in getattr(command, "commands", {}).values():
         _escape_markdown_brackets(sub)
 
+INTERRUPTED = "interrupted: finished shards and checkpoints are kept; rerun the same command to resume"
+
 
 def one_line(exc: Exception) -> str:
     """A message that quotes a library's error can hold newlines: the user gets one line all the same."""
@@ -53,6 +56,8 @@ def main() -> None:
     _escape_markdown_brackets(command)
     try:
         code = command.main(prog_name="dra-pipe", standalone_mode=False)
+        if code == 130 and not interrupt_reported():              # typer turns Ctrl-C into a silent Exit(130)
+            print(INTERRUPTED, file=sys.stderr)
         if isinstance(code, int) and code:
             sys.exit(code)
     except click_errors.NoArgsIsHelpError as exc:     # the help is printed already
@@ -64,7 +69,7 @@ def main() -> None:
         print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)   # one line, like the rest
         sys.exit(exc.exit_code)
     except typer.Abort:
-        print("interrupted: finished shards and checkpoints are kept; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
@@ -73,7 +78,7 @@ def main() -> None:
         print(f"data error: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: finished shards and checkpoints are kept; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
         from pipeline.shards.runner import ShardFailed, WorkerStartError

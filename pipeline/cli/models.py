@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, interrupted, resolve, WaitOpt
 from pipeline.config import Config
 from pipeline.models import fit_settings, fitted_model_dir, resolve_model_spec
 from pipeline.progress import RateBar
@@ -95,7 +95,6 @@ def _fit(cfg: Config, images, out: Path) -> Path:
             fingerprint = trainer.run(lambda n, loss: bar.advance(n, f"loss {loss:.4f}"))
         except KeyboardInterrupt:
             bar.close()
-            console.print(f"interrupted at step {trainer.step}; checkpoint saved - rerun the same command to resume")
-            raise typer.Exit(130)
+            raise interrupted(f"at step {trainer.step}; checkpoint saved - rerun the same command to resume")
     console.print(f"saved model {out} (fingerprint {fingerprint[:16]}); throughput: {bar.rate:,.0f} images/s")
     return out

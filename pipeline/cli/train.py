@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, console, interrupted, resolve, RootOpt, WaitOpt
 from pipeline.config import Config
 from pipeline.progress import RateBar
 from stores.workspace import check_writable
@@ -75,8 +75,7 @@ def _train_run(job, run, teacher=None) -> dict:
         try:
             train_distributed(job, job.settings["workers"], teacher)
         except KeyboardInterrupt:
-            console.print("interrupted; rerun the same command to resume from the last checkpoint")
-            raise typer.Exit(130)
+            raise interrupted("rerun the same command to resume from the last checkpoint")
     else:
         _train_here(job, teacher)
     rows = run.read_metrics()
@@ -111,8 +110,7 @@ def _train_here(job, teacher=None) -> None:
                   teacher=teacher)
         except KeyboardInterrupt:
             bar.close()
-            console.print("interrupted; rerun the same command to resume from the last checkpoint")
-            raise typer.Exit(130)
+            raise interrupted("rerun the same command to resume from the last checkpoint")
 
 
 def epoch_line(row: dict) -> str:

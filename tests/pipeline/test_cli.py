@@ -112,3 +112,26 @@ def test_run_without_pyautoattack_stops_before_the_first_stage(cli, tmp_path, mo
     assert not (tmp_path / "dra-data").exists()
     (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import]\n")          # no eval stage: no need
     assert cli("run")[0] == 0
+
+
+def test_ctrl_c_in_a_command_without_its_own_handler_is_one_line(tmp_path):
+    """Typer turns Ctrl-C into a silent exit 130: the user must still read what is kept and how to resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import numpy as np
+    np.savez(tmp_path / "many.npz", image=np.zeros((20_000, 8, 8, 1), np.uint8), label=np.arange(20_000) % 10)
+    script = "import sys; from pipeline.cli.main import main; sys.argv = ['dra-pipe', *sys.argv[1:]]; main()"
+    proc = subprocess.Popen([sys.executable, "-c", script, "import", "npz", "--from", str(tmp_path / "many.npz"),
+                             "--root", str(tmp_path / "ws"), "--shard-size", "64"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "ws").glob("images/*/*.tar")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == ["interrupted: finished shards and checkpoints are kept; "
+                                        "rerun the same command to resume"], err[-2000:]
