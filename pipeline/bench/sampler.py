@@ -7,6 +7,8 @@ DDPM++ config, randomly initialised), it times
   forward   one network evaluation of a batch: ms per image and images/s
   sampler   the EDM Heun sampler (Algorithm 2, `generate.steps` steps, NFE = 2N - 1 counted): images/s
   overhead  sampler time / (NFE x forward time): 1.0 means the sampler costs nothing beyond its forwards
+  bf16      max |diff| of one untimed sampler run with `model.dtype: bfloat16` (generate's own code path, on the
+            first BF16_IMAGES images) from the float32 samples, on any device
 On a CUDA device it also runs the sampler under bf16 and fp16 autocast and through `torch.compile`, each with
 its speed-up over float32 and its maximum deviation from the float32 samples (same latents and labels).
 float32 is strict throughout (TF32 off). The sampler's own state is float64, as in the official code.
@@ -28,6 +30,7 @@ from stages.edm.networks import EDMPrecond
 from stages.fit_diffusion import network_config
 from stages.models import load_model
 from stages.noise import labels_for, latents_for
+from stages.precision import in_dtype
 from stages.published import CIFAR10_COND_VP
 from stages.samplers import NFECounter, sample
 from stages.taps import parameter_count
@@ -38,6 +41,7 @@ from stores.images import ImageSet
 CIFAR10_CONFIG = CIFAR10_COND_VP
 
 GPU_VARIANTS = ("bf16", "fp16", "compile")
+BF16_IMAGES = 4                   # images of the untimed bf16 run (the CPU's bf16 is slow: keep the bench fast)
 
 
 def bench_sampler(cfg, console: Console, *, steps: int | None = None, batch: int | None = None,
@@ -174,8 +178,17 @@ def _bench_model(net, b: int, steps: int, dev: torch.device, min_seconds: float,
     row = dict(params=parameter_count(net), shape=[net.img_channels, net.img_resolution, net.img_resolution],
                batch=b, forward_seconds=forward_s, forward_ms_per_image=1000 * forward_s / b,
                forward_images_per_s=b / forward_s, steps=steps, nfe=nfe, sampler_seconds=sampler_s,
-               sampler_images_per_s=b / sampler_s, overhead=sampler_s / (nfe * forward_s))
+               sampler_images_per_s=b / sampler_s, overhead=sampler_s / (nfe * forward_s),
+               bf16_max_abs_diff=_bf16_deviation(net, inputs, steps, samples))
     return row, samples, inputs
+
+
+def _bf16_deviation(net, inputs: dict, steps: int, reference: torch.Tensor) -> float:
+    """Max |bf16 - float32| over the first BF16_IMAGES samples, bf16 as `model.dtype: bfloat16` samples them."""
+    k = min(BF16_IMAGES, reference.shape[0])
+    some = {key: None if v is None else v[:k] for key, v in inputs.items()}
+    samples, _ = _run_sampler(in_dtype(net, "bfloat16"), some, steps)
+    return float((samples - reference[:k]).abs().max())
 
 
 @torch.no_grad()
@@ -212,15 +225,19 @@ def _device_name(dev: torch.device) -> str:
 def _report(results: dict, variants, dev: torch.device, console: Console) -> None:
     table = Table("model", "params", "image", "batch", "forward ms/image", "forward images/s", "steps", "NFE",
                   "sampler images/s", "sampler s/batch", "sampler / (NFE x forward)",
+                  f"bf16 max |diff| ({BF16_IMAGES} images)",
                   title=f"bench sampler: EDM Heun, float32, {results['device']}")
     for name, r in results["models"].items():
         table.add_row(name, f"{r['params']:,}", "x".join(map(str, r["shape"])), str(r["batch"]),
                       f"{r['forward_ms_per_image']:.3f}", f"{r['forward_images_per_s']:,.1f}", str(r["steps"]),
                       str(r["nfe"]), f"{r['sampler_images_per_s']:,.2f}", f"{r['sampler_seconds']:.2f}",
-                      f"{r['overhead']:.2f}")
+                      f"{r['overhead']:.2f}", f"{r['bf16_max_abs_diff']:.2e}")
     console.print(table)
     for name, r in results["models"].items():
         console.print(f"{name}: {r['source']}", highlight=False)
+    console.print(f"bf16 max |diff|: one untimed Heun run of the first {BF16_IMAGES} images with model.dtype bfloat16 "
+                  f"(generate's bf16 autocast, float64 steps) against the float32 samples, images in [-1, 1]",
+                  highlight=False)
     if results["variants"]:
         vt = Table("model", "variant", "sampler images/s", "speed-up vs float32", "max |diff| vs float32",
                    "mean |diff|", title="reduced precision and torch.compile (same latents and labels; images in [-1, 1])")

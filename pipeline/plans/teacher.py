@@ -4,7 +4,8 @@ computing the target of the exact augmented image inside the training step.
 Built by the pipeline and handed to the trainer as a callable, so trainer/ never imports stages/. It is
 picklable (Ray Train ships it to every rank) and loads its model lazily, once per process, on the device of the
 images it is given. Its settings come from the run's feature set: model spec (provenance), layer, noise level,
-noise seed and pooling, so it computes what extract-features stores, with the same eps per image id.
+noise seed, pooling and compute dtype (model.dtype when the set was made), so it computes what extract-features
+stores, with the same eps per image id.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ class OnlineTeacher:
     """teacher(views_uint8 (B, H, W, C), ids (B,), labels (B,)) -> targets (B, Ct, h, w) float32, no gradients."""
 
     def __init__(self, spec: str, layer: str, sigma: float, timestep: int | None, noise_seed: int, pool: str,
-                 fingerprint: str | None = None):
+                 fingerprint: str | None = None, compute_dtype: str = "float32"):
         self.spec, self.layer, self.sigma, self.timestep = spec, layer, sigma, timestep
         self.noise_seed, self.pool, self.fingerprint = noise_seed, pool, fingerprint
+        self.compute_dtype = compute_dtype
         self._model = None
 
     def __getstate__(self) -> dict:
@@ -31,6 +33,8 @@ class OnlineTeacher:
     def _load(self, device: torch.device):
         from stages.fingerprint import model_fingerprint
         from stages.models import load_model
+        from stages.precision import check_compute_dtype
+        check_compute_dtype(self.compute_dtype, device)
         model = load_model(self.spec)
         if self.fingerprint is not None and model_fingerprint(model) != self.fingerprint:
             raise UserError(f"model {self.spec} is not the teacher the feature set was made with (fingerprint "
@@ -45,7 +49,8 @@ class OnlineTeacher:
         from stages.extract import NoiseLevel, view_targets
         model = self._model or self._load(views_uint8.device)
         level = NoiseLevel(self.sigma, self.timestep)
-        return view_targets(model, ids, views_uint8, labels, self.layer, level, self.noise_seed, self.pool)
+        return view_targets(model, ids, views_uint8, labels, self.layer, level, self.noise_seed, self.pool,
+                            self.compute_dtype)
 
 
 def teacher_for(job, root: Path) -> OnlineTeacher | None:
@@ -57,4 +62,4 @@ def teacher_for(job, root: Path) -> OnlineTeacher | None:
     if not spec:
         raise UserError(f"feature set {fs.key} records no model spec; extract it again with dra-pipe extract-features")
     return OnlineTeacher(spec, ident["layer"], ident["sigma"], ident["timestep"], ident["noise_seed"], str(ident["pool"]),
-                         ident.get("model"))
+                         ident.get("model"), ident.get("compute_dtype", "float32"))

@@ -54,6 +54,9 @@ def test_reported_figures_are_consistent(tmp_path):
     assert variant["finite"] and variant["max_abs_diff"] >= variant["mean_abs_diff"] > 0   # bf16 did change the samples
     assert variant["speedup"] == pytest.approx(results["models"]["digits"]["sampler_seconds"] / variant["sampler_seconds"])
     assert "fp16, compile: need a CUDA GPU" in text and "sampler / (NFE x forward)" in text
+    for name, r in results["models"].items():              # model.dtype bfloat16's deviation, on any device
+        assert 0 < r["bf16_max_abs_diff"] < 0.1, (name, r["bf16_max_abs_diff"])
+    assert "bf16 max |diff| (4 images)" in text and f"{results['models']['cifar10']['bf16_max_abs_diff']:.2e}" in text
 
 
 def test_timings_are_those_of_the_timed_work(tmp_path, monkeypatch):
@@ -84,6 +87,8 @@ def test_timings_are_those_of_the_timed_work(tmp_path, monkeypatch):
         assert r["overhead"] == pytest.approx(1.0)
     same = results["variants"]["digits/bf16"]
     assert same["max_abs_diff"] == 0 and same["mean_abs_diff"] == 0 and same["finite"]
+    for r in results["models"].values():        # with autocast off, model.dtype bfloat16 is float32 on the same inputs
+        assert r["bf16_max_abs_diff"] == 0
     assert same["speedup"] == pytest.approx(1.0) and same["sampler_seconds"] == pytest.approx(5e-3 * 6)
 
 
