@@ -17,6 +17,7 @@ from stages.precision import check_compute_dtype, in_dtype
 from stages.samplers import sample
 from stores.errors import UserError
 from stores.features import feature_key
+from stores.identity import fingerprint
 from stores.images import dataset_fingerprint, ImageSetWriter
 from stores.views import ViewSpec
 from trainsets import image_set
@@ -92,6 +93,7 @@ def test_identity_records_a_reduced_dtype_and_keeps_float32s(model, tmp_path):
     bf16 = generated_identity(model, settings("bfloat16"), 16, None)
     assert set(f32["source"]) == {"model", "sampler", "steps", "churn", "seed", "sigma_min", "sigma_max", "rho"}
     assert bf16["source"] == {**f32["source"], "dtype": "bfloat16"}
+    assert fingerprint(f32)[:16] == "82226fa7077ad1e9"                   # what main (577c0da) gives this model
     assert dataset_fingerprint(f32, 8) != dataset_fingerprint(bf16, 8)
     ImageSetWriter(tmp_path, "digits-gen", f32, 8).begin()
     with pytest.raises(UserError, match="another identity"):             # the same name cannot hold a bf16 set
@@ -111,9 +113,15 @@ def test_extract_in_bf16_differs_a_little_and_gets_its_own_key(model, tmp_path):
     assert compute_targets(*args, "float32", "float32").dtype == np.float32
     ident = lambda **kw: feature_identity(images, "fp", LAYER, LEVEL, 0, "none", VIEWS, True, **kw)  # noqa: E731
     assert "compute_dtype" not in ident() and ident()["dtype"] == "float16"
+    assert fingerprint(feature_identity(Named(), "m", LAYER, LEVEL, 0, "none", VIEWS, True))[:16] == "0b02b7fce64c97c9"
     assert ident(compute_dtype="bfloat16")["compute_dtype"] == "bfloat16"
     keys = {feature_key(ident()), feature_key(ident(compute_dtype="bfloat16")), feature_key(ident(stored_dtype="float32"))}
     assert len(keys) == 3
+
+
+class Named:
+    """An image set as feature_identity reads it."""
+    fingerprint, name = "f" * 64, "digits-train"
 
 
 def test_online_teacher_computes_in_the_sets_dtype(model, spec, tmp_path):
