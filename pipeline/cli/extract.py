@@ -159,9 +159,9 @@ def print_plan(outputs: list[Output], layer: str, rate: float, workers: int) -> 
         todo_bytes += missing * o.bytes_per_sample
     shape = "x".join(map(str, outputs[0].writer.layout["sample_shape"]))
     o = outputs[0]
-    console.print(f"plan: layer {layer}, targets {shape} {o.writer.layout['dtype']} per view (computed in "
-                  f"{o.writer.identity.get('compute_dtype', 'float32')}); views made for crop pad "
-                  f"{outputs[0].views.pad}, flip {'on' if outputs[0].views.flip else 'off'}", highlight=False)
+    console.print(f"plan: layer {layer}, targets {shape} {o.writer.layout['dtype']} per view; views made for crop pad "
+                  f"{o.views.pad}, flip {'on' if o.views.flip else 'off'}; computed in "
+                  f"{o.writer.identity.get('compute_dtype', 'float32')}", highlight=False)
     console.print(table)
     hours = todo_samples / max(rate * workers, 1e-9) / 3600
     console.print(f"to compute: {todo_samples:,} images (all their views), {human_bytes(todo_bytes)} on disk, "
@@ -209,10 +209,9 @@ def print_planned(cfg: Config, names: list[str], levels: list) -> None:
     kinds = {real_train_set(cfg): "real"}
     spec = views_for(cfg, "real")
     nbytes = stored_bytes(cfg.features.dtype)
-    console.print(f"plan: layer {layer}, targets {c}x{h}x{w} {cfg.features.dtype} per view (computed in "
-                  f"{cfg.model.dtype}) at "
+    console.print(f"plan: layer {layer}, targets {c}x{h}x{w} {cfg.features.dtype} per view at "
                   f"{', '.join(level.label() for level in levels)}; views made for crop pad {spec.pad}, flip "
-                  f"{'on' if spec.flip else 'off'}", highlight=False)
+                  f"{'on' if spec.flip else 'off'}; computed in {cfg.model.dtype}", highlight=False)
     forwards, total = 0, 0
     for s in sets:
         count = views_for(cfg, kinds.get(s.name, "generated")).count

@@ -169,8 +169,8 @@ def show_plan(job: GenerateJob, actors: ActorPlan, cfg: Config | None = None) ->
         console.print(f"      {job.stand_in}", highlight=False, soft_wrap=True)
     console.print(f"      ~{human_bytes(estimate_bytes(job.n, job.shards, per_image))} on disk "
                   f"({per_image:,.0f} B/image, {how})", highlight=False, soft_wrap=True)
-    console.print(f"      compute: {s.sampler} {s.steps} steps = {s.nfe} network evaluations ({s.dtype}) x "
-                  f"{flops / s.nfe / 1e9:,.3g} GFLOP = {flops / 1e9:,.4g} GFLOP per image; "
+    console.print(f"      compute: {s.sampler} {s.steps} steps = {s.nfe} network evaluations x "
+                  f"{flops / s.nfe / 1e9:,.3g} GFLOP = {flops / 1e9:,.4g} GFLOP per image in {s.dtype}; "
                   f"{describe_hours(gpu_hours(flops * todo), actors.actors if actors.num_gpus else 1)}",
                   highlight=False, soft_wrap=True)
     console.print(f"      here: ~{_duration(todo / (here.images_per_s * actors.actors))} at "

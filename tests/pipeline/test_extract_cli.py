@@ -121,7 +121,7 @@ def test_bf16_compute_and_float32_storage_make_a_sibling_that_verifies(cli, work
                       f"  dtype: float32\ndata:\n  test_fraction: 0.9\n")
     code, out, err = cli("extract-features", "--timestep", "100", "--views", "1", "--config", config)
     assert code == 0, err
-    assert "float32 per view (computed in bfloat16)" in out
+    assert "float32 per view;" in out and "computed in bfloat16" in out
     (other,) = [s for k, s in feature_sets(workspace).items() if k != plain.key]
     assert (other.identity["dtype"], other.identity["compute_dtype"]) == ("float32", "bfloat16")
     assert "compute_dtype" not in plain.identity and plain.identity["dtype"] == "float16"
