@@ -59,8 +59,10 @@ def test_bf16_attack_changes_the_adversarial_examples(make):
     assert (advs[2] - x).abs().max() <= f32.s["epsilon"] + 1e-6          # still inside the eps-ball
 
 
-def test_bf16_step_computes_logits_in_bf16_and_the_attack_stays_float32(make, monkeypatch):
-    trainer, batch = make(precision="bf16")
+@pytest.mark.parametrize("step_precision, attack_precision", [("bf16", "float32"), ("float32", "bf16")])
+def test_each_precision_acts_on_its_part_of_the_step(make, monkeypatch, step_precision, attack_precision):
+    """The classifier's logits in train_step: bf16 where its setting says so, float32 elsewhere."""
+    trainer, batch = make(precision=step_precision, attack_precision=attack_precision)
     phase, seen = ["step"], {"attack": set(), "step": set()}
     forward, attack = trainer.model.forward, trainer.attack
 
@@ -78,7 +80,8 @@ def test_bf16_step_computes_logits_in_bf16_and_the_attack_stays_float32(make, mo
     monkeypatch.setattr(trainer.model, "forward", spy_forward)
     monkeypatch.setattr(trainer, "attack", spy_attack)
     trainer.train_step(batch)
-    assert seen == {"attack": {torch.float32}, "step": {torch.bfloat16}}
+    dtype = {"float32": torch.float32, "bf16": torch.bfloat16}
+    assert seen == {"attack": {dtype[attack_precision]}, "step": {dtype[step_precision]}}
 
 
 def test_precisions_are_part_of_the_run_identity(make):
