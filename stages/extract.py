@@ -2,9 +2,9 @@
 
 For sample i at noise level sigma: x_sigma = x + sigma * eps, eps drawn from (noise seed, i, timestep) only,
 target = the model's output at `layer` for x_sigma (with the sample's class label for a conditional model),
-optionally pooled, stored float16 (or float32: `STORED_DTYPES`). The network runs in the compute dtype
-(`model.dtype`, stages/precision.py), recorded in the identity unless float32. With V views (stores/views.py), view v's target is the same computation on
-the augmented image a_v(x) (flip, then a zero-padded crop): a_v(x) + sigma * eps, with the image's eps for
+optionally pooled, stored float16 (or float32: `features.dtype`). The network runs in the compute dtype
+(`model.dtype`, stages/precision.py), recorded in the identity unless float32. With V views (stores/views.py),
+view v's target is the same computation on the augmented image a_v(x) (flip, then a zero-padded crop): a_v(x) + sigma * eps, with the image's eps for
 every view. The V views of a batch go through one forward; the trainer's online teacher calls `view_targets`
 on the augmented images it trains on, so both give the same numbers.
 """
@@ -26,12 +26,11 @@ from stages.precision import compute_context, dtype_identity
 from stages.sigma import sigma_from_timestep, timestep_from_sigma
 from stages.taps import describe_layers, features
 from stores.errors import UserError
-from stores.features import FeatureShardRecord, write_feature_shard
+from stores.features import FeatureShardRecord, STORED_DTYPES, write_feature_shard
 from stores.images import ImageSet
 from stores.views import all_views, apply_views, ViewSpec
 
 POOLS = ("none", "2", "4", "global")
-STORED_DTYPES = {"float16": np.float16, "float32": np.float32}     # numpy and zarr have no bfloat16
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ def compute_targets(model: Denoiser, ids: np.ndarray, images: np.ndarray, labels
 
 def _to_stored(h: torch.Tensor, stored_dtype: str) -> np.ndarray:
     with np.errstate(over="ignore"):
-        return h.cpu().numpy().astype(STORED_DTYPES[stored_dtype])   # float16 overflow becomes inf, refused by the writer
+        return h.cpu().numpy().astype(check_stored_dtype(stored_dtype))   # float16 overflow: inf, refused by the writer
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,7 @@ class FeatureWorker:
     """Built once per Ray actor (the model loads once); a shard runner worker: compute, then finish."""
 
     def __init__(self, model_spec: str, layer: str, pool: str, noise_seed: int, batch_size: int,
-                 stored_dtype: str = "float16", compute_dtype: str = "float32"):
+                 compute_dtype: str = "float32", stored_dtype: str = "float16"):
         self.model = load_model(model_spec)
         self.layer, self.pool = layer, pool
         self.noise_seed, self.batch_size = noise_seed, batch_size

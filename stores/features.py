@@ -30,7 +30,7 @@ META_JSON = "meta.json"
 META_KEYS = {"identity": dict, "layout": dict, "shards": dict}    # what a readable meta.json holds
 ZARR_NAME = "features.zarr"
 MIN_CHUNK_BYTES = 1 << 20
-STORED_DTYPES = ("float16", "float32")
+STORED_DTYPES = ("float16", "float32")      # what targets can be stored as (numpy and zarr have no bfloat16)
 
 
 def view_array(v: int) -> str:

@@ -40,7 +40,8 @@ class Output:
 
 def stored_bytes(dtype: str) -> int:
     """Bytes per stored target value."""
-    return {"float16": 2, "float32": 4}[dtype]
+    import numpy as np
+    return np.dtype(dtype).itemsize
 
 
 
@@ -307,7 +308,7 @@ def execute(cfg: Config, spec: str, layer: str, outputs: list[Output]):
                 jobs.append(ShardJob(plan.index, plan.first_id, plan.count, payload))
     writers = {str(o.writer.path): o.writer for o in outputs}
     factory = partial(FeatureWorker, spec, layer, cfg.features.pool, cfg.features.noise_seed,
-                      cfg.features.batch_size, cfg.features.dtype, cfg.model.dtype)
+                      cfg.features.batch_size, compute_dtype=cfg.model.dtype, stored_dtype=cfg.features.dtype)
 
     def record(job: ShardJob, results) -> None:
         for (folder, _), result in zip(job.payload.outputs, results):
