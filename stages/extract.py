@@ -4,9 +4,9 @@ For sample i at noise level sigma: x_sigma = x + sigma * eps, eps drawn from (no
 target = the model's output at `layer` for x_sigma (with the sample's class label for a conditional model),
 optionally pooled, stored float16 (or float32: `features.dtype`). The network runs in the compute dtype
 (`model.dtype`, stages/precision.py), recorded in the identity unless float32. With V views (stores/views.py),
-view v's target is the same computation on the augmented image a_v(x) (flip, then a zero-padded crop): a_v(x) + sigma * eps, with the image's eps for
-every view. The V views of a batch go through one forward; the trainer's online teacher calls `view_targets`
-on the augmented images it trains on, so both give the same numbers.
+view v's target is the same computation on the augmented image a_v(x) (flip, then a zero-padded crop):
+a_v(x) + sigma * eps, with the image's eps for every view. The V views of a batch go through one forward; the
+trainer's online teacher calls `view_targets` on the augmented images it trains on, so both give the same numbers.
 """
 from __future__ import annotations
 

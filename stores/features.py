@@ -1,7 +1,7 @@
 """Feature sets: `features/<key>/` = features.zarr (targets, targets_v1 .. targets_v{V-1}, ids) + meta.json.
 
-One float16 (or float32: layout["dtype"]) array [N, C, h, w] per stored view (stores/views.py): `targets` is view 0 (the image itself),
-`targets_v<v>` view v. layout["views"] = V.
+One float16 (or float32: layout["dtype"]) array [N, C, h, w] per stored view (stores/views.py): `targets` is
+view 0 (the image itself), `targets_v<v>` view v. layout["views"] = V.
 
 One zarr shard per image shard, so each writer owns whole files; zarr's local store writes every shard file
 under a temporary name and renames it. Inner chunks carry a crc32c, so a flipped byte fails the read instead

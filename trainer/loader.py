@@ -182,9 +182,9 @@ def split_batch(batch_size: int, unsup_fraction: float, world_size: int) -> tupl
 
 class MixedStream(IterableDataset):
     """Endless mixed batches for one rank: ids (B,), images (B, H, W, C) uint8, labels (B,), generated (B,) bool,
-    and with targets targets (B, C, h, w) in the stored dtype (float16 or float32) [, targets_v1 (view 1)]; in views mode targets is each row's
-    drawn stored view and views (B,) int64 says which (trainer.views.view_choices). Pass to
-    DataLoader(batch_size=None)."""
+    and with targets targets (B, C, h, w) in the stored dtype (float16 or float32) [, targets_v1 (view 1)]; in
+    views mode targets is each row's drawn stored view and views (B,) int64 says which
+    (trainer.views.view_choices). Pass to DataLoader(batch_size=None)."""
 
     def __init__(self, plan: MixPlan):
         self.plan = plan

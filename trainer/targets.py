@@ -50,8 +50,8 @@ def _matches(fs: FeatureSet, features_cfg, compute_dtype: str) -> bool:
     i = fs.identity
     layer_ok = features_cfg.layer == "auto" or i.get("layer") == features_cfg.layer
     dtypes_ok = (i.get("dtype", "float16"), i.get("compute_dtype", "float32")) == (features_cfg.dtype, compute_dtype)
-    return i.get("timestep") == features_cfg.timesteps[0] and layer_ok and str(i.get("pool")) == str(features_cfg.pool) \
-        and dtypes_ok
+    pool_ok = str(i.get("pool")) == str(features_cfg.pool)
+    return i.get("timestep") == features_cfg.timesteps[0] and layer_ok and pool_ok and dtypes_ok
 
 
 def _readable(root: Path) -> list[FeatureSet]:
