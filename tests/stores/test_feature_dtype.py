@@ -50,10 +50,24 @@ def test_the_trainer_loader_streams_float32_targets_exactly(tmp_path):
 
 def test_float16_set_still_refuses_what_overflows_it(tmp_path):
     images = image_set(tmp_path, "digits-train", "real", 4, 4)
-    with pytest.raises(IntegrityError, match="inf or nan in float16"):
+    with pytest.raises(IntegrityError, match="inf or nan in float16"), np.errstate(over="ignore"):
         feature_set(tmp_path, images, SHAPE, targets=float32_targets(4).astype(np.float64))
 
 
 def test_a_dtype_without_numpy_storage_is_refused(tmp_path):
     with pytest.raises(UserError, match="float16, float32"):
         FeatureSetWriter(tmp_path, {"x": 1}, 4, 4, SHAPE, 1, dtype="bfloat16")
+
+
+def test_the_run_finds_the_feature_set_of_its_dtypes(tmp_path):
+    """Sibling sets of one teacher in float16 and float32 storage: features.dtype picks one, no ambiguity."""
+    from pipeline.config import load_config
+    from trainer.targets import find_feature_sets
+    images = image_set(tmp_path, "digits-train", "real", 8, 4)
+    half = feature_set(tmp_path, images, SHAPE)
+    full = feature_set(tmp_path, images, SHAPE, targets=float32_targets(8), dtype="float32")
+    for dtype, want in (("float16", half), ("float32", full)):
+        found = find_feature_sets(tmp_path, images, None, load_config(None, {"features.dtype": dtype}).features)
+        assert found["real"].path == want
+    with pytest.raises(UserError, match="computed in bfloat16"):
+        find_feature_sets(tmp_path, images, None, load_config(None).features, compute_dtype="bfloat16")
