@@ -163,3 +163,27 @@ def test_verify_recompute_uses_the_sets_dtypes(model, tmp_path):
     assert fs.read_shard(0)["targets"].dtype == np.float32
     result = recompute_deviation(model, images, fs, 12)
     assert result["samples"] == 12 and result["max_rel"] < 1e-5, result
+
+
+def test_generate_command_samples_in_model_dtype_into_a_sibling(spec, tmp_path):
+    """`dra-pipe generate`'s preparation: model.dtype reaches the workers' settings, the name and the identity."""
+    from pipeline.cli.generate import prepare
+    jobs = {d: prepare(load_config(None, {"root": str(tmp_path), "model.spec": spec, "model.dtype": d,
+                                          "generate.n": 8})) for d in ("float32", "bfloat16")}
+    assert jobs["bfloat16"].settings.dtype == "bfloat16" and jobs["float32"].settings.dtype == "float32"
+    assert (jobs["float32"].name, jobs["bfloat16"].name) == ("digits-gen", "digits-gen-bf16")
+    assert jobs["bfloat16"].writer.identity["source"]["dtype"] == "bfloat16"
+    assert "dtype" not in jobs["float32"].writer.identity["source"]
+
+
+def test_teacher_for_a_run_takes_the_dtype_of_its_feature_set(spec, tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.plans.teacher import teacher_for
+    from stores.features import FeatureSetWriter
+    images = image_set(tmp_path, "digits-train", "real", 4, 4)
+    identity = feature_identity(images, "fp", LAYER, LEVEL, 0, "none", VIEWS, True, compute_dtype="bfloat16")
+    writer = FeatureSetWriter(tmp_path, identity, 4, 4, (16, 4, 4), VIEWS.count, provenance={"model_spec": spec})
+    writer.begin()
+    job = SimpleNamespace(dra_targets="online", feature_keys={"real": writer.path.name})
+    assert teacher_for(job, tmp_path).compute_dtype == "bfloat16"
