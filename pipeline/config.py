@@ -55,7 +55,10 @@ SCHEMA: dict[str, Any] = {
     },
     "model": {
         "spec": _k(str, "fit", "diffusion model: fit (train one with fit-diffusion) | edm:PATH.pkl | diffusers:DIR | dra:DIR"),
-        "dtype": _k(str, "float32", "compute dtype of the frozen model", choices=("float32", "bfloat16", "float16")),
+        "dtype": _k(str, "float32", "compute dtype of the frozen model in generate, extract-features and the online "
+                    "teacher: bfloat16/float16 autocast the network calls (CPU and CUDA), the sampler steps stay "
+                    "float64; recorded in the set identities (a bf16 set is a sibling, named <data name>-gen-bf16)",
+                    choices=("float32", "bfloat16", "float16")),
     },
     "fit_diffusion": {
         "model_channels": _k(int, 32, "base channel count of the SongUNet trained by fit-diffusion", min=4, max=512),
@@ -87,7 +90,9 @@ SCHEMA: dict[str, Any] = {
                               nullable=True),
         "view_seed": _k(int, 0, "seed of each image's view order (views 2.. are distinct random augmentations)", min=0),
         "noise_seed": _k(int, 0, "seed of the noise eps drawn per (seed, sample id, timestep)", min=0),
-        "dtype": _k(str, "float16", "stored dtype of targets", choices=("float16",)),
+        "dtype": _k(str, "float16", "stored dtype of targets: float16 (half the bytes) or float32 (exact, no overflow "
+                    "above 65504); bfloat16 is not offered (numpy and zarr have no bfloat16 dtype)",
+                    choices=("float16", "float32")),
         "compression": _k(str, "none", "compression of target chunks (float16 features barely compress)", choices=("none", "zstd", "blosc")),
         "batch_size": _k(int, 256, "images per forward pass", min=1, max=65536),
     },
@@ -108,6 +113,10 @@ SCHEMA: dict[str, Any] = {
         "epsilon": _k(float, 0.2, "L-inf radius in [0, 1] pixel units (digits: 17 grey levels, so 8/255 is meaningless; CIFAR: 8/255)", min=0.0, max=1.0),
         "attack_steps": _k(int, 10, "PGD steps during training", min=1),
         "attack_step_size": _k(float, 0.05, "PGD step size in [0, 1] pixel units", min=0.0, max=1.0),
+        "precision": _k(str, "float32", "precision of the training step's forward and loss: float32, or bf16 autocast "
+                        "(CPU and CUDA)", choices=("float32", "bf16")),
+        "attack_precision": _k(str, "float32", "precision of the training attack (TRADES / PGD-AT inner maximisation): "
+                               "float32 (DM-AT) or bf16 autocast", choices=("float32", "bf16")),
         "attack_start": _k(str, "normal", "start of the TRADES inner attack: normal (x + 0.001 N(0,1), TRADES) or uniform in the eps-ball (DM-AT)", choices=("normal", "uniform")),
         "crop_pad": _k(int, 1, "random-crop padding in pixels (DM-AT: 4 on 32x32)", min=0, max=64),
         "flip": _k(bool, False, "random horizontal flips (off for digits: a mirrored digit is another glyph)"),

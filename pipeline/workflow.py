@@ -21,9 +21,12 @@ def real_test_set(cfg: Config) -> str:
     return f"{data_prefix(cfg)}-test"
 
 
+DTYPE_SUFFIXES = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16"}
+
+
 def generated_set(cfg: Config) -> str:
-    """The set `generate` writes."""
-    return cfg.generate.name or f"{data_prefix(cfg)}-gen"
+    """The set `generate` writes; one sampled in a reduced model.dtype is a sibling (<data name>-gen-bf16)."""
+    return cfg.generate.name or f"{data_prefix(cfg)}-gen{DTYPE_SUFFIXES[cfg.model.dtype]}"
 
 
 def training_generated_set(cfg: Config) -> str:

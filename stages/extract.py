@@ -2,10 +2,11 @@
 
 For sample i at noise level sigma: x_sigma = x + sigma * eps, eps drawn from (noise seed, i, timestep) only,
 target = the model's output at `layer` for x_sigma (with the sample's class label for a conditional model),
-optionally pooled, stored float16. With V views (stores/views.py), view v's target is the same computation on
-the augmented image a_v(x) (flip, then a zero-padded crop): a_v(x) + sigma * eps, with the image's eps for
-every view. The V views of a batch go through one forward; the trainer's online teacher calls `view_targets`
-on the augmented images it trains on, so both give the same numbers.
+optionally pooled, stored float16 (or float32: `features.dtype`). The network runs in the compute dtype
+(`model.dtype`, stages/precision.py), recorded in the identity unless float32. With V views (stores/views.py),
+view v's target is the same computation on the augmented image a_v(x) (flip, then a zero-padded crop):
+a_v(x) + sigma * eps, with the image's eps for every view. The V views of a batch go through one forward; the
+trainer's online teacher calls `view_targets` on the augmented images it trains on, so both give the same numbers.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from stages.denoiser import Denoiser
 from stages.fingerprint import model_fingerprint
 from stages.models import load_model
 from stages.noise import noise_for
+from stages.precision import compute_context, dtype_identity
 from stages.sigma import sigma_from_timestep, timestep_from_sigma
 from stages.taps import describe_layers, features
 from stores.errors import UserError
-from stores.features import FeatureShardRecord, write_feature_shard
+from stores.features import FeatureShardRecord, STORED_DTYPES, write_feature_shard
 from stores.images import ImageSet
 from stores.views import all_views, apply_views, ViewSpec
 
@@ -98,13 +100,28 @@ def check_compatible(model: Denoiser, images: ImageSet) -> None:
 
 
 def feature_identity(images: ImageSet, model_fp: str, layer: str, level: NoiseLevel, noise_seed: int, pool: str,
-                     views: ViewSpec, conditional: bool) -> dict:
-    """What a feature set is: its folder key is a hash of this."""
+                     views: ViewSpec, conditional: bool, stored_dtype: str = "float16",
+                     compute_dtype: str = "float32") -> dict:
+    """What a feature set is: its folder key is a hash of this. `dtype` is the stored dtype; `compute_dtype` (the
+    model's) appears unless float32, so float32 sets keep the keys they had before the setting existed."""
+    check_stored_dtype(stored_dtype)
     return {"image_set": images.fingerprint, "image_set_name": images.name, "model": model_fp, "layer": layer,
             "timestep": level.timestep, "sigma": level.sigma, "noise_stream": level.noise_stream,
-            "noise_seed": noise_seed, "noise_key": "seed, image set, id, timestep", "pool": pool, "dtype": "float16",
-            "views": views.identity(),
-            "labels": "sample class" if conditional else "none"}
+            "noise_seed": noise_seed, "noise_key": "seed, image set, id, timestep", "pool": pool, "dtype": stored_dtype,
+            "views": views.identity(), "labels": "sample class" if conditional else "none",
+            **dtype_identity(compute_dtype, "compute_dtype")}
+
+
+def check_stored_dtype(name: str) -> str:
+    if name not in STORED_DTYPES:
+        raise UserError(f"features.dtype {name!r} cannot be stored; choose one of: {', '.join(STORED_DTYPES)} "
+                        f"(numpy and zarr have no bfloat16; float32 avoids float16 overflow at twice the bytes)")
+    return name
+
+
+def identity_dtypes(identity: dict) -> tuple[str, str]:
+    """(stored dtype, compute dtype) a feature set's identity records."""
+    return identity.get("dtype", "float16"), identity.get("compute_dtype", "float32")
 
 
 def pool_targets(h: torch.Tensor, pool: str) -> torch.Tensor:
@@ -123,42 +140,46 @@ def to_model_range(images_uint8) -> torch.Tensor:
 
 @torch.no_grad()
 def _tapped(model: Denoiser, x: torch.Tensor, eps: torch.Tensor, labels, layer: str, level: NoiseLevel,
-            pool: str) -> torch.Tensor:
-    """Pooled activation at `layer` for x + sigma * eps. x, eps (B, C, H, W) -> (B, Ct, h, w) float32."""
+            pool: str, compute_dtype: str = "float32") -> torch.Tensor:
+    """Pooled activation at `layer` for x + sigma * eps, the network in `compute_dtype`.
+    x, eps (B, C, H, W) -> (B, Ct, h, w) float32."""
     x_sigma = x + level.sigma * eps.to(x.device)
     cond = torch.as_tensor(labels).to(x.device) if model.label_dim else None
     sigma = torch.full((len(x),), level.sigma, dtype=torch.float64, device=x.device)
-    return pool_targets(features(model, x_sigma, sigma, cond, [layer])[layer].float(), pool)
+    with compute_context(compute_dtype, x.device):
+        tapped = features(model, x_sigma, sigma, cond, [layer])[layer]
+    return pool_targets(tapped.float(), pool)
 
 
 @torch.no_grad()
 def view_targets(model: Denoiser, ids, views_uint8, labels, layer: str, level: NoiseLevel, noise_seed: int,
-                 pool: str, image_sets: str | list[str]) -> torch.Tensor:
+                 pool: str, image_sets: str | list[str], compute_dtype: str = "float32") -> torch.Tensor:
     """Targets of already augmented images (B, H, W, C) uint8, each with its image's eps (keyed by its image set's
     fingerprint, one for all or one per row, and its id): (B, Ct, h, w) float32."""
     ids = torch.as_tensor(ids).cpu().tolist()
     x = to_model_range(views_uint8)                                                   # (B, C, H, W)
     eps = noise_for(ids, x.shape[1:], noise_seed, level.noise_stream, image_sets)
-    return _tapped(model, x, eps, labels, layer, level, pool)
+    return _tapped(model, x, eps, labels, layer, level, pool, compute_dtype)
 
 
 @torch.no_grad()
 def compute_targets(model: Denoiser, ids: np.ndarray, images: np.ndarray, labels: np.ndarray, layer: str,
-                    level: NoiseLevel, noise_seed: int, pool: str, views: ViewSpec, image_set: str) -> np.ndarray:
+                    level: NoiseLevel, noise_seed: int, pool: str, views: ViewSpec, image_set: str,
+                    compute_dtype: str = "float32", stored_dtype: str = "float16") -> np.ndarray:
     """Targets of every view of a batch of image set `image_set` (its fingerprint keys the noise) in one forward:
-    float16 (B, V, Ct, h, w)."""
+    (B, V, Ct, h, w) in the stored dtype."""
     B, V = len(ids), views.count
     flips, shifts = all_views(views, ids)                                             # (B, V), (B, V, 2)
     repeated = torch.from_numpy(np.ascontiguousarray(images)).repeat_interleave(V, dim=0)   # (B V, H, W, C)
     x = to_model_range(apply_views(repeated, flips.reshape(-1), shifts.reshape(-1, 2)))     # (B V, C, H, W)
     eps = noise_for(ids.tolist(), x.shape[1:], noise_seed, level.noise_stream, image_set)  # (B, C, H, W): every view
-    out = _tapped(model, x, eps.repeat_interleave(V, dim=0), np.repeat(labels, V), layer, level, pool)
-    return _to_float16(out).reshape(B, V, *out.shape[1:])
+    out = _tapped(model, x, eps.repeat_interleave(V, dim=0), np.repeat(labels, V), layer, level, pool, compute_dtype)
+    return _to_stored(out, stored_dtype).reshape(B, V, *out.shape[1:])
 
 
-def _to_float16(h: torch.Tensor) -> np.ndarray:
+def _to_stored(h: torch.Tensor, stored_dtype: str) -> np.ndarray:
     with np.errstate(over="ignore"):
-        return h.cpu().numpy().astype(np.float16)        # overflow becomes inf, refused by the writer
+        return h.cpu().numpy().astype(check_stored_dtype(stored_dtype))   # float16 overflow: inf, refused by the writer
 
 
 @dataclass(frozen=True)
@@ -173,10 +194,12 @@ class FeaturePayload:
 class FeatureWorker:
     """Built once per Ray actor (the model loads once); a shard runner worker: compute, then finish."""
 
-    def __init__(self, model_spec: str, layer: str, pool: str, noise_seed: int, batch_size: int):
+    def __init__(self, model_spec: str, layer: str, pool: str, noise_seed: int, batch_size: int,
+                 compute_dtype: str = "float32", stored_dtype: str = "float16"):
         self.model = load_model(model_spec)
         self.layer, self.pool = layer, pool
         self.noise_seed, self.batch_size = noise_seed, batch_size
+        self.stored_dtype, self.compute_dtype = stored_dtype, compute_dtype
         self._image_sets: dict[str, ImageSet] = {}
 
     def compute(self, job, progress) -> tuple[float, list[np.ndarray]]:
@@ -194,7 +217,8 @@ class FeatureWorker:
             sl = slice(lo, lo + step)
             for out, (_, level) in zip(parts, payload.outputs):
                 out.append(compute_targets(self.model, shard.ids[sl], shard.images[sl], shard.labels[sl], self.layer,
-                                           level, self.noise_seed, self.pool, payload.views, images.fingerprint))
+                                           level, self.noise_seed, self.pool, payload.views, images.fingerprint,
+                                           self.compute_dtype, self.stored_dtype))
             progress(len(shard.ids[sl]))
         return started, [np.concatenate(out) for out in parts]
 
@@ -232,8 +256,10 @@ def recompute_deviation(model: Denoiser, images: ImageSet, feature_set, k: int, 
         shard = images.read_shard(index)
         sel = np.array(sorted(rows))
         views = ViewSpec.from_identity(ident.get("views"))
-        fresh = compute_targets(model, shard.ids[sel], shard.images[sel], shard.labels[sel], ident["layer"],
-                                level, ident["noise_seed"], ident["pool"], views, images.fingerprint)  # (k, V, Ct, h, w)
+        stored_dtype, compute_dtype = identity_dtypes(ident)
+        fresh = compute_targets(model, shard.ids[sel], shard.images[sel], shard.labels[sel], ident["layer"], level,
+                                ident["noise_seed"], ident["pool"], views, images.fingerprint, compute_dtype,
+                                stored_dtype)                                             # (k, V, Ct, h, w)
         pairs = [(fresh[:, v], cached[name][sel]) for v, name in enumerate(feature_set.target_names())]
         for v, (new, old) in enumerate(pairs):                                                # per view
             new, old = new.astype(np.float32), old.astype(np.float32)

@@ -23,6 +23,7 @@ import torch
 from stages.fingerprint import model_fingerprint
 from stages.models import load_model
 from stages.noise import churn_noise_fn, labels_for, latents_for
+from stages.precision import check_compute_dtype, compute_context, dtype_identity, in_dtype
 from stages.samplers import SAMPLERS, sample
 from stores.errors import UserError
 from stores.images import make_identity
@@ -41,6 +42,7 @@ class GenerateSettings:
     seed: int = 0                # run seed: sample i depends only on (seed, i)
     batch_size: int = 256        # images per sampler call (not part of the identity)
     image_format: str = "png"    # encoding inside the shards
+    dtype: str = "float32"       # compute dtype of the network calls (model.dtype); the sampler's steps stay float64
 
     def check(self) -> "GenerateSettings":
         """UserError for settings no sampler run could use."""
@@ -52,6 +54,7 @@ class GenerateSettings:
             raise UserError("churn applies to the heun and euler samplers only; set generate.churn: 0 for dpm-solver")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        check_compute_dtype(self.dtype, pick_device())
         return self
 
     @property
@@ -86,10 +89,11 @@ def require_conditional(model: torch.nn.Module, spec: str) -> torch.nn.Module:
 
 
 def generated_identity(model, settings: GenerateSettings, shard_size: int, class_names: list[str] | None) -> dict:
-    """Identity of the set: the model fingerprint and the sampler settings, not n nor the batch size."""
+    """Identity of the set: the model fingerprint and the sampler settings (with the compute dtype unless float32),
+    not n nor the batch size."""
     source = {"model": model_fingerprint(model), "sampler": settings.sampler, "steps": settings.steps,
               "churn": settings.churn, "seed": settings.seed, "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX,
-              "rho": RHO}
+              "rho": RHO, **dtype_identity(settings.dtype)}
     return make_identity("generated", source, model.img_resolution, model.img_channels, model.label_dim,
                          class_names, "train", shard_size, settings.image_format)
 
@@ -103,7 +107,8 @@ def sample_floats(model, ids: list[int], settings: GenerateSettings, device: tor
     shape = (model.img_channels, model.img_resolution, model.img_resolution)
     latents = latents_for(ids, shape, settings.seed).to(device)
     labels = labels_for(ids, model.label_dim, settings.seed)
-    x = sample(settings.sampler, model, latents, labels.to(device), **settings.sampler_options(ids))
+    x = sample(settings.sampler, in_dtype(model, settings.dtype), latents, labels.to(device),
+               **settings.sampler_options(ids))
     return x, labels
 
 
@@ -173,7 +178,7 @@ def probe(model, settings: GenerateSettings, count: int, threads: int) -> Probe:
     return Probe(count, count / max(seconds, 1e-9), float(np.mean(sizes)))
 
 
-def time_forward(model, batch: int, threads: int) -> float:
+def time_forward(model, batch: int, threads: int, dtype: str = "float32") -> float:
     """Seconds per image of one network evaluation on this machine (a batch of `batch`, after a warm-up),
     with a worker's torch threads. Times the sampler's cost when a whole probe would take too long: the sampler
     adds about nothing beyond its evaluations (`dra-pipe bench sampler`: overhead 0.94-1.06)."""
@@ -184,7 +189,7 @@ def time_forward(model, batch: int, threads: int) -> float:
         model.to(device)
         x, sigma = torch.zeros(shape, device=device), torch.ones(batch, device=device)
         labels = torch.eye(model.label_dim, device=device)[torch.arange(batch) % model.label_dim] if model.label_dim else None
-        with torch.no_grad():
+        with torch.no_grad(), compute_context(dtype, device):
             model(x[:1], sigma[:1], None if labels is None else labels[:1])
             if device.type == "cuda":
                 torch.cuda.synchronize()

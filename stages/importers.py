@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from stages.npz_source import npz_files_split, npz_splits
+from stages.npz_source import npz_files_split
 from stages.sources import check_labels, class_labels, SplitSource
 from stores.errors import UserError
 from stores.identity import file_sha256

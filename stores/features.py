@@ -1,7 +1,7 @@
 """Feature sets: `features/<key>/` = features.zarr (targets, targets_v1 .. targets_v{V-1}, ids) + meta.json.
 
-One float16 array [N, C, h, w] per stored view (stores/views.py): `targets` is view 0 (the image itself),
-`targets_v<v>` view v. layout["views"] = V.
+One float16 (or float32: layout["dtype"]) array [N, C, h, w] per stored view (stores/views.py): `targets` is
+view 0 (the image itself), `targets_v<v>` view v. layout["views"] = V.
 
 One zarr shard per image shard, so each writer owns whole files; zarr's local store writes every shard file
 under a temporary name and renames it. Inner chunks carry a crc32c, so a flipped byte fails the read instead
@@ -30,6 +30,9 @@ META_JSON = "meta.json"
 META_KEYS = {"identity": dict, "layout": dict, "shards": dict}    # what a readable meta.json holds
 ZARR_NAME = "features.zarr"
 MIN_CHUNK_BYTES = 1 << 20
+STORED_DTYPES = ("float16", "float32")      # what targets can be stored as (numpy and zarr have no bfloat16)
+
+
 def view_array(v: int) -> str:
     """Name of the array holding view v's targets."""
     return "targets" if v == 0 else f"targets_v{v}"
@@ -97,6 +100,11 @@ class FeatureSet:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.layout["sample_shape"])
 
+    @property
+    def dtype(self) -> np.dtype:
+        """Stored dtype of the targets (float16 or float32)."""
+        return np.dtype(self.layout.get("dtype", "float16"))
+
     def target_names(self) -> tuple[str, ...]:
         return tuple(view_array(v) for v in range(self.views))
 
@@ -104,7 +112,7 @@ class FeatureSet:
         return (*self.target_names(), "ids")
 
     def read_shard(self, index: int) -> dict[str, np.ndarray]:
-        """{'ids': (N,), 'targets': (N, C, h, w) float16[, 'targets_v1', ...]} for image shard `index`."""
+        """{'ids': (N,), 'targets': (N, C, h, w) in the stored dtype[, 'targets_v1', ...]} for image shard `index`."""
         record = self.records.get(index)
         if record is None:
             raise IntegrityError(f"{self.path}: feature shard {index} is not complete (not in {META_JSON}); rerun extract-features")
@@ -141,7 +149,7 @@ class FeatureSet:
 
         Same result as `read_shard` (tested), without zarr's fresh allocation per read: the shard file is
         [chunk bytes + crc32c] * chunks + index (offset, nbytes per chunk) + crc32c. Every crc is checked.
-        Returns out[:count] filled; `out` must be float16 (>= count, C, h, w).
+        Returns out[:count] filled; `out` must have the stored dtype (>= count, C, h, w).
         """
         record = self.records.get(index)
         if record is None:
@@ -164,13 +172,13 @@ class FeatureSet:
             body = data[offset:offset + nbytes - 4]
             _check_crc(body, data[offset + nbytes - 4:offset + nbytes], path, f"chunk {j}")
             rows = min(chunk, record.count - j * chunk)
-            values = np.frombuffer(body, dtype="<f2").reshape(chunk, -1)
+            values = np.frombuffer(body, dtype=self.dtype.newbyteorder("<")).reshape(chunk, -1)
             flat[j * chunk:j * chunk + rows] = values[:rows]
         return out[:record.count]
 
     def _chunk_samples(self) -> int:
         c, h, w = self.layout["sample_shape"]
-        return inner_chunk_samples(self.layout["shard_size"], c * h * w * 2)
+        return inner_chunk_samples(self.layout["shard_size"], c * h * w * self.dtype.itemsize)
 
     def missing_shards(self, shard_indices: list[int]) -> list[int]:
         return [i for i in shard_indices if i not in self.records]
@@ -180,14 +188,16 @@ class FeatureSetWriter(LockedWriter):
     """Create or resume a feature set for one image set. The driver owns meta.json."""
 
     def __init__(self, root: Path, identity: dict, n: int, shard_size: int, sample_shape: tuple[int, int, int],
-                 views: int = 1, compression: str = "none", provenance: dict | None = None):
+                 views: int = 1, compression: str = "none", provenance: dict | None = None, dtype: str = "float16"):
         if isinstance(views, bool) or int(views) < 1:      # the pre-views signature passed a flip flag here
             raise ValueError(f"views must be a count >= 1, got {views!r}")
+        if dtype not in STORED_DTYPES:
+            raise UserError(f"targets cannot be stored as {dtype!r}; choose one of: {', '.join(STORED_DTYPES)}")
         self.path = feature_set_dir(root, identity)
         self.identity = identity
         self.provenance = provenance or {}       # how to recompute (e.g. the model spec); not part of the identity
         self.layout = {"n": n, "shard_size": shard_size, "sample_shape": list(sample_shape), "views": int(views),
-                       "dtype": "float16", "compression": compression}
+                       "dtype": dtype, "compression": compression}
         self.records: dict[int, FeatureShardRecord] = {}
         self.what = f"feature set {self.path.name}"
         self._reread()
@@ -216,10 +226,11 @@ class FeatureSetWriter(LockedWriter):
     def _create_arrays(self, store: Path) -> None:
         n, s = self.layout["n"], self.layout["shard_size"]
         c, h, w = self.layout["sample_shape"]
-        k = inner_chunk_samples(s, c * h * w * 2)
+        dtype = self.layout["dtype"]
+        k = inner_chunk_samples(s, c * h * w * np.dtype(dtype).itemsize)
         group = zarr.open_group(store, mode="w")
         for name in (view_array(v) for v in range(self.layout["views"])):
-            group.create_array(name, shape=(n, c, h, w), dtype="float16", chunks=(k, c, h, w), shards=(s, c, h, w),
+            group.create_array(name, shape=(n, c, h, w), dtype=dtype, chunks=(k, c, h, w), shards=(s, c, h, w),
                                compressors=_compressors(self.layout["compression"]), filters=None, fill_value=np.nan,
                                dimension_names=("sample", "channel", "y", "x"))
         group.create_array("ids", shape=(n,), dtype="int64", chunks=(s,), shards=(s,), compressors=(Crc32cCodec(),),
@@ -242,8 +253,8 @@ def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarra
                         started: float | None = None) -> FeatureShardRecord:
     """Write one image shard's slab (any process); return the record the driver adds to meta.json.
 
-    targets: (N, V, C, h, w), or (N, C, h, w) for a one-view set. Refuses slabs with inf or nan (float16
-    overflow) and names the count.
+    targets: (N, V, C, h, w), or (N, C, h, w) for a one-view set. Refuses slabs with inf or nan in the set's
+    stored dtype (float16 overflow) and names the count.
     """
     started = time.perf_counter() if started is None else started
     group = zarr.open_group(Path(set_dir) / ZARR_NAME, mode="r+")
@@ -255,10 +266,12 @@ def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarra
     stop = first_id + len(ids)
     for name, values in arrays.items():
         if name != "ids":
-            bad = int((~np.isfinite(np.asarray(values, dtype=np.float16))).sum())
+            stored = group[name].dtype
+            with np.errstate(over="ignore"):
+                bad = int((~np.isfinite(np.asarray(values, dtype=stored))).sum())
             if bad:
-                raise IntegrityError(f"feature shard {index}: {bad} values are inf or nan in float16 (overflow); "
-                                     f"pool, pick another layer, or check the model")
+                raise IntegrityError(f"feature shard {index}: {bad} values are inf or nan in {stored} (overflow); "
+                                     f"pool, pick another layer, store float32 (features.dtype), or check the model")
         group[name][first_id:stop] = values
     files = {}
     for name in arrays:

@@ -58,7 +58,7 @@ class PairedShardReader:
     def _target_buffer(self, name: str) -> np.ndarray:
         shape = (self.images.shard_size, *self.features.shape)
         if name not in self._targets:
-            self._targets[name] = np.empty(shape, dtype=np.float16)
+            self._targets[name] = np.empty(shape, dtype=self.features.dtype)
         return self._targets[name]
 
 
@@ -123,7 +123,7 @@ def _gather(parts: list[tuple[dict[str, np.ndarray], np.ndarray]], size: int, sh
     """One batch from (shard, rows) parts, gathered straight into its output tensors (a recycled slot's, when
     there is a slot pool; its number travels as batch[SLOT_KEY]).
 
-    images (B, H, W, C) uint8, labels (B,), ids (B,), targets (B, C, h, w) float16. Parts must be consumed
+    images (B, H, W, C) uint8, labels (B,), ids (B,), targets (B, C, h, w) in the stored dtype. Parts must be consumed
     before the reader decodes its next shard (its buffers are reused): this function copies.
     """
     batch = {}
@@ -220,4 +220,5 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 # mode="raise" (see numpy.take): "clip" gathers 2-6x faster here (9 GB/s into a fresh tensor instead of 1.5).
 TAKE_MODE = "clip"
 
-_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int64): torch.int64, np.dtype(np.float16): torch.float16}
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int64): torch.int64, np.dtype(np.float16): torch.float16,
+                 np.dtype(np.float32): torch.float32}

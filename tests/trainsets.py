@@ -35,13 +35,16 @@ def image_set(root: Path, name: str, kind: str, n: int, shard: int, res: int = 8
 
 def feature_set(root: Path, images: ImageSet, shape=(8, 4, 4), flip: bool = False, offset: int = 0,
                 model: str = "m0", timestep: int = 100, layer: str = "dec.4x4_in1", pool: str = "none",
-                views: int | None = None, pad: int = 1, targets: np.ndarray | None = None) -> Path:
+                views: int | None = None, pad: int = 1, targets: np.ndarray | None = None,
+                dtype: str = "float16") -> Path:
     """Views made for crop pad `pad` and `flip` (the default train settings: pad 1, no flips); 2 views with flips.
-    The id-encoded targets above, or `targets` as given: (N, *shape) for every view, or (N, V, *shape)."""
+    The id-encoded targets above, or `targets` as given: (N, *shape) for every view, or (N, V, *shape), stored
+    as `dtype` (float16 sets made before features.dtype record no dtype in their identity)."""
     spec = ViewSpec(views or (2 if flip else 1), pad, flip)
     identity = {"image_set": images.fingerprint, "image_set_name": images.name, "model": model, "layer": layer,
-                "timestep": timestep, "sigma": 0.3423, "pool": pool, "views": spec.identity()}
-    w = FeatureSetWriter(root, identity, images.n, images.shard_size, shape, spec.count)
+                "timestep": timestep, "sigma": 0.3423, "pool": pool, "views": spec.identity(),
+                **({} if dtype == "float16" else {"dtype": dtype})}
+    w = FeatureSetWriter(root, identity, images.n, images.shard_size, shape, spec.count, dtype=dtype)
     w.begin()
     sign = np.where(np.arange(spec.count) % 2, -1, 1)
     for p in images.plan():
@@ -52,7 +55,7 @@ def feature_set(root: Path, images: ImageSet, shape=(8, 4, 4), flip: bool = Fals
             slab = np.zeros((p.count, spec.count, *shape))
             slab[:, :, 0] = (ids[:, None] + offset)[:, :, None, None] * sign[None, :, None, None]
             slab[:, :, 1] = np.arange(spec.count)[None, :, None, None]
-        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, slab.astype(np.float16)))
+        w.record(write_feature_shard(w.path, p.index, p.first_id, ids, slab.astype(dtype)))
     return w.path
 
 

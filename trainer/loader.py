@@ -182,9 +182,9 @@ def split_batch(batch_size: int, unsup_fraction: float, world_size: int) -> tupl
 
 class MixedStream(IterableDataset):
     """Endless mixed batches for one rank: ids (B,), images (B, H, W, C) uint8, labels (B,), generated (B,) bool,
-    and with targets targets (B, C, h, w) float16 [, targets_v1 (view 1)]; in views mode targets is each row's
-    drawn stored view and views (B,) int64 says which (trainer.views.view_choices). Pass to
-    DataLoader(batch_size=None)."""
+    and with targets targets (B, C, h, w) in the stored dtype (float16 or float32) [, targets_v1 (view 1)]; in
+    views mode targets is each row's drawn stored view and views (B,) int64 says which
+    (trainer.views.view_choices). Pass to DataLoader(batch_size=None)."""
 
     def __init__(self, plan: MixPlan):
         self.plan = plan
@@ -231,10 +231,15 @@ class MixedStream(IterableDataset):
         if real.reader.features is not None:
             for key in self.plan.keys:
                 if key.startswith("targets"):
-                    out[key] = (tuple(real.reader.features.shape), torch.float16)
+                    out[key] = (tuple(real.reader.features.shape), target_dtype(real.reader.features))
         if "views" in self.plan.keys:
             out["views"] = ((), torch.int64)
         return out
+
+
+def target_dtype(features: FeatureSet) -> torch.dtype:
+    """The torch dtype of a feature set's stored targets (the step casts them to float32)."""
+    return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[features.dtype]
 
 
 def make_loader(plan: MixPlan, pin_memory: bool = False) -> DataLoader:

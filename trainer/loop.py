@@ -104,8 +104,10 @@ class Trainer:
         self.needs_clean = s["objective"] in ("trades", "clean") or view == "clean"
         self.step = 0
 
-    def autocast(self):
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda")
+    def autocast(self, setting: str = "precision"):
+        """bf16 autocast on this rank's device (CPU or CUDA) when train.<setting> is bf16, else float32."""
+        bf16 = self.s.get(setting, "float32") == "bf16"
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimizer step on a batch; returns the detached loss terms."""
@@ -116,8 +118,9 @@ class Trainer:
         aligned = align(mode, on_dev, s, self.aug_gen, self.job.view_seed, self.teacher, host=batch)
         x, t, mask = aligned.x, aligned.targets, aligned.mask
         y = on_dev["labels"]                                                                 # x (B, C, H, W), y (B,)
-        with self.autocast():
+        with self.autocast("attack_precision"):
             x_adv = self.attack(x, y)                                                        # (B, C, H, W) or None
+        with self.autocast("precision"):
             out = self.ddp(x if self.needs_clean else None, x_adv)
             loss, terms = self.objective(out, y)
             if self.head is not None:

@@ -45,10 +45,13 @@ def _prefer(sets: list[FeatureSet], views: ViewSpec | None) -> list[FeatureSet]:
     return exact or sets
 
 
-def _matches(fs: FeatureSet, features_cfg) -> bool:
+def _matches(fs: FeatureSet, features_cfg, compute_dtype: str) -> bool:
+    """Timestep, layer, pooling, stored dtype (features.dtype) and the teacher's compute dtype (model.dtype)."""
     i = fs.identity
     layer_ok = features_cfg.layer == "auto" or i.get("layer") == features_cfg.layer
-    return i.get("timestep") == features_cfg.timesteps[0] and layer_ok and str(i.get("pool")) == str(features_cfg.pool)
+    dtypes_ok = (i.get("dtype", "float16"), i.get("compute_dtype", "float32")) == (features_cfg.dtype, compute_dtype)
+    pool_ok = str(i.get("pool")) == str(features_cfg.pool)
+    return i.get("timestep") == features_cfg.timesteps[0] and layer_ok and pool_ok and dtypes_ok
 
 
 def _readable(root: Path) -> list[FeatureSet]:
@@ -62,7 +65,8 @@ def _readable(root: Path) -> list[FeatureSet]:
 
 
 def find_feature_sets(root: Path, real: ImageSet, gen: ImageSet | None, features_cfg,
-                      key: str | None = None, views: dict | None = None) -> dict[str, FeatureSet]:
+                      key: str | None = None, views: dict | None = None,
+                      compute_dtype: str = "float32") -> dict[str, FeatureSet]:
     """{"real": set[, "generated": set]}: by `key` (either one; the other must share its teacher) or by config.
 
     views: {"real": ViewSpec, "generated": ViewSpec} configured; among several matching sets these win."""
@@ -81,10 +85,11 @@ def find_feature_sets(root: Path, real: ImageSet, gen: ImageSet | None, features
         candidates = {own[made_from]: [chosen]}
     else:
         candidates = {"real": _prefer([f for f in sets if f.identity.get("image_set") == real.fingerprint
-                                       and _matches(f, features_cfg)], views.get("real"))}
+                                       and _matches(f, features_cfg, compute_dtype)], views.get("real"))}
         if not candidates["real"]:
             raise UserError(f"no feature set for {real.name} at timestep {features_cfg.timesteps[0]}, layer "
-                            f"{features_cfg.layer}, pool {features_cfg.pool}; run `dra-pipe extract-features` first")
+                            f"{features_cfg.layer}, pool {features_cfg.pool}, stored {features_cfg.dtype}, computed in "
+                            f"{compute_dtype}; run `dra-pipe extract-features` first")
     pairs = _pairs(sets, real, gen, candidates, views)
     if len(pairs) > 1:
         keys = ", ".join(p["real"].key for p in pairs)

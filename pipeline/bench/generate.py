@@ -49,7 +49,8 @@ def bench_generate(cfg: Config, work: Path, n: int | None, console: Console) -> 
     spec = _model_spec(cfg, work, console)
     model = load_generator_model(spec)
     g = cfg.generate
-    settings = GenerateSettings(g.sampler, g.steps, g.churn, g.seed, g.batch_size, cfg.data.image_format).check()
+    settings = GenerateSettings(g.sampler, g.steps, g.churn, g.seed, g.batch_size, cfg.data.image_format,
+                                cfg.model.dtype).check()
     with ray_session(None, cfg.ray.num_cpus):
         plan = plan_actors(cluster_nodes(), cfg.ray.cpu_actors)
         n = n or 4 * cfg.data.shard_size * plan.actors

@@ -153,9 +153,11 @@ def step_trainers(job, dev: torch.device) -> dict[str, Trainer]:
 
 
 def set_precision(trainer: Trainer, mode: str, dev: torch.device) -> None:
-    """The step's autocast (bf16 or none) and, with bf16 here, channels_last weights."""
+    """The step's and its attack's precision (train.precision, train.attack_precision: both bf16 or both float32)
+    and, with bf16 here, channels_last weights."""
     bf16 = mode == "bf16+channels_last"
-    trainer.autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    both = "bf16" if bf16 else "float32"
+    trainer.s = {**trainer.s, "precision": both, "attack_precision": both}
     trainer.model.to(memory_format=torch.channels_last if bf16 else torch.contiguous_format)
 
 

@@ -7,6 +7,10 @@ DDPM++ config, randomly initialised), it times
   forward   one network evaluation of a batch: ms per image and images/s
   sampler   the EDM Heun sampler (Algorithm 2, `generate.steps` steps, NFE = 2N - 1 counted): images/s
   overhead  sampler time / (NFE x forward time): 1.0 means the sampler costs nothing beyond its forwards
+  bf16      one forward of one image in `model.dtype: bfloat16` (generate's own code path) against float32's
+            time per image, and the max |diff| from the float32 samples of one untimed bf16 sampler run over the
+            first images, as many (up to BF16_IMAGES) as fit in BF16_SECONDS at that speed; on any device. CPUs
+            without bf16 instructions emulate it (this machine kind's AMD EPYC: about 20x slower than float32)
 On a CUDA device it also runs the sampler under bf16 and fp16 autocast and through `torch.compile`, each with
 its speed-up over float32 and its maximum deviation from the float32 samples (same latents and labels).
 float32 is strict throughout (TF32 off). The sampler's own state is float64, as in the official code.
@@ -28,6 +32,7 @@ from stages.edm.networks import EDMPrecond
 from stages.fit_diffusion import network_config
 from stages.models import load_model
 from stages.noise import labels_for, latents_for
+from stages.precision import in_dtype
 from stages.published import CIFAR10_COND_VP
 from stages.samplers import NFECounter, sample
 from stages.taps import parameter_count
@@ -38,6 +43,8 @@ from stores.images import ImageSet
 CIFAR10_CONFIG = CIFAR10_COND_VP
 
 GPU_VARIANTS = ("bf16", "fp16", "compile")
+BF16_IMAGES = 4                   # most images of the untimed bf16 run
+BF16_SECONDS = 10.0               # what that run may take, at the measured bf16 forward speed (keeps the bench fast)
 
 
 def bench_sampler(cfg, console: Console, *, steps: int | None = None, batch: int | None = None,
@@ -175,7 +182,25 @@ def _bench_model(net, b: int, steps: int, dev: torch.device, min_seconds: float,
                batch=b, forward_seconds=forward_s, forward_ms_per_image=1000 * forward_s / b,
                forward_images_per_s=b / forward_s, steps=steps, nfe=nfe, sampler_seconds=sampler_s,
                sampler_images_per_s=b / sampler_s, overhead=sampler_s / (nfe * forward_s))
+    row.update(_bf16_deviation(net, inputs, steps, samples, forward_s / b, dev))
     return row, samples, inputs
+
+
+def _bf16_deviation(net, inputs: dict, steps: int, reference: torch.Tensor, fp32_per_image: float,
+                    dev: torch.device) -> dict:
+    """bf16 as `model.dtype: bfloat16` computes: one image's forward time over float32's, and the max |bf16 - float32|
+    over the first samples that fit in BF16_SECONDS (None when not even one does)."""
+    bf16 = in_dtype(net, "bfloat16")
+    one = inputs["latents"][:1].to(torch.float32)
+    labels = None if inputs["labels"] is None else inputs["labels"][:1]
+    seconds, _ = _timed(lambda: bf16(one, torch.ones(1, device=dev), labels), dev, 0.0)
+    k = min(BF16_IMAGES, reference.shape[0], int(BF16_SECONDS / max(seconds * (2 * steps - 1), 1e-9)))
+    out = {"bf16_forward_ratio": seconds / fp32_per_image, "bf16_images": k, "bf16_max_abs_diff": None}
+    if k:
+        some = {key: None if v is None else v[:k] for key, v in inputs.items()}
+        samples, _ = _run_sampler(bf16, some, steps)
+        out["bf16_max_abs_diff"] = float((samples - reference[:k]).abs().max())
+    return out
 
 
 @torch.no_grad()
@@ -209,18 +234,29 @@ def _device_name(dev: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
+def _bf16_cell(r: dict) -> str:
+    if r["bf16_max_abs_diff"] is None:
+        return f"skipped (one image > {BF16_SECONDS:.0f} s)"
+    return f"{r['bf16_max_abs_diff']:.2e} ({r['bf16_images']})"
+
+
 def _report(results: dict, variants, dev: torch.device, console: Console) -> None:
     table = Table("model", "params", "image", "batch", "forward ms/image", "forward images/s", "steps", "NFE",
                   "sampler images/s", "sampler s/batch", "sampler / (NFE x forward)",
+                  "bf16 forward / float32", "bf16 max |diff| (images)",
                   title=f"bench sampler: EDM Heun, float32, {results['device']}")
     for name, r in results["models"].items():
         table.add_row(name, f"{r['params']:,}", "x".join(map(str, r["shape"])), str(r["batch"]),
                       f"{r['forward_ms_per_image']:.3f}", f"{r['forward_images_per_s']:,.1f}", str(r["steps"]),
                       str(r["nfe"]), f"{r['sampler_images_per_s']:,.2f}", f"{r['sampler_seconds']:.2f}",
-                      f"{r['overhead']:.2f}")
+                      f"{r['overhead']:.2f}", f"{r['bf16_forward_ratio']:.2f}", _bf16_cell(r))
     console.print(table)
     for name, r in results["models"].items():
         console.print(f"{name}: {r['source']}", highlight=False)
+    console.print(f"bf16: model.dtype bfloat16 as generate runs it (autocast network calls, float64 steps); forward of "
+                  f"one image over float32's time per image; max |diff| of one untimed Heun run of the first images "
+                  f"(those that fit in {BF16_SECONDS:.0f} s) from the float32 samples, images in [-1, 1]",
+                  highlight=False)
     if results["variants"]:
         vt = Table("model", "variant", "sampler images/s", "speed-up vs float32", "max |diff| vs float32",
                    "mean |diff|", title="reduced precision and torch.compile (same latents and labels; images in [-1, 1])")

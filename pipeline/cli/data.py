@@ -156,6 +156,7 @@ def show_catalog(root: Path) -> list[str]:
 
 
 RECOMPUTE_TOLERANCE = 0.02      # float16 rounding and batching stay far below this
+STORAGE_ROUNDING = {"float16": "~1e-3", "float32": "~1e-7"}     # relative rounding of the stored dtype
 
 
 def report_recompute(root: Path, path: Path, k: int) -> None:
@@ -176,10 +177,11 @@ def report_recompute(root: Path, path: Path, k: int) -> None:
     if images.fingerprint != fs.identity["image_set"]:
         raise UserError(f"image set {images.name} changed since feature set {fs.key} was computed (fingerprint differs)")
     result = recompute_deviation(net, images, fs, k)
+    stored, computed = fs.identity.get("dtype", "float16"), fs.identity.get("compute_dtype", "float32")
     views = result["max_rel_per_view"]
     console.print(f"recomputed {result['samples']} samples of {fs.key} ({len(views)} view(s) each): max abs deviation "
-                  f"{result['max_abs']:.3g}, max relative {result['max_rel']:.3g} (float16 storage rounds at ~1e-3 "
-                  f"relative); per view {', '.join(f'v{v} {d:.2g}' for v, d in enumerate(views))}", highlight=False)
+                  f"{result['max_abs']:.3g}, max relative {result['max_rel']:.3g} ({stored} storage rounds at "
+                  f"{STORAGE_ROUNDING.get(stored, '?')} relative; computed in {computed}); per view {', '.join(f'v{v} {d:.2g}' for v, d in enumerate(views))}", highlight=False)
     bad = [v for v, d in enumerate(views) if d > RECOMPUTE_TOLERANCE]
     if bad:
         raise IntegrityError(f"feature set {fs.key}: view(s) {', '.join(map(str, bad))} deviate from a recomputation by "

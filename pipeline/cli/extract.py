@@ -35,7 +35,13 @@ class Output:
     @property
     def bytes_per_sample(self) -> int:
         c, h, w = self.writer.layout["sample_shape"]
-        return 2 * c * h * w * self.writer.layout["views"]
+        return stored_bytes(self.writer.layout["dtype"]) * c * h * w * self.writer.layout["views"]
+
+
+def stored_bytes(dtype: str) -> int:
+    """Bytes per stored target value."""
+    import numpy as np
+    return np.dtype(dtype).itemsize
 
 
 
@@ -100,8 +106,12 @@ def open_image_sets(cfg: Config, names: list[str]) -> list[ImageSet]:
 
 def plan_outputs(cfg: Config, spec: str, net, sets: list[ImageSet], levels: list) -> tuple[list[Output], str]:
     from pipeline.plans.features import views_for
-    from stages.extract import check_compatible, check_layer, feature_identity, target_shape
+    from stages.extract import check_compatible, check_layer, check_stored_dtype, feature_identity, target_shape
     from stages.fingerprint import model_fingerprint
+    from stages.generate import pick_device
+    from stages.precision import check_compute_dtype
+    f = cfg.features
+    stored, computed = check_stored_dtype(f.dtype), check_compute_dtype(cfg.model.dtype, pick_device())
     layer = check_layer(net, cfg.features.layer)
     shape = target_shape(net, layer, cfg.features.pool)
     fingerprint = model_fingerprint(net)
@@ -110,10 +120,10 @@ def plan_outputs(cfg: Config, spec: str, net, sets: list[ImageSet], levels: list
         check_compatible(net, images)
         views = views_for(cfg, images.identity.get("kind", "real"))
         for level in levels:
-            identity = feature_identity(images, fingerprint, layer, level, cfg.features.noise_seed, cfg.features.pool,
-                                        views, bool(net.label_dim))
+            identity = feature_identity(images, fingerprint, layer, level, f.noise_seed, f.pool, views,
+                                        bool(net.label_dim), stored, computed)
             writer = FeatureSetWriter(Path(cfg.root), identity, images.n, images.shard_size, shape, views.count,
-                                      cfg.features.compression, provenance={"model_spec": spec})
+                                      f.compression, provenance={"model_spec": spec}, dtype=stored)
             outputs.append(Output(images, level, writer, writer.pending(images.plan_indices()), views))
     return outputs, layer
 
@@ -126,11 +136,12 @@ def probe_rate(net, output: Output, layer: str, cfg: Config) -> float:
     shard = images.read_shard(images.plan_indices()[0])
     n = min(max(1, cfg.features.batch_size // views.count), len(shard.ids))
     one = ViewSpec(1, 0, False)
-    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, output.level, 0, cfg.features.pool, one,
-                    images.fingerprint)
+    dtypes = (cfg.model.dtype, cfg.features.dtype)
+    compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, output.level, 0, cfg.features.pool,
+                    one, images.fingerprint, *dtypes)
     started = time.perf_counter()
     compute_targets(net, shard.ids[:n], shard.images[:n], shard.labels[:n], layer, output.level,
-                    cfg.features.noise_seed, cfg.features.pool, views, images.fingerprint)
+                    cfg.features.noise_seed, cfg.features.pool, views, images.fingerprint, *dtypes)
     return n / (time.perf_counter() - started)
 
 
@@ -148,8 +159,10 @@ def print_plan(outputs: list[Output], layer: str, rate: float, workers: int) -> 
         todo_samples += missing
         todo_bytes += missing * o.bytes_per_sample
     shape = "x".join(map(str, outputs[0].writer.layout["sample_shape"]))
-    console.print(f"plan: layer {layer}, targets {shape} float16 per view; views made for crop pad "
-                  f"{outputs[0].views.pad}, flip {'on' if outputs[0].views.flip else 'off'}", highlight=False)
+    o = outputs[0]
+    console.print(f"plan: layer {layer}, targets {shape} {o.writer.layout['dtype']} per view; views made for crop pad "
+                  f"{o.views.pad}, flip {'on' if o.views.flip else 'off'}; computed in "
+                  f"{o.writer.identity.get('compute_dtype', 'float32')}", highlight=False)
     console.print(table)
     hours = todo_samples / max(rate * workers, 1e-9) / 3600
     console.print(f"to compute: {todo_samples:,} images (all their views), {human_bytes(todo_bytes)} on disk, "
@@ -196,22 +209,23 @@ def print_planned(cfg: Config, names: list[str], levels: list) -> None:
         sets.append(planned)
     kinds = {real_train_set(cfg): "real"}
     spec = views_for(cfg, "real")
-    console.print(f"plan: layer {layer}, targets {c}x{h}x{w} float16 per view at "
+    nbytes = stored_bytes(cfg.features.dtype)
+    console.print(f"plan: layer {layer}, targets {c}x{h}x{w} {cfg.features.dtype} per view at "
                   f"{', '.join(level.label() for level in levels)}; views made for crop pad {spec.pad}, flip "
-                  f"{'on' if spec.flip else 'off'}", highlight=False)
+                  f"{'on' if spec.flip else 'off'}; computed in {cfg.model.dtype}", highlight=False)
     forwards, total = 0, 0
     for s in sets:
         count = views_for(cfg, kinds.get(s.name, "generated")).count
-        per_image = 2 * c * h * w * count * len(levels)
+        per_image = nbytes * c * h * w * count * len(levels)
         forwards, total = forwards + s.n * count * len(levels), total + s.n * per_image
         console.print(f"      {s.name}: {s.n:,} images x {count} view(s) x {len(levels)} noise level(s) x "
-                      f"{human_bytes(2 * c * h * w)} = {human_bytes(per_image)} per image, {human_bytes(s.n * per_image)}",
+                      f"{human_bytes(nbytes * c * h * w)} = {human_bytes(per_image)} per image, {human_bytes(s.n * per_image)}",
                       highlight=False)
     tap_flops, full_flops = _tap_flops(net, layer), forward_flops(net)
     console.print(f"compute: one tapped forward per view and noise level ({forwards:,}) x {tap_flops / 1e9:,.3g} GFLOP "
                   f"(the network up to {layer}; a full forward is {full_flops / 1e9:,.3g}); "
                   f"{describe_hours(gpu_hours(forwards * tap_flops))}", highlight=False, soft_wrap=True)
-    seconds = time_forward(net, 4, 1) * tap_flops / full_flops
+    seconds = time_forward(net, 4, 1, cfg.model.dtype) * tap_flops / full_flops
     console.print(f"here: ~{duration(forwards * seconds / cfg.ray.cpu_actors)} on {cfg.ray.cpu_actors} CPU worker(s) "
                   f"(measured one full forward, scaled to the tap)", highlight=False, soft_wrap=True)
     _pooling_hint(total)
@@ -294,7 +308,7 @@ def execute(cfg: Config, spec: str, layer: str, outputs: list[Output]):
                 jobs.append(ShardJob(plan.index, plan.first_id, plan.count, payload))
     writers = {str(o.writer.path): o.writer for o in outputs}
     factory = partial(FeatureWorker, spec, layer, cfg.features.pool, cfg.features.noise_seed,
-                      cfg.features.batch_size)
+                      cfg.features.batch_size, compute_dtype=cfg.model.dtype, stored_dtype=cfg.features.dtype)
 
     def record(job: ShardJob, results) -> None:
         for (folder, _), result in zip(job.payload.outputs, results):

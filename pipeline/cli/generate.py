@@ -94,7 +94,8 @@ def prepare(cfg: Config, dry_run: bool = False) -> GenerateJob:
     g = cfg.generate
     n = parse_count(g.n)
     name = validate_set_name(generated_set(cfg))
-    settings = GenerateSettings(g.sampler, g.steps, g.churn, g.seed, g.batch_size, cfg.data.image_format).check()
+    settings = GenerateSettings(g.sampler, g.steps, g.churn, g.seed, g.batch_size, cfg.data.image_format,
+                                cfg.model.dtype).check()
     if dry_run:
         model, spec, stand_in = teacher_for_plan(cfg)
         spec = absolute_spec(spec) if spec else cfg.model.spec
@@ -169,7 +170,7 @@ def show_plan(job: GenerateJob, actors: ActorPlan, cfg: Config | None = None) ->
     console.print(f"      ~{human_bytes(estimate_bytes(job.n, job.shards, per_image))} on disk "
                   f"({per_image:,.0f} B/image, {how})", highlight=False, soft_wrap=True)
     console.print(f"      compute: {s.sampler} {s.steps} steps = {s.nfe} network evaluations x "
-                  f"{flops / s.nfe / 1e9:,.3g} GFLOP = {flops / 1e9:,.4g} GFLOP per image; "
+                  f"{flops / s.nfe / 1e9:,.3g} GFLOP = {flops / 1e9:,.4g} GFLOP per image in {s.dtype}; "
                   f"{describe_hours(gpu_hours(flops * todo), actors.actors if actors.num_gpus else 1)}",
                   highlight=False, soft_wrap=True)
     console.print(f"      here: ~{_duration(todo / (here.images_per_s * actors.actors))} at "
@@ -196,7 +197,7 @@ def measure_here(job: GenerateJob, actors: ActorPlan) -> HereRate:
     from stages.generate import probe, time_forward
     s = job.settings
     batch = min(job.n, s.batch_size if torch.cuda.is_available() else min(s.batch_size, PROBE_IMAGES_CPU))
-    forward_s = time_forward(job.model, min(batch, 4), actors.threads)      # seconds per image per evaluation
+    forward_s = time_forward(job.model, min(batch, 4), actors.threads, s.dtype)      # seconds per image per evaluation
     if forward_s * s.nfe * batch <= PROBE_SECONDS:
         p = probe(job.model, s, batch, actors.threads)           # a stand-in's random weights draw noise: no sizes
         return HereRate(p.images_per_s, p.images, f"from a {p.images}-image probe",

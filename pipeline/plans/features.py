@@ -28,7 +28,7 @@ def feature_sets_for(cfg: Config, real, gen, key: str | None, planned: list[str]
     stored = [x for x in (real, gen) if x is not None and not isinstance(x, PlannedImages)]
     if planned is None or (len(stored) == len([x for x in (real, gen) if x is not None])):
         try:
-            return find_feature_sets(Path(cfg.root), real, gen, cfg.features, key, views)
+            return find_feature_sets(Path(cfg.root), real, gen, cfg.features, key, views, cfg.model.dtype)
         except UserError:
             if planned is None:
                 raise

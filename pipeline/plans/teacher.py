@@ -4,7 +4,8 @@ computing the target of the exact augmented image inside the training step.
 Built by the pipeline and handed to the trainer as a callable, so trainer/ never imports stages/. It is
 picklable (Ray Train ships it to every rank) and loads its model lazily, once per process, on the device of the
 images it is given. Its settings come from the run's feature set: model spec (provenance), layer, noise level,
-noise seed and pooling, so it computes what extract-features stores, with the same eps per image id.
+noise seed, pooling and compute dtype (model.dtype when the set was made), so it computes what extract-features
+stores, with the same eps per image id.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ class OnlineTeacher:
     float32, no gradients. image_sets: the (real, generated) image-set fingerprints that key each row's noise."""
 
     def __init__(self, spec: str, layer: str, sigma: float, timestep: int | None, noise_seed: int, pool: str,
-                 image_sets: tuple[str, str | None], fingerprint: str | None = None):
+                 image_sets: tuple[str, str | None], fingerprint: str | None = None, compute_dtype: str = "float32"):
         self.spec, self.layer, self.sigma, self.timestep = spec, layer, sigma, timestep
         self.noise_seed, self.pool, self.fingerprint = noise_seed, pool, fingerprint
-        self.image_sets = image_sets
+        self.image_sets, self.compute_dtype = image_sets, compute_dtype
         self._model = None
 
     def __getstate__(self) -> dict:
@@ -33,6 +34,8 @@ class OnlineTeacher:
     def _load(self, device: torch.device):
         from stages.fingerprint import model_fingerprint
         from stages.models import load_model
+        from stages.precision import check_compute_dtype
+        check_compute_dtype(self.compute_dtype, device)
         model = load_model(self.spec)
         if self.fingerprint is not None and model_fingerprint(model) != self.fingerprint:
             raise UserError(f"model {self.spec} is not the teacher the feature set was made with (fingerprint "
@@ -52,7 +55,8 @@ class OnlineTeacher:
         if gen is None and bool(generated.any()):
             raise ValueError("generated rows in the batch, but the teacher knows no generated image set")
         keys = [gen if g else real for g in generated.cpu().tolist()]
-        return view_targets(model, ids, views_uint8, labels, self.layer, level, self.noise_seed, self.pool, keys)
+        return view_targets(model, ids, views_uint8, labels, self.layer, level, self.noise_seed, self.pool, keys,
+                            self.compute_dtype)
 
 
 def teacher_for(job, root: Path) -> OnlineTeacher | None:
@@ -66,4 +70,4 @@ def teacher_for(job, root: Path) -> OnlineTeacher | None:
     gen_key = job.feature_keys.get("generated")
     gen = FeatureSet(Path(root) / "features" / gen_key).identity["image_set"] if gen_key else None
     return OnlineTeacher(spec, ident["layer"], ident["sigma"], ident["timestep"], ident["noise_seed"], str(ident["pool"]),
-                         (ident["image_set"], gen), ident.get("model"))
+                         (ident["image_set"], gen), ident.get("model"), ident.get("compute_dtype", "float32"))

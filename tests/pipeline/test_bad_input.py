@@ -36,6 +36,14 @@ ROWS = [
     ("config-list", "config --config {base}/list.yaml", 2, "must be a mapping"),
     ("config-missing", "config --config {base}/none.yaml", 2, "does not exist"),
     ("config-bad-value", "eval tiny --weights frob --root {ws}", 2, "eval.weights"),
+    ("model-dtype", "generate --dry-run --config {base}/model-dtype.yaml --root {ws}", 2,
+     "key 'model.dtype' must be one of float32, bfloat16, float16; got 'float64'"),
+    ("features-dtype-bf16", "extract-features --dry-run --config {base}/features-dtype.yaml --root {ws}", 2,
+     "key 'features.dtype' must be one of float16, float32; got 'bfloat16'"),
+    ("train-precision", "train --dry-run --config {base}/precision.yaml --root {ws}", 2,
+     "key 'train.precision' must be one of float32, bf16; got 'fp16'"),
+    ("attack-precision", "train --dry-run --config {base}/attack-precision.yaml --root {ws}", 2,
+     "key 'train.attack_precision' must be one of float32, bf16; got 'bfloat16'"),
     ("root-proc", "import digits --root /proc/dra-ws", 2, "not writable"),
     ("root-sys", "import digits --root /sys/dra-ws", 2, "not writable"),
     # importers: malformed content, wrong data
@@ -185,6 +193,10 @@ def _bad_inputs(base: Path) -> None:
     (base / "huge.yaml").write_text("# padding\n" * 120_000)
     (base / "no-levels.yaml").write_text("fit_diffusion:\n  channel_mult: []\n")
     (base / "six-levels.yaml").write_text("fit_diffusion:\n  channel_mult: [1, 1, 1, 1, 1, 1]\n")
+    (base / "model-dtype.yaml").write_text("model:\n  dtype: float64\n")
+    (base / "features-dtype.yaml").write_text("features:\n  dtype: bfloat16\n")
+    (base / "precision.yaml").write_text("train:\n  precision: fp16\n")
+    (base / "attack-precision.yaml").write_text("train:\n  attack_precision: bfloat16\n")
     (base / "real-only.yaml").write_text("train:\n  dra: false\n  unsup_fraction: 0.0\n  epochs: 1\n")
     (base / "junk.pt").write_bytes(bytes(range(256)) * 4)
     (base / "unet").mkdir()

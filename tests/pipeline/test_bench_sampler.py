@@ -54,6 +54,11 @@ def test_reported_figures_are_consistent(tmp_path):
     assert variant["finite"] and variant["max_abs_diff"] >= variant["mean_abs_diff"] > 0   # bf16 did change the samples
     assert variant["speedup"] == pytest.approx(results["models"]["digits"]["sampler_seconds"] / variant["sampler_seconds"])
     assert "fp16, compile: need a CUDA GPU" in text and "sampler / (NFE x forward)" in text
+    for name, r in results["models"].items():              # model.dtype bfloat16's deviation, on any device
+        assert 0 < r["bf16_max_abs_diff"] < 0.1 and r["bf16_images"] == min(4, r["batch"]), (name, r)
+        assert r["bf16_forward_ratio"] > 0
+    cifar = results["models"]["cifar10"]
+    assert f"{cifar['bf16_max_abs_diff']:.2e} (2)" in text and f"{cifar['bf16_forward_ratio']:.2f}" in text
 
 
 def test_timings_are_those_of_the_timed_work(tmp_path, monkeypatch):
@@ -84,6 +89,9 @@ def test_timings_are_those_of_the_timed_work(tmp_path, monkeypatch):
         assert r["overhead"] == pytest.approx(1.0)
     same = results["variants"]["digits/bf16"]
     assert same["max_abs_diff"] == 0 and same["mean_abs_diff"] == 0 and same["finite"]
+    for r in results["models"].values():        # with autocast off, model.dtype bfloat16 is float32 on the same inputs
+        assert r["bf16_max_abs_diff"] == 0 and r["bf16_images"] == min(4, r["batch"])
+        assert r["bf16_forward_ratio"] == pytest.approx(1.0)                # one image's forward: 1 ms, as float32's
     assert same["speedup"] == pytest.approx(1.0) and same["sampler_seconds"] == pytest.approx(5e-3 * 6)
 
 
@@ -113,3 +121,14 @@ def test_cifar_config_is_the_official_one():
     official = json.loads(conformance.read_text())["config"]
     official = {k: float("inf") if v == "inf" else v for k, v in official.items()}
     assert CIFAR10_CONFIG == official
+
+
+def test_bf16_run_is_skipped_when_one_image_would_take_too_long(tmp_path, monkeypatch):
+    """On a CPU that emulates bf16 the CIFAR-size network's bf16 run would take minutes: over the budget it is
+    skipped and said so, with the forward ratio still measured."""
+    from pipeline.bench import sampler as bench
+    monkeypatch.setattr(bench, "BF16_SECONDS", 1e-6)
+    results, text = _run(load_config(None, {"root": str(tmp_path), **TINY_FIT}), cifar=False)
+    r = results["models"]["digits"]
+    assert r["bf16_max_abs_diff"] is None and r["bf16_images"] == 0 and r["bf16_forward_ratio"] > 0
+    assert "skipped (one image > 0 s)" in text

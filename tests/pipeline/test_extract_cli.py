@@ -108,3 +108,28 @@ def test_incompatible_image_set(cli, workspace, tmp_path):
     cli("import", "cifar10", "--from", tmp_path / "c.tar.gz")
     code, _, err = cli("extract-features", "--images", "cifar10-train")
     assert code == 2 and "3x32x32 images, the model expects 1x8x8" in err
+
+
+def test_bf16_compute_and_float32_storage_make_a_sibling_that_verifies(cli, workspace, tmp_path, tiny_model_dir):
+    """model.dtype bfloat16 + features.dtype float32: another key, float32 arrays, values within bf16 rounding of
+    the float32 set's, and `verify --recompute` recomputes in bf16 (float32 storage: no float16 rounding left)."""
+    code, _, err = cli("extract-features", "--timestep", "100", "--views", "1")
+    assert code == 0, err
+    (plain,) = feature_sets(workspace).values()
+    config = tmp_path / "bf16.yaml"
+    config.write_text(f"model:\n  spec: dra:{tiny_model_dir}\n  dtype: bfloat16\nfeatures:\n  batch_size: 128\n"
+                      f"  dtype: float32\ndata:\n  test_fraction: 0.9\n")
+    code, out, err = cli("extract-features", "--timestep", "100", "--views", "1", "--config", config)
+    assert code == 0, err
+    assert "float32 per view;" in out and "computed in bfloat16" in out
+    (other,) = [s for k, s in feature_sets(workspace).items() if k != plain.key]
+    assert (other.identity["dtype"], other.identity["compute_dtype"]) == ("float32", "bfloat16")
+    assert "compute_dtype" not in plain.identity and plain.identity["dtype"] == "float16"
+    a, b = plain.read_shard(0)["targets"], other.read_shard(0)["targets"]
+    assert b.dtype == np.float32 and a.dtype == np.float16
+    rel = np.abs(b - a.astype(np.float32)).max() / np.abs(a.astype(np.float32)).max()
+    assert 2e-3 < rel < 0.1, rel                                      # bf16 acted, beyond float16's rounding
+    code, out, err = cli("verify", other.key, "--recompute", "4", "--config", config)
+    assert code == 0, err
+    assert "float32 storage" in out and "computed in bfloat16" in out
+    assert float(out.split("max relative ")[1].split(" ")[0]) < 1e-5
