@@ -35,11 +35,16 @@ def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None
 _interrupt_reported = False
 
 
-def interrupted(detail: str) -> typer.Exit:
-    """Ctrl-C: one line on stderr saying what is kept and how to resume; raise the Exit(130) it returns."""
+def report_interrupt(detail: str) -> None:
+    """Ctrl-C: one line on stderr saying what is kept and how to resume (main() then adds no line of its own)."""
     global _interrupt_reported
     print(f"interrupted: {detail}", file=sys.stderr)
     _interrupt_reported = True
+
+
+def interrupted(detail: str) -> typer.Exit:
+    """report_interrupt, then raise the Exit(130) this returns."""
+    report_interrupt(detail)
     return typer.Exit(130)
 
 

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, console, human_bytes, interrupted, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, console, human_bytes, report_interrupt, resolve, RootOpt, WaitOpt
 from pipeline.config import Config
 from pipeline.models import resolve_model_spec
 from pipeline.workflow import real_train_set, training_generated_set
@@ -319,7 +319,8 @@ def execute(cfg: Config, spec: str, layer: str, outputs: list[Output]):
         try:
             summary = run_with_progress("extract", "images", jobs, factory, actors, cfg.ray.max_retries, record)
         except KeyboardInterrupt:
-            raise interrupted("completed feature shards are kept; rerun the same command to resume")
+            report_interrupt("completed feature shards are kept; rerun the same command to resume")
+            raise
     rate = summary.items / max(summary.seconds, 1e-9)
     console.print(f"extracted targets for {summary.items:,} images in {summary.shards} shard jobs in {summary.seconds:.1f} s: "
                   f"{rate:,.1f} images/s on {actors.describe()}, model busy {summary.busy_fraction:.0%}"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, interrupted, resolve, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, report_interrupt, resolve, WaitOpt
 from pipeline.config import Config, parse_count
 from pipeline.progress import RateBar
 from pipeline.workflow import generated_set, real_train_set
@@ -241,8 +241,9 @@ def execute(job: GenerateJob, actors: ActorPlan, max_attempts: int,
                                  on_event=lambda message: bar.console.print(f"warning: {message}", highlight=False))
         except KeyboardInterrupt:
             bar.close()
-            raise interrupted(f"{job.shards - len(job.writer.pending())} of {job.shards} shards of {job.name} "
-                              f"are complete; rerun the same command to resume")
+            report_interrupt(f"{job.shards - len(job.writer.pending())} of {job.shards} shards of {job.name} "
+                             f"are complete; rerun the same command to resume")
+            raise
     show_summary(job, summary, actors)
     return summary
 
