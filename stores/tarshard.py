@@ -90,6 +90,22 @@ def file_sha256_and_size(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def file_problem(path: Path, size: int, sha256: str) -> str | None:
+    """What is wrong with a stored file against its record (existence, size, sha256), or None when it is intact."""
+    if not path.exists():
+        return "deleted"
+    if not isinstance(size, int) or not isinstance(sha256, str):
+        return "not validly recorded"
+    digest, actual = file_sha256_and_size(path)
+    if actual < size:
+        return f"truncated ({actual} of {size} bytes)"
+    if actual != size:
+        return f"wrong size ({actual}, expected {size} bytes)"
+    if digest != sha256:
+        return "corrupted (sha256 differs)"
+    return None
+
+
 class ShardBuffer:
     """A reusable read buffer: first writes into fresh memory are slow on this VM, reused memory is fast."""
 

@@ -10,9 +10,9 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, console, human_bytes, interrupted, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, console, human_bytes, interrupted, resolve, RootOpt, shard_list, WaitOpt
 from pipeline.config import Config
-from pipeline.models import resolve_model_spec
+from pipeline.models import model_provenance, resolve_model_spec
 from pipeline.workflow import real_train_set, training_generated_set
 from stores.errors import UserError
 from stores.features import FeatureSetWriter
@@ -122,8 +122,9 @@ def plan_outputs(cfg: Config, spec: str, net, sets: list[ImageSet], levels: list
         for level in levels:
             identity = feature_identity(images, fingerprint, layer, level, f.noise_seed, f.pool, views,
                                         bool(net.label_dim), stored, computed)
+            provenance = {**model_provenance(spec, Path(cfg.root)), "batch_size": f.batch_size}
             writer = FeatureSetWriter(Path(cfg.root), identity, images.n, images.shard_size, shape, views.count,
-                                      f.compression, provenance={"model_spec": spec}, dtype=stored)
+                                      f.compression, provenance=provenance, dtype=stored)
             outputs.append(Output(images, level, writer, writer.pending(images.plan_indices()), views))
     return outputs, layer
 
@@ -269,6 +270,9 @@ def run_extract(cfg: Config, sigmas: list[float], names: list[str], dry_run: boo
     outputs, layer = plan_outputs(cfg, spec, net, sets, levels)
     pending = [o for o in outputs if o.pending]
     for o in outputs:
+        if o.writer.damaged:
+            console.print(f"{o.writer.path.name}: shard(s) {shard_list(o.writer.damaged)} are damaged (deleted, "
+                          f"truncated or corrupted); redoing them", highlight=False)
         if not o.pending:
             console.print(f"cached: {o.writer.path.name} ({o.images.name}, {o.level.label()}, {layer})")
     if not pending:
