@@ -14,9 +14,9 @@ from pipeline.cli.common import ConfigOpt, console, human_bytes, interrupted, re
 from pipeline.config import Config
 from pipeline.models import model_provenance, resolve_model_spec
 from pipeline.workflow import real_train_set, training_generated_set
-from stores.errors import UserError
+from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSetWriter
-from stores.images import image_set_dir, ImageSet
+from stores.images import damaged_shards, image_set_dir, ImageSet
 from stores.workspace import check_writable
 
 BIG_PLAN_BYTES = 100e9     # above this the plan points at pooling
@@ -100,6 +100,10 @@ def open_image_sets(cfg: Config, names: list[str]) -> list[ImageSet]:
         s = ImageSet.open(Path(cfg.root), name)
         if not s.complete:
             raise UserError(f"image set {name} is incomplete ({len(s.missing_shards())} shards missing); finish the stage that writes it first")
+        damaged = damaged_shards(s.path, s.records)
+        if damaged:
+            raise IntegrityError(f"image set {name}: shard(s) {shard_list(damaged)} are damaged; `dra-pipe repair {name}` "
+                                 f"redoes them")
         sets.append(s)
     return sets
 

@@ -232,3 +232,33 @@ def test_unreadable_record_is_one_line(cli, ws):
     (ws / "images" / "gen" / "dataset.json").write_bytes(b"\xff\x00 not json")
     code, out, err = cli("repair", "gen")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "dataset.json" in err and "Traceback" not in err
+
+
+def test_extract_refuses_a_damaged_image_set_before_any_work(cli, ws):
+    damage(ws / "images" / "digits-train" / "shard-000002.tar", "truncate")
+    (ws / "features" / feature_dir(ws).name / "meta.json").unlink()      # not cached: extraction would start
+    before = tree(ws)
+    code, out, err = cli(*RERUN["features"])
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "`dra-pipe repair digits-train`" in err, err
+    assert tree(ws) == before
+
+
+def test_repair_holds_the_sets_lock(cli, ws):
+    """Another process writing the set: repair is refused in one line and changes nothing."""
+    import subprocess
+    import sys
+    damage(ws / "images" / "digits-train" / "shard-000001.tar", "flip")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(ws / "images" / "digits-train" / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = tree(ws)
+        code, out, err = cli("repair", "digits-train")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "is being written by" in err, err
+        assert tree(ws) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out, err = cli("repair", "digits-train")
+    assert code == 0 and "shard(s) 1 redone" in out, err
