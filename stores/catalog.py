@@ -108,7 +108,7 @@ def verify_feature_set(path: Path) -> list[Problem]:
 
 
 def _check_file(set_name: str, index: int, file: Path, size: int, sha256: str) -> list[Problem]:
-    what = file_problem(file, size, sha256)
+    what = file_problem(file, size, sha256, rehash=True)
     return [Problem(set_name, index, str(file), what)] if what else []
 
 
