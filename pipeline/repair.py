@@ -58,12 +58,18 @@ def plan_repair(cfg: Config, kind: str, path: Path, source: str | None, model: s
     return plan
 
 
+def _provenance(record: dict) -> dict:
+    """Where a set's data came from (dataset.json / meta.json); {} for sets written before it was recorded."""
+    found = record.get("provenance")
+    return found if isinstance(found, dict) else {}
+
+
 # --- imported sets ------------------------------------------------------------------------------------------
 
 def _import_redo(cfg: Config, images: ImageSet, source: str | None, wait: bool) -> Callable[[], int]:
     from stages.importers import repair_imported, source_matches
     importer = images.identity["source"]["importer"]
-    recorded = (images.meta.get("provenance") or {}).get("source") if isinstance(images.meta.get("provenance"), dict) else None
+    recorded = _provenance(images.meta).get("source")
     path = None
     if importer != "digits":
         path = str(source) if source else recorded
@@ -121,7 +127,7 @@ def _generate_redo(cfg: Config, images: ImageSet, override: str | None, wait: bo
     from stages.generate import GenerateSettings, generated_identity, require_conditional
     from stores.images import ImageSetWriter
     root = Path(cfg.root)
-    provenance = images.meta.get("provenance") if isinstance(images.meta.get("provenance"), dict) else {}
+    provenance = _provenance(images.meta)
     src = images.identity["source"]
     spec, net = _load_recorded_model(f"image set {images.name}", provenance, root, override, src["model"])
     require_conditional(net, spec)
@@ -162,7 +168,7 @@ def _feature_redo(cfg: Config, fs: FeatureSet, override: str | None, wait: bool,
     if damaged_indices("images", images.path) and name not in targets:
         raise UserError(f"image set {name}, which feature set {fs.key} is computed from, is damaged too; "
                         f"`dra-pipe repair {name} {fs.key}` repairs both")
-    provenance = fs.meta.get("provenance") if isinstance(fs.meta.get("provenance"), dict) else {}
+    provenance = _provenance(fs.meta)
     spec, _ = _load_recorded_model(f"feature set {fs.key}", provenance, root, override, ident["model"])
     batch = int(provenance.get("batch_size") or cfg.features.batch_size)
     if override:
