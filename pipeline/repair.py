@@ -36,7 +36,7 @@ def damaged_indices(kind: str, path: Path) -> list[int]:
     return sorted({p.shard for p in problems})
 
 
-def plan_repair(cfg: Config, kind: str, path: Path, source: str | None, model: str | None, wait: bool,
+def plan_repair(cfg: Config, kind: str, path: Path, sources: list[str], model: str | None, wait: bool,
                 targets: set[str]) -> RepairPlan:
     """Check the set's inputs (UserError / IntegrityError in one line); nothing is written."""
     shards = damaged_indices(kind, path)
@@ -49,7 +49,7 @@ def plan_repair(cfg: Config, kind: str, path: Path, source: str | None, model: s
     images = ImageSet(path)
     src = images.identity["source"]
     if "importer" in src:
-        plan.redo = _import_redo(cfg, images, source, wait)
+        plan.redo = _import_redo(cfg, images, sources, wait)
     elif "model" in src:
         plan.redo, plan.on_ray = _generate_redo(cfg, images, model, wait), True
     else:
@@ -66,27 +66,33 @@ def _provenance(record: dict) -> dict:
 
 # --- imported sets ------------------------------------------------------------------------------------------
 
-def _import_redo(cfg: Config, images: ImageSet, source: str | None, wait: bool) -> Callable[[], int]:
-    from stages.importers import repair_imported, source_matches
+def _import_redo(cfg: Config, images: ImageSet, sources: list[str], wait: bool) -> Callable[[], int]:
+    """Imported sets (real ones, and generated sets from DM-AT's .npz files): their recorded sources, or --from."""
+    from stages.importers import recorded_checksums, repair_imported, source_matches
     importer = images.identity["source"]["importer"]
-    recorded = _provenance(images.meta).get("source")
-    path = None
+    paths: list[str] = []
     if importer != "digits":
-        path = str(source) if source else recorded
-        if not path:
-            raise UserError(f"image set {images.name} does not record its source file; pass --from PATH (the {importer} "
-                            f"source it was imported from)")
-        if not Path(path).exists():
-            hint = "pass --from PATH where it is now" if not source else "check --from"
-            raise UserError(f"{path}: the {importer} source image set {images.name} was imported from is not there "
-                            f"any more; {hint}")
-    if not source_matches(images.identity, path):
-        what = path or "the digits embedded in this scikit-learn"
+        paths = list(sources) or [str(p) for p in _provenance(images.meta).get("sources", [])]
+        wanted = len(recorded_checksums(images.identity))
+        files = f" (all {wanted} files, in order)" if wanted > 1 else ""
+        if not paths:
+            raise UserError(f"image set {images.name} does not record its source file(s); pass --from PATH, the "
+                            f"{importer} source it was imported from{files}")
+        for path in paths:
+            if not Path(path).exists():
+                hint = "pass --from PATH where it is now" if not sources else "check --from"
+                raise UserError(f"{path}: the {importer} source image set {images.name} was imported from is not "
+                                f"there any more; {hint}{files}")
+        if len(paths) != wanted:
+            raise UserError(f"image set {images.name} was imported from {wanted} {importer} file(s), --from gives "
+                            f"{len(paths)}; pass each of them, in order")
+    if not source_matches(images.identity, paths):
+        what = ", ".join(paths) or "the digits embedded in this scikit-learn"
         raise UserError(f"{what}: not the {importer} source image set {images.name} was imported from (its checksum "
                         f"differs); pass --from the original source")
 
     def redo() -> int:
-        result = repair_imported(Path(cfg.root), images.name, images.identity, images.n, path, wait=wait)
+        result = repair_imported(Path(cfg.root), images.name, images.identity, images.n, paths, wait=wait)
         return sum(p.count for p in images.plan() if p.index in set(result.redone))
     return redo
 

@@ -102,7 +102,7 @@ def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name o
         if not found and kind == "features" and recompute:
             report_recompute(base, path, recompute)
     if problems:
-        damaged = sorted({p.set_name for p in problems if isinstance(p, Problem)})
+        damaged = list(dict.fromkeys(p.set_name for p in problems if isinstance(p, Problem)))   # image sets first
         advice = [f"`dra-pipe repair {' '.join(damaged)}` redoes those shards"] if damaged else []
         if len(damaged) < len(problems) and any(not isinstance(p, Problem) for p in problems):
             advice.append("a set whose records are damaged cannot be repaired: delete it and rerun the stage that wrote it")

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 
 def repair_cmd(
     names: Optional[List[str]] = typer.Argument(None, help="image-set names or feature keys (default: every set)"),
-    source: Optional[Path] = typer.Option(None, "--from", help="imported sets: the source file or folder, where the recorded one moved"),
+    sources: Optional[List[Path]] = typer.Option(None, "--from", metavar="PATH", help="imported sets: the source file or folder, where the recorded one moved (npz: repeat it for each file, in order)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="generated and feature sets: the model spec, where the recorded one moved"),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPU actors when there is no GPU [config ray.cpu_actors]"),
     wait: bool = WaitOpt,
@@ -43,7 +43,7 @@ def repair_cmd(
         console.print(f"nothing under {base} to repair")
         return
     wanted = {path.name for _, path in targets}
-    plans = [plan_repair(cfg, kind, path, source and str(source), model, wait, wanted) for kind, path in targets]
+    plans = [plan_repair(cfg, kind, path, [str(s) for s in sources or []], model, wait, wanted) for kind, path in targets]
     on_ray = any(p.on_ray for p in plans if p.shards)
     with ray_session(cfg.ray.address, cfg.ray.num_cpus) if on_ray else nullcontext():     # one Ray for every set
         for plan in plans:

@@ -126,7 +126,7 @@ def test_repair_redoes_every_kind_of_damage_with_the_original_bytes(cli, ws):
     files, before = damage_sets(ws, EVERY_DAMAGE)
     code, out, err = cli("verify")
     assert code == 1 and out.count("corrupted") == 3 and out.count("truncated") == 3 and out.count("deleted") == 3
-    assert f"`dra-pipe repair digits-train {feature_dir(ws).name} gen`" in err
+    assert f"`dra-pipe repair digits-train gen {feature_dir(ws).name}`" in err
     code, out, err = cli("repair")
     assert code == 0, err
     for name, shards in (("digits-train", "1, 3, 5"), ("gen", "0, 1, 2"), (feature_dir(ws).name, "1, 3, 5")):
@@ -262,3 +262,29 @@ def test_repair_holds_the_sets_lock(cli, ws):
         holder.wait()
     code, out, err = cli("repair", "digits-train")
     assert code == 0 and "shard(s) 1 redone" in out, err
+
+
+def test_generated_npz_set_is_repaired_from_its_files(cli, tmp_path, ws):
+    """`import npz --generated` from two files: repair reads both again; one of them moved is named in one line."""
+    import numpy as np
+    rng = np.random.default_rng(1)
+    halves = [tmp_path / "part1.npz", tmp_path / "part2.npz"]
+    for path, n, save in zip(halves, (20, 13), (np.savez, np.savez_compressed)):
+        save(path, image=rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8), label=rng.integers(0, 10, n))
+    code, _, err = cli("import", "npz", "--generated", "--from", halves[0], "--from", halves[1], "--name", "dmat")
+    assert code == 0, err
+    folder = ws / "images" / "dmat"
+    shards = sorted(folder.glob("shard-*.tar"))
+    before = {p: p.read_bytes() for p in shards}
+    damage(shards[0], "truncate")                    # ids 0..31: from both files
+    damage(shards[1], "delete")
+    moved = tmp_path / "moved.npz"
+    halves[1].rename(moved)
+    untouched = tree(ws)
+    code, out, err = cli("repair", "dmat")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(halves[1]) in err and "2 files" in err, err
+    assert tree(ws) == untouched
+    code, out, err = cli("repair", "dmat", "--from", halves[0], "--from", moved)
+    assert code == 0 and "shard(s) 0, 1 redone" in out, err
+    assert {p: p.read_bytes() for p in shards} == before
+    assert cli("verify", "dmat")[0] == 0
