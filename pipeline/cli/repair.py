@@ -1,7 +1,6 @@
 """`dra-pipe repair [NAME...]`: rewrite exactly the damaged or missing shards of image and feature sets."""
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -9,7 +8,7 @@ from typing import List, Optional, TYPE_CHECKING
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt, shard_list, WaitOpt
+from pipeline.cli.common import ConfigOpt, console, interrupted, resolve, RootOpt, shard_list, WaitOpt
 
 if TYPE_CHECKING:
     from pipeline.repair import RepairPlan
@@ -60,9 +59,7 @@ def redo(plan: RepairPlan) -> None:
     try:
         images = plan.redo()
     except KeyboardInterrupt:
-        print(f"interrupted: shards of {plan.name} redone so far are kept; rerun `dra-pipe repair` to finish",
-              file=sys.stderr)
-        raise typer.Exit(130)
+        raise interrupted(f"shards of {plan.name} redone so far are kept; rerun `dra-pipe repair` to finish") from None
     seconds = time.perf_counter() - started
     console.print(f"repaired {what} {plan.name}: shard(s) {shard_list(plan.shards)} redone, {images:,} images in "
                   f"{seconds:.1f} s ({images / max(seconds, 1e-9):,.1f} images/s)", highlight=False)
