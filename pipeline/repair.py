@@ -139,7 +139,7 @@ def _generate_redo(cfg: Config, images: ImageSet, override: str | None, wait: bo
     require_conditional(net, spec)
     batch = int(provenance.get("batch_size") or cfg.generate.batch_size)
     settings = GenerateSettings(src["sampler"], src["steps"], src["churn"], src["seed"], batch,
-                                images.identity["image_format"]).check()
+                                images.identity["image_format"], src.get("dtype", "float32")).check()
     if generated_identity(net, settings, images.shard_size, images.identity.get("class_names")) != images.identity:
         raise IntegrityError(f"{images.path}: its identity is not one generate writes; the set's record is damaged")
     if override:
@@ -180,14 +180,17 @@ def _feature_redo(cfg: Config, fs: FeatureSet, override: str | None, wait: bool,
     if override:
         provenance = {**model_provenance(spec, root), "batch_size": batch}
     run_cfg = copy.deepcopy(cfg)
-    run_cfg.features.update({"pool": ident["pool"], "noise_seed": ident["noise_seed"], "batch_size": batch})
+    run_cfg.features.update({"pool": ident["pool"], "noise_seed": ident["noise_seed"], "batch_size": batch,
+                             "dtype": layout.get("dtype", "float16")})
+    run_cfg.model["dtype"] = ident.get("compute_dtype", "float32")
     level = NoiseLevel(ident["sigma"], ident["timestep"])
     views = ViewSpec.from_identity(ident.get("views"))
 
     def redo() -> int:
         fresh = ImageSet(images.path)                 # as repaired, if it was among the targets
         writer = FeatureSetWriter(root, ident, layout["n"], layout["shard_size"], tuple(layout["sample_shape"]),
-                                  int(layout.get("views", 1)), layout["compression"], provenance)
+                                  int(layout.get("views", 1)), layout["compression"], provenance,
+                                  layout.get("dtype", "float16"))
         with writer.lock(wait):
             output = Output(fresh, level, writer, writer.pending(fresh.plan_indices()), views)
             return execute(run_cfg, spec, ident["layer"], [output]).items
