@@ -32,3 +32,25 @@ def resolve_model_spec(cfg: Config) -> str:
     if not (folder / "config.json").exists():
         raise UserError(f"model spec 'fit': no fitted model at {folder} yet; run `dra-pipe fit-diffusion` (or `dra-pipe run`)")
     return f"dra:{folder}"
+
+
+def model_provenance(spec: str, root: Path) -> dict:
+    """How a set records its model for `dra-pipe repair`: the spec, and its path relative to the workspace when
+    the model lives there (a fitted model), so a moved or copied workspace still finds it."""
+    record = {"model_spec": spec}
+    _, sep, path = spec.partition(":")
+    if sep and path:
+        try:
+            record["model_in_workspace"] = str(Path(path).resolve().relative_to(Path(root).resolve()))
+        except ValueError:
+            pass
+    return record
+
+
+def recorded_model(provenance: dict, root: Path) -> tuple[str | None, bool]:
+    """(spec, whether it is the workspace's own stored model) from a set's provenance; spec None if unrecorded."""
+    spec = provenance.get("model_spec") if isinstance(provenance, dict) else None
+    inside = provenance.get("model_in_workspace") if isinstance(provenance, dict) else None
+    if spec and inside:
+        return f"{spec.partition(':')[0]}:{Path(root) / inside}", True
+    return spec, False

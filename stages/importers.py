@@ -9,7 +9,7 @@ import gzip
 import io
 import pickle
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,8 @@ class ImportResult:
     shards_written: int
     skipped: bool
     fingerprint: str
+    redone: list[int] = field(default_factory=list)      # shard indices written by this run
+    damaged: list[int] = field(default_factory=list)     # of them, shards that were recorded but damaged
 
 
 def import_source(root: Path, importer: str, source: str | list[str] | None, name: str | None, shard_size: int,
@@ -38,29 +40,21 @@ def import_source(root: Path, importer: str, source: str | list[str] | None, nam
                   generated: bool = False) -> list[ImportResult]:
     """Import every split of `source` as image sets `<name>-<split>` (each locked while written; `wait` waits for
     another writer of it instead of refusing). npz takes several files, appended in order into one split;
-    `generated` (npz only) writes them as one generated set named `name`, as DM-AT's published data is."""
+    `generated` (npz only) writes them as one generated set named `name`, as DM-AT's published data is. Shards of
+    an earlier import that are damaged are redone; dataset.json records the source paths (for `dra-pipe repair`)."""
     paths = _source_paths(importer, source, generated)
-    described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(paths[0], 10),
-                 "cifar100": lambda: _cifar(paths[0], 100), "npz": lambda: [npz_files_split(paths)],
-                 "folder": lambda: _folder(paths[0])}
-    splits = described[importer]()                        # every file validated, and the root, before hashing
+    splits = _splits(importer, paths, test_fraction, split_seed)      # every file validated, and the root, before hashing
     check_writable(Path(root))
-    checksums = [_source_checksum(importer, p) for p in paths] if paths and importer != "digits" else \
-        [_source_checksum(importer, None)]
+    checksums = _checksums(importer, paths)
+    provenance = {"sources": [str(p.resolve()) for p in paths]} if paths else None
     if generated:
         split = splits[0]
-        identity = make_identity("generated", _npz_provenance(checksums, split), split.resolution,
-                                 split.channels, split.classes, None, "train", shard_size, image_format)
-        return [_write_split(root, name or "npz-gen", identity, split, progress, wait)]
+        return [_write_split(root, name or "npz-gen", _generated_npz_identity(checksums, split, shard_size, image_format),
+                             split, progress, wait, provenance)]
     base = name or importer
-    results = []
-    for split in splits:
-        settings = {"test_fraction": test_fraction, "split_seed": split_seed} if importer == "digits" else {}
-        origin = {"checksum": checksums[0]} if len(checksums) == 1 else {"checksums": checksums}
-        identity = make_identity("real", {"importer": importer, **origin, **settings}, split.resolution,
-                                 split.channels, split.classes, split.class_names, split.split, shard_size, image_format)
-        results.append(_write_split(root, f"{base}-{split.split}", identity, split, progress, wait))
-    return results
+    return [_write_split(root, f"{base}-{split.split}",
+                         split_identity(importer, checksums, split, shard_size, image_format, test_fraction, split_seed),
+                         split, progress, wait, provenance) for split in splits]
 
 
 def _source_paths(importer: str, source: str | list[str] | None, generated: bool) -> list[Path]:
@@ -97,12 +91,72 @@ def _npz_provenance(checksums: list[str], split: SplitSource) -> dict:
     return {"importer": "npz", "format": "DM-AT npz", "checksums": checksums, "counts": list(split.file_counts)}
 
 
-def _write_split(root: Path, name: str, identity: dict, split: SplitSource, progress, wait: bool) -> ImportResult:
-    writer = ImageSetWriter(root, name, identity, split.n)
+def split_identity(importer: str, checksums: list[str], split: SplitSource, shard_size: int, image_format: str,
+                   test_fraction: float, split_seed: int) -> dict:
+    """Identity of a real set imported from these sources."""
+    settings = {"test_fraction": test_fraction, "split_seed": split_seed} if importer == "digits" else {}
+    origin = {"checksum": checksums[0]} if len(checksums) == 1 else {"checksums": checksums}
+    return make_identity("real", {"importer": importer, **origin, **settings}, split.resolution,
+                         split.channels, split.classes, split.class_names, split.split, shard_size, image_format)
+
+
+def _generated_npz_identity(checksums: list[str], split: SplitSource, shard_size: int, image_format: str) -> dict:
+    return make_identity("generated", _npz_provenance(checksums, split), split.resolution, split.channels,
+                         split.classes, None, "train", shard_size, image_format)
+
+
+def _splits(importer: str, paths: list[Path], test_fraction: float, split_seed: int) -> list[SplitSource]:
+    described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(paths[0], 10),
+                 "cifar100": lambda: _cifar(paths[0], 100), "npz": lambda: [npz_files_split(paths)],
+                 "folder": lambda: _folder(paths[0])}
+    return described[importer]()
+
+
+def _checksums(importer: str, paths: list[Path]) -> list[str]:
+    return [_source_checksum(importer, p) for p in paths] if paths and importer != "digits" else \
+        [_source_checksum(importer, None)]
+
+
+def recorded_checksums(identity: dict) -> list[str]:
+    src = identity["source"]
+    return list(src["checksums"]) if "checksums" in src else [src.get("checksum")]
+
+
+def source_matches(identity: dict, sources: list[str]) -> bool:
+    """Whether `sources` (none for the embedded digits) have the checksums the imported set records."""
+    importer = identity["source"]["importer"]
+    paths = _source_paths(importer, sources, identity["kind"] == "generated")
+    return _checksums(importer, paths) == recorded_checksums(identity)
+
+
+def repair_imported(root: Path, name: str, identity: dict, n: int, sources: list[str],
+                    progress: Callable[[int], None] | None = None, wait: bool = False) -> ImportResult:
+    """Redo the damaged or missing shards of imported set `name` from its sources (checked by `source_matches`)."""
+    src = identity["source"]
+    generated = identity["kind"] == "generated"
+    paths = _source_paths(src["importer"], sources, generated)
+    fraction, seed = src.get("test_fraction", 0.2), src.get("split_seed", 0)
+    splits = _splits(src["importer"], paths, fraction, seed)
+    split = splits[0] if generated else next((s for s in splits if s.split == identity["split"]), None)
+    checksums = recorded_checksums(identity)
+    rebuilt = None if split is None else \
+        _generated_npz_identity(checksums, split, identity["shard_size"], identity["image_format"]) if generated else \
+        split_identity(src["importer"], checksums, split, identity["shard_size"], identity["image_format"], fraction, seed)
+    if rebuilt != identity or split.n != n:
+        raise UserError(f"{', '.join(sources) or src['importer']}: not the source image set {name} was imported "
+                        f"from; pass --from the original source")
+    provenance = {"sources": [str(p.resolve()) for p in paths]} if paths else None
+    return _write_split(root, name, identity, split, progress, wait, provenance)
+
+
+def _write_split(root: Path, name: str, identity: dict, split: SplitSource, progress, wait: bool,
+                 provenance: dict | None = None) -> ImportResult:
+    writer = ImageSetWriter(root, name, identity, split.n, provenance)
     if not writer.pending() and (writer.path / DATASET_JSON).exists():
         return ImportResult(name, split.n, 0, True, dataset_fingerprint(identity, split.n))
     writer.begin(wait)
     pending = writer.pending()     # read under the lock: what a writer before us finished is kept
+    damaged = list(writer.damaged)
     try:
         for plan in pending:
             images, labels = split.read(plan.first_id, plan.count)
@@ -117,7 +171,8 @@ def _write_split(root: Path, name: str, identity: dict, split: SplitSource, prog
         raise
     finally:
         writer.close()
-    return ImportResult(name, split.n, len(pending), False, ImageSet(writer.path).fingerprint)
+    return ImportResult(name, split.n, len(pending), False, ImageSet(writer.path).fingerprint,
+                        [p.index for p in pending], damaged)
 
 
 # The official CIFAR python tarballs: training images, classes, channels, resolution (for plans without them).

@@ -7,7 +7,7 @@ from pathlib import Path
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSet, list_feature_sets
 from stores.images import ImageSet, list_image_sets
-from stores.tarshard import file_sha256_and_size, shard_name
+from stores.tarshard import file_problem, shard_name
 
 
 @dataclass
@@ -108,16 +108,8 @@ def verify_feature_set(path: Path) -> list[Problem]:
 
 
 def _check_file(set_name: str, index: int, file: Path, size: int, sha256: str) -> list[Problem]:
-    if not file.exists():
-        return [Problem(set_name, index, str(file), "deleted")]
-    digest, actual = file_sha256_and_size(file)
-    if actual < size:
-        return [Problem(set_name, index, str(file), f"truncated ({actual} of {size} bytes)")]
-    if actual != size:
-        return [Problem(set_name, index, str(file), f"wrong size ({actual}, expected {size} bytes)")]
-    if digest != sha256:
-        return [Problem(set_name, index, str(file), "corrupted (sha256 differs)")]
-    return []
+    what = file_problem(file, size, sha256, rehash=True)
+    return [Problem(set_name, index, str(file), what)] if what else []
 
 
 def resolve_set(root: Path, name: str) -> tuple[str, Path]:

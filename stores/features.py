@@ -24,7 +24,7 @@ from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, short_key, write_json_atomic
 from stores.locks import holds_only_the_lock, LockedWriter
 from stores.manifest import worker_name
-from stores.tarshard import file_sha256_and_size, ShardBuffer
+from stores.tarshard import file_problem, file_sha256_and_size, ShardBuffer
 
 META_JSON = "meta.json"
 META_KEYS = {"identity": dict, "layout": dict, "shards": dict}    # what a readable meta.json holds
@@ -132,8 +132,7 @@ class FeatureSet:
         return out
 
     def file_path(self, array: str, index: int) -> Path:
-        tail = [str(index)] + (["0", "0", "0"] if array != "ids" else [])
-        return self.path / ZARR_NAME / array / "c" / Path(*tail)
+        return shard_file(self.path, array, index)
 
     def read_shard_ids(self, index: int) -> np.ndarray:
         record = self.records.get(index)
@@ -199,6 +198,7 @@ class FeatureSetWriter(LockedWriter):
         self.layout = {"n": n, "shard_size": shard_size, "sample_shape": list(sample_shape), "views": int(views),
                        "dtype": dtype, "compression": compression}
         self.records: dict[int, FeatureShardRecord] = {}
+        self.damaged: list[int] = []             # recorded shards whose files differ from their records: redone
         self.what = f"feature set {self.path.name}"
         self._reread()
 
@@ -209,7 +209,9 @@ class FeatureSetWriter(LockedWriter):
             meta = read_json_record(meta_path, META_KEYS, "the feature set's record")
             if meta["identity"] != self.identity:
                 raise IntegrityError(f"{self.path}: holds another identity (hash collision or hand edit); move it away")
-            self.records = _shard_records(meta, meta_path)
+            records = _shard_records(meta, meta_path)
+            self.damaged = damaged_feature_shards(self.path, records)
+            self.records = {i: r for i, r in records.items() if i not in self.damaged}
             if meta["layout"] != self.layout:
                 raise UserError(f"feature set {self.path.name} exists with layout {meta['layout']}, not {self.layout}; "
                                 f"delete {self.path} to rebuild it")
@@ -249,6 +251,19 @@ class FeatureSetWriter(LockedWriter):
         self._write_meta()
 
 
+def shard_file(set_dir: Path, array: str, index: int) -> Path:
+    """The zarr shard file of `array` for image shard `index`."""
+    tail = [str(index)] + (["0", "0", "0"] if array != "ids" else [])
+    return Path(set_dir) / ZARR_NAME / array / "c" / Path(*tail)
+
+
+def damaged_feature_shards(set_dir: Path, records: dict[int, "FeatureShardRecord"]) -> list[int]:
+    """Indices of recorded shards with any array file missing or differing from its record (size, sha256)."""
+    return sorted(i for i, r in records.items()
+                  if any(file_problem(shard_file(set_dir, name, i), f.get("bytes"), f.get("sha256"))
+                         for name, f in r.files.items()))
+
+
 def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarray, targets: np.ndarray,
                         started: float | None = None) -> FeatureShardRecord:
     """Write one image shard's slab (any process); return the record the driver adds to meta.json.
@@ -264,6 +279,8 @@ def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarra
         raise ValueError(f"{targets.shape[1]} views written into a feature set that stores another number")
     arrays["ids"] = ids
     stop = first_id + len(ids)
+    for name in arrays:                    # a damaged earlier file of this shard: write the whole shard afresh
+        shard_file(set_dir, name, index).unlink(missing_ok=True)
     for name, values in arrays.items():
         if name != "ids":
             stored = group[name].dtype
@@ -275,8 +292,7 @@ def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarra
         group[name][first_id:stop] = values
     files = {}
     for name in arrays:
-        tail = [str(index)] + (["0", "0", "0"] if name != "ids" else [])
-        digest, size = file_sha256_and_size(Path(set_dir) / ZARR_NAME / name / "c" / Path(*tail))
+        digest, size = file_sha256_and_size(shard_file(set_dir, name, index))
         files[name] = {"sha256": digest, "bytes": size}
     return FeatureShardRecord(index=index, first_id=first_id, count=len(ids), files=files,
                               seconds=time.perf_counter() - started, worker=worker_name())

@@ -13,7 +13,7 @@ from stores.errors import IntegrityError, UserError
 from stores.identity import canonical_json, read_json_record, write_json_atomic
 from stores.locks import holds_only_the_lock, LockedWriter
 from stores.manifest import read_manifest, ShardRecord, write_manifest
-from stores.tarshard import decode_image, iter_members, shard_name, ShardBuffer, write_tar_shard
+from stores.tarshard import decode_image, file_problem, iter_members, shard_name, ShardBuffer, write_tar_shard
 
 DATASET_JSON = "dataset.json"
 FORMAT_VERSION = 1
@@ -239,13 +239,20 @@ class ImageSet:
 
 
 class ImageSetWriter(LockedWriter):
-    """Creates or resumes an image set. The driver owns the manifest; any process may write shard files."""
+    """Creates or resumes an image set. The driver owns the manifest; any process may write shard files.
 
-    def __init__(self, root: Path, name: str, identity: dict, n: int):
+    A recorded shard whose file is deleted, truncated or corrupted (against its manifest row) counts as not done:
+    `damaged` names those, and `pending()` includes them, so a rerun redoes them. `provenance` (where the images
+    came from: a source path, a model spec) goes into dataset.json next to the identity, for `dra-pipe repair`.
+    """
+
+    def __init__(self, root: Path, name: str, identity: dict, n: int, provenance: dict | None = None):
         self.path = image_set_dir(root, validate_set_name(name))
         self.identity = identity
         self.n = n
+        self.provenance = provenance
         self.created = False
+        self.damaged: list[int] = []
         self.what = f"image set '{self.path.name}'"
         self._read_existing()
 
@@ -254,13 +261,17 @@ class ImageSetWriter(LockedWriter):
         name, existing = self.path.name, self.path / DATASET_JSON
         if existing.exists():
             old = read_json_record(existing, {"identity": dict, "n": int}, "the set's identity")
+            if not self.provenance and isinstance(old.get("provenance"), dict):
+                self.provenance = old["provenance"]                      # kept unless this writer records anew
             if old["identity"] != self.identity:
                 raise UserError(f"image set '{name}' already exists at {self.path} with another identity "
                                 f"({_identity_diff(old['identity'], self.identity)}); choose another --name or delete that folder")
             if old["n"] > self.n:
                 raise UserError(f"image set '{name}' already holds {old['n']} samples, more than the {self.n} asked for; "
                                 f"pass --n {old['n']} or more, or another --name")
-        self.records = read_manifest(self.path)
+        records = read_manifest(self.path)
+        self.damaged = damaged_shards(self.path, records)
+        self.records = {i: r for i, r in records.items() if i not in self.damaged}
 
     def _reread(self) -> None:
         self.created = holds_only_the_lock(self.path)       # new: abort() may remove the folder
@@ -273,8 +284,8 @@ class ImageSetWriter(LockedWriter):
         self.path.mkdir(parents=True, exist_ok=True)
         # A grown set: the old last shard may be short; it is redone with its full range.
         self.records = {i: r for i, r in self.records.items() if self._fits(r)}
-        write_json_atomic(self.path / DATASET_JSON, {"identity": self.identity, "n": self.n,
-                                                      "fingerprint": dataset_fingerprint(self.identity, self.n)})
+        record = {"identity": self.identity, "n": self.n, "fingerprint": dataset_fingerprint(self.identity, self.n)}
+        write_json_atomic(self.path / DATASET_JSON, {**record, **({"provenance": self.provenance} if self.provenance else {})})
 
     def _fits(self, r: ShardRecord) -> bool:
         plans = plan_shards(self.n, self.identity["shard_size"])
@@ -302,6 +313,11 @@ class ImageSetWriter(LockedWriter):
         if self._lock is not None and self.created and self.path.exists():
             shutil.rmtree(self.path)                # under the lock: a waiting writer sees the folder gone
         self.close()
+
+
+def damaged_shards(set_dir: Path, records: dict[int, ShardRecord]) -> list[int]:
+    """Indices of recorded shards whose file is missing or differs from its record (size, sha256)."""
+    return sorted(i for i, r in records.items() if file_problem(Path(set_dir) / shard_name(i), r.bytes, r.sha256))
 
 
 def _identity_diff(old: dict, new: dict, prefix: str = "") -> str:

@@ -90,6 +90,34 @@ def file_sha256_and_size(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+_INTACT: dict[tuple, tuple] = {}     # (path, size, sha256) -> the file's stat when this process last hashed it intact
+
+
+def file_problem(path: Path, size: int, sha256: str, rehash: bool = False) -> str | None:
+    """What is wrong with a stored file against its record (existence, size, sha256), or None when it is intact.
+
+    A file this process found intact is not hashed again while its inode, size, mtime and ctime are unchanged
+    (a writer checks its set when it opens it and again under the lock); `rehash` always hashes (verify)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "deleted"
+    if not isinstance(size, int) or not isinstance(sha256, str):
+        return "not validly recorded"
+    key, seen = (str(path), size, sha256), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if not rehash and _INTACT.get(key) == seen:
+        return None
+    digest, actual = file_sha256_and_size(path)
+    if actual < size:
+        return f"truncated ({actual} of {size} bytes)"
+    if actual != size:
+        return f"wrong size ({actual}, expected {size} bytes)"
+    if digest != sha256:
+        return "corrupted (sha256 differs)"
+    _INTACT[key] = seen
+    return None
+
+
 class ShardBuffer:
     """A reusable read buffer: first writes into fresh memory are slow on this VM, reused memory is fast."""
 

@@ -72,3 +72,9 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def shard_list(indices: list[int], most: int = 20) -> str:
+    """`1, 4, 7` (and `... (+N more)` past `most`)."""
+    shown = ", ".join(map(str, indices[:most]))
+    return shown + (f", ... (+{len(indices) - most} more)" if len(indices) > most else "")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, resolve, shard_list, WaitOpt
 from pipeline.config import Config, explain, to_yaml
 from pipeline.progress import RateBar
 from stores.errors import IntegrityError, UserError
@@ -78,7 +78,7 @@ def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name o
     """Recompute every shard's checksum; name each missing, truncated or corrupted shard (exit 1 if any)."""
     if recompute < 0:
         raise UserError(f"--recompute {recompute}: give a number of samples >= 0")
-    from stores.catalog import resolve_set, verify_feature_set, verify_image_set
+    from stores.catalog import Problem, resolve_set, verify_feature_set, verify_image_set
     from stores.features import list_feature_sets
     from stores.images import list_image_sets
     cfg = resolve(config, root)
@@ -102,8 +102,11 @@ def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name o
         if not found and kind == "features" and recompute:
             report_recompute(base, path, recompute)
     if problems:
-        print(f"data error: {len(problems)} problem(s) found; rerun the stage that wrote the set to redo those shards",
-              file=sys.stderr)
+        damaged = list(dict.fromkeys(p.set_name for p in problems if isinstance(p, Problem)))   # image sets first
+        advice = [f"`dra-pipe repair {' '.join(damaged)}` redoes those shards"] if damaged else []
+        if len(damaged) < len(problems) and any(not isinstance(p, Problem) for p in problems):
+            advice.append("a set whose records are damaged cannot be repaired: delete it and rerun the stage that wrote it")
+        print(f"data error: {len(problems)} problem(s) found; {'; '.join(advice)}", file=sys.stderr)
         raise typer.Exit(1)
     console.print(f"all {checked} set(s) intact")
 
@@ -119,6 +122,10 @@ def run_import(cfg: Config, importer: str, source: str | list[str] | None, name:
         if r.skipped:
             console.print(f"already imported: {kind}{r.name} ({r.n} samples, fingerprint {r.fingerprint[:12]}) - "
                           f"nothing to do")
+        elif r.damaged:
+            console.print(f"repaired {kind}{r.name}: redid damaged shard(s) {shard_list(r.damaged)}"
+                          + (f" and {r.shards_written - len(r.damaged)} missing one(s)" if r.shards_written > len(r.damaged) else "")
+                          + f", fingerprint {r.fingerprint[:12]}", highlight=False)
         else:
             console.print(f"imported {kind}{r.name}: {r.n} samples in {r.shards_written} shards, fingerprint "
                           f"{r.fingerprint[:12]}")

@@ -10,13 +10,13 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, console, human_bytes, report_interrupt, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, console, human_bytes, report_interrupt, resolve, RootOpt, shard_list, WaitOpt
 from pipeline.config import Config
-from pipeline.models import resolve_model_spec
+from pipeline.models import model_provenance, resolve_model_spec
 from pipeline.workflow import real_train_set, training_generated_set
-from stores.errors import UserError
+from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSetWriter
-from stores.images import image_set_dir, ImageSet
+from stores.images import damaged_shards, image_set_dir, ImageSet
 from stores.workspace import check_writable
 
 BIG_PLAN_BYTES = 100e9     # above this the plan points at pooling
@@ -100,6 +100,10 @@ def open_image_sets(cfg: Config, names: list[str]) -> list[ImageSet]:
         s = ImageSet.open(Path(cfg.root), name)
         if not s.complete:
             raise UserError(f"image set {name} is incomplete ({len(s.missing_shards())} shards missing); finish the stage that writes it first")
+        damaged = damaged_shards(s.path, s.records)
+        if damaged:
+            raise IntegrityError(f"image set {name}: shard(s) {shard_list(damaged)} are damaged; `dra-pipe repair {name}` "
+                                 f"redoes them")
         sets.append(s)
     return sets
 
@@ -122,8 +126,9 @@ def plan_outputs(cfg: Config, spec: str, net, sets: list[ImageSet], levels: list
         for level in levels:
             identity = feature_identity(images, fingerprint, layer, level, f.noise_seed, f.pool, views,
                                         bool(net.label_dim), stored, computed)
+            provenance = {**model_provenance(spec, Path(cfg.root)), "batch_size": f.batch_size}
             writer = FeatureSetWriter(Path(cfg.root), identity, images.n, images.shard_size, shape, views.count,
-                                      f.compression, provenance={"model_spec": spec}, dtype=stored)
+                                      f.compression, provenance=provenance, dtype=stored)
             outputs.append(Output(images, level, writer, writer.pending(images.plan_indices()), views))
     return outputs, layer
 
@@ -269,6 +274,9 @@ def run_extract(cfg: Config, sigmas: list[float], names: list[str], dry_run: boo
     outputs, layer = plan_outputs(cfg, spec, net, sets, levels)
     pending = [o for o in outputs if o.pending]
     for o in outputs:
+        if o.writer.damaged:
+            console.print(f"{o.writer.path.name}: shard(s) {shard_list(o.writer.damaged)} are damaged (deleted, "
+                          f"truncated or corrupted); redoing them", highlight=False)
         if not o.pending:
             console.print(f"cached: {o.writer.path.name} ({o.images.name}, {o.level.label()}, {layer})")
     if not pending:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, report_interrupt, resolve, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, console, human_bytes, report_interrupt, resolve, shard_list, WaitOpt
 from pipeline.config import Config, parse_count
 from pipeline.progress import RateBar
 from pipeline.workflow import generated_set, real_train_set
@@ -109,7 +109,8 @@ def prepare(cfg: Config, dry_run: bool = False) -> GenerateJob:
     root = Path(cfg.root).resolve()
     check_writable(root)
     identity = generated_identity(model, settings, cfg.data.shard_size, class_names(cfg))
-    writer = ImageSetWriter(root, name, identity, n)
+    from pipeline.models import model_provenance
+    writer = ImageSetWriter(root, name, identity, n, {**model_provenance(spec, root), "batch_size": settings.batch_size})
     return GenerateJob(n, name, cfg.data.shard_size, spec, settings, model, writer, writer.pending())
 
 
@@ -129,6 +130,9 @@ def run_generate(cfg: Config, dry_run: bool = False, on_progress: Callable[[Prog
     """
     from pipeline.shards.cluster import cluster_nodes, plan_actors, ray_session
     job = prepare(cfg, dry_run)
+    if job.writer is not None and job.writer.damaged:
+        console.print(f"{job.name}: shard(s) {shard_list(job.writer.damaged)} are damaged (deleted, truncated or "
+                      f"corrupted); redoing them", highlight=False)
     if not job.pending:
         console.print(f"{job.name} is complete: {job.n:,} images in {job.shards} shards - nothing to do", highlight=False)
         return None

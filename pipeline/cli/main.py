@@ -6,14 +6,14 @@ import sys
 
 import typer
 
-from pipeline.cli import bench, data, eval, extract, generate, models, run, select, sweep, train
+from pipeline.cli import bench, data, eval, extract, generate, models, repair, run, select, sweep, train
 from pipeline.cli.common import interrupt_reported
 from stores.errors import IntegrityError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="dra-pipe: diffusion models as data source and as frozen teacher for adversarial training.\n\n"
                        "Stage 1 writes images and diffusion features once into sharded stores; stage 2 streams them.")
-for group in (data, models, generate, extract, select, train, eval, run, sweep, bench):
+for group in (data, models, generate, extract, select, repair, train, eval, run, sweep, bench):
     group.register(app)
 
 

@@ -149,3 +149,16 @@ def test_shard_not_in_manifest_is_invisible(tmp_path):
 def test_plan_shards_contiguous():
     plans = plan_shards(10, 4)
     assert [(p.first_id, p.count) for p in plans] == [(0, 4), (4, 4), (8, 2)]
+
+
+def test_writer_finds_a_shard_damaged_in_place_after_it_was_checked(tmp_path):
+    """A reopened writer redoes a shard whose bytes changed in place (same inode, same size) since it last
+    found the shard intact in this process."""
+    build(tmp_path)
+    assert ImageSetWriter(tmp_path, "t", identity(), 10).damaged == []         # checked (and found intact) once
+    path = tmp_path / "images" / "t" / shard_name(1)
+    data_bytes = bytearray(path.read_bytes())
+    data_bytes[700] ^= 0xFF
+    path.write_bytes(bytes(data_bytes))
+    writer = ImageSetWriter(tmp_path, "t", identity(), 10)
+    assert writer.damaged == [1] and [p.index for p in writer.pending()] == [1]
