@@ -84,7 +84,7 @@ SCHEMA: dict[str, Any] = {
         "timesteps": _k(list, [100], "DDPM timesteps t in [0, 999]; sigma(t) on the linear schedule", item=int),
         "layer": _k(str, "auto", "diffusion layer to cache; auto = the bottleneck (e.g. dec.8x8_in1)"),
         "pool": _k((str, int), "none", "spatial pooling of targets", choices=("none", "2", "4", "global")),
-        "views": _k(int, 4, "augmented views stored per image, each with its exact target (view 0 = the image, with "
+        "views": _k(int, 1, "augmented views stored per image, each with its exact target (view 0 = the image, with "
                     "flips view 1 = its mirror); made for train.crop_pad and train.flip", min=1),
         "views_generated": _k(int, None, "views per image of the generated set; null = features.views", min=1,
                               nullable=True),
@@ -118,7 +118,7 @@ SCHEMA: dict[str, Any] = {
         "attack_precision": _k(str, "float32", "precision of the training attack (TRADES / PGD-AT inner maximisation): "
                                "float32 (DM-AT) or bf16 autocast", choices=("float32", "bf16")),
         "attack_start": _k(str, "normal", "start of the TRADES inner attack: normal (x + 0.001 N(0,1), TRADES) or uniform in the eps-ball (DM-AT)", choices=("normal", "uniform")),
-        "crop_pad": _k(int, 1, "random-crop padding in pixels (DM-AT: 4 on 32x32)", min=0, max=64),
+        "crop_pad": _k(int, 0, "random-crop padding in pixels (digits: 0, measured best; DM-AT: 4 on 32x32)", min=0, max=64),
         "flip": _k(bool, False, "random horizontal flips (off for digits: a mirrored digit is another glyph)"),
         "dra_targets": _k(str, "views", "what DRA aligns with: views = stored targets of stored augmentations (exact), "
                           "online = the teacher in the step (exact, costs a tapped forward), shifted = the un-augmented "

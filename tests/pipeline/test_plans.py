@@ -201,7 +201,7 @@ def test_dry_runs_of_the_default_plan_everything_before_anything_exists(cli, tmp
     """The digits default in an empty workspace: the model fit-diffusion would train stands in for itself."""
     stand_in = "the model fit-diffusion trains on digits-train is not there yet"
     for command, needle in (("generate", "plan: 5,000 images -> digits-gen"),
-                            ("extract-features", "digits-train: 1,438 images x 4 view(s)"),
+                            ("extract-features", "digits-train: 1,438 images x 1 view(s)"),
                             ("train", "11 steps per epoch (ceil(1294 / 128)) x 30 epochs = 330 steps")):
         code, out, err = cli(command, "--dry-run", "--root", tmp_path / "ws")
         text = " ".join(out.split())
