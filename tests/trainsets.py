@@ -35,9 +35,9 @@ def image_set(root: Path, name: str, kind: str, n: int, shard: int, res: int = 8
 
 def feature_set(root: Path, images: ImageSet, shape=(8, 4, 4), flip: bool = False, offset: int = 0,
                 model: str = "m0", timestep: int = 100, layer: str = "dec.4x4_in1", pool: str = "none",
-                views: int | None = None, pad: int = 1, targets: np.ndarray | None = None,
+                views: int | None = None, pad: int = 0, targets: np.ndarray | None = None,
                 dtype: str = "float16") -> Path:
-    """Views made for crop pad `pad` and `flip` (the default train settings: pad 1, no flips); 2 views with flips.
+    """Views made for crop pad `pad` and `flip` (the default train settings: pad 0, no flips); 2 views with flips.
     The id-encoded targets above, or `targets` as given: (N, *shape) for every view, or (N, V, *shape), stored
     as `dtype` (float16 sets made before features.dtype record no dtype in their identity)."""
     spec = ViewSpec(views or (2 if flip else 1), pad, flip)
@@ -60,7 +60,7 @@ def feature_set(root: Path, images: ImageSet, shape=(8, 4, 4), flip: bool = Fals
 
 
 def workspace(root: Path, n_real: int = 120, n_gen: int = 200, shard: int = 32, features: bool = True,
-              flip: bool = False, shape=(8, 4, 4), views: int | None = None, pad: int = 1) -> dict:
+              flip: bool = False, shape=(8, 4, 4), views: int | None = None, pad: int = 0) -> dict:
     """digits-train, digits-test, digits-gen and (optionally) a feature set for train and gen."""
     real = image_set(root, "digits-train", "real", n_real, shard, seed=1)
     test = image_set(root, "digits-test", "real", 40, shard, seed=2)

@@ -20,6 +20,7 @@ def config_text(model_dir: Path) -> str:
             f"data:\n  shard_size: 32\n  test_fraction: 0.9\n"
             f"generate:\n  n: 96\n  name: gen\n  steps: 2\n  sampler: euler\n  batch_size: 32\n"
             f"features:\n  views: 2\n  timesteps: [100]\n  batch_size: 64\n"
+            f"train:\n  crop_pad: 1\n"
             f"ray:\n  cpu_actors: 1\n")
 
 

@@ -37,7 +37,9 @@ from trainer.loop import Dist, evaluate, train, Trainer
 from trainer.runs import load_final, RunFolder
 from trainsets import feature_set
 
-SHORT = {"epochs": 3, "batch_size": 64, "attack_steps": 3, "attack_step_size": 0.1, "lr": 0.1, "holdout": 0,
+PAD = 1                 # 1-px crops, so that stored views differ (pad 0 without flips has one view)
+SHORT = {"epochs": 3, "batch_size": 64, "crop_pad": PAD, "attack_steps": 3, "attack_step_size": 0.1, "lr": 0.1,
+         "holdout": 0,
          "unsup_fraction": 0.0, "loader_workers": 0, "dra_hidden": 32, "dra_lambda": 1.0}
 RUNS = {
     "trades-dra": {"objective": "trades", "dra": True, "dra_view": "adversarial", "dra_depth": 1},
@@ -92,7 +94,7 @@ def digits(tmp_path_factory, one_thread_for_module) -> Digits:
     raw = teacher_targets(train_data.images)
     centre = raw.mean(axis=(0, 2, 3), keepdims=True)                           # (1, 8, 1, 1)
     stored = (raw - centre).astype(np.float16)
-    views = ViewSpec(VIEWS, SCHEMA["train"]["crop_pad"].default, SCHEMA["train"]["flip"].default)
+    views = ViewSpec(VIEWS, PAD, SCHEMA["train"]["flip"].default)
     per_view = np.stack([teacher_targets(view_images(train_data.images, views, v)) - centre
                          for v in range(VIEWS)], axis=1).astype(np.float16)    # (N, V, 8, 4, 4): each view's own
     key = feature_set(root, train_set, stored.shape[1:], targets=per_view, model="teacher", layer="teacher",

@@ -134,8 +134,8 @@ VIEWS = ("ids", "images", "labels", "targets", "views")
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_views_mode_streams_each_rows_drawn_view_and_resumes_exactly(tmp_path, workers):
-    ws = workspace(tmp_path, views=4)
-    gen_features = feature_set(tmp_path, ws["gen"], views=3, offset=GEN_OFFSET)
+    ws = workspace(tmp_path, views=4, pad=1)
+    gen_features = feature_set(tmp_path, ws["gen"], views=3, offset=GEN_OFFSET, pad=1)
     real = Source.open(ws["real"], FeatureSet(ws["real_features"]), 0, stop=100)
     gen = Source.open(ws["gen"], FeatureSet(gen_features), 1)
     plan = MixPlan(real, gen, 6, 10, seed=3, loader_workers=workers, keys=VIEWS, view_counts=(4, 3))

@@ -56,7 +56,7 @@ def test_dry_run_prints_plan_and_trains_nothing(cli, tmp_path):
 @pytest.mark.parametrize("views", [1, 4])
 def test_killed_run_resumes_exactly(tmp_path, views):
     """With 4 stored views per image, the view each sample is drawn under must replay exactly too."""
-    setup(tmp_path, {"checkpoint_every": 2}, views=views)
+    setup(tmp_path, {"checkpoint_every": 2, "crop_pad": 1}, views=views, pad=1)
     straight = make_job(config(tmp_path), "straight")
     RunFolder(straight.run_dir).prepare(straight.identity(), straight.config)
     train(straight)
