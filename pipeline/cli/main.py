@@ -34,6 +34,7 @@ def _escape_markdown_brackets(command) -> None:
     for sub in getattr(command, "commands", {}).values():
         _escape_markdown_brackets(sub)
 
+
 INTERRUPTED = "interrupted: finished shards and checkpoints are kept; rerun the same command to resume"
 
 

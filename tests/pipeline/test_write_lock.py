@@ -164,7 +164,9 @@ def test_ctrl_c_stops_a_wait_cleanly(tmp_path):
         before = snapshot(root)
         waiting = subprocess.Popen([sys.executable, "-c", CLI, "import", "cifar10", "--from", str(tarball), "--name",
                                     "c", "--wait", "--root", str(root)], env=env(), cwd=tmp_path,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   # a runner that ignores SIGINT (nohup, a background job) passes that on: undo it
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         lines = stream_lines(waiting.stderr)
         next_line(lines, "waiting for image set 'c-train'")
         waiting.send_signal(signal.SIGINT)
