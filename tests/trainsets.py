@@ -71,3 +71,15 @@ def workspace(root: Path, n_real: int = 120, n_gen: int = 200, shard: int = 32, 
         if gen is not None:
             out["gen_features"] = feature_set(root, gen, shape, flip, offset=GEN_OFFSET, views=views, pad=pad)
     return out
+
+
+def npz_halves(folder: Path, parts: tuple, seed: int) -> list[tuple]:
+    """DM-AT's layout in miniature: one .npz per (name, n) of `parts` with `image` uint8 (n, 32, 32, 3) and `label`
+    int, random pixels; the second file deflated. Returns [(path, image, label)]."""
+    rng = np.random.default_rng(seed)
+    halves = []
+    for (name, n), save in zip(parts, (np.savez, np.savez_compressed)):
+        image, label = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
+        save(folder / name, image=image, label=label)
+        halves.append((folder / name, image, label))
+    return halves

@@ -11,6 +11,7 @@ import numpy as np
 import yaml
 
 from conftest import make_cifar_tarball, REPO
+from trainsets import npz_halves
 from stores.features import FeatureSet, list_feature_sets
 from stores.images import ImageSet
 
@@ -36,13 +37,7 @@ def shrunk_recipe(tmp_path, tarball) -> dict:
 
 def dmat_halves(tmp_path) -> list[tuple]:
     """DM-AT's layout: `image` uint8 (N, 32, 32, 3) and `label` int; the second half deflated."""
-    rng = np.random.default_rng(7)
-    halves = []
-    for name, n, save in (("20m_part1.npz", 40, np.savez), ("20m_part2.npz", 24, np.savez_compressed)):
-        image, label = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
-        save(tmp_path / name, image=image, label=label)
-        halves.append((tmp_path / name, image, label))
-    return halves
+    return npz_halves(tmp_path, (("20m_part1.npz", 40), ("20m_part2.npz", 24)), seed=7)
 
 
 def test_cifar_recipe_end_to_end(cli, tmp_path, ray_local, one_thread):

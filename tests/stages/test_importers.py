@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_cifar_tarball
+from trainsets import npz_halves
 from stores.images import ImageSet
 
 
@@ -83,13 +84,7 @@ def test_npz_import_streams(cli, tmp_path, compressed, monkeypatch):
 
 def dmat_halves(tmp_path):
     """DM-AT's 20M set in miniature: two .npz halves (37 stored images, then 25 deflated), random pixels."""
-    rng = np.random.default_rng(1)
-    halves = []
-    for name, n, save in (("part1.npz", 37, np.savez), ("part2.npz", 25, np.savez_compressed)):
-        image, label = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
-        save(tmp_path / name, image=image, label=label)
-        halves.append((tmp_path / name, image, label))
-    return halves
+    return npz_halves(tmp_path, (("part1.npz", 37), ("part2.npz", 25)), seed=1)
 
 
 def sha256_of(path):
