@@ -11,6 +11,7 @@ copies each batch out into memory of its own, then frees the slot; a worker refi
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
         # recycle (ShardLoader only: it frees the slots): 1 = the slot's batch is not yet copied out
-        self.busy = torch.zeros(MAX_WORKERS * SLOTS_PER_WORKER, dtype=torch.int32).share_memory_() if recycle else None
+        self.busy = slot_flags() if recycle else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -92,7 +93,7 @@ class ShardStream(IterableDataset):
         reader = PairedShardReader(self.image_path, self.feature_path)
         info = get_worker_info()
         shared = info is not None                    # in a worker: fill shared memory, so handing over is free
-        slots = _SlotPool(self.busy, info.id) if shared and self.busy is not None else None
+        slots = SlotPool(self.busy, info.id) if shared and self.busy is not None else None
         pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
         held = 0
         for index in self.my_shards():
@@ -119,7 +120,7 @@ def _detach(parts: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> list[tuple
 
 
 def _gather(parts: list[tuple[dict[str, np.ndarray], np.ndarray]], size: int, shared: bool,
-            slots: "_SlotPool | None" = None) -> dict[str, torch.Tensor]:
+            slots: "SlotPool | None" = None) -> dict[str, torch.Tensor]:
     """One batch from (shard, rows) parts, gathered straight into its output tensors (a recycled slot's, when
     there is a slot pool; its number travels as batch[SLOT_KEY]).
 
@@ -146,31 +147,41 @@ def _gather(parts: list[tuple[dict[str, np.ndarray], np.ndarray]], size: int, sh
     return batch
 
 
-SLOTS_PER_WORKER = 4                 # DataLoader keeps at most prefetch_factor (2) batches per worker in flight
+SLOTS_PER_WORKER = 6                 # DataLoader keeps prefetch_factor (2 here, 4 in the trainer) batches per worker in
+                                     # flight, plus the one the consumer holds and the one being filled
 MAX_WORKERS = 64
 SLOT_KEY = "_slot"
-SLOT_WAIT_S = 600.0                  # a slot never freed in this long means its consumer is gone
 
 
-class _SlotPool:
+def slot_flags() -> torch.Tensor:
+    """The shared busy flags of every worker's slots (1 = handed out, not yet freed by the consumer)."""
+    return torch.zeros(MAX_WORKERS * SLOTS_PER_WORKER, dtype=torch.int32).share_memory_()
+
+
+class SlotPool:
     """One worker's recycled shared batch buffers and its view of the shared busy flags."""
 
     def __init__(self, busy: torch.Tensor, worker: int):
         if worker >= MAX_WORKERS:
-            raise ValueError(f"ShardLoader supports at most {MAX_WORKERS} workers")
+            raise ValueError(f"recycled batch slots support at most {MAX_WORKERS} loader workers")
         self.busy, self.first, self.next = busy, worker * SLOTS_PER_WORKER, 0
         self.buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(SLOTS_PER_WORKER)]
         busy[self.first:self.first + SLOTS_PER_WORKER] = 0          # a new pass: earlier batches are gone
+        self.parent = os.getppid()
 
     def take(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """The next slot, once the main process has copied its last batch out."""
+        """The next slot, once the consumer has freed it (copied its batch out, or moved on from a borrowed one).
+
+        A training step (or an epoch's evaluation) may hold a slot for long, so there is no time limit; the wait
+        ends with an error only if the consumer's process is gone. Polling backs off to 5 ms so that a waiting
+        worker does not take CPU from the step."""
         j, self.next = self.next, (self.next + 1) % SLOTS_PER_WORKER
-        flag, waited = self.first + j, time.monotonic()
+        flag, pause = self.first + j, 0.0002
         while int(self.busy[flag]):
-            if time.monotonic() - waited > SLOT_WAIT_S:
-                raise RuntimeError(f"batch slot {flag} was not freed in {SLOT_WAIT_S:.0f} s; iterate ShardStream("
-                                   f"recycle=True) only through ShardLoader")
-            time.sleep(0.0002)
+            if os.getppid() != self.parent:
+                raise RuntimeError(f"batch slot {flag} is never freed: the process that consumes the batches is gone")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
         self.busy[flag] = 1
         return flag, self.buffers[j]
 
@@ -203,17 +214,19 @@ class ShardLoader:
             if slot is None:
                 yield batch
                 continue
-            own = {key: _copy(value) for key, value in batch.items()}
+            own = copy_batch(batch)
             del batch                                              # the slot's mapping goes before the slot is freed
             self.stream.busy[int(slot)] = 0
             yield own
 
 
-def _copy(t: torch.Tensor) -> torch.Tensor:
-    """A private copy; numpy's single-threaded copy leaves the cores to the workers."""
-    out = torch.empty(t.shape, dtype=t.dtype)
-    np.copyto(out.numpy(), t.numpy())
-    return out
+def copy_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Private copies of a batch's tensors; numpy's single-threaded copy leaves the cores to the workers."""
+    own = {}
+    for key, t in batch.items():
+        own[key] = torch.empty(t.shape, dtype=t.dtype)
+        np.copyto(own[key].numpy(), t.numpy())
+    return own
 
 
 # Rows are permutations of a shard's own range, so never out of bounds. numpy buffers `out` under the default

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from stores.errors import UserError
 from stores.features import FeatureSet, view_array
 from stores.images import ImageSet
-from stores.stream import check_pairing, PairedShardReader, TAKE_MODE
+from stores.stream import check_pairing, copy_batch, PairedShardReader, SLOT_KEY, SlotPool, slot_flags, TAKE_MODE
 from trainer.views import view_choices
 
 @dataclass(frozen=True)
@@ -184,10 +184,14 @@ class MixedStream(IterableDataset):
     """Endless mixed batches for one rank: ids (B,), images (B, H, W, C) uint8, labels (B,), generated (B,) bool,
     and with targets targets (B, C, h, w) in the stored dtype (float16 or float32) [, targets_v1 (view 1)]; in
     views mode targets is each row's drawn stored view and views (B,) int64 says which
-    (trainer.views.view_choices). Pass to DataLoader(batch_size=None)."""
+    (trainer.views.view_choices). Pass to DataLoader(batch_size=None).
 
-    def __init__(self, plan: MixPlan):
+    recycle: workers fill a few shared batch buffers again and again (fresh shared memory per batch is slow to
+    hand over on these VMs) and tag each batch with its slot; the consumer (TrainLoader) frees the slot."""
+
+    def __init__(self, plan: MixPlan, recycle: bool = False):
         self.plan = plan
+        self.busy = slot_flags() if recycle else None
 
     def __iter__(self):
         p = self.plan
@@ -200,12 +204,10 @@ class MixedStream(IterableDataset):
         real = SlotReader(p.real, p.seed, slot, slots, done * p.real_rows)
         gen = SlotReader(p.generated, p.seed, slot, slots, done * p.generated_rows) if p.generated_rows else None
         shapes = self._shapes(real)
+        slots = SlotPool(self.busy, info.id) if info is not None and self.busy is not None else None
         while True:
-            batch = {k: torch.empty((p.batch_size, *s), dtype=d) for k, (s, d) in shapes.items()}
-            if info is not None:
-                for t in batch.values():
-                    t.share_memory_()             # workers hand shared memory over without a copy
-            arrays = {k: t.numpy() for k, t in batch.items()}
+            batch = self._new_batch(shapes, info is not None, slots)
+            arrays = {k: t.numpy() for k, t in batch.items() if k != SLOT_KEY}
             views = self._views(step)
             real.fill({k: a[:p.real_rows] for k, a in arrays.items() if k != "generated"},
                       None if views is None else views[:p.real_rows])
@@ -215,6 +217,20 @@ class MixedStream(IterableDataset):
             arrays["generated"][:] = np.arange(p.batch_size) >= p.real_rows
             step += workers
             yield batch
+
+    def _new_batch(self, shapes: dict, in_worker: bool, slots: SlotPool | None) -> dict[str, torch.Tensor]:
+        """Empty batch tensors: a recycled slot's, fresh shared memory in a worker, or plain memory in-process."""
+        size = self.plan.batch_size
+        if slots is not None:
+            slot, buffers = slots.take()
+            batch = {k: slots.buffer(buffers, k, (size, *s), d) for k, (s, d) in shapes.items()}
+            batch[SLOT_KEY] = torch.tensor(slot)
+            return batch
+        batch = {k: torch.empty((size, *s), dtype=d) for k, (s, d) in shapes.items()}
+        if in_worker:
+            for t in batch.values():
+                t.share_memory_()                 # workers hand shared memory over without a copy
+        return batch
 
     def _views(self, step: int) -> np.ndarray | None:
         """Views mode: the stored view of every row of batch `step` (real rows first)."""
@@ -242,12 +258,49 @@ def target_dtype(features: FeatureSet) -> torch.dtype:
     return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[features.dtype]
 
 
-def make_loader(plan: MixPlan, pin_memory: bool = False) -> DataLoader:
-    """The rank's DataLoader over MixedStream; iterate it for as many steps as needed (it never ends).
+class TrainLoader:
+    """The rank's endless batches from MixedStream in `plan.loader_workers` DataLoader processes.
+
+    borrow=False: every batch is the caller's own memory (copied out of the worker's recycled slot).
+    borrow=True (the training loop): a batch stays valid only until the next one is drawn; its slot is then
+    handed back to the worker, so nothing is copied. With pin_memory the batch arrives as a pinned copy and the
+    slot is freed at once. Iterating twice restarts the workers at plan.start.
+    """
+
+    def __init__(self, plan: MixPlan, pin_memory: bool = False, borrow: bool = False):
+        workers = plan.loader_workers
+        self.stream = MixedStream(plan, recycle=workers > 0)
+        self.borrow, self.pinned = borrow, pin_memory
+        # its own generator: creating the iterator must not draw from torch's global RNG (exact resume)
+        self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
+                                 prefetch_factor=PREFETCH if workers else None,
+                                 generator=torch.Generator().manual_seed(plan.seed), pin_memory=pin_memory)
+
+    def __iter__(self):
+        lent = None
+        for batch in self.loader:
+            if lent is not None:
+                self.stream.busy[lent] = 0                   # the caller has moved on from the previous batch
+                lent = None
+            slot = batch.pop(SLOT_KEY, None)
+            if slot is None:
+                yield batch
+            elif self.borrow and not self.pinned:
+                lent = int(slot)
+                yield batch
+            else:
+                own = batch if self.pinned else copy_batch(batch)
+                del batch
+                self.stream.busy[int(slot)] = 0
+                yield own
+
+
+PREFETCH = 4                             # batches each worker keeps ready (stores.stream keeps slots for them)
+
+
+def make_loader(plan: MixPlan, pin_memory: bool = False, borrow: bool = False) -> TrainLoader:
+    """The rank's loader over MixedStream; iterate it for as many steps as needed (it never ends).
 
     pin_memory: hand batches over in page-locked memory, so the step's `.to(device, non_blocking=True)` copies
-    overlap with compute (on CUDA; on the CPU it only costs a copy)."""
-    workers = plan.loader_workers
-    # its own generator: creating the iterator must not draw from torch's global RNG (exact resume)
-    return DataLoader(MixedStream(plan), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-                      generator=torch.Generator().manual_seed(plan.seed), pin_memory=pin_memory)
+    overlap with compute (on CUDA; on the CPU it only costs a copy). borrow: see TrainLoader."""
+    return TrainLoader(plan, pin_memory, borrow)

@@ -51,6 +51,11 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def local(cls) -> "Dist":
+        """A single process on the first GPU when one is visible, else on the CPU."""
+        return cls(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
 
 class TrainNet(nn.Module):
     """Classifier + projection head: one forward for everything the loss needs (so DDP sees a single call)."""
@@ -280,7 +285,7 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
         if dist.main:
             run.truncate_metrics(state["metrics_bytes"])
     holdout = load_holdout(job) if dist.main else None
-    batches = iter(make_loader(trainer.mix_plan(), pin_memory=dist.device.type == "cuda"))
+    batches = iter(make_loader(trainer.mix_plan(), pin_memory=dist.device.type == "cuda", borrow=True))
     trainer.model.train()
     while trainer.step < job.total_steps:
         started = time.perf_counter()
@@ -353,5 +358,6 @@ def _final_record(job: Job, trainer: Trainer) -> dict:
 
 def set_cpu_threads(loader_workers: int) -> None:
     """On the CPU, leave the loader workers their cores: OpenMP threads spinning against them cost more than
-    they give on small models."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - loader_workers))
+    they give on small models. Counts the cores this process may run on (its affinity), not the machine's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores - loader_workers))

@@ -3,8 +3,11 @@
 Data: the generated set when it is complete and larger, else the real training set (imported if missing).
 Model: the configured one if it resolves, else a freshly initialised network of the fit-diffusion size (the cost
 of a forward does not depend on the weights).
-bare      decode each shard and compute its targets in this process (same batch, threads, layer, pooling, flips),
+bare      decode each shard and compute its targets in this process (same batch, threads, layer, pooling, views),
           nothing written
+bare xN   the same loop in N plain processes at once, each on every N-th shard (N = the pipeline's CPU workers):
+          what the cores give without Ray, zarr or checksums. The goal is judged against it, since two processes on
+          two cores share caches and memory bandwidth whatever the pipeline does
 pipeline  `extract-features` on a fresh feature root: Ray actors, zarr writes, checksums, meta.json
 The ratio uses the runner's own timing (first dispatch to last record); Ray start-up is shown apart.
 """
@@ -45,17 +48,23 @@ def bench_extract(cfg: Config, console: Console) -> dict:
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
         actors = plan_actors(cluster_nodes(), cfg.ray.cpu_actors)
         bare = _bare(net, images, layer, level, cfg, actors.threads)
+        parallel = _bare_parallel(spec, images, layer, level, cfg, actors) if actors.actors > 1 and not actors.num_gpus else None
         pipe = _pipeline(cfg, spec, images.name, work)
     table = Table("path", "images", "seconds", "images/s", title=f"bench extract on {images.name} ({len(images.plan())} "
                   f"shards): {label}, {layer}, {level.label()}, "
                   f"pool {cfg.features.pool}, {_views(cfg, images).label()}, {actors.describe()}")
     table.add_row("bare loop", f"{bare['images']:,}", f"{bare['seconds']:.2f}", f"{bare['rate']:,.1f}")
+    if parallel:
+        table.add_row(f"bare x{actors.actors}", f"{parallel['images']:,}", f"{parallel['seconds']:.2f}", f"{parallel['rate']:,.1f}")
     table.add_row("pipeline", f"{pipe['images']:,}", f"{pipe['seconds']:.2f}", f"{pipe['rate']:,.1f}")
     console.print(table)
-    ratio = pipe["rate"] / bare["rate"] * (1 if actors.actors == 1 else 1 / actors.actors)
-    console.print(f"pipeline / bare: {ratio:.3f} per worker (goal >= 0.9 on the CPU, >= 0.95 on a GPU); "
-                  f"Ray start-up and actor set-up {pipe['startup']:.1f} s not counted", highlight=False)
-    return {"bare": bare, "pipeline": pipe, "ratio": ratio}
+    per_worker = pipe["rate"] / bare["rate"] / actors.actors
+    ratio = pipe["rate"] / parallel["rate"] if parallel else per_worker
+    against = f"bare x{actors.actors}" if parallel else "bare" + (" per worker" if actors.actors > 1 else "")
+    console.print(f"pipeline / {against}: {ratio:.3f} (goal >= 0.9 on the CPU, >= 0.95 on a GPU); pipeline / one bare "
+                  f"process per worker: {per_worker:.3f}; Ray start-up and actor set-up {pipe['startup']:.1f} s not "
+                  f"counted", highlight=False)
+    return {"bare": bare, "bare_parallel": parallel, "pipeline": pipe, "ratio": ratio, "ratio_per_worker": per_worker}
 
 
 def _largest_set(cfg: Config, open_image_sets):
@@ -84,8 +93,11 @@ def _views(cfg: Config, images: ImageSet):
     return views_for(cfg, images.identity.get("kind", "real"))
 
 
-def _bare(net, images, layer: str, level, cfg: Config, threads: int) -> dict:
-    """The same views per image in a plain loop (batch_size // V images per forward, as the workers do)."""
+def _bare(net, images, layer: str, level, cfg: Config, threads: int, shards: list[int] | None = None,
+          ready=None) -> dict:
+    """The same views per image in a plain loop (batch_size // V images per forward, as the workers do).
+
+    shards: the shards to run (default all); ready: a barrier passed once warmed up, so parallel copies start together."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     f, views = cfg.features, _views(cfg, images)
@@ -94,8 +106,10 @@ def _bare(net, images, layer: str, level, cfg: Config, threads: int) -> dict:
         first = images.read_shard(images.plan_indices()[0])
         compute_targets(net, first.ids[:b], first.images[:b], first.labels[:b], layer, level, f.noise_seed, f.pool, views,
                         images.fingerprint)
+        if ready is not None:
+            ready.wait()
         started, count = time.perf_counter(), 0
-        for index in images.plan_indices():
+        for index in images.plan_indices() if shards is None else shards:
             shard = images.read_shard(index)
             for lo in range(0, len(shard.ids), b):
                 sl = slice(lo, lo + b)
@@ -106,6 +120,25 @@ def _bare(net, images, layer: str, level, cfg: Config, threads: int) -> dict:
     finally:
         torch.set_num_threads(previous)
     return {"images": count, "seconds": seconds, "rate": count / seconds}
+
+
+def _bare_parallel(spec: str, images: ImageSet, layer: str, level, cfg: Config, actors) -> dict:
+    """`_bare` in actors.actors plain processes at once, shard i in process i mod N; rate = images / slowest."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    indices = images.plan_indices()
+    with context.Manager() as manager:
+        ready = manager.Barrier(actors.actors)
+        with context.Pool(actors.actors) as pool:
+            parts = pool.starmap(_bare_process, [(spec, str(images.path), layer, level, cfg, actors.threads,
+                                                  indices[i::actors.actors], ready) for i in range(actors.actors)])
+    count, seconds = sum(p["images"] for p in parts), max(p["seconds"] for p in parts)
+    return {"images": count, "seconds": seconds, "rate": count / seconds}
+
+
+def _bare_process(spec: str, image_path: str, layer: str, level, cfg: Config, threads: int, shards: list[int],
+                  ready) -> dict:
+    return _bare(load_model(spec), ImageSet(Path(image_path)), layer, level, cfg, threads, shards, ready)
 
 
 def _pipeline(cfg: Config, spec: str, image_set: str, work: Path) -> dict:

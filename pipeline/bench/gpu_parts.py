@@ -199,7 +199,7 @@ def step_batches(job, count: int) -> list[dict]:
 def loader_rate(job, workers: int, batches: int, pin_memory: bool) -> float:
     """Samples/s of the trainer's own loader (images, labels, targets) with `workers` processes."""
     plan = dataclasses.replace(mix_plan(job, Dist()), loader_workers=workers)
-    it = iter(make_loader(plan, pin_memory=pin_memory))
+    it = iter(make_loader(plan, pin_memory=pin_memory, borrow=True))         # as the training loop consumes it
     for _ in range(max(2, workers)):
         next(it)
     started = time.perf_counter()

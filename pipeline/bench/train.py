@@ -135,7 +135,7 @@ def _loader_rate(job, batches: int) -> float:
     """Samples/s of the rank's loader with augmentation and targets (after a warm-up of a few batches)."""
     plan = mix_plan(job, Dist())
     gen = torch.Generator().manual_seed(0)
-    it = iter(make_loader(plan))
+    it = iter(make_loader(plan, borrow=True))              # as the training loop consumes it
     for _ in range(3):
         next(it)
     started = time.perf_counter()

@@ -82,8 +82,9 @@ def main() -> None:
         print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
+        from pipeline.parallel import JobFailed
         from pipeline.shards.runner import ShardFailed, WorkerStartError
-        if isinstance(exc, (ShardFailed, WorkerStartError)):
+        if isinstance(exc, (ShardFailed, WorkerStartError, JobFailed)):
             print(f"error: {exc}; finished shards are kept, rerun the same command to resume", file=sys.stderr)
             sys.exit(1)
         raise

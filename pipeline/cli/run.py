@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,7 @@ from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
 from pipeline.cli.data import run_import, show_catalog
 from pipeline.cli.models import run_fit_diffusion
 from pipeline.config import Config
+from pipeline.parallel import Job, parallel_slots, run_jobs
 from stores.errors import UserError
 
 
@@ -99,20 +101,39 @@ def run_seeds(cfg: Config) -> list[int]:
 
 
 def _stage_train(cfg: Config, runs: list[str]) -> list[str]:
-    from pipeline.cli.train import run_train
+    import torch
     from pipeline.plans.train import make_job
-    names = []
-    for variant in _train_variants(cfg):
-        name = make_job(variant).name
-        console.print(f"[bold]train {name}[/bold]")
-        run_train(variant, name)
-        names.append(name)
+    variants = _train_variants(cfg)
+    names = [make_job(variant).name for variant in variants]
+    on_cpu = not torch.cuda.is_available() and cfg.train.workers == 1
+    _run_side_by_side(cfg, [Job(n, _train_one, (v, n)) for n, v in zip(names, variants)], on_cpu, "training")
     return names
 
 
+def _train_one(cfg: Config, name: str) -> None:
+    from pipeline.cli.train import run_train
+    console.print(f"[bold]train {name}[/bold]")
+    run_train(cfg, name)
+
+
 def _stage_eval(cfg: Config, runs: list[str]) -> None:
-    for name in runs or [v.name for v in map(_job_for, _train_variants(cfg))]:
-        evaluate_cached(cfg, name)
+    from trainer.evaluate import EvalSettings
+    names = runs or [v.name for v in map(_job_for, _train_variants(cfg))]
+    settings = EvalSettings.from_config(cfg.eval)
+    on_cpu = settings.torch_device().type == "cpu" and settings.cpu_threads > 0
+    _run_side_by_side(cfg, [Job(n, evaluate_cached, (cfg, n)) for n in names], on_cpu, "evaluating")
+
+
+def _run_side_by_side(cfg: Config, jobs: list[Job], on_cpu: bool, doing: str) -> None:
+    slots = parallel_slots(len(jobs), cfg.run.parallel, on_cpu)
+    if slots > 1:
+        console.print(f"{doing} {len(jobs)} runs side by side, {slots} at a time, one process per core "
+                      f"(run.parallel; lines start with the run's name)", highlight=False)
+    run_jobs(jobs, slots, _echo)
+
+
+def _echo(line: str, to_stderr: bool) -> None:
+    print(line, file=sys.stderr if to_stderr else sys.stdout, flush=True)
 
 
 def evaluate_cached(cfg: Config, name: str) -> None:

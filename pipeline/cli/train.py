@@ -92,7 +92,7 @@ def _train_run(job, run, teacher=None) -> dict:
 
 def _train_here(job, teacher=None) -> None:
     """Train in this process, with a progress bar of the loss terms and images/s."""
-    from trainer.loop import set_cpu_threads, train
+    from trainer.loop import Dist, set_cpu_threads, train
     from trainer.runs import RunFolder
     set_cpu_threads(job.settings["loader_workers"])
     checkpoint = RunFolder(job.run_dir).load_checkpoint()
@@ -106,8 +106,8 @@ def _train_here(job, teacher=None) -> None:
 
     with RateBar(f"train {job.name}", "steps", total=remaining) as bar:
         try:
-            train(job, on_step=on_step, on_epoch=lambda row: console.print(epoch_line(row), highlight=False),
-                  teacher=teacher)
+            train(job, Dist.local(), on_step=on_step, teacher=teacher,
+                  on_epoch=lambda row: console.print(epoch_line(row), highlight=False))
         except KeyboardInterrupt:
             bar.close()
             raise interrupted("rerun the same command to resume from the last checkpoint")

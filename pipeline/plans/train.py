@@ -44,7 +44,7 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
         _check_compatible(real, gen)
     dra = s["dra"] and s["dra_lambda"] > 0
     mode = s["dra_targets"]
-    feats = feature_sets_for(cfg, real, gen, features_key, planned, _configured_views(cfg, mode)) if dra else {}
+    feats = feature_sets_for(cfg, real, gen, features_key, planned, _configured_views(cfg)) if dra else {}
     views = {k: views_of(f) for k, f in feats.items()}
     if dra and mode == "views":
         check_views_match(feats, s["crop_pad"], s["flip"])
@@ -70,10 +70,9 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
                view_seed=views["real"].seed if dra else None, mirror_view=mirror)
 
 
-def _configured_views(cfg: Config, mode: str) -> dict | None:
-    """The views extract-features would store with this config (preferred among several sets); None if invalid."""
-    if mode != "views":
-        return None
+def _configured_views(cfg: Config) -> dict | None:
+    """The views extract-features would store with this config, preferred among several matching sets in every
+    mode (online and shifted read only view 0, which all sets share, but must still pick one); None if invalid."""
     try:
         return {"real": views_for(cfg, "real"), "generated": views_for(cfg, "generated")}
     except UserError:

@@ -155,3 +155,25 @@ def test_views_mode_streams_each_rows_drawn_view_and_resumes_exactly(tmp_path, w
         assert torch.equal(a["targets"], b["targets"])
     other_rank = take(MixPlan(real, gen, 6, 10, seed=3, rank=1, world_size=2, keys=VIEWS, view_counts=(4, 3)), 3)
     assert any(not torch.equal(a["views"], b["views"]) for a, b in zip(batches, other_rank))
+
+
+def test_borrowed_batches_recycle_their_slots_and_match_copied_ones(tmp_path):
+    """borrow=True (the training loop) hands the worker's recycled slots over without a copy: the same few buffers
+    come back, and each batch, read before the next is drawn, equals the copied stream's batch."""
+    from stores.stream import SLOTS_PER_WORKER
+    ws = workspace(tmp_path, flip=True)
+    real, gen = sources(ws, stop=100)
+    plan = MixPlan(real, gen, 6, 10, seed=3, loader_workers=2, keys=TARGETS)
+    copied = take(plan, 40)                         # kept all at once: each must be the caller's own memory
+    stream = iter(make_loader(plan, borrow=True))
+    first = next(stream)
+    borrowed = [{k: v.clone() for k, v in first.items()}]
+    for batch in itertools.islice(stream, 39):
+        borrowed.append({k: v.clone() for k, v in batch.items()})
+    # the first batch's slot went back to its worker and was filled again: its memory now holds a later batch
+    assert not torch.equal(first["ids"], borrowed[0]["ids"])
+    assert SLOTS_PER_WORKER * 2 < 39
+    assert len({b["images"].data_ptr() for b in copied}) == len(copied)  # copies are distinct
+    for mine, theirs in zip(borrowed, copied):
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
