@@ -20,6 +20,7 @@ from typing import Any, Callable
 from stores.errors import IntegrityError, UserError
 
 _LINE, _DONE, _FAILED = "line", "done", "failed"
+STOP_WAIT_S = 30.0                       # a stopped child's time to close its loader workers before it is killed
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,12 @@ def run_jobs(jobs: list[Job], slots: int, echo: Callable[[str, bool], None]) -> 
             held = {name: group for name, group in held.items() if name in running}
     finally:
         for process in running.values():                   # an error or Ctrl-C here: stop the others
-            process.terminate()
+            process.terminate()                            # SIGTERM: a KeyboardInterrupt in the child (clean exit)
         for process in running.values():
-            process.join()
+            process.join(STOP_WAIT_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 def _drain(messages, running: dict, echo) -> None:
@@ -127,8 +131,13 @@ class _LineWriter:
         return False
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _child(messages, name: str, function, args: tuple, cores: list[int]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)           # Ctrl-C is the parent's: it stops the children
+    signal.signal(signal.SIGINT, signal.SIG_IGN)           # Ctrl-C is the parent's: it stops the children with
+    signal.signal(signal.SIGTERM, _interrupt)              # SIGTERM, which unwinds here like a Ctrl-C would
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
     import torch

@@ -13,7 +13,8 @@ from stores.errors import IntegrityError, UserError
 from stores.identity import canonical_json, read_json_record, write_json_atomic
 from stores.locks import holds_only_the_lock, LockedWriter
 from stores.manifest import read_manifest, ShardRecord, write_manifest
-from stores.tarshard import decode_image, file_problem, iter_members, shard_name, ShardBuffer, write_tar_shard
+from stores.tarshard import (decode_image, file_problem, file_stat, iter_members, known_intact, mark_intact, shard_name,
+                             ShardBuffer, write_tar_shard)
 
 DATASET_JSON = "dataset.json"
 FORMAT_VERSION = 1
@@ -178,17 +179,24 @@ class ImageSet:
         return sum(p.count for p in self.plan() if self._record_matches(p))
 
     def read_shard(self, index: int, verify: bool = True) -> ShardData:
-        """Decode one shard; with verify, its sha256 must equal the manifest's (cheap next to decoding)."""
+        """Decode one shard; with verify, its sha256 must equal the manifest's.
+
+        A shard this process has verified is not hashed again while its stat (inode, size, mtime, ctime) is
+        unchanged: an epoch-after-epoch reader pays the hash once per process, not once per read."""
         record = self.records.get(index)
         if record is None:
             raise IntegrityError(f"{self.path}: shard {index} is not complete (not in the manifest); rerun the stage "
                                  f"that writes this set")
         path = self.path / shard_name(index)
-        if not path.exists():
-            raise IntegrityError(f"{path}: missing, though the manifest lists it; run `dra-pipe verify {self.name}`")
+        try:
+            stat = file_stat(path)
+        except FileNotFoundError:
+            raise IntegrityError(f"{path}: missing, though the manifest lists it; run `dra-pipe verify {self.name}`") from None
         data = self._buffer.read(path, record.bytes)
-        if verify and hashlib.sha256(data).hexdigest() != record.sha256:
-            raise IntegrityError(f"{path}: sha256 differs from the manifest (corrupted); run `dra-pipe verify {self.name}`")
+        if verify and not known_intact(path, record.bytes, record.sha256, stat):
+            if hashlib.sha256(data).hexdigest() != record.sha256:
+                raise IntegrityError(f"{path}: sha256 differs from the manifest (corrupted); run `dra-pipe verify {self.name}`")
+            mark_intact(path, record.bytes, record.sha256, stat)
         return self._decode(data, record, path, check_headers=not verify)
 
     def _decode(self, data: memoryview, record: ShardRecord, path: Path, check_headers: bool) -> ShardData:

@@ -196,28 +196,37 @@ class SlotPool:
 class ShardLoader:
     """Batches of a ShardStream read by `workers` DataLoader processes that recycle their shared buffers.
 
-    Each batch is the caller's own memory (copied out of the worker's slot, which is then freed), so it may be
-    kept as long as wanted. workers=0 reads in this process.
+    borrow=False: each batch is the caller's own memory (copied out of the worker's slot, which is then freed),
+    so it may be kept as long as wanted. borrow=True: a batch is valid only until the next one is drawn (its slot
+    then goes back to the worker), and nothing is copied. workers=0 reads in this process.
     """
 
     def __init__(self, image_path: Path, feature_path: Path | None, shards: list[int], batch_size: int,
-                 workers: int = 2, **stream_options):
+                 workers: int = 2, borrow: bool = False, **stream_options):
         self.stream = ShardStream(image_path, feature_path, shards, batch_size, recycle=workers > 0, **stream_options)
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers)
+        self.borrow = borrow
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
 
     def __iter__(self):
+        lent = None
         for batch in self.loader:
+            if lent is not None:
+                self.stream.busy[lent] = 0                         # the caller has moved on
+                lent = None
             slot = batch.pop(SLOT_KEY, None)
             if slot is None:
                 yield batch
-                continue
-            own = copy_batch(batch)
-            del batch                                              # the slot's mapping goes before the slot is freed
-            self.stream.busy[int(slot)] = 0
-            yield own
+            elif self.borrow:
+                lent = int(slot)
+                yield batch
+            else:
+                own = copy_batch(batch)
+                del batch                                          # the slot's mapping goes before the slot is freed
+                self.stream.busy[int(slot)] = 0
+                yield own
 
 
 def copy_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -93,19 +93,34 @@ def file_sha256_and_size(path: Path) -> tuple[str, int]:
 _INTACT: dict[tuple, tuple] = {}     # (path, size, sha256) -> the file's stat when this process last hashed it intact
 
 
+def file_stat(path: Path) -> tuple:
+    """What identifies a file's present contents cheaply: inode, size, mtime, ctime (FileNotFoundError if gone)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def known_intact(path: Path, size: int, sha256: str, stat: tuple) -> bool:
+    """True if this process hashed the file intact before and it has not changed since (same stat)."""
+    return _INTACT.get((str(path), size, sha256)) == stat
+
+
+def mark_intact(path: Path, size: int, sha256: str, stat: tuple) -> None:
+    """Record that the file, as it was at `stat` (taken before it was read), hashed to its record."""
+    _INTACT[(str(path), size, sha256)] = stat
+
+
 def file_problem(path: Path, size: int, sha256: str, rehash: bool = False) -> str | None:
     """What is wrong with a stored file against its record (existence, size, sha256), or None when it is intact.
 
     A file this process found intact is not hashed again while its inode, size, mtime and ctime are unchanged
     (a writer checks its set when it opens it and again under the lock); `rehash` always hashes (verify)."""
     try:
-        st = os.stat(path)
+        seen = file_stat(path)
     except FileNotFoundError:
         return "deleted"
     if not isinstance(size, int) or not isinstance(sha256, str):
         return "not validly recorded"
-    key, seen = (str(path), size, sha256), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if not rehash and _INTACT.get(key) == seen:
+    if not rehash and known_intact(path, size, sha256, seen):
         return None
     digest, actual = file_sha256_and_size(path)
     if actual < size:
@@ -114,7 +129,7 @@ def file_problem(path: Path, size: int, sha256: str, rehash: bool = False) -> st
         return f"wrong size ({actual}, expected {size} bytes)"
     if digest != sha256:
         return "corrupted (sha256 differs)"
-    _INTACT[key] = seen
+    mark_intact(path, size, sha256, seen)
     return None
 
 

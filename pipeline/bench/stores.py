@@ -5,7 +5,7 @@ Readers, each warm (after a warm-up pass) and cold (page cache dropped, root onl
   bare        sequential readinto of every shard file into one reused buffer (the disk's ceiling)
   per-sample  one .npy per image and per target, DataLoader(batch, workers) (fast-DiT's layout)
   ours-npy    ShardLoader over tar shards (raw .npy images) + zarr slabs: `workers` DataLoader processes that
-              recycle their shared batch buffers; every batch is copied out into the caller's own memory
+              recycle their shared batch buffers, lent to the caller until it draws the next batch (borrow)
   ours-png    the same with PNG images (the default encoding), to show what PNG decoding costs
   trainer     the trainer's own loader (trainer.loader: MixedStream in `workers` DataLoader processes, real rows
               only, targets in views mode's layout), consumed as the training loop does: each batch is used
@@ -170,7 +170,7 @@ def _per_sample(folder: Path, n: int, batch: int, workers: int) -> int:
 
 def _ours(images: Path, features: Path, batch: int, workers: int) -> int:
     shards = sorted(ImageSet(images).records)
-    return sum(len(b["ids"]) for b in ShardLoader(images, features, shards, batch, workers, shuffle=True))
+    return sum(len(b["ids"]) for b in ShardLoader(images, features, shards, batch, workers, borrow=True, shuffle=True))
 
 
 def _trainer(images: Path, features: Path, batch: int, workers: int, samples: int) -> int:

@@ -109,3 +109,41 @@ def test_eval_stage_side_by_side_equals_one_after_the_other(tmp_path, capsys):
         assert "evaluating 2 runs side by side" in out
         assert any(line.startswith("[tiny-dra] ") for line in out.splitlines())
         assert any(line.startswith("[tiny-big-eps] ") for line in out.splitlines())
+
+
+def sleeper(marker: str) -> None:
+    import time
+    from pathlib import Path
+    print("started", flush=True)
+    try:
+        time.sleep(60)
+    finally:
+        Path(marker).write_text("unwound")
+
+
+@pytest.mark.skipif(cpu_cores() < 2, reason="needs two cores to run two jobs at once")
+def test_ctrl_c_stops_every_job_cleanly(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it): the children ignore it, the parent stops them
+    with SIGTERM, which unwinds each like a KeyboardInterrupt (its finally blocks run), and nothing is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    markers = [tmp_path / "a", tmp_path / "b"]
+    script = ("import sys; sys.path[:0] = sys.argv[1].split(':'); from test_parallel import sleeper; "
+              "from pipeline.parallel import Job, run_jobs; "
+              "run_jobs([Job('a', sleeper, (sys.argv[2],)), Job('b', sleeper, (sys.argv[3],))], 2, "
+              "lambda line, err: print(line, flush=True))")
+    process = subprocess.Popen([sys.executable, "-c", script, f"{Path(__file__).parent}:{Path(__file__).parents[1]}",
+                                *map(str, markers)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setpgrp()))
+    started = {process.stdout.readline().strip() for _ in range(2)}
+    assert started == {"[a] started", "[b] started"}
+    os.killpg(process.pid, signal.SIGINT)
+    begun = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    assert process.returncode != 0 and time.monotonic() - begun < 20
+    assert all(m.read_text() == "unwound" for m in markers)
+    assert "KeyboardInterrupt" in err and "leaked" not in err

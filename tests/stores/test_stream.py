@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stores.errors import UserError
+from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSetWriter, write_feature_shard
 from stores.images import ImageSet, ImageSetWriter, make_identity
 from stores.stream import ShardStream
@@ -70,14 +70,14 @@ def test_features_of_other_images_refused(tmp_path):
 
 
 def test_shard_loader_recycles_slots_and_every_kept_batch_stays_intact(tmp_path):
-    """Many more batches than slots (4 per worker): a slot refilled too early would corrupt a kept batch."""
+    """Many more batches than slots (SLOTS_PER_WORKER per worker): a slot refilled too early would corrupt a kept batch."""
     from stores.stream import ShardLoader, SLOTS_PER_WORKER
     s, fpath, images, labels = build(tmp_path, n=200, shard=8)
     loader = ShardLoader(s.path, fpath, s.plan_indices(), batch_size=4, workers=2, seed=5)
     for epoch in range(2):
         loader.set_epoch(epoch)
         batches = list(loader)                                       # all kept at once
-        assert len(batches) > 4 * 2 * SLOTS_PER_WORKER
+        assert len(batches) > 2 * 2 * SLOTS_PER_WORKER
         seen = []
         for batch in batches:
             ids = batch["ids"].numpy()
@@ -88,6 +88,43 @@ def test_shard_loader_recycles_slots_and_every_kept_batch_stays_intact(tmp_path)
             assert (batch["targets_v1"][:, 0, 0, 0].numpy() == -ids.astype(np.float16)).all()
             seen += ids.tolist()
         assert sorted(seen) == list(range(200))
+
+
+def test_borrowed_shard_batches_are_right_until_the_next_and_their_slot_comes_back(tmp_path):
+    """borrow=True: each batch, read before the next is drawn, is right; a batch held on is refilled (no copy)."""
+    from stores.stream import ShardLoader
+    s, fpath, images, _ = build(tmp_path, n=200, shard=8)
+    loader = ShardLoader(s.path, fpath, s.plan_indices(), batch_size=4, workers=2, seed=5, borrow=True)
+    stream = iter(loader)
+    first = next(stream)
+    first_ids, seen = first["ids"].clone(), first["ids"].tolist()
+    for batch in stream:
+        ids = batch["ids"].numpy()
+        assert torch.equal(batch["images"], torch.from_numpy(images[ids]))
+        assert (batch["targets"][:, 0, 0, 0].numpy() == ids.astype(np.float16)).all()
+        seen += ids.tolist()
+    assert sorted(seen) == list(range(200))
+    assert not torch.equal(first["ids"], first_ids)                 # its slot was filled again
+
+
+def test_a_verified_shard_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+    s, _, _, _ = build(tmp_path, n=40, shard=8)
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr("stores.images.hashlib.sha256", lambda data=b"": hashed.append(1) or real_sha256(data))
+    s.read_shard(0)
+    s.read_shard(0)
+    s.read_shard(1)
+    assert len(hashed) == 2                                          # shard 0 once, shard 1 once
+    path = s.path / "shard-000000.tar"
+    data = bytearray(path.read_bytes())
+    data[-2000] ^= 0xFF                                              # same size, new contents (and ctime)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(0, 0))                                        # even with mtime set back, ctime moved
+    with pytest.raises(IntegrityError, match="sha256 differs"):
+        s.read_shard(0)
 
 
 def test_shard_loader_can_be_left_midway_and_iterated_again(tmp_path):
