@@ -73,3 +73,53 @@ def test_a_checkpoint_written_on_another_device_kind_is_refused_in_one_line(tmp_
     trainer.set_rng_state(own)                                          # the same kind: resumes
     with pytest.raises(UserError, match="written training on cuda.*resume it on cuda"):
         trainer.set_rng_state({**own, "cuda": torch.zeros(16, dtype=torch.uint8)})
+
+
+def meta_copy(batch: dict) -> dict:
+    """The batch as train_step's non_blocking copy hands it over on a GPU; "meta" stands in for CUDA: its tensors
+    hold no data, so any host-side lookup of them (.tolist(), numpy) raises instead of waiting for the copy."""
+    return {k: v.to("meta") for k, v in batch.items()}
+
+
+SETTINGS = {"crop_pad": 2, "flip": True}
+
+
+def host_batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"ids": torch.arange(5), "images": torch.randint(0, 256, (5, 8, 8, 1), generator=g, dtype=torch.uint8),
+            "labels": torch.arange(5) % 3, "generated": torch.tensor([False, False, True, True, True]),
+            "views": torch.tensor([0, 3, 1, 2, 0]), "targets": torch.randn(5, 4, 2, 2, generator=g)}
+
+
+def test_views_mode_looks_views_up_on_the_host_batch_and_augments_on_the_device():
+    from stores.views import view_augmentations
+    from trainer.views import align
+    host = host_batch()
+    out = align("views", meta_copy(host), SETTINGS, torch.Generator(), view_seed=9, host=host)
+    flips, shifts = view_augmentations(9, host["ids"], host["views"], 2, True)
+    assert out.x.device.type == "meta" and out.targets.device.type == "meta"
+    assert torch.equal(out.flips, flips) and torch.equal(out.shifts, shifts)
+
+
+def test_online_mode_gives_the_teacher_host_ids_and_device_images():
+    from trainer.views import align
+    host, seen = host_batch(), {}
+
+    def teacher(views, ids, labels, generated):
+        seen.update(views=views.device.type, lookups={t.device.type for t in (ids, labels, generated)})
+        return torch.zeros(len(ids), 4, 2, 2)                     # a CPU answer: align moves it to the batch
+
+    out = align("online", meta_copy(host), SETTINGS, torch.Generator().manual_seed(1), teacher=teacher, host=host)
+    assert seen == {"views": "meta", "lookups": {"cpu"}}
+    assert out.targets.device.type == "meta" and out.x.device.type == "meta"
+
+
+@pytest.mark.parametrize("mode", [None, "shifted"])
+def test_no_dra_and_shifted_modes_never_read_device_tensors_on_the_host(mode):
+    """Reading a GPU tensor on the host (int(shifts.max()) for the padding) would wait for the GPU every step."""
+    from trainer.views import align
+    host = host_batch()
+    out = align(mode, meta_copy(host), SETTINGS, torch.Generator().manual_seed(1), host=host)
+    assert out.x.device.type == "meta" and out.flips.device.type == "cpu"
+    if mode == "shifted":
+        assert out.targets.device.type == "meta" and out.mask.device.type == "meta"
