@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from stages.denoiser import Denoiser
 from stages.fingerprint import model_fingerprint
-from stages.models import load_model
+from stages.models import device_of, load_model, pick_device
 from stages.noise import noise_for
 from stages.precision import compute_context, dtype_identity
 from stages.sigma import sigma_from_timestep, timestep_from_sigma
@@ -142,7 +142,8 @@ def to_model_range(images_uint8) -> torch.Tensor:
 def _tapped(model: Denoiser, x: torch.Tensor, eps: torch.Tensor, labels, layer: str, level: NoiseLevel,
             pool: str, compute_dtype: str = "float32") -> torch.Tensor:
     """Pooled activation at `layer` for x + sigma * eps, the network in `compute_dtype`.
-    x, eps (B, C, H, W) -> (B, Ct, h, w) float32."""
+    x, eps (B, C, H, W) on any device -> (B, Ct, h, w) float32 on the model's device."""
+    x = x.to(device_of(model))
     x_sigma = x + level.sigma * eps.to(x.device)
     cond = torch.as_tensor(labels).to(x.device) if model.label_dim else None
     sigma = torch.full((len(x),), level.sigma, dtype=torch.float64, device=x.device)
@@ -196,7 +197,7 @@ class FeatureWorker:
 
     def __init__(self, model_spec: str, layer: str, pool: str, noise_seed: int, batch_size: int,
                  compute_dtype: str = "float32", stored_dtype: str = "float16"):
-        self.model = load_model(model_spec)
+        self.model = load_model(model_spec).to(pick_device())    # a GPU actor's one visible GPU, else the CPU
         self.layer, self.pool = layer, pool
         self.noise_seed, self.batch_size = noise_seed, batch_size
         self.stored_dtype, self.compute_dtype = stored_dtype, compute_dtype

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from stages.fingerprint import model_fingerprint
-from stages.models import load_model
+from stages.models import load_model, pick_device      # pick_device: re-exported for the CLI
 from stages.noise import churn_noise_fn, labels_for, latents_for
 from stages.precision import check_compute_dtype, compute_context, dtype_identity, in_dtype
 from stages.samplers import SAMPLERS, sample
@@ -96,10 +96,6 @@ def generated_identity(model, settings: GenerateSettings, shard_size: int, class
               "rho": RHO, **dtype_identity(settings.dtype)}
     return make_identity("generated", source, model.img_resolution, model.img_channels, model.label_dim,
                          class_names, "train", shard_size, settings.image_format)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sample_floats(model, ids: list[int], settings: GenerateSettings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

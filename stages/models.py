@@ -94,6 +94,12 @@ def load_own(folder: Path) -> EDMPrecond:
     return model
 
 
+def pick_device() -> torch.device:
+    """This process's compute device: `cuda` (device 0 of what CUDA_VISIBLE_DEVICES shows it: a Ray actor that
+    reserved one GPU sees only that one) when a GPU is visible, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_of(model: torch.nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")

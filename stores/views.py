@@ -106,10 +106,16 @@ def all_views(spec: ViewSpec, ids) -> tuple[torch.Tensor, torch.Tensor]:
     return flips.reshape(len(ids), spec.count), shifts.reshape(len(ids), spec.count, 2)
 
 
-def shift_images(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """out[b, i, j] = images[b, i + dy_b, j + dx_b], zero outside. images (B, H, W, ...), shifts (B, 2)."""
+def largest_shift(shifts: torch.Tensor) -> int:
+    """max |shift|: read it where the shifts were drawn (the CPU), since reading a GPU tensor waits for the GPU."""
+    return int(shifts.abs().max()) if shifts.numel() else 0
+
+
+def shift_images(images: torch.Tensor, shifts: torch.Tensor, pad: int | None = None) -> torch.Tensor:
+    """out[b, i, j] = images[b, i + dy_b, j + dx_b], zero outside. images (B, H, W, ...), shifts (B, 2);
+    pad: at least largest_shift(shifts), if the caller knows it (no read of device-side shifts)."""
     B, H, W = images.shape[:3]
-    p = int(shifts.abs().max()) if shifts.numel() else 0
+    p = largest_shift(shifts) if pad is None else pad
     padded = F.pad(images.movedim((1, 2), (-2, -1)), (p, p, p, p)).movedim((-2, -1), (1, 2))   # (B, H+2p, W+2p, ...)
     rows = torch.arange(H, device=images.device)[None, :] + shifts[:, :1].to(images.device) + p    # (B, H)
     cols = torch.arange(W, device=images.device)[None, :] + shifts[:, 1:].to(images.device) + p    # (B, W)
@@ -118,7 +124,9 @@ def shift_images(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 
 
 def apply_views(images: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """The augmented images: mirrored where flips[b], then shifted by shifts[b]. (B, H, W, C) -> (B, H, W, C)."""
+    """The augmented images: mirrored where flips[b], then shifted by shifts[b]. (B, H, W, C) -> (B, H, W, C).
+    Images on a GPU with flips and shifts on the CPU (the training step): nothing waits for the GPU."""
+    pad = largest_shift(shifts)
     flips, shifts = flips.to(images.device), shifts.to(images.device)
     mirrored = torch.where(flips[:, None, None, None], torch.flip(images, [2]), images)
-    return shift_images(mirrored, shifts)
+    return shift_images(mirrored, shifts, pad)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stores.views import apply_views, shift_images
+from stores.views import apply_views, largest_shift, shift_images
 
 
 def draw_params(batch: int, generator: torch.Generator, pad: int = 4, flip: bool = True
@@ -76,13 +76,14 @@ def adjust_targets(targets: torch.Tensor, targets_flip: torch.Tensor | None, fli
     """(targets_adj (B, Ct, h, w), mask (B, h, w) bool) for images flipped by `flips` then shifted by `shifts`."""
     h, w = targets.shape[-2:]
     device = targets.device
-    flips, shifts = flips.to(device), shifts.to(device)
+    cells = cell_shifts(shifts, image_hw, (h, w))                  # (B, 2), where the shifts are (no GPU read)
+    pad = largest_shift(cells)
+    flips, shifts, cells = flips.to(device), shifts.to(device), cells.to(device)
     mirrored = targets_flip if targets_flip is not None else torch.flip(targets, [-1])
     if mirrored.shape != targets.shape:
         raise ValueError(f"targets_flip {tuple(mirrored.shape)} differs from targets {tuple(targets.shape)}")
     chosen = torch.where(flips[:, None, None, None], mirrored.to(device), targets)                # (B, Ct, h, w)
-    cells = cell_shifts(shifts, image_hw, (h, w))                                                  # (B, 2)
-    moved = shift_images(chosen.permute(0, 2, 3, 1), cells).permute(0, 3, 1, 2)                    # (B, Ct, h, w)
+    moved = shift_images(chosen.permute(0, 2, 3, 1), cells, pad).permute(0, 3, 1, 2)               # (B, Ct, h, w)
     rows = _axis_valid(shifts[:, 0], cells[:, 0], image_hw[0], h, margin)                          # (B, h)
     cols = _axis_valid(shifts[:, 1], cells[:, 1], image_hw[1], w, margin)                          # (B, w)
     mask = rows[:, :, None] & cols[:, None, :]                                                     # (B, h, w)

@@ -24,7 +24,9 @@ def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     ctx = ray.train.get_context()
-    dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())   # cuda:<its GPU> or cpu
+    if dist.device.type == "cuda":
+        torch.cuda.set_device(dist.device)    # NCCL's object collectives (the checkpoint's RNG states) use it
     torch.set_num_threads(config["threads"])
     on_epoch = (lambda row: print(_epoch_line(row), flush=True)) if dist.main else None
     summary = train(config["job"], dist, on_epoch=on_epoch, teacher=config.get("teacher"))
@@ -48,7 +50,7 @@ def training_cluster(workers: int, address: str | None = None, num_cpus: int | N
             ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                      log_to_driver=True, configure_logging=False)
     try:
-        use_gpu = torch.cuda.is_available()
+        use_gpu = use_gpus()
         check_capacity(workers, use_gpu, _alive_resources())
         reserve_or_refuse(workers, use_gpu, RESOURCE_WAIT_S)
         yield
@@ -64,13 +66,12 @@ def train_distributed(job: Job, workers: int, teacher=None) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    use_gpu = torch.cuda.is_available()
+    use_gpu = use_gpus()
     cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
     trainer = _interruptible(TorchTrainer)(
         _worker, train_loop_config={"job": job, "threads": cpus, "teacher": teacher},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=worker_resources(use_gpu)),
+        torch_config=TorchConfig(backend=process_group_backend(use_gpu)),
         run_config=RunConfig(name=job.name, storage_path=str(Path(job.run_dir).resolve() / "ray"),
                              failure_config=FailureConfig(max_failures=0)))
     previous = signal.getsignal(signal.SIGINT)
@@ -80,6 +81,21 @@ def train_distributed(job: Job, workers: int, teacher=None) -> None:
         raise _user_facing(exc) from None
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def use_gpus() -> bool:
+    """Whether the workers train on GPUs: when this process sees one (the driver runs where the GPUs are)."""
+    return torch.cuda.is_available()
+
+
+def worker_resources(use_gpu: bool) -> dict:
+    """What each training worker holds: one CPU, and one GPU of its own where there are GPUs."""
+    return {"CPU": 1, **({"GPU": 1} if use_gpu else {})}
+
+
+def process_group_backend(use_gpu: bool) -> str:
+    """NCCL between GPU ranks; gloo between CPU ranks (NCCL has no CPU tensors)."""
+    return "nccl" if use_gpu else "gloo"
 
 
 def _interruptible(trainer_cls: type) -> type:
@@ -136,7 +152,7 @@ def reserve_or_refuse(workers: int, use_gpu: bool, timeout: float) -> None:
     reservation is released right away and Ray Train makes its own."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
-    bundle = {"CPU": 1, **({"GPU": 1} if use_gpu else {})}
+    bundle = worker_resources(use_gpu)
     group = placement_group([bundle] * workers, strategy="SPREAD")
     try:
         ready, _ = ray.wait([group.ready()], timeout=timeout)

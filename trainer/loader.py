@@ -264,35 +264,44 @@ class TrainLoader:
     borrow=False: every batch is the caller's own memory (copied out of the worker's recycled slot).
     borrow=True (the training loop): a batch stays valid only until the next one is drawn; its slot is then
     handed back to the worker, so nothing is copied. With pin_memory the batch arrives as a pinned copy and the
-    slot is freed at once. Iterating twice restarts the workers at plan.start.
+    slot is freed at once; where torch skips pinning (no accelerator) the batch is borrowed or copied as without.
+    Iterating twice restarts the workers at plan.start.
     """
 
     def __init__(self, plan: MixPlan, pin_memory: bool = False, borrow: bool = False):
         workers = plan.loader_workers
         self.stream = MixedStream(plan, recycle=workers > 0)
         self.borrow, self.pinned = borrow, pin_memory
+        self.lent: int | None = None           # the slot of the borrowed batch the caller holds
         # its own generator: creating the iterator must not draw from torch's global RNG (exact resume)
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
                                  prefetch_factor=PREFETCH if workers else None,
                                  generator=torch.Generator().manual_seed(plan.seed), pin_memory=pin_memory)
 
     def __iter__(self):
-        lent = None
+        self.lent = None
         for batch in self.loader:
-            if lent is not None:
-                self.stream.busy[lent] = 0                   # the caller has moved on from the previous batch
-                lent = None
+            if self.lent is not None:
+                self.stream.busy[self.lent] = 0              # the caller has moved on from the previous batch
+                self.lent = None
             slot = batch.pop(SLOT_KEY, None)
+            pinned = self.pinned and arrived_pinned(batch)
             if slot is None:
                 yield batch
-            elif self.borrow and not self.pinned:
-                lent = int(slot)
+            elif self.borrow and not pinned:
+                self.lent = int(slot)
                 yield batch
             else:
-                own = batch if self.pinned else copy_batch(batch)
+                own = batch if pinned else copy_batch(batch)
                 del batch
                 self.stream.busy[int(slot)] = 0
                 yield own
+
+
+def arrived_pinned(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether DataLoader really copied the batch into page-locked memory: it skips pinning, with a warning, where
+    torch has no accelerator (a CPU-only build, MPS); the batch is then the worker's slot itself."""
+    return all(t.is_pinned() for t in batch.values())
 
 
 PREFETCH = 4                             # batches each worker keeps ready (stores.stream keeps slots for them)

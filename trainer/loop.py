@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stores.errors import UserError
 from stores.images import ImageSet
 from trainer.attacks import pgd_at_loss, pgd_attack, trades_adversary, trades_loss
 from trainer.classifiers import Classifier, build_classifier
@@ -55,6 +56,13 @@ class Dist:
     def local(cls) -> "Dist":
         """A single process on the first GPU when one is visible, else on the CPU."""
         return cls(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def ddp_device_ids(device: torch.device) -> list[int] | None:
+    """DistributedDataParallel's device_ids: this rank's one GPU (`cuda` alone: the current one), None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 class TrainNet(nn.Module):
@@ -101,7 +109,7 @@ class Trainer:
         self.net = TrainNet(self.model, self.head, job.dra_layer, job.target_shape[1:] if job.dra else None, view)
         self.ddp = self.net
         if dist.world_size > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+            self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ddp_device_ids(device))
         self.opt = make_optimizer(self.model, self.head, s["lr"], s["weight_decay"])
         self.ema = EMA(self.model, s["ema_decay"], warmup_steps=round(EMA_WARMUP * job.total_steps))
         self.aug_gen = torch.Generator().manual_seed(derived_seed(s["seed"], dist.rank, 1))
@@ -174,6 +182,11 @@ class Trainer:
         return state
 
     def set_rng_state(self, state: dict) -> None:
+        written_on = "cuda" if "cuda" in state else "cpu"
+        if written_on != self.dist.device.type:        # the attack stream is a generator of the device's own kind
+            raise UserError(f"run {self.job.name}'s checkpoint was written training on {written_on}, this process "
+                            f"trains on {self.dist.device.type}: resume it on {written_on}, or delete its "
+                            f"checkpoint.pt to train from the start")
         self.aug_gen.set_state(state["aug"])
         self.attack_gen.set_state(state["attack"])
         torch.set_rng_state(state["torch"])
@@ -350,8 +363,9 @@ def _keep_if_best(run: RunFolder, job: Job, trainer: Trainer, row: dict) -> None
 
 def _final_record(job: Job, trainer: Trainer) -> dict:
     s = job.settings
+    weights = {k: v.detach().cpu() for k, v in trainer.ema.module.state_dict().items()}   # loads on a CPU-only host
     return {"arch": s["arch"], "num_classes": job.classes, "in_channels": job.channels, "resolution": job.resolution,
-            "mean": list(job.mean), "std": list(job.std), "state_dict": trainer.ema.module.state_dict(),
+            "mean": list(job.mean), "std": list(job.std), "state_dict": weights,
             "threat_model": {"norm": "Linf", "epsilon": s["epsilon"]}, "run": job.name, "dra": job.dra,
             "objective": s["objective"], "steps": trainer.step, "image_set": job.identity()["real"]}
 

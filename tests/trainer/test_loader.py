@@ -177,3 +177,30 @@ def test_borrowed_batches_recycle_their_slots_and_match_copied_ones(tmp_path):
     for mine, theirs in zip(borrowed, copied):
         assert mine.keys() == theirs.keys()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
+@pytest.mark.parametrize("borrow", [True, False])
+def test_pin_memory_without_an_accelerator_keeps_the_slot_contract(tmp_path, borrow):
+    """pin_memory=True where torch cannot pin (this CPU-only build; DataLoader warns and skips it): the batch is
+    the worker's slot itself, so a borrowed one keeps its slot busy until the next is drawn, and an unborrowed one
+    is copied out, as with pin_memory=False; the stream is the same."""
+    assert not torch.accelerator.is_available()
+    ws = workspace(tmp_path, flip=True)
+    real, gen = sources(ws, stop=100)
+    plan = MixPlan(real, gen, 6, 10, seed=3, loader_workers=2, keys=TARGETS)
+    expected = take(plan, 8)
+    loader = make_loader(plan, pin_memory=True, borrow=borrow)
+    seen, held = [], []
+    for batch in itertools.islice(iter(loader), 8):
+        if borrow:
+            assert loader.lent is not None and int(loader.stream.busy[loader.lent]) == 1
+        else:
+            assert loader.lent is None
+            held.append(batch)                      # kept: each must be the caller's own memory
+        seen.append({k: v.clone() for k, v in batch.items()})
+    if not borrow:
+        assert len({b["images"].data_ptr() for b in held}) == len(held)
+        assert all(torch.equal(b["ids"], s["ids"]) for b, s in zip(held, seen))
+    for mine, theirs in zip(seen, expected):
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
