@@ -7,3 +7,15 @@ class UserError(Exception):
 
 class IntegrityError(Exception):
     """Stored data does not match its recorded checksum, size or identity."""
+
+
+class StoppedWaiting(KeyboardInterrupt):
+    """Ctrl-C while waiting for another writer's lock (`--wait`): the message says that nothing was written.
+
+    `last` keeps the message for the CLI's one interrupt line: Typer turns a Ctrl-C into a bare exit status 130."""
+
+    last: str | None = None
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        StoppedWaiting.last = message

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from stores.errors import UserError
+from stores.errors import StoppedWaiting, UserError
 
 LOCK_NAME = ".lock"
 POLL_SECONDS = 0.2
@@ -100,8 +100,8 @@ class WriterLock:
                 else:
                     f.close()                              # the holder removed the folder before releasing: retry
         except KeyboardInterrupt:
-            if announced:
-                self.announce(f"stopped waiting for {self.what}; this command wrote nothing")
+            if announced:                              # the CLI prints this as its one interrupt line
+                raise StoppedWaiting(f"stopped waiting for {self.what}; this command wrote nothing") from None
             raise
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from pipeline.config import Config, load_config
-from stores.errors import UserError
+from stores.errors import StoppedWaiting, UserError
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -38,7 +38,8 @@ _interrupt_reported = False
 def report_interrupt(detail: str) -> None:
     """Ctrl-C: one line on stderr saying what is kept and how to resume (main() then adds no line of its own)."""
     global _interrupt_reported
-    print(f"interrupted: {detail}", file=sys.stderr)
+    waiting = stopped_waiting(sys.exc_info()[1])
+    print(f"interrupted: {waiting or detail}", file=sys.stderr)
     _interrupt_reported = True
 
 
@@ -46,6 +47,15 @@ def interrupted(detail: str) -> typer.Exit:
     """report_interrupt, then raise the Exit(130) this returns."""
     report_interrupt(detail)
     return typer.Exit(130)
+
+
+def stopped_waiting(exc: BaseException | None) -> str | None:
+    """The message of a StoppedWaiting behind `exc` (itself, or what click's Abort was raised from), else None."""
+    while exc is not None:
+        if isinstance(exc, StoppedWaiting):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def interrupt_reported() -> bool:

@@ -7,8 +7,8 @@ import sys
 import typer
 
 from pipeline.cli import bench, data, eval, extract, generate, models, repair, run, select, sweep, train
-from pipeline.cli.common import interrupt_reported
-from stores.errors import IntegrityError, UserError
+from pipeline.cli.common import interrupt_reported, stopped_waiting
+from stores.errors import IntegrityError, StoppedWaiting, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="dra-pipe: diffusion models as data source and as frozen teacher for adversarial training.\n\n"
@@ -51,6 +51,11 @@ def usage_line(exc: click_errors.UsageError) -> str:
     return f"{message}{where}"
 
 
+def _interrupt_line(exc: BaseException) -> str:
+    waiting = stopped_waiting(exc)
+    return f"interrupted: {waiting}" if waiting else INTERRUPTED
+
+
 def main() -> None:
     """Entry point: bad input -> one line and exit 2; damaged data -> one line and exit 1."""
     command = typer.main.get_command(app)
@@ -58,7 +63,7 @@ def main() -> None:
     try:
         code = command.main(prog_name="dra-pipe", standalone_mode=False)
         if code == 130 and not interrupt_reported():              # typer turns Ctrl-C into a silent Exit(130)
-            print(INTERRUPTED, file=sys.stderr)
+            print(f"interrupted: {StoppedWaiting.last}" if StoppedWaiting.last else INTERRUPTED, file=sys.stderr)
         if isinstance(code, int) and code:
             sys.exit(code)
     except click_errors.NoArgsIsHelpError as exc:     # the help is printed already
@@ -69,8 +74,8 @@ def main() -> None:
     except click_errors.ClickException as exc:
         print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)   # one line, like the rest
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        print(INTERRUPTED, file=sys.stderr)
+    except typer.Abort as exc:
+        print(_interrupt_line(exc), file=sys.stderr)
         sys.exit(130)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
@@ -78,8 +83,8 @@ def main() -> None:
     except IntegrityError as exc:
         print(f"data error: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(_interrupt_line(exc), file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
         from pipeline.parallel import JobFailed
