@@ -41,7 +41,7 @@ from trainer.views import view_choices
 GOAL_ERROR, GOAL_STEP = 0.01, 1.05
 
 
-def bench_targets(cfg: Config, console: Console, images: int = 256, steps: int = 6, cifar: bool = False) -> dict:
+def bench_targets(cfg: Config, console: Console, images: int = 256, steps: int = 24, cifar: bool = False) -> dict:
     """Measure the three errors and step ratios; print a table and the last line; return the figures."""
     if images < 1 or steps < 1:
         raise UserError(f"bench targets needs at least one image and one step (got {images} and {steps})")
