@@ -106,7 +106,7 @@ def _stage_train(cfg: Config, runs: list[str]) -> list[str]:
     variants = _train_variants(cfg)
     names = [make_job(variant).name for variant in variants]
     on_cpu = not torch.cuda.is_available() and cfg.train.workers == 1
-    _run_side_by_side(cfg, [Job(n, _train_one, (v, n)) for n, v in zip(names, variants)], on_cpu, "training")
+    run_side_by_side(cfg, [Job(n, _train_one, (v, n)) for n, v in zip(names, variants)], on_cpu, "training")
     return names
 
 
@@ -121,10 +121,11 @@ def _stage_eval(cfg: Config, runs: list[str]) -> None:
     names = runs or [v.name for v in map(_job_for, _train_variants(cfg))]
     settings = EvalSettings.from_config(cfg.eval)
     on_cpu = settings.torch_device().type == "cpu" and settings.cpu_threads > 0
-    _run_side_by_side(cfg, [Job(n, evaluate_cached, (cfg, n)) for n in names], on_cpu, "evaluating")
+    run_side_by_side(cfg, [Job(n, evaluate_cached, (cfg, n)) for n in names], on_cpu, "evaluating")
 
 
-def _run_side_by_side(cfg: Config, jobs: list[Job], on_cpu: bool, doing: str) -> None:
+def run_side_by_side(cfg: Config, jobs: list[Job], on_cpu: bool, doing: str) -> None:
+    """The jobs one process per core on the CPU when run.parallel is on (lines prefixed), else one after the other."""
     slots = parallel_slots(len(jobs), cfg.run.parallel, on_cpu)
     if slots > 1:
         console.print(f"{doing} {len(jobs)} runs side by side, {slots} at a time, one process per core "

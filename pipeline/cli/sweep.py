@@ -11,8 +11,9 @@ from typing import List, Optional
 import typer
 
 from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
-from pipeline.cli.run import STAGE_RUNNERS, check_autoattack, evaluate_cached, parse_seeds
+from pipeline.cli.run import STAGE_RUNNERS, check_autoattack, evaluate_cached, parse_seeds, run_side_by_side
 from pipeline.config import Config, load_config
+from pipeline.parallel import Job
 from pipeline.sweep import Axis, cells, default_name, label, markdown, parse_axes, plot, summarise, METRICS
 from stores.errors import UserError
 from stores.identity import short_key, write_json_atomic
@@ -53,7 +54,7 @@ def run_sweep(base: Config, axes: list[Axis], seeds_text: str | None, name: str 
     started, rows, trained = time.perf_counter(), [], {}
     for i, (cell, variants) in enumerate(plans, 1):
         console.rule(f"cell {i}/{len(plans)}: {label(cell)}")
-        runs = [_run_cell(variant, trained) for variant in variants]
+        runs = _run_cell(variants, trained)
         rows.append({"cell": cell, "seeds": seeds, "runs": runs, "stats": _stats(base, runs)})
     _write(out, axes, seeds, rows, command, time.perf_counter() - started)
     return out
@@ -67,26 +68,39 @@ def _variant(base: Config, cell: dict, seed: int) -> Config:
     return cfg
 
 
-def _run_cell(cfg: Config, trained: dict) -> str:
-    """Stage 1 (each stage skips what its cache holds), then train and evaluate under a name that is the hash of
-    the run's identity: a training two cells share runs once."""
-    from pipeline.cli.train import run_train
+def _run_cell(variants: list[Config], trained: dict) -> list[str]:
+    """Stage 1 once (each stage skips what its cache holds; the seeds share it), then train and evaluate each seed
+    under a name that is the hash of the run's identity, side by side on the CPU (run.parallel): a training two
+    cells share runs once."""
+    import torch
     from pipeline.plans.train import make_job
-    for stage in (s for s in cfg.run.stages if s in STAGE_ONE):
-        if stage == "extract-features" and not (cfg.train.dra and cfg.train.dra_lambda > 0):
+    first = variants[0]
+    for stage in (s for s in first.run.stages if s in STAGE_ONE):
+        if stage == "extract-features" and not (first.train.dra and first.train.dra_lambda > 0):
             continue
-        STAGE_RUNNERS[stage](cfg, [])
-    job = make_job(cfg)
-    run = f"{job.settings['arch']}-{'dra' if job.dra else 'nodra'}-s{job.settings['seed']}-{short_key(job.identity(), 8)}"
-    if run in trained:
-        console.print(f"same training as an earlier cell: {run}", highlight=False)
-        return run
+        STAGE_RUNNERS[stage](first, [])
+    runs = []
+    for cfg in variants:
+        job = make_job(cfg)
+        runs.append(f"{job.settings['arch']}-{'dra' if job.dra else 'nodra'}-s{job.settings['seed']}-"
+                    f"{short_key(job.identity(), 8)}")
+    for run in runs:
+        if run in trained:
+            console.print(f"same training as an earlier cell: {run}", highlight=False)
+    todo = {run: cfg for run, cfg in zip(runs, variants) if run not in trained}
+    on_cpu = not torch.cuda.is_available() and first.train.workers == 1
+    run_side_by_side(first, [Job(run, _train_and_evaluate, (cfg, run)) for run, cfg in todo.items()], on_cpu,
+                     "training and evaluating")
+    trained.update(dict.fromkeys(todo, True))
+    return runs
+
+
+def _train_and_evaluate(cfg: Config, run: str) -> None:
+    from pipeline.cli.train import run_train
     if "train" in cfg.run.stages:
         run_train(cfg, run)
     if "eval" in cfg.run.stages:
         evaluate_cached(cfg, run)
-    trained[run] = True
-    return run
 
 
 def _stats(base: Config, runs: list[str]) -> dict:
