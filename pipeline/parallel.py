@@ -144,7 +144,7 @@ def _child(messages, name: str, function, args: tuple, cores: list[int]) -> None
     torch.set_num_threads(len(cores))
     from pipeline.cli.common import console
     sys.stdout, sys.stderr = _LineWriter(messages, name, False), _LineWriter(messages, name, True)
-    console.file = sys.stdout
+    console.file, console.soft_wrap = sys.stdout, True        # a long line stays one line behind its prefix
     try:
         function(*args)
     except BaseException as exc:                            # noqa: BLE001 - every failure goes to the parent

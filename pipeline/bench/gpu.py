@@ -2,8 +2,9 @@
 
 Random weights and synthetic data made on the spot; at most about 8 minutes on one GPU. It measures
   sampler     the EDM CIFAR-10 network (55.7M parameters) in the Heun sampler: images/s in float32 (strict),
-              TF32, bf16 and fp16 autocast, channels_last and torch.compile, each with its max deviation from
-              the float32 samples, at the batch that fills the GPU; measured FLOP rate over the stated one
+              TF32, bf16 and fp16 autocast, bf16 with channels_last and with torch.compile (the settings one
+              would generate with), each with its max deviation from the float32 samples, at the batch that
+              fills the GPU; measured FLOP rate over the stated one
   extract     tapped forwards/s at dec.8x8_in1, one view per image and several views per image
   train       WRN-28-10 TRADES steps (10-step attack): DRA off, DRA on stored targets, DRA with the online
               teacher; float32 and bf16 + channels_last; DM-AT+DRA's step time over DM-AT's
@@ -26,7 +27,6 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.bench import gpu_parts as parts
-from pipeline.bench.gpu_scale import bench_scale
 from pipeline.bench.train import _build
 from pipeline.config import load_config
 from pipeline.estimates import STATED_DEVICE, STATED_RATE
@@ -53,16 +53,18 @@ class Sizes:
     loader_workers: int
     min_seconds: float
     variants: tuple
+    sampler_budget_s: float         # the sampler section starts no variant after this (compile can take minutes)
 
 
 FULL = Sizes(net=CIFAR10_COND_VP, sampler_batches=(128, 256, 512, 1024), sampler_steps=18, extract_batch=512,
              views=4, arch="wrn-28-10", train_batch=256, train_steps=6, attack_steps=10, loader_samples=30_000,
-             loader_workers=8, min_seconds=2.0, variants=parts.SAMPLER_VARIANTS)
+             loader_workers=8, min_seconds=2.0, variants=parts.SAMPLER_VARIANTS,
+             sampler_budget_s=210.0)
 SMOKE = Sizes(net=dict(img_resolution=16, img_channels=3, label_dim=10, model_type="SongUNet", model_channels=8,
                        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0),
               sampler_batches=(2, 4), sampler_steps=3, extract_batch=4, views=2, arch="small-cnn", train_batch=8,
               train_steps=2, attack_steps=2, loader_samples=256, loader_workers=2, min_seconds=0.05,
-              variants=("float32", "tf32", "bf16", "channels_last", "compile"))
+              variants=("float32", "tf32", "bf16", "bf16+channels_last", "bf16+compile"), sampler_budget_s=600.0)
 
 
 def bench_gpu(work: Path, console: Console, smoke: bool = False, out: Path | None = None) -> dict:
@@ -98,14 +100,15 @@ def bench_gpu(work: Path, console: Console, smoke: bool = False, out: Path | Non
 
 def _sampler(net, sizes: Sizes, dev: torch.device) -> dict:
     batch, forward_s = parts.fill_batch(net, sizes.sampler_batches, dev, sizes.min_seconds)
-    variants = tuple(v for v in sizes.variants if v != "compile" or dev.type == "cuda")
-    rows = parts.bench_sampler_variants(net, batch, sizes.sampler_steps, dev, sizes.min_seconds, variants)
+    variants = tuple(v for v in sizes.variants if "compile" not in v or dev.type == "cuda")
+    rows, skipped = parts.bench_sampler_variants(net, batch, sizes.sampler_steps, dev, sizes.min_seconds, variants,
+                                                 sizes.sampler_budget_s)
     flops = parts.flops_per_image(net)
     for row in rows.values():
         row["flop_rate_over_stated"] = row["images_per_s"] * row["nfe"] * flops / STATED_RATE
-    skipped = [v for v in sizes.variants if v not in variants]
+    skipped.update({v: "torch.compile is timed on CUDA only" for v in sizes.variants if v not in variants})
     return {"batch": batch, "steps": sizes.sampler_steps, "forward_seconds": forward_s, "gflop_per_forward": flops / 1e9,
-            "variants": rows, "skipped": {v: "torch.compile is timed on CUDA only" for v in skipped}}
+            "variants": rows, "skipped": skipped}
 
 
 def _job(work: Path, sizes: Sizes, net, layer: str, console: Console):
@@ -132,6 +135,11 @@ def _scale(net, work: Path, dev: torch.device, smoke: bool) -> dict:
     count = torch.cuda.device_count() if dev.type == "cuda" else 0
     if count < 2 and not smoke:
         return {"gpus": count, "note": "one GPU visible: generating on one actor per GPU is not measured"}
+    try:
+        import ray  # noqa: F401  (only this section needs Ray: a one-GPU machine can run the rest without it)
+    except ImportError:
+        return {"gpus": count, "note": "Ray is not installed: generating on one actor per GPU is not measured"}
+    from pipeline.bench.gpu_scale import bench_scale
     return bench_scale(net, work / "scale", smoke)
 
 
@@ -165,6 +173,8 @@ def _report(r: dict, console: Console) -> None:
         table.add_row("sampler", f"{name} (batch {s['batch']}, {s['steps']} steps)",
                       f"{v['images_per_s']:,.1f} images/s, x{v['speedup']:.2f}, max |diff| {v['max_abs_diff']:.1e}, "
                       f"{v['flop_rate_over_stated']:.2f} of the stated rate")
+    for name, why in s["skipped"].items():
+        table.add_row("sampler", name, f"not measured: {why}")
     for name, v in r["extract"].items():
         table.add_row("extract", name, f"{v['forwards_per_s']:,.0f} tapped forwards/s ({v['images_per_s']:,.0f} images/s)")
     for name, v in r["train"].items():

@@ -20,7 +20,7 @@ from stages.taps import features
 from trainer.loader import make_loader
 from trainer.loop import Dist, mix_plan, Trainer
 
-SAMPLER_VARIANTS = ("float32", "tf32", "bf16", "fp16", "channels_last", "compile")
+SAMPLER_VARIANTS = ("float32", "tf32", "bf16", "fp16", "bf16+channels_last", "bf16+compile")
 
 
 def timed(fn: Callable, dev: torch.device, min_seconds: float, min_reps: int = 1):
@@ -84,32 +84,55 @@ def fill_batch(net, batches: tuple[int, ...], dev: torch.device, min_seconds: fl
 
 @torch.no_grad()
 def bench_sampler_variants(net, batch: int, steps: int, dev: torch.device, min_seconds: float,
-                           variants: tuple[str, ...]) -> dict:
-    """images/s of the Heun sampler per variant, its max |deviation| from float32 and speed-up over it."""
+                           variants: tuple[str, ...], budget_s: float = float("inf")) -> tuple[dict, dict]:
+    """(rows, skipped): images/s of the Heun sampler per variant, its max |deviation| from float32 and speed-up over
+    it; the variants not started because the section had used `budget_s` (the first always runs).
+
+    A variant is a precision (float32 strict, tf32, bf16, fp16) with optional `+channels_last` and `+compile`.
+    Warm-up is two network calls (cuDNN picks its kernels per shape), not a whole run: a float32 run of the CIFAR
+    network at a full batch takes tens of seconds on one GPU, and the check has 8 minutes.
+    """
     inputs = sampler_inputs(net, batch, dev)
-    rows, reference, base_seconds = {}, None, None
+    rows, skipped, reference, base_seconds = {}, {}, None, None
+    started = time.perf_counter()
     for variant in variants:
-        model, mode, extra = net, "float32" if variant in ("channels_last", "compile") else variant, {}
-        if variant == "channels_last":
-            model = net.to(memory_format=torch.channels_last)
-        if variant == "compile":
-            model = torch.compile(net)
-            started = time.perf_counter()
-            with precision(mode, dev):
-                run_heun(model, inputs, steps)
-            sync(dev)
-            extra["compile_seconds"] = time.perf_counter() - started
+        if rows and time.perf_counter() - started > budget_s:
+            skipped[variant] = f"over the section's time budget ({budget_s:.0f} s)"
+            continue
+        mode, *flags = variant.split("+")
+        channels_last, extra = "channels_last" in flags, {}
+        model = net.to(memory_format=torch.channels_last) if channels_last else net
         with precision(mode, dev):
-            seconds, (samples, nfe) = timed(lambda: run_heun(model, inputs, steps, variant == "channels_last"), dev,
-                                            min_seconds)
-        if variant == "channels_last":
-            net.to(memory_format=torch.contiguous_format)
+            if "compile" in flags:
+                model, extra["compile_seconds"] = _compiled(model, inputs, steps, dev)
+            else:
+                _warm_up(model, inputs, dev, channels_last)
+            seconds, (samples, nfe) = repeat_timed(lambda: run_heun(model, inputs, steps, channels_last), dev,
+                                                   min_seconds)
+        net.to(memory_format=torch.contiguous_format)
         if reference is None:
             reference, base_seconds = samples.double(), seconds
         rows[variant] = {"images_per_s": batch / seconds, "seconds": seconds, "nfe": nfe,
                          "max_abs_diff": float((samples.double() - reference).abs().max()),
                          "finite": bool(torch.isfinite(samples).all()), "speedup": base_seconds / seconds, **extra}
-    return rows
+    return rows, skipped
+
+
+def _warm_up(model, inputs: dict, dev: torch.device, channels_last: bool) -> None:
+    x = inputs["latents"].float() * 80
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    for _ in range(2):
+        model(x, torch.full((len(x),), 80.0, device=dev), inputs["labels"])
+    sync(dev)
+
+
+def _compiled(model, inputs: dict, steps: int, dev: torch.device):
+    """torch.compile'd model after one whole run (compiling for every sigma the run sees); (model, seconds)."""
+    compiled = torch.compile(model)
+    started = time.perf_counter()
+    run_heun(compiled, inputs, steps)
+    sync(dev)
+    return compiled, time.perf_counter() - started
 
 
 # --- extract ---------------------------------------------------------------------------------------------------

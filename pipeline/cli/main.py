@@ -88,8 +88,8 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:
         from pipeline.parallel import JobFailed
-        from pipeline.shards.runner import ShardFailed, WorkerStartError
-        if isinstance(exc, (ShardFailed, WorkerStartError, JobFailed)):
+        runner = sys.modules.get("pipeline.shards.runner")        # never imported: none of its errors (and no Ray needed)
+        if isinstance(exc, (JobFailed, *((runner.ShardFailed, runner.WorkerStartError) if runner else ()))):
             print(f"error: {exc}; finished shards are kept, rerun the same command to resume", file=sys.stderr)
             sys.exit(1)
         raise

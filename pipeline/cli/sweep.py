@@ -51,11 +51,13 @@ def run_sweep(base: Config, axes: list[Axis], seeds_text: str | None, name: str 
     out = Path(base.root) / "sweeps" / name
     command = "dra-pipe sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "dra-pipe sweep"
     console.print(f"sweep {name}: {len(plans)} cell(s) x {len(seeds)} seed(s) -> {out}", highlight=False)
-    started, rows, trained = time.perf_counter(), [], {}
+    started, cell_runs = time.perf_counter(), []
     for i, (cell, variants) in enumerate(plans, 1):
         console.rule(f"cell {i}/{len(plans)}: {label(cell)}")
-        runs = _run_cell(variants, trained)
-        rows.append({"cell": cell, "seeds": seeds, "runs": runs, "stats": _stats(base, runs)})
+        cell_runs.append(_prepare_cell(variants))
+    _train_all(base, plans, cell_runs)
+    rows = [{"cell": cell, "seeds": seeds, "runs": runs, "stats": _stats(base, runs)}
+            for (cell, _), runs in zip(plans, cell_runs)]
     _write(out, axes, seeds, rows, command, time.perf_counter() - started)
     return out
 
@@ -68,11 +70,9 @@ def _variant(base: Config, cell: dict, seed: int) -> Config:
     return cfg
 
 
-def _run_cell(variants: list[Config], trained: dict) -> list[str]:
-    """Stage 1 once (each stage skips what its cache holds; the seeds share it), then train and evaluate each seed
-    under a name that is the hash of the run's identity, side by side on the CPU (run.parallel): a training two
-    cells share runs once."""
-    import torch
+def _prepare_cell(variants: list[Config]) -> list[str]:
+    """Stage 1 once for the cell (each stage skips what its cache holds; the seeds share it); the run name of each
+    seed, the hash of the run's identity, so that a training two cells share runs once."""
     from pipeline.plans.train import make_job
     first = variants[0]
     for stage in (s for s in first.run.stages if s in STAGE_ONE):
@@ -84,15 +84,23 @@ def _run_cell(variants: list[Config], trained: dict) -> list[str]:
         job = make_job(cfg)
         runs.append(f"{job.settings['arch']}-{'dra' if job.dra else 'nodra'}-s{job.settings['seed']}-"
                     f"{short_key(job.identity(), 8)}")
-    for run in runs:
-        if run in trained:
-            console.print(f"same training as an earlier cell: {run}", highlight=False)
-    todo = {run: cfg for run, cfg in zip(runs, variants) if run not in trained}
-    on_cpu = not torch.cuda.is_available() and first.train.workers == 1
-    run_side_by_side(first, [Job(run, _train_and_evaluate, (cfg, run)) for run, cfg in todo.items()], on_cpu,
-                     "training and evaluating")
-    trained.update(dict.fromkeys(todo, True))
     return runs
+
+
+def _train_all(base: Config, plans: list, cell_runs: list[list[str]]) -> None:
+    """Every distinct training of the grid, then its evaluation, in one pool: side by side on the CPU (run.parallel),
+    so no core waits for a cell's last seed."""
+    import torch
+    todo: dict[str, Config] = {}
+    for (_, variants), runs in zip(plans, cell_runs):
+        for run, cfg in zip(runs, variants):
+            if run in todo:
+                console.print(f"same training as an earlier cell: {run}", highlight=False)
+            todo.setdefault(run, cfg)
+    on_cpu = not torch.cuda.is_available() and all(cfg.train.workers == 1 for cfg in todo.values())
+    console.rule(f"{len(todo)} distinct trainings")
+    run_side_by_side(base, [Job(run, _train_and_evaluate, (cfg, run)) for run, cfg in todo.items()], on_cpu,
+                     "training and evaluating")
 
 
 def _train_and_evaluate(cfg: Config, run: str) -> None:

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import yaml
 
@@ -135,3 +137,24 @@ def test_ctrl_c_in_a_command_without_its_own_handler_is_one_line(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines() == ["interrupted: finished shards and checkpoints are kept; "
                                         "rerun the same command to resume"], err[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["shard", "worker", "job"])
+def test_a_failed_shard_worker_or_job_is_one_line_and_exit_1(monkeypatch, capsys, kind):
+    """The runner's and run.parallel's failures reach the user as one line (exit 1), never as a traceback."""
+    import click
+    from pipeline.cli import main as cli_main
+    from pipeline.parallel import JobFailed
+    from pipeline.shards.runner import ShardFailed, WorkerStartError
+    error = {"shard": ShardFailed(3, 3, "ValueError: boom"), "worker": WorkerStartError("w0 did not start"),
+             "job": JobFailed("job x failed: ValueError: boom")}[kind]
+
+    @click.command()
+    def broken():
+        raise error
+    monkeypatch.setattr(cli_main.typer.main, "get_command", lambda app: broken)
+    monkeypatch.setattr(sys, "argv", ["dra-pipe"])
+    with pytest.raises(SystemExit) as info:
+        cli_main.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1 and str(error) in err and "rerun the same command" in err

@@ -22,6 +22,11 @@ def say(word: str, count: int) -> None:
     print(f"cores {len(os.sched_getaffinity(0))} threads {torch.get_num_threads()}")
 
 
+def say_long(width: int) -> None:
+    from pipeline.cli.common import console
+    console.print("word " * width, highlight=False)
+
+
 def refuse() -> None:
     raise UserError("no such flag; pass --n")
 
@@ -53,6 +58,11 @@ def test_lines_come_prefixed_in_order_and_cores_are_split():
     assert a == ["[a] alpha 0", "[a] alpha 1", "[a] alpha 2", f"[a] cores {share} threads {share}"]
     assert b == ["[b] beta 0", "[b] beta 1", f"[b] cores {share} threads {share}"]
     assert len(lines) == len(a) + len(b) and not any(err for _, err in lines)
+
+
+def test_a_long_console_line_stays_one_line():
+    lines = collect([Job("a", say_long, (60,))], slots=2)
+    assert [text.rstrip() for text, _ in lines] == ["[a] " + ("word " * 60).rstrip()]
 
 
 def test_bad_input_and_damaged_data_keep_their_kind():
