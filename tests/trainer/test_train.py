@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import load_config
+from pipeline.config import defaults, load_config
 from pipeline.plans.train import make_job
 from stores.images import ImageSet
 from trainer.loop import train
@@ -133,7 +133,8 @@ def test_same_name_other_settings_refused(cli, tmp_path):
     setup(tmp_path, {"epochs": 1})
     assert cli("train")[0] == 0
     code, _, err = cli("train", "--lambda", "0.25")
-    assert code == 2 and "dra_lambda: 0.5 there, 0.25 now" in err and "--name" in err and err.count("\n") == 1
+    default = defaults()["train"]["dra_lambda"]
+    assert code == 2 and f"dra_lambda: {default:g} there, 0.25 now" in err and "--name" in err and err.count("\n") == 1
     code, out, _ = cli("train", "--lambda", "0.25", "--name", "other")
     assert code == 0
 
