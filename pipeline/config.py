@@ -164,6 +164,9 @@ SCHEMA: dict[str, Any] = {
                        "(lines prefixed with the run's name); false = one after the other"),
         "seeds": _k(list, None, "training seeds: each setting is trained once per seed and the report adds mean +- std "
                     "over them; null = train.seed alone", item=int, nullable=True, min=0),
+        "name": _k(str, None, "prefix of the run names: NAME-<arch>-<dra|nodra>-<seed>; null = <arch>-<dra|nodra>-<seed>. "
+                   "A run name holds one setting: give a new prefix to train changed settings beside the old runs",
+                   nullable=True),
     },
     "ray": {
         "address": _k(str, None, "null = local ray.init(); auto or HOST:PORT joins a cluster", nullable=True),

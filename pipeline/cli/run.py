@@ -15,6 +15,7 @@ from pipeline.cli.models import run_fit_diffusion
 from pipeline.config import Config
 from pipeline.parallel import Job, parallel_slots, run_jobs
 from stores.errors import UserError
+from stores.images import validate_set_name
 
 
 def register(app: typer.Typer) -> None:
@@ -24,11 +25,15 @@ def register(app: typer.Typer) -> None:
 def run_cmd(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated (0,1,2): each setting is "
                                         "trained once per seed and the report adds mean +- std [config run.seeds]"),
+    name: Optional[str] = typer.Option(None, "--name", help="run-name prefix: runs NAME-<arch>-<dra|nodra>-<seed>; a "
+                                       "new prefix trains changed settings beside the old runs [config run.name]"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Run every stage pipeline.yaml names (run.stages), end to end, reusing what is cached."""
-    cfg = resolve(config, root, {"run.seeds": parse_seeds(seeds) if seeds is not None else None})
-    run_seeds(cfg)                                 # a bad seed list fails before any stage runs
+    cfg = resolve(config, root, {"run.seeds": parse_seeds(seeds) if seeds is not None else None, "run.name": name})
+    run_seeds(cfg)                                 # a bad seed list or name fails before any stage runs
+    if cfg.run.name is not None:
+        validate_set_name(cfg.run.name, "run-name prefix")
     check_autoattack(cfg)
     started = time.perf_counter()
     runs = []
@@ -104,7 +109,7 @@ def _stage_train(cfg: Config, runs: list[str]) -> list[str]:
     import torch
     from pipeline.plans.train import make_job
     variants = _train_variants(cfg)
-    names = [make_job(variant).name for variant in variants]
+    names = [make_job(variant, run_name(variant)).name for variant in variants]
     on_cpu = not torch.cuda.is_available() and cfg.train.workers == 1
     run_side_by_side(cfg, [Job(n, _train_one, (v, n)) for n, v in zip(names, variants)], on_cpu, "training")
     return names
@@ -152,7 +157,15 @@ def evaluate_cached(cfg: Config, name: str) -> None:
 
 def _job_for(cfg: Config):
     from pipeline.plans.train import make_job
-    return make_job(cfg)
+    return make_job(cfg, run_name(cfg))
+
+
+def run_name(variant: Config) -> str | None:
+    """NAME-<arch>-<dra|nodra>-<seed> under run.name; None = the trainer's own default (the same without prefix)."""
+    if variant.run.name is None:
+        return None
+    t = variant.train
+    return f"{variant.run.name}-{t.arch}-{'dra' if t.dra and t.dra_lambda > 0 else 'nodra'}-{t.seed}"
 
 
 def _same_eval(path: Path, cfg: Config) -> bool:

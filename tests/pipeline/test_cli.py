@@ -107,6 +107,25 @@ def test_run_trains_each_setting_once_per_seed(tmp_path):
     assert [(v.train.dra, v.train.seed) for v in _train_variants(one)] == [(True, 7)]
 
 
+def test_run_name_prefixes_every_run_and_none_keeps_the_default(tmp_path):
+    from pipeline.cli.run import _train_variants, run_name
+    from pipeline.config import load_config
+    (tmp_path / "pipeline.yaml").write_text("{}\n")
+    named = load_config(tmp_path / "pipeline.yaml", {"run.seeds": [3], "run.name": "v2"})
+    assert [run_name(v) for v in _train_variants(named)] == ["v2-small-cnn-nodra-3", "v2-small-cnn-dra-3"]
+    zero = load_config(tmp_path / "pipeline.yaml", {"run.name": "z", "train.dra_lambda": 0.0, "run.compare_dra": False})
+    assert [run_name(v) for v in _train_variants(zero)] == ["z-small-cnn-nodra-0"]      # lambda 0 is DRA off
+    plain = load_config(tmp_path / "pipeline.yaml")
+    assert [run_name(v) for v in _train_variants(plain)] == [None, None]
+
+
+def test_run_rejects_a_bad_name_before_any_stage(cli, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("run:\n  stages: [import]\n")
+    code, _, err = cli("run", "--name", "a/b")
+    assert code == 2 and "a/b" in err and err.count("\n") == 1
+    assert not (tmp_path / "dra-data").exists()
+
+
 def test_run_without_pyautoattack_stops_before_the_first_stage(cli, tmp_path, monkeypatch):
     monkeypatch.setattr("trainer.evaluate.autoattack_available", lambda: False)
     code, _, err = cli("run")
