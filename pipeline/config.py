@@ -67,7 +67,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _k(int, 128, "training batch size", min=1, max=65536),
         "lr": _k(float, 1e-3, "Adam learning rate (ramped up linearly over the first 5% of the run)", min=0.0, max=1.0),
         "ema_halflife_kimg": _k(float, 10.0, "EMA half-life in thousands of images (ramped: at most 5% of the images seen so far)", min=0.0),
-        "duration_kimg": _k(float, 120.0, "training length in thousands of images (digits: 2.5-7 min on 2 cores; class agreement 97.6%)", min=0.001),
+        "duration_kimg": _k(float, 120.0, "training length in thousands of images (digits: 2.5-7 min on 2 cores; class agreement 97.3-97.7%)", min=0.001),
         "dropout": _k(float, 0.1, "dropout probability inside the U-Net blocks while training", min=0.0, max=1.0, below_max=True),
         "seed": _k(int, 0, "training seed", min=0),
     },
