@@ -24,8 +24,8 @@ class RateBar:
         self._logged = self.started              # when the last plain line was written
 
     def advance(self, count: int, status: str = "") -> None:
+        self.done += count
         if not self.console.is_terminal:
-            self.done += count
             self._log_line(status)
             return
         if self._bar is None:
@@ -34,7 +34,6 @@ class RateBar:
                                  console=self.console, transient=True)
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=self.total, rate="", status="")
-        self.done += count
         self._bar.update(self._task, advance=count, rate=f"{self.rate:,.0f} {self.unit}/s", status=status)
 
     def _log_line(self, status: str) -> None:

@@ -43,6 +43,16 @@ def run_cli(*args: str) -> None:
         sys.argv = saved
 
 
+class FakeClock:
+    """Stands in for the `time` module of code under test: perf_counter moves only when a test moves `now`."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 def make_cifar_tarball(path: Path, classes: int = 10, n_train: int = 30, n_test: int = 12, seed: int = 0,
                        bad_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A small tarball in the layout of the official python CIFAR archives; returns (train rows, train labels)."""

@@ -135,13 +135,12 @@ def _scale(net, work: Path, dev: torch.device, smoke: bool) -> dict:
     count = torch.cuda.device_count() if dev.type == "cuda" else 0
     if count < 2 and not smoke:
         return {"gpus": count, "note": "one GPU visible: generating on one actor per GPU is not measured"}
-    try:                                            # only this section needs Ray: the rest runs without it
-        import ray
-    except ImportError:
-        ray = None
-    if ray is None:
+    try:
+        from pipeline.bench.gpu_scale import bench_scale           # imports Ray: only this section needs it
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "ray":
+            raise
         return {"gpus": count, "note": "Ray is not installed: generating on one actor per GPU is not measured"}
-    from pipeline.bench.gpu_scale import bench_scale
     return bench_scale(net, work / "scale", smoke)
 
 

@@ -109,7 +109,8 @@ def bench_sampler_variants(net, batch: int, steps: int, dev: torch.device, min_s
                 _warm_up(model, inputs, dev, channels_last)
             seconds, (samples, nfe) = repeat_timed(lambda: run_heun(model, inputs, steps, channels_last), dev,
                                                    min_seconds)
-        net.to(memory_format=torch.contiguous_format)
+        if channels_last:
+            net.to(memory_format=torch.contiguous_format)
         if reference is None:
             reference, base_seconds = samples.double(), seconds
         rows[variant] = {"images_per_s": batch / seconds, "seconds": seconds, "nfe": nfe,

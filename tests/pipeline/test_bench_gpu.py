@@ -68,7 +68,7 @@ import sys, importlib.abc, json
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split('.')[0] in ('ray', 'diffusers'):
-            raise ModuleNotFoundError(name)
+            raise ModuleNotFoundError(f'No module named {name!r}', name=name)
 sys.meta_path.insert(0, Block())
 from pathlib import Path
 import torch

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import REPO
+from conftest import FakeClock, REPO
 from pipeline.bench.sampler import bench_sampler, CIFAR10_CONFIG
 from pipeline.config import load_config
 
@@ -24,16 +24,6 @@ def _run(cfg, **kw):
     results = bench_sampler(cfg, Console(file=out, width=240), cifar_batch=2, cifar_config=TINY_CIFAR,
                             device="cpu", min_seconds=0.0, **kw)
     return results, out.getvalue()
-
-
-class FakeClock:
-    """A perf_counter that moves only when told: each network evaluation advances it by a known time."""
-
-    def __init__(self):
-        self.now = 100.0
-
-    def perf_counter(self) -> float:
-        return self.now
 
 
 def test_reported_figures_are_consistent(tmp_path):

@@ -5,21 +5,14 @@ import io
 
 from rich.console import Console
 
+from conftest import FakeClock
 from pipeline import progress
 from pipeline.progress import RateBar
 
 
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_log_gets_a_line_every_interval_with_count_rate_and_time_left(monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    clock = FakeClock()
+    monkeypatch.setattr(progress, "time", clock)
     text = io.StringIO()
     bar = RateBar("fit-diffusion", "images", total=1000, console=Console(file=text, width=200))
     for _ in range(10):                       # 100 images per 10 s: a line at 30, 60 and 90 s
@@ -32,8 +25,8 @@ def test_a_log_gets_a_line_every_interval_with_count_rate_and_time_left(monkeypa
 
 
 def test_a_terminal_gets_the_bar_and_no_plain_lines(monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    clock = FakeClock()
+    monkeypatch.setattr(progress, "time", clock)
     text = io.StringIO()
     bar = RateBar("generate", "images", total=10, console=Console(file=text, width=200, force_terminal=True))
     clock.now += 60
