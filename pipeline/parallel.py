@@ -142,7 +142,7 @@ def _child(messages, name: str, function, args: tuple, cores: list[int]) -> None
         os.sched_setaffinity(0, cores)
     import torch
     torch.set_num_threads(len(cores))
-    from pipeline.cli.common import console
+    from pipeline.console import console
     sys.stdout, sys.stderr = _LineWriter(messages, name, False), _LineWriter(messages, name, True)
     console.file, console.soft_wrap = sys.stdout, True        # a long line stays one line behind its prefix
     try:

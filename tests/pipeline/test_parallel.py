@@ -23,7 +23,7 @@ def say(word: str, count: int) -> None:
 
 
 def say_long(width: int) -> None:
-    from pipeline.cli.common import console
+    from pipeline.console import console
     console.print("word " * width, highlight=False)
 
 
