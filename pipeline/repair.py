@@ -8,11 +8,14 @@ set before any set is written: a missing input changes nothing.
 from __future__ import annotations
 
 import copy
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from pipeline.config import Config
+from pipeline.console import console, interrupt_reported, report_interrupt, shard_list
 from pipeline.models import model_provenance, recorded_model
 from stores.catalog import verify_feature_set, verify_image_set
 from stores.errors import IntegrityError, UserError
@@ -29,6 +32,46 @@ class RepairPlan:
     shards: list[int]                        # damaged or never completed shard indices
     redo: Callable[[], int] | None = None    # redoes them under the set's lock; returns images processed
     on_ray: bool = False                     # redone on Ray actors (generated and feature sets)
+
+
+def repair_sets(cfg: Config, names: list[str], sources: list[str], model: str | None, wait: bool = False) -> None:
+    """`dra-pipe repair`: plan every named set (default: all; image sets first, as feature sets are computed from
+    them), checking all their inputs, then redo each one's shards (on one Ray for every set that needs it)."""
+    from pipeline.shards.cluster import ray_session
+    from stores.catalog import resolve_set
+    from stores.features import list_feature_sets
+    from stores.images import list_image_sets
+    base = Path(cfg.root)
+    targets = [resolve_set(base, name) for name in dict.fromkeys(names)] if names else \
+        [("images", p) for p in list_image_sets(base)] + [("features", p) for p in list_feature_sets(base)]
+    targets.sort(key=lambda t: t[0] != "images")
+    if not targets:
+        console.print(f"nothing under {base} to repair")
+        return
+    wanted = {path.name for _, path in targets}
+    plans = [plan_repair(cfg, kind, path, sources, model, wait, wanted) for kind, path in targets]
+    on_ray = any(p.on_ray for p in plans if p.shards)
+    with ray_session(cfg.ray.address, cfg.ray.num_cpus) if on_ray else nullcontext():
+        for plan in plans:
+            redo(plan)
+
+
+def redo(plan: RepairPlan) -> None:
+    """Redo one set's shards and report them with the throughput."""
+    what = "image set" if plan.kind == "images" else "feature set"
+    if not plan.shards:
+        console.print(f"{what} {plan.name}: nothing damaged", highlight=False)
+        return
+    started = time.perf_counter()
+    try:
+        images = plan.redo()
+    except KeyboardInterrupt:
+        if not interrupt_reported():               # a Ray redo has said what it keeps already
+            report_interrupt(f"shards of {plan.name} redone so far are kept; rerun `dra-pipe repair` to finish")
+        raise
+    seconds = time.perf_counter() - started
+    console.print(f"repaired {what} {plan.name}: shard(s) {shard_list(plan.shards)} redone, {images:,} images in "
+                  f"{seconds:.1f} s ({images / max(seconds, 1e-9):,.1f} images/s)", highlight=False)
 
 
 def damaged_indices(kind: str, path: Path) -> list[int]:
@@ -129,7 +172,7 @@ def _load_recorded_model(what: str, provenance: dict, root: Path, override: str 
 
 
 def _generate_redo(cfg: Config, images: ImageSet, override: str | None, wait: bool) -> Callable[[], int]:
-    from pipeline.cli.generate import execute, GenerateJob
+    from pipeline.generate import execute, GenerateJob
     from stages.generate import GenerateSettings, generated_identity, require_conditional
     from stores.images import ImageSetWriter
     root = Path(cfg.root)
@@ -157,8 +200,9 @@ def _generate_redo(cfg: Config, images: ImageSet, override: str | None, wait: bo
 
 # --- feature sets -------------------------------------------------------------------------------------------
 
-def _feature_redo(cfg: Config, fs: FeatureSet, override: str | None, wait: bool, targets: set[str]) -> Callable[[], int]:
-    from pipeline.cli.extract import execute, Output
+def _feature_redo(cfg: Config, fs: FeatureSet, override: str | None, wait: bool,
+                  targets: set[str]) -> Callable[[], int]:
+    from pipeline.extract import execute, Output
     from stages.extract import NoiseLevel
     from stores.features import FeatureSetWriter
     from stores.views import ViewSpec

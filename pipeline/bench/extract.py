@@ -22,9 +22,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli.data import run_import
-from pipeline.cli.extract import execute, noise_levels, open_image_sets, plan_outputs
 from pipeline.config import Config
+from pipeline.data import run_import
+from pipeline.extract import execute, noise_levels, open_image_sets, plan_outputs
 from pipeline.models import fit_settings, resolve_model_spec
 from pipeline.shards.cluster import cluster_nodes, plan_actors, ray_session
 from pipeline.workflow import real_train_set, training_generated_set

@@ -1,7 +1,6 @@
-"""What every command shares: the --config and --root options, the consoles, resolving the configuration."""
+"""What every command shares: the --config and --root options, the console, resolving the configuration."""
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -9,8 +8,7 @@ from typing import Any, Optional
 import typer
 
 from pipeline.config import Config, load_config
-from pipeline.console import (console, err_console, human_bytes, interrupt_reported, report_interrupt,  # noqa: F401
-                              shard_list, stopped_waiting)
+from pipeline.console import console, report_interrupt  # noqa: F401  (console: every command prints with it)
 from stores.errors import UserError
 
 

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from pipeline.cli import bench, data, eval, extract, generate, models, repair, run, select, sweep, train
-from pipeline.cli.common import interrupt_reported, stopped_waiting
+from pipeline.console import interrupt_reported, stopped_waiting
 from stores.errors import IntegrityError, StoppedWaiting, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",

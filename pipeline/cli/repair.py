@@ -1,17 +1,14 @@
-"""`dra-pipe repair [NAME...]`: rewrite exactly the damaged or missing shards of image and feature sets."""
+"""`dra-pipe repair [NAME...]`: rewrite exactly the damaged or missing shards of image and feature sets
+(pipeline.repair)."""
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import List, Optional, TYPE_CHECKING
+from typing import List, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, console, interrupted, resolve, RootOpt, shard_list, WaitOpt
-
-if TYPE_CHECKING:
-    from pipeline.repair import RepairPlan
+from pipeline.cli.common import ConfigOpt, resolve, RootOpt, WaitOpt
+from pipeline.repair import repair_sets
 
 
 def register(app: typer.Typer) -> None:
@@ -28,38 +25,5 @@ def repair_cmd(
 ):
     """Find each set's damaged or missing shards (as `verify` does) and redo exactly those from the recorded source
     or model, with the bytes they had. Every input is checked before anything is written."""
-    from pipeline.repair import plan_repair
-    from pipeline.shards.cluster import ray_session
-    from stores.catalog import resolve_set
-    from stores.features import list_feature_sets
-    from stores.images import list_image_sets
     cfg = resolve(config, root, {"ray.cpu_actors": workers})
-    base = Path(cfg.root)
-    targets = [resolve_set(base, name) for name in dict.fromkeys(names)] if names else \
-        [("images", p) for p in list_image_sets(base)] + [("features", p) for p in list_feature_sets(base)]
-    targets.sort(key=lambda t: t[0] != "images")            # image sets first: feature sets are computed from them
-    if not targets:
-        console.print(f"nothing under {base} to repair")
-        return
-    wanted = {path.name for _, path in targets}
-    plans = [plan_repair(cfg, kind, path, [str(s) for s in sources or []], model, wait, wanted) for kind, path in targets]
-    on_ray = any(p.on_ray for p in plans if p.shards)
-    with ray_session(cfg.ray.address, cfg.ray.num_cpus) if on_ray else nullcontext():     # one Ray for every set
-        for plan in plans:
-            redo(plan)
-
-
-def redo(plan: RepairPlan) -> None:
-    """Redo one set's shards and report them with the throughput."""
-    what = "image set" if plan.kind == "images" else "feature set"
-    if not plan.shards:
-        console.print(f"{what} {plan.name}: nothing damaged", highlight=False)
-        return
-    started = time.perf_counter()
-    try:
-        images = plan.redo()
-    except KeyboardInterrupt:
-        raise interrupted(f"shards of {plan.name} redone so far are kept; rerun `dra-pipe repair` to finish") from None
-    seconds = time.perf_counter() - started
-    console.print(f"repaired {what} {plan.name}: shard(s) {shard_list(plan.shards)} redone, {images:,} images in "
-                  f"{seconds:.1f} s ({images / max(seconds, 1e-9):,.1f} images/s)", highlight=False)
+    repair_sets(cfg, list(names or []), [str(s) for s in sources or []], model, wait)

@@ -53,7 +53,7 @@ def snapshot(root: Path) -> dict:
 
 
 def feature_dir(config: Path) -> Path:
-    from pipeline.cli.extract import noise_levels, open_image_sets, plan_outputs
+    from pipeline.extract import noise_levels, open_image_sets, plan_outputs
     from stages.models import load_model
     cfg = load_config(config)
     net = load_model(cfg.model.spec)

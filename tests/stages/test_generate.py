@@ -93,7 +93,7 @@ def member_ids(s: ImageSet) -> Counter:
 
 @pytest.mark.usefixtures("ray_local")
 def test_resume_noop_and_growth_match_an_undisturbed_run(cli, tmp_path, spec, reference):
-    from pipeline.cli.generate import run_generate
+    from pipeline.generate import run_generate
     config = write_config(tmp_path, spec)
 
     def interrupt(progress):
@@ -121,7 +121,7 @@ def test_resume_noop_and_growth_match_an_undisturbed_run(cli, tmp_path, spec, re
 
 @pytest.mark.usefixtures("ray_local")
 def test_killed_worker_is_replaced_and_the_set_is_exact(tmp_path, spec, reference, capsys):
-    from pipeline.cli.generate import run_generate
+    from pipeline.generate import run_generate
     killed = []
 
     def kill_a_busy_worker(progress):

@@ -168,7 +168,7 @@ def test_verify_recompute_uses_the_sets_dtypes(model, tmp_path):
 
 def test_generate_command_samples_in_model_dtype_into_a_sibling(spec, tmp_path):
     """`dra-pipe generate`'s preparation: model.dtype reaches the workers' settings, the name and the identity."""
-    from pipeline.cli.generate import prepare
+    from pipeline.generate import prepare
     jobs = {d: prepare(load_config(None, {"root": str(tmp_path), "model.spec": spec, "model.dtype": d,
                                           "generate.n": 8})) for d in ("float32", "bfloat16")}
     assert jobs["bfloat16"].settings.dtype == "bfloat16" and jobs["float32"].settings.dtype == "float32"
