@@ -289,3 +289,22 @@ def test_generated_npz_set_is_repaired_from_its_files(cli, tmp_path, ws):
     assert code == 0 and "shard(s) 0, 1 redone" in out, err
     assert {p: p.read_bytes() for p in shards} == before
     assert cli("verify", "dmat")[0] == 0
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_an_interrupted_repair_says_what_is_kept_once(monkeypatch, capsys, inner):
+    """Ctrl-C while a set is redone: one `interrupted:` line, the redo's own (a Ray stage reports its shards)
+    where it gave one, else repair's."""
+    from pipeline import console
+    from pipeline.repair import redo, RepairPlan
+    monkeypatch.setattr(console, "_interrupt_reported", False)
+
+    def interrupted() -> int:
+        if inner:
+            console.report_interrupt("1 of 2 shards of gen are complete; rerun the same command to resume")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        redo(RepairPlan("images", "gen", [1], interrupted, on_ray=inner))
+    said = "1 of 2 shards of gen are complete; rerun the same command to resume" if inner else \
+        "shards of gen redone so far are kept; rerun `dra-pipe repair` to finish"
+    assert capsys.readouterr().err.splitlines() == [f"interrupted: {said}"]
