@@ -4,23 +4,20 @@ Shards are split across ranks and DataLoader workers (each shard read by exactly
 shard order and within each shard, and decoded into reused buffers. Targets are matched to images by id:
 a feature set built from other images is refused, naming both fingerprints.
 
-Handing batches from workers to the main process is the expensive part on this machine kind: a batch written
-into fresh shared memory moves at 1-2 GB/s (the VM hands fresh pages over slowly), into memory written before at
-about 10. ShardLoader therefore lets each worker recycle a few shared batch buffers (slots): the main process
-copies each batch out into memory of its own, then frees the slot; a worker refills a slot only once freed.
+Handing batches from workers to the main process is the expensive part on this machine kind: ShardLoader hands
+them over through recycled shared buffers (stores.handover), as the trainer's loader does.
 """
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSet
+from stores.handover import EmptyBatches, SlotLoader, SlotStream
 from stores.images import ImageSet
 from stores.tarshard import ShardBuffer
 
@@ -63,8 +60,9 @@ class PairedShardReader:
         return self._targets[name]
 
 
-class ShardStream(IterableDataset):
-    """Iterable of batches; pass to DataLoader(batch_size=None). One pass = one epoch over the given shards."""
+class ShardStream(SlotStream):
+    """Iterable of batches; pass to DataLoader(batch_size=None), or read it with ShardLoader. One pass = one epoch
+    over the given shards. recycle: see SlotStream (ShardLoader sets it: it frees the slots)."""
 
     def __init__(self, image_path: Path, feature_path: Path | None, shards: list[int], batch_size: int,
                  seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, drop_last: bool = False,
@@ -73,8 +71,7 @@ class ShardStream(IterableDataset):
         self.shards, self.batch_size, self.seed, self.shuffle = list(shards), batch_size, seed, shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
-        # recycle (ShardLoader only: it frees the slots): 1 = the slot's batch is not yet copied out
-        self.busy = slot_flags() if recycle else None
+        super().__init__(recycle)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -91,9 +88,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         reader = PairedShardReader(self.image_path, self.feature_path)
-        info = get_worker_info()
-        shared = info is not None                    # in a worker: fill shared memory, so handing over is free
-        slots = SlotPool(self.busy, info.id) if shared and self.busy is not None else None
+        batches = self.empty_batches()
         pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
         held = 0
         for index in self.my_shards():
@@ -108,10 +103,10 @@ class ShardStream(IterableDataset):
                 held += take
                 start += take
                 if held == self.batch_size:
-                    yield _gather(pending, held, shared, slots)
+                    yield _gather(pending, held, batches)
                     pending, held = [], 0
         if pending and not self.drop_last:
-            yield _gather(pending, held, shared, slots)
+            yield _gather(pending, held, batches)
 
 
 def _detach(parts: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
@@ -119,123 +114,38 @@ def _detach(parts: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> list[tuple
     return [({k: v[rows] for k, v in shard.items()}, np.arange(len(rows))) for shard, rows in parts]
 
 
-def _gather(parts: list[tuple[dict[str, np.ndarray], np.ndarray]], size: int, shared: bool,
-            slots: "SlotPool | None" = None) -> dict[str, torch.Tensor]:
-    """One batch from (shard, rows) parts, gathered straight into its output tensors (a recycled slot's, when
-    there is a slot pool; its number travels as batch[SLOT_KEY]).
+def _gather(parts: list[tuple[dict[str, np.ndarray], np.ndarray]], size: int,
+            batches: EmptyBatches) -> dict[str, torch.Tensor]:
+    """One batch from (shard, rows) parts, gathered straight into the tensors `batches` hands out (a recycled
+    slot's in a recycling worker; its number then travels as batch[SLOT_KEY]).
 
     images (B, H, W, C) uint8, labels (B,), ids (B,), targets (B, C, h, w) in the stored dtype. Parts must be consumed
     before the reader decodes its next shard (its buffers are reused): this function copies.
     """
-    batch = {}
-    slot, buffers = slots.take() if slots else (None, None)
-    for key, value in parts[0][0].items():
-        shape, dtype = (size, *value.shape[1:]), _TORCH_DTYPES[value.dtype]
-        if slots:
-            out = slots.buffer(buffers, key, shape, dtype)
-        else:
-            out = torch.empty(shape, dtype=dtype)
-            if shared:
-                out.share_memory_()
-        target, row = out.numpy(), 0
+    layout = {key: ((size, *value.shape[1:]), _TORCH_DTYPES[value.dtype]) for key, value in parts[0][0].items()}
+    batch = batches.take(layout)
+    for key in layout:
+        target, row = batch[key].numpy(), 0
         for shard, rows in parts:
             np.take(shard[key], rows, axis=0, out=target[row:row + len(rows)], mode=TAKE_MODE)
             row += len(rows)
-        batch[key] = out
-    if slot is not None:
-        batch[SLOT_KEY] = torch.tensor(slot)
     return batch
 
 
-SLOTS_PER_WORKER = 6                 # DataLoader keeps prefetch_factor (2 here, 4 in the trainer) batches per worker in
-                                     # flight, plus the one the consumer holds and the one being filled
-MAX_WORKERS = 64
-SLOT_KEY = "_slot"
-
-
-def slot_flags() -> torch.Tensor:
-    """The shared busy flags of every worker's slots (1 = handed out, not yet freed by the consumer)."""
-    return torch.zeros(MAX_WORKERS * SLOTS_PER_WORKER, dtype=torch.int32).share_memory_()
-
-
-class SlotPool:
-    """One worker's recycled shared batch buffers and its view of the shared busy flags."""
-
-    def __init__(self, busy: torch.Tensor, worker: int):
-        if worker >= MAX_WORKERS:
-            raise ValueError(f"recycled batch slots support at most {MAX_WORKERS} loader workers")
-        self.busy, self.first, self.next = busy, worker * SLOTS_PER_WORKER, 0
-        self.buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(SLOTS_PER_WORKER)]
-        busy[self.first:self.first + SLOTS_PER_WORKER] = 0          # a new pass: earlier batches are gone
-        self.parent = os.getppid()
-
-    def take(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """The next slot, once the consumer has freed it (copied its batch out, or moved on from a borrowed one).
-
-        A training step (or an epoch's evaluation) may hold a slot for long, so there is no time limit; the wait
-        ends with an error only if the consumer's process is gone. Polling backs off to 5 ms so that a waiting
-        worker does not take CPU from the step."""
-        j, self.next = self.next, (self.next + 1) % SLOTS_PER_WORKER
-        flag, pause = self.first + j, 0.0002
-        while int(self.busy[flag]):
-            if os.getppid() != self.parent:
-                raise RuntimeError(f"batch slot {flag} is never freed: the process that consumes the batches is gone")
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
-        self.busy[flag] = 1
-        return flag, self.buffers[j]
-
-    @staticmethod
-    def buffer(buffers: dict[str, torch.Tensor], key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        held = buffers.get(key)
-        if held is None or held.shape[1:] != shape[1:] or held.shape[0] < shape[0] or held.dtype != dtype:
-            held = buffers[key] = torch.empty(shape, dtype=dtype).share_memory_()
-        return held[:shape[0]]
-
-
-class ShardLoader:
+class ShardLoader(SlotLoader):
     """Batches of a ShardStream read by `workers` DataLoader processes that recycle their shared buffers.
 
-    borrow=False: each batch is the caller's own memory (copied out of the worker's slot, which is then freed),
-    so it may be kept as long as wanted. borrow=True: a batch is valid only until the next one is drawn (its slot
-    then goes back to the worker), and nothing is copied. workers=0 reads in this process.
+    borrow=False: each batch is the caller's own memory, to keep as long as wanted; borrow=True: a batch is valid
+    only until the next one is drawn, and nothing is copied (SlotLoader). workers=0 reads in this process.
     """
 
     def __init__(self, image_path: Path, feature_path: Path | None, shards: list[int], batch_size: int,
                  workers: int = 2, borrow: bool = False, **stream_options):
-        self.stream = ShardStream(image_path, feature_path, shards, batch_size, recycle=workers > 0, **stream_options)
-        self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers)
-        self.borrow = borrow
+        stream = ShardStream(image_path, feature_path, shards, batch_size, recycle=workers > 0, **stream_options)
+        super().__init__(stream, workers, borrow=borrow)
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
-
-    def __iter__(self):
-        lent = None
-        for batch in self.loader:
-            if lent is not None:
-                self.stream.busy[lent] = 0                         # the caller has moved on
-                lent = None
-            slot = batch.pop(SLOT_KEY, None)
-            if slot is None:
-                yield batch
-            elif self.borrow:
-                lent = int(slot)
-                yield batch
-            else:
-                own = copy_batch(batch)
-                del batch                                          # the slot's mapping goes before the slot is freed
-                self.stream.busy[int(slot)] = 0
-                yield own
-
-
-def copy_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Private copies of a batch's tensors; numpy's single-threaded copy leaves the cores to the workers."""
-    own = {}
-    for key, t in batch.items():
-        own[key] = torch.empty(t.shape, dtype=t.dtype)
-        np.copyto(own[key].numpy(), t.numpy())
-    return own
 
 
 # Rows are permutations of a shard's own range, so never out of bounds. numpy buffers `out` under the default

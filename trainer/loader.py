@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from stores.errors import UserError
 from stores.features import FeatureSet, view_array
+from stores.handover import SLOT_KEY, SlotLoader, SlotStream
 from stores.images import ImageSet
-from stores.stream import check_pairing, copy_batch, PairedShardReader, SLOT_KEY, SlotPool, slot_flags, TAKE_MODE
+from stores.stream import TAKE_MODE, PairedShardReader, check_pairing
 from trainer.views import view_choices
+
 
 @dataclass(frozen=True)
 class Source:
@@ -180,18 +182,18 @@ def split_batch(batch_size: int, unsup_fraction: float, world_size: int) -> tupl
     return per_rank - generated, generated
 
 
-class MixedStream(IterableDataset):
+class MixedStream(SlotStream):
     """Endless mixed batches for one rank: ids (B,), images (B, H, W, C) uint8, labels (B,), generated (B,) bool,
     and with targets targets (B, C, h, w) in the stored dtype (float16 or float32) [, targets_v1 (view 1)]; in
     views mode targets is each row's drawn stored view and views (B,) int64 says which
     (trainer.views.view_choices). Pass to DataLoader(batch_size=None).
 
-    recycle: workers fill a few shared batch buffers again and again (fresh shared memory per batch is slow to
-    hand over on these VMs) and tag each batch with its slot; the consumer (TrainLoader) frees the slot."""
+    recycle: workers fill a few shared batch buffers again and again (stores.handover) and tag each batch with
+    its slot; the consumer (TrainLoader) frees the slot."""
 
     def __init__(self, plan: MixPlan, recycle: bool = False):
         self.plan = plan
-        self.busy = slot_flags() if recycle else None
+        super().__init__(recycle)
 
     def __iter__(self):
         p = self.plan
@@ -203,10 +205,10 @@ class MixedStream(IterableDataset):
         done = max(0, -(-(p.start - worker) // workers))          # batches of this slot already consumed
         real = SlotReader(p.real, p.seed, slot, slots, done * p.real_rows)
         gen = SlotReader(p.generated, p.seed, slot, slots, done * p.generated_rows) if p.generated_rows else None
-        shapes = self._shapes(real)
-        slots = SlotPool(self.busy, info.id) if info is not None and self.busy is not None else None
+        layout = {k: ((p.batch_size, *shape), dtype) for k, (shape, dtype) in self._shapes(real).items()}
+        batches = self.empty_batches()
         while True:
-            batch = self._new_batch(shapes, info is not None, slots)
+            batch = batches.take(layout)
             arrays = {k: t.numpy() for k, t in batch.items() if k != SLOT_KEY}
             views = self._views(step)
             real.fill({k: a[:p.real_rows] for k, a in arrays.items() if k != "generated"},
@@ -217,20 +219,6 @@ class MixedStream(IterableDataset):
             arrays["generated"][:] = np.arange(p.batch_size) >= p.real_rows
             step += workers
             yield batch
-
-    def _new_batch(self, shapes: dict, in_worker: bool, slots: SlotPool | None) -> dict[str, torch.Tensor]:
-        """Empty batch tensors: a recycled slot's, fresh shared memory in a worker, or plain memory in-process."""
-        size = self.plan.batch_size
-        if slots is not None:
-            slot, buffers = slots.take()
-            batch = {k: slots.buffer(buffers, k, (size, *s), d) for k, (s, d) in shapes.items()}
-            batch[SLOT_KEY] = torch.tensor(slot)
-            return batch
-        batch = {k: torch.empty((size, *s), dtype=d) for k, (s, d) in shapes.items()}
-        if in_worker:
-            for t in batch.values():
-                t.share_memory_()                 # workers hand shared memory over without a copy
-        return batch
 
     def _views(self, step: int) -> np.ndarray | None:
         """Views mode: the stored view of every row of batch `step` (real rows first)."""
@@ -258,53 +246,22 @@ def target_dtype(features: FeatureSet) -> torch.dtype:
     return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[features.dtype]
 
 
-class TrainLoader:
+class TrainLoader(SlotLoader):
     """The rank's endless batches from MixedStream in `plan.loader_workers` DataLoader processes.
 
-    borrow=False: every batch is the caller's own memory (copied out of the worker's recycled slot).
-    borrow=True (the training loop): a batch stays valid only until the next one is drawn; its slot is then
-    handed back to the worker, so nothing is copied. With pin_memory the batch arrives as a pinned copy and the
-    slot is freed at once; where torch skips pinning (no accelerator) the batch is borrowed or copied as without.
-    Iterating twice restarts the workers at plan.start.
+    borrow=False: every batch is the caller's own memory. borrow=True (the training loop): a batch stays valid only
+    until the next one is drawn, and nothing is copied. pin_memory: see SlotLoader. Iterating twice restarts the
+    workers at plan.start.
     """
 
     def __init__(self, plan: MixPlan, pin_memory: bool = False, borrow: bool = False):
         workers = plan.loader_workers
-        self.stream = MixedStream(plan, recycle=workers > 0)
-        self.borrow, self.pinned = borrow, pin_memory
-        self.lent: int | None = None           # the slot of the borrowed batch the caller holds
         # its own generator: creating the iterator must not draw from torch's global RNG (exact resume)
-        self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
-                                 prefetch_factor=PREFETCH if workers else None,
-                                 generator=torch.Generator().manual_seed(plan.seed), pin_memory=pin_memory)
-
-    def __iter__(self):
-        self.lent = None
-        for batch in self.loader:
-            if self.lent is not None:
-                self.stream.busy[self.lent] = 0              # the caller has moved on from the previous batch
-                self.lent = None
-            slot = batch.pop(SLOT_KEY, None)
-            pinned = self.pinned and arrived_pinned(batch)
-            if slot is None:
-                yield batch
-            elif self.borrow and not pinned:
-                self.lent = int(slot)
-                yield batch
-            else:
-                own = batch if pinned else copy_batch(batch)
-                del batch
-                self.stream.busy[int(slot)] = 0
-                yield own
+        super().__init__(MixedStream(plan, recycle=workers > 0), workers, borrow=borrow, pin_memory=pin_memory,
+                         prefetch=PREFETCH, seed=plan.seed)
 
 
-def arrived_pinned(batch: dict[str, torch.Tensor]) -> bool:
-    """Whether DataLoader really copied the batch into page-locked memory: it skips pinning, with a warning, where
-    torch has no accelerator (a CPU-only build, MPS); the batch is then the worker's slot itself."""
-    return all(t.is_pinned() for t in batch.values())
-
-
-PREFETCH = 4                             # batches each worker keeps ready (stores.stream keeps slots for them)
+PREFETCH = 4                             # batches each worker keeps ready (stores.handover keeps slots for them)
 
 
 def make_loader(plan: MixPlan, pin_memory: bool = False, borrow: bool = False) -> TrainLoader:

@@ -71,7 +71,8 @@ def test_features_of_other_images_refused(tmp_path):
 
 def test_shard_loader_recycles_slots_and_every_kept_batch_stays_intact(tmp_path):
     """Many more batches than slots (SLOTS_PER_WORKER per worker): a slot refilled too early would corrupt a kept batch."""
-    from stores.stream import ShardLoader, SLOTS_PER_WORKER
+    from stores.handover import SLOTS_PER_WORKER
+    from stores.stream import ShardLoader
     s, fpath, images, labels = build(tmp_path, n=200, shard=8)
     loader = ShardLoader(s.path, fpath, s.plan_indices(), batch_size=4, workers=2, seed=5)
     for epoch in range(2):

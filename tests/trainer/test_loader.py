@@ -160,7 +160,7 @@ def test_views_mode_streams_each_rows_drawn_view_and_resumes_exactly(tmp_path, w
 def test_borrowed_batches_recycle_their_slots_and_match_copied_ones(tmp_path):
     """borrow=True (the training loop) hands the worker's recycled slots over without a copy: the same few buffers
     come back, and each batch, read before the next is drawn, equals the copied stream's batch."""
-    from stores.stream import SLOTS_PER_WORKER
+    from stores.handover import SLOTS_PER_WORKER
     ws = workspace(tmp_path, flip=True)
     real, gen = sources(ws, stop=100)
     plan = MixPlan(real, gen, 6, 10, seed=3, loader_workers=2, keys=TARGETS)
