@@ -53,7 +53,8 @@ class GenerateSettings:
             raise UserError(f"--steps must be at least 2 (got {self.steps}): the EDM discretisation needs two noise levels")
         if self.churn > 0 and not entry.takes_churn:
             with_churn = " and ".join(name for name, e in SAMPLERS.items() if e.takes_churn)
-            raise UserError(f"churn applies to the {with_churn} samplers only; set generate.churn: 0 for {self.sampler}")
+            raise UserError(f"churn applies to the {with_churn} samplers only; "
+                            f"set generate.churn: 0 for {self.sampler}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
         check_compute_dtype(self.dtype, pick_device())
