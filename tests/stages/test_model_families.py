@@ -23,7 +23,7 @@ from stages.extract import default_layer
 from stages.fingerprint import model_fingerprint
 from stages.models import load_model, save_own
 from stages.sigma import sigma_from_timestep
-from stages.specs import FAMILIES, parse_spec
+from stages.specs import FAMILIES, parse_spec, spec_help
 from stages.taps import describe_layers, features
 from stores.errors import IntegrityError, UserError
 
@@ -190,3 +190,11 @@ def test_a_truncated_file_is_refused_in_one_line(made, tmp_path, cli, keep):
     code, _, err = cli("model", "info", "--model", str(spec), "--root", str(tmp_path / "ws"))
     assert code == (1 if made.damaged_error is IntegrityError else 2)
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_one_parser_and_one_help():
+    assert parse_spec("dra:/a:b/c").path == "/a:b/c" and str(parse_spec("edm:x.pkl")) == "edm:x.pkl"
+    for bad in ("nonsense", "fit", "dra:", "ckpt:/x"):
+        with pytest.raises(UserError, match=r"not understood; use edm:PATH\.pkl .* \| diffusers:DIR .* \| dra:DIR"):
+            parse_spec(bad)
+    assert spec_help(fit=True).startswith("fit (") and all(f.syntax in spec_help() for f in FAMILIES.values())
