@@ -13,7 +13,10 @@ from typing import Any
 
 import yaml
 
+from stages.sampler_registry import SAMPLERS, sampler_help       # torch-free registries: names and help
+from stages.specs import spec_help
 from stores.errors import UserError
+from trainer.architectures import ARCHITECTURES, architecture_help
 
 DEFAULT_CONFIG_NAME = "pipeline.yaml"
 MAX_COUNT = 10 ** 10           # stores.tarshard.KEY_DIGITS: a sample id has 10 digits
@@ -54,7 +57,7 @@ SCHEMA: dict[str, Any] = {
         "split_seed": _k(int, 0, "digits only: seed of the deterministic train/test split", min=0),
     },
     "model": {
-        "spec": _k(str, "fit", "diffusion model: fit (train one with fit-diffusion) | edm:PATH.pkl | diffusers:DIR | dra:DIR"),
+        "spec": _k(str, "fit", f"diffusion model: {spec_help(fit=True)}"),
         "dtype": _k(str, "float32", "compute dtype of the frozen model in generate, extract-features and the online "
                     "teacher: bfloat16/float16 autocast the network calls (CPU and CUDA), the sampler steps stay "
                     "float64; recorded in the set identities (a bf16 set is a sibling, named <data name>-gen-bf16)",
@@ -75,7 +78,7 @@ SCHEMA: dict[str, Any] = {
         "n": _k((int, str), 5000, "images to generate (accepts 20M, 1.5k, 1e6)"),
         "name": _k(str, None, "generated image-set name; default: <data name>-gen", nullable=True),
         "seed": _k(int, 0, "run seed: sample i's label and noise depend only on (seed, i)", min=0),
-        "sampler": _k(str, "heun", "sampler", choices=("heun", "euler", "dpm-solver")),
+        "sampler": _k(str, "heun", f"sampler: {sampler_help()}", choices=tuple(SAMPLERS)),
         "steps": _k(int, 18, "sampler steps (Heun: 2*steps-1 network evaluations)", min=1, max=1000),
         "churn": _k(float, 0.0, "EDM S_churn (0 = deterministic)", min=0.0),
         "batch_size": _k(int, 256, "images per sampler batch", min=1, max=65536),
@@ -97,8 +100,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _k(int, 256, "images per forward pass", min=1, max=65536),
     },
     "train": {
-        "arch": _k(str, "small-cnn", "classifier architecture",
-                   choices=("small-cnn", "preact-resnet18", "resnet18", "wrn-28-10", "wrn-34-10", "wrn-70-16")),
+        "arch": _k(str, "small-cnn", f"classifier architecture: {architecture_help()}", choices=tuple(ARCHITECTURES)),
         "objective": _k(str, "trades", "adversarial objective (clean = no attack, for reference)", choices=("pgd-at", "trades", "clean")),
         "epochs": _k(int, 30, "epochs of ceil(N_real / batch) batches", min=1),
         "batch_size": _k(int, 128, "global batch size (split evenly over the workers)", min=1, max=65536),

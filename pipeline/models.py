@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.workflow import real_train_set
+from stages.specs import FIT, parse_spec
 from stores.errors import UserError
 from stores.images import ImageSet
 
@@ -26,7 +27,7 @@ def fitted_model_dir(cfg: Config, images_name: str | None = None) -> Path:
 
 def resolve_model_spec(cfg: Config) -> str:
     """`fit` means the model fit-diffusion trains with the configured settings on the real training set."""
-    if cfg.model.spec != "fit":
+    if cfg.model.spec != FIT:
         return cfg.model.spec
     folder = fitted_model_dir(cfg)
     if not (folder / "config.json").exists():
@@ -38,12 +39,10 @@ def model_provenance(spec: str, root: Path) -> dict:
     """How a set records its model for `dra-pipe repair`: the spec, and its path relative to the workspace when
     the model lives there (a fitted model), so a moved or copied workspace still finds it."""
     record = {"model_spec": spec}
-    _, sep, path = spec.partition(":")
-    if sep and path:
-        try:
-            record["model_in_workspace"] = str(Path(path).resolve().relative_to(Path(root).resolve()))
-        except ValueError:
-            pass
+    try:
+        record["model_in_workspace"] = str(Path(parse_spec(spec).path).resolve().relative_to(Path(root).resolve()))
+    except (UserError, ValueError):
+        pass
     return record
 
 
@@ -52,5 +51,5 @@ def recorded_model(provenance: dict, root: Path) -> tuple[str | None, bool]:
     spec = provenance.get("model_spec") if isinstance(provenance, dict) else None
     inside = provenance.get("model_in_workspace") if isinstance(provenance, dict) else None
     if spec and inside:
-        return f"{spec.partition(':')[0]}:{Path(root) / inside}", True
+        return str(parse_spec(spec).with_path(Path(root) / inside)), True
     return spec, False

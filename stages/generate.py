@@ -24,7 +24,9 @@ from stages.fingerprint import model_fingerprint
 from stages.models import load_model, pick_device      # pick_device: re-exported for the CLI
 from stages.noise import churn_noise_fn, labels_for, latents_for
 from stages.precision import check_compute_dtype, compute_context, dtype_identity, in_dtype
-from stages.samplers import SAMPLERS, sample
+from stages.sampler_registry import SAMPLERS, sampler_entry
+from stages.samplers import sample
+from stages.specs import parse_spec
 from stores.errors import UserError
 from stores.images import make_identity
 from stores.manifest import ShardJob
@@ -36,7 +38,7 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0     # EDM's defaults, recorded in t
 
 @dataclass(frozen=True)
 class GenerateSettings:
-    sampler: str = "heun"        # heun | euler | dpm-solver
+    sampler: str = "heun"        # a name in stages.sampler_registry.SAMPLERS
     steps: int = 18              # sampler steps (Heun: 2 * steps - 1 network evaluations)
     churn: float = 0.0           # EDM S_churn; 0 = deterministic
     seed: int = 0                # run seed: sample i depends only on (seed, i)
@@ -46,12 +48,13 @@ class GenerateSettings:
 
     def check(self) -> "GenerateSettings":
         """UserError for settings no sampler run could use."""
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        entry = sampler_entry(self.sampler)
         if self.steps < 2:
             raise UserError(f"--steps must be at least 2 (got {self.steps}): the EDM discretisation needs two noise levels")
-        if self.churn > 0 and self.sampler == "dpm-solver":
-            raise UserError("churn applies to the heun and euler samplers only; set generate.churn: 0 for dpm-solver")
+        if self.churn > 0 and not entry.takes_churn:
+            with_churn = " and ".join(name for name, e in SAMPLERS.items() if e.takes_churn)
+            raise UserError(f"churn applies to the {with_churn} samplers only; "
+                            f"set generate.churn: 0 for {self.sampler}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
         check_compute_dtype(self.dtype, pick_device())
@@ -59,12 +62,12 @@ class GenerateSettings:
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per image: Heun's last step is an Euler step (2N - 1); Euler and DPM-Solver N."""
-        return 2 * self.steps - 1 if self.sampler == "heun" else self.steps
+        """Network evaluations per image (stages.sampler_registry: Heun 2N - 1, Euler and DPM-Solver N)."""
+        return sampler_entry(self.sampler).nfe(self.steps)
 
     def sampler_options(self, ids: list[int]) -> dict:
         opts = dict(num_steps=self.steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO)
-        if self.sampler != "dpm-solver":
+        if sampler_entry(self.sampler).takes_churn:
             opts["S_churn"] = self.churn
             if self.churn > 0:
                 opts["noise_fn"] = churn_noise_fn(ids, self.seed)
@@ -73,8 +76,7 @@ class GenerateSettings:
 
 def absolute_spec(spec: str) -> str:
     """`kind:PATH` with PATH made absolute: Ray workers need not share the driver's working directory."""
-    kind, sep, path = spec.partition(":")
-    return f"{kind}:{Path(path).resolve()}" if sep and path else spec
+    return str(parse_spec(spec).absolute())
 
 
 def load_generator_model(spec: str) -> torch.nn.Module:

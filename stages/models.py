@@ -1,97 +1,23 @@
-"""Model specs (`edm:PATH.pkl`, `diffusers:DIR`, `dra:DIR`) and the project's own format.
-
-Own format, a folder: `model.safetensors` (weights) + `config.json` (class, constructor keywords, fingerprint,
-how it was made). Loading never executes anything from the files.
+"""Loading a model spec (`edm:PATH.pkl`, `diffusers:DIR`, `dra:DIR`; the registry is stages.specs), and the
+compute device.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from stages.denoiser import Denoiser
-from stages.edm.networks import EDMPrecond
-from stages.edm_pickle import load_edm_pickle
-from stages.fingerprint import model_fingerprint
-from stores.errors import IntegrityError, UserError
-
-FORMAT = "dra-pipe-model"
-SPEC_HELP = "edm:PATH.pkl (official EDM pickle) | diffusers:DIR (UNet2DModel, DDPM) | dra:DIR (saved by fit-diffusion)"
+from stages.own_format import save_own    # noqa: F401  re-exported: writers of the own format import it here
+from stages.specs import parse_spec
+from stores.errors import UserError
 
 
 def load_model(spec: str) -> Denoiser:
-    """Load a frozen denoiser from a spec; bad specs and unreadable files raise UserError."""
-    kind, _, path = spec.partition(":")
-    if not path or kind not in ("edm", "diffusers", "dra"):
-        raise UserError(f"model spec {spec!r} not understood; use {SPEC_HELP}")
-    if not Path(path).exists():
-        raise UserError(f"model file or folder {path} does not exist (spec {spec!r})")
-    if kind == "edm":
-        model = load_edm_pickle(path)
-    elif kind == "diffusers":
-        from stages.diffusers_model import load_diffusers_denoiser     # diffusers loads in seconds: only when asked
-        model = load_diffusers_denoiser(path)
-    else:
-        model = load_own(Path(path))
+    """Load a frozen denoiser from a spec (stages.specs); bad specs and unreadable files raise UserError."""
+    parsed = parse_spec(spec)
+    if not parsed.exists():
+        raise UserError(f"model file or folder {parsed.path} does not exist (spec {spec!r})")
+    model = parsed.family.load(parsed.path)
     return model.eval().requires_grad_(False)
-
-
-def _json_safe(config: dict) -> dict:
-    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in config.items()}
-
-
-def _from_json(config: dict) -> dict:
-    return {k: (float("inf") if v == "inf" else v) for k, v in config.items()}
-
-
-def save_own(model: EDMPrecond, folder: Path, provenance: dict) -> str:
-    """Write the folder atomically (temporary sibling, rename). Returns the model fingerprint."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
-    fingerprint = model_fingerprint(model)
-    meta = {"format": FORMAT, "version": 1, "class": type(model).__name__, "config": _json_safe(model.config),
-            "fingerprint": fingerprint, "provenance": provenance}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return fingerprint
-
-
-def load_own(folder: Path) -> EDMPrecond:
-    """A model in the workspace's store (<root>/models/fit-*) that does not load is damaged data (IntegrityError);
-    one given by path is bad input (UserError)."""
-    config_path, weights = folder / "config.json", folder / "model.safetensors"
-    damaged = IntegrityError if folder.parent.name == "models" and folder.name.startswith("fit-") else UserError
-    if not config_path.exists() or not weights.exists():
-        raise damaged(f"{folder}: not a dra-pipe model (needs config.json and model.safetensors)")
-    try:
-        meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise damaged(f"{config_path}: not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("class") != "EDMPrecond":
-        found = (meta.get("format"), meta.get("class")) if isinstance(meta, dict) else (type(meta).__name__, None)
-        raise damaged(f"{config_path}: not a dra-pipe EDMPrecond model (format {found[0]!r}, class {found[1]!r})")
-    model = EDMPrecond(**_from_json(meta["config"]))
-    try:
-        state = load_file(weights)
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, SafetensorError) as exc:
-        raise damaged(f"{weights}: weights unreadable or not those of the configured network "
-                      f"({str(exc).splitlines()[0][:100]}); refit the model") from None
-    if model_fingerprint(model) != meta["fingerprint"]:
-        raise damaged(f"{folder}: weights do not match the recorded fingerprint (damaged or edited); refit the model")
-    return model
 
 
 def pick_device() -> torch.device:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.edm.networks import EDMPrecond
+from stages.specs import parse_spec
+from stores.errors import UserError
 
 _EDM = dict(use_fp16=False, sigma_min=0, sigma_max=float("inf"), sigma_data=0.5)
 
@@ -33,10 +35,14 @@ PUBLISHED = {
 
 
 def published_name(spec: str) -> str | None:
-    """The checkpoint's file name when `spec` is `edm:PATH` naming a published EDM pickle, else None."""
-    kind, _, path = spec.partition(":")
-    name = Path(path).name
-    return name if kind == "edm" and name in PUBLISHED else None
+    """The checkpoint's file name when `spec` is `edm:PATH` naming a published EDM pickle, else None (also for
+    a spec that does not parse: loading it reports that)."""
+    try:
+        parsed = parse_spec(spec)
+    except UserError:
+        return None
+    name = Path(parsed.path).name
+    return name if parsed.kind == "edm" and name in PUBLISHED else None
 
 
 def published_stand_in(spec: str) -> EDMPrecond:

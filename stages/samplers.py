@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from stages.noise import one_hot
+from stages.sampler_registry import SAMPLERS, sampler_entry  # noqa: F401  SAMPLERS re-exported
 from stages.sigma import edm_sigma_steps
 from stores.errors import UserError
 
@@ -145,13 +146,6 @@ def dpm_solver_sampler(denoiser, latents: torch.Tensor, class_labels: torch.Tens
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "heun": edm_heun_sampler,
-    "euler": edm_euler_sampler,
-    "dpm-solver": dpm_solver_sampler,
-}
-
-
 def _check_options(name: str, fn, opts: dict) -> None:
     """UserError naming any option that sampler `name` does not take."""
     params = inspect.signature(fn).parameters
@@ -163,9 +157,7 @@ def _check_options(name: str, fn, opts: dict) -> None:
 
 def sample(name: str, denoiser, latents: torch.Tensor, labels: torch.Tensor | None = None, **opts) -> torch.Tensor:
     """Run sampler `name`; integer labels [B] become one-hot for a conditional denoiser."""
-    if name not in SAMPLERS:
-        raise UserError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
-    fn = SAMPLERS[name]
+    fn = sampler_entry(name).function()
     _check_options(name, fn, opts)
     label_dim = int(getattr(denoiser, "label_dim", 0))
     if labels is not None and label_dim > 0 and not labels.is_floating_point():

@@ -61,9 +61,11 @@ def describe_layers(model: Denoiser, sample_shape: Sequence[int] | None = None) 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x = torch.zeros(1, *sample_shape, device=device)                          # (1, C, H, W)
+    # a class-conditional model needs a label (diffusers' refuses None): class 0, the shapes do not depend on it
+    labels = torch.zeros(1, dtype=torch.long, device=device) if getattr(model, "label_dim", 0) else None
     names = model.layer_names()
     with torch.no_grad():
-        out = features(model, x, torch.ones(1, device=device), None, names)
+        out = features(model, x, torch.ones(1, device=device), labels, names)
     return [(name, tuple(out[name].shape[1:])) for name in names]
 
 

@@ -26,8 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from stores.errors import UserError
-
-ARCHITECTURES = ("small-cnn", "preact-resnet18", "resnet18", "wrn-28-10", "wrn-34-10", "wrn-70-16")
+from trainer.architectures import ARCHITECTURES, architecture  # noqa: F401  ARCHITECTURES re-exported
 
 BN_MOMENTUM = 0.01   # DM-AT / Gowal et al. WideResNet (Haiku's 0.99 decay); the ResNets keep PyTorch's 0.1
 
@@ -271,17 +270,11 @@ class SmallCNN(Classifier):
 
 def build_classifier(arch: str, num_classes: int, in_channels: int, resolution: int,
                      mean: float | Sequence[float], std: float | Sequence[float]) -> Classifier:
-    """A freshly initialised classifier of architecture `arch` (one of ARCHITECTURES) for images in [0, 1]."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown architecture {arch!r}: valid ones are {', '.join(ARCHITECTURES)}")
+    """A freshly initialised classifier of architecture `arch` (trainer.architectures) for images in [0, 1]."""
+    entry = architecture(arch)
     if num_classes < 2 or in_channels < 1 or resolution < 1:
         raise UserError(f"bad classifier shape: {num_classes} classes, {in_channels} channels, "
                         f"resolution {resolution}")
     common = dict(arch=arch, num_classes=num_classes, in_channels=in_channels, resolution=resolution,
                   mean=mean, std=std)
-    if arch == "small-cnn":
-        return SmallCNN(**common)
-    if arch in ("preact-resnet18", "resnet18"):
-        return ResNet18(preact=arch == "preact-resnet18", **common)
-    _, depth, width = arch.split("-")
-    return WideResNet(int(depth), int(width), **common)
+    return entry.builder()(**entry.options, **common)

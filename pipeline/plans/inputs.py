@@ -18,6 +18,7 @@ from stages.fit_diffusion import network_config
 from stages.importers import planned_train_split
 from stages.models import load_model
 from stages.published import published_name, published_stand_in
+from stages.specs import parse_spec
 from stores.errors import UserError
 from stores.images import image_set_dir, ImageSet, plan_shards
 
@@ -69,7 +70,7 @@ def planned_generated(cfg: Config, like) -> PlannedImages:
 def model_for_plan(spec: str):
     """(model, published name or None): the loaded model, or for a missing published EDM checkpoint a randomly
     initialised network of its architecture (stages.published); shapes and FLOPs do not depend on weights."""
-    if not Path(spec.partition(":")[2]).exists() and published_name(spec):
+    if not parse_spec(spec).exists() and published_name(spec):
         return published_stand_in(spec), published_name(spec)
     return load_model(spec), None
 

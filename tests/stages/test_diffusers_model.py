@@ -10,24 +10,7 @@ from stages.diffusers_model import DiffusersDenoiser, continuous_timestep, load_
 from stages.sigma import alpha_bar, sigma_from_timestep, sigma_table
 from stores.errors import UserError
 
-
-def _unet(num_class_embeds=None, seed=0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=num_class_embeds).eval()
-
-
-def _save_pipeline(root, unet, **scheduler_kwargs):
-    """A DDPM pipeline layout: root/unet, root/scheduler."""
-    from diffusers import DDPMScheduler
-
-    unet.save_pretrained(root / "unet")
-    DDPMScheduler(**scheduler_kwargs).save_pretrained(root / "scheduler")
-    return root
+from model_files import save_ddpm_pipeline, tiny_unet
 
 
 def _x(batch=2, seed=1):
@@ -36,7 +19,7 @@ def _x(batch=2, seed=1):
 
 @pytest.mark.parametrize("t", [0, 100, 640])
 def test_d_is_x_minus_sigma_eps_at_ddpm_timestep(t):
-    unet = _unet()
+    unet = tiny_unet()
     den = DiffusersDenoiser(unet)
     x = _x()
     sigma = sigma_from_timestep(t)
@@ -48,7 +31,7 @@ def test_d_is_x_minus_sigma_eps_at_ddpm_timestep(t):
 
 
 def test_per_sample_sigma():
-    den = DiffusersDenoiser(_unet())
+    den = DiffusersDenoiser(tiny_unet())
     x = _x(2)
     sigmas = torch.tensor([sigma_from_timestep(50), sigma_from_timestep(700)], dtype=torch.float64)
     with torch.no_grad():
@@ -67,7 +50,7 @@ def test_continuous_timestep():
 
 
 def test_attributes_and_layers():
-    den = DiffusersDenoiser(_unet())
+    den = DiffusersDenoiser(tiny_unet())
     assert (den.img_resolution, den.img_channels, den.label_dim) == (8, 3, 0)
     assert den.sigma_min == pytest.approx(sigma_from_timestep(0)) and den.sigma_max == sigma_from_timestep(999)
     names = den.layer_names()
@@ -85,7 +68,7 @@ def test_attributes_and_layers():
 
 
 def test_class_conditional_labels():
-    den = DiffusersDenoiser(_unet(num_class_embeds=10))
+    den = DiffusersDenoiser(tiny_unet(num_class_embeds=10))
     assert den.label_dim == 10
     x, sigma = _x(2), torch.tensor(0.7)
     with torch.no_grad():
@@ -99,8 +82,8 @@ def test_class_conditional_labels():
 
 
 def test_load_round_trip(tmp_path):
-    unet = _unet(seed=3)
-    root = _save_pipeline(tmp_path / "ddpm", unet)
+    unet = tiny_unet(seed=3)
+    root = save_ddpm_pipeline(tmp_path / "ddpm", unet)
     x, sigma = _x(), torch.tensor(sigma_from_timestep(100), dtype=torch.float64)
     with torch.no_grad():
         want = DiffusersDenoiser(unet)(x, sigma)
@@ -136,7 +119,7 @@ def test_not_a_diffusers_model(tmp_path):
                                           ({"beta_end": 0.012}, "beta_end"),
                                           ({"num_train_timesteps": 500}, "num_train_timesteps")])
 def test_scheduler_must_be_ddpm_linear_eps(tmp_path, kwargs, match):
-    root = _save_pipeline(tmp_path / "m", _unet(), **kwargs)
+    root = save_ddpm_pipeline(tmp_path / "m", tiny_unet(), **kwargs)
     with pytest.raises(UserError, match=match):
         load_diffusers_denoiser(root)
 
@@ -145,7 +128,7 @@ def test_heun_sampling_through_the_wrapper():
     """The samplers clamp sigma to the DDPM range [sigma(0), sigma(999)] and run the wrapped UNet end to end."""
     from stages.samplers import sample
 
-    den = DiffusersDenoiser(_unet(num_class_embeds=10))
+    den = DiffusersDenoiser(tiny_unet(num_class_embeds=10))
     seen = []
     den.register_forward_pre_hook(lambda module, args: seen.append(float(args[1][0])))
     out = sample("heun", den, _x(2), torch.tensor([1, 2]), num_steps=4, sigma_min=0.002, sigma_max=500)

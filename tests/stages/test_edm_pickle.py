@@ -1,18 +1,13 @@
 """Safe loading of official-format EDM pickles, and the model fingerprint.
 
-The pickles are written here in the NVlabs/edm format: stand-ins for `torch_utils.persistence` and
-`dnnlib.util` (written to tmp_path, importable only inside these tests) make every layer pickle as
-`_reconstruct_persistent_obj(meta)` with meta.state = the module's __dict__, nested layers as nested
-records and torch ModuleDicts as plain torch objects, as the official persistence code does. The
-stand-in `_reconstruct_persistent_obj` executes `module_src` like the real one, so a plain
-`pickle.load` of these files runs the embedded code.
+The pickles are written in the NVlabs/edm format by tests/model_files.py (see there): a plain `pickle.load`
+of these files runs the code embedded in them.
 """
 from __future__ import annotations
 
 import builtins
 import os
 import pickle
-import sys
 
 import pytest
 import torch
@@ -24,37 +19,7 @@ from stages.edm_pickle import PersistentRecord, load_edm_pickle, read_edm_pickle
 from stages.fingerprint import model_fingerprint
 from stores.errors import UserError
 
-PERSISTENCE_SRC = '''
-import types, uuid
-
-def _reconstruct_persistent_obj(meta):
-    """Like the official loader: run the pickled module source and instantiate the class."""
-    module = types.ModuleType("_imported_module_" + uuid.uuid4().hex)
-    exec(meta["module_src"], module.__dict__)
-    cls = module.__dict__[meta["class_name"]]
-    obj = cls.__new__(cls)
-    obj.__dict__.update(meta["state"])
-    return obj
-
-
-class Record:
-    """Pickles as an official persistent object."""
-
-    def __init__(self, meta):
-        self.meta = meta
-
-    def __reduce__(self):
-        return (_reconstruct_persistent_obj, (self.meta,))
-'''
-
-EASYDICT_SRC = '''
-class EasyDict(dict):
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name)
-'''
+from model_files import class_source, official_modules, to_records, write_pickle
 
 CONFIG = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, sigma_min=0, sigma_max=float("inf"),
               sigma_data=0.5, model_type="SongUNet", embedding_type="fourier", channel_mult_noise=2,
@@ -63,21 +28,10 @@ CONFIG = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, s
 
 
 @pytest.fixture
-def official(tmp_path, monkeypatch):
+def official(tmp_path):
     """The stand-in `torch_utils.persistence` and `dnnlib.util` modules, importable for this test only."""
-    lib = tmp_path / "official_lib"
-    for package, module, src in [("torch_utils", "persistence", PERSISTENCE_SRC), ("dnnlib", "util", EASYDICT_SRC)]:
-        (lib / package).mkdir(parents=True)
-        (lib / package / "__init__.py").write_text("")
-        (lib / package / f"{module}.py").write_text(src)
-    monkeypatch.syspath_prepend(str(lib))
-    for name in ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    import dnnlib.util
-    import torch_utils.persistence
-    yield torch_utils.persistence, dnnlib.util.EasyDict
-    for name in ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"):
-        sys.modules.pop(name, None)
+    with official_modules(tmp_path) as modules:
+        yield modules
 
 
 @pytest.fixture(scope="module")
@@ -88,40 +42,6 @@ def net():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # move the near-zero output layers off their init
     return model
-
-
-def to_records(module: nn.Module, official, module_src: str, init_kwargs: dict | None = None):
-    """Our module tree in the official pickled form (persistent records around __dict__ copies)."""
-    persistence, EasyDict = official
-    state = dict(module.__dict__)
-    state["_parameters"], state["_buffers"] = dict(module._parameters), dict(module._buffers)
-    state["_modules"] = {name: None if child is None else to_records(child, official, module_src)
-                         for name, child in module._modules.items()}
-    if type(module) is nn.ModuleDict:  # not a persistent class: pickled as a plain torch object
-        container = nn.ModuleDict.__new__(nn.ModuleDict)
-        container.__dict__.update(state)
-        return container
-    state["_init_args"] = ()
-    state["_init_kwargs"] = EasyDict(init_kwargs or {})
-    return persistence.Record(dict(type="class", version=6, module_src=module_src,
-                                   class_name=type(module).__name__, state=state))
-
-
-def class_source(model: nn.Module, prefix: str = "") -> str:
-    """Module source defining every class name used in the pickle (so a plain pickle.load works)."""
-    names = sorted({type(m).__name__ for m in model.modules()} | {"EDMLoss"})
-    return prefix + "".join(f"class {n}:\n    pass\n" for n in names)
-
-
-def write_pickle(path, ema, official, module_src="", protocol=pickle.DEFAULT_PROTOCOL):
-    persistence, EasyDict = official
-    loss = persistence.Record(dict(type="class", version=6, module_src=module_src, class_name="EDMLoss",
-                                   state=dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)))
-    data = dict(ema=ema, loss_fn=loss, augment_pipe=None,
-                dataset_kwargs=EasyDict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip"))
-    with open(path, "wb") as f:
-        pickle.dump(data, f, protocol=protocol)
-    return path
 
 
 def _outputs(model: nn.Module) -> torch.Tensor:

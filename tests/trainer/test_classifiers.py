@@ -1,4 +1,7 @@
-"""Classifiers: shapes, named feature maps, normalisation inside, parameter counts (DM-AT's WRN variant)."""
+"""Classifiers: shapes, named feature maps, normalisation inside, parameter counts (DM-AT's WRN variant).
+
+What holds for every architecture (feature shapes, penultimate, the probe touching nothing, attributes) is
+tests/trainer/test_classifier_contract.py."""
 from __future__ import annotations
 
 import pytest
@@ -55,6 +58,7 @@ def test_resnet_default_layer_is_8x8_at_cifar(arch):
 
 
 def test_small_cnn_on_digits_shapes_and_features():
+    """Digits shapes; that features, logits and penultimate agree is the contract's (test_classifier_contract)."""
     torch.manual_seed(0)
     model = build_classifier("small-cnn", 10, 1, 8, mean=0.3, std=0.4)
     assert _n_params(model) < 100_000
@@ -62,13 +66,8 @@ def test_small_cnn_on_digits_shapes_and_features():
     assert model.default_dra_layer == "conv3"                                # 4x4 like the digits EDM dec.4x4_in1
     x = torch.rand(5, 1, 8, 8)
     model.eval()
-    logits, feature = model.forward_features(x, "conv3")
-    assert logits.shape == (5, 10) and feature.shape == (5, 64, 4, 4)
-    torch.testing.assert_close(logits, model(x))
-    pooled = model.penultimate(x)
-    assert pooled.shape == (5, 64)
-    torch.testing.assert_close(model.fc(pooled), logits)
-    torch.testing.assert_close(pooled, feature.mean(dim=(2, 3)))             # conv3 is the last stage
+    _, feature = model.forward_features(x, "conv3")
+    torch.testing.assert_close(model.penultimate(x), feature.mean(dim=(2, 3)))   # conv3 is the last stage
 
 
 def test_forward_features_one_pass_gradients_reach_feature():
@@ -89,14 +88,6 @@ def test_normalisation_is_inside_the_model():
     normalised = (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 0.2]).view(1, 3, 1, 1)
     torch.testing.assert_close(a(x), b(normalised))
     assert {"mean", "std"} <= set(a.state_dict())                            # buffers: saved, moved with .to()
-
-
-def test_feature_layers_touches_nothing():
-    model = build_classifier("small-cnn", 10, 1, 8, mean=0.5, std=0.5).train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.feature_layers()
-    assert model.training
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_wrn_small_forward_and_other_resolution():
@@ -127,8 +118,3 @@ def test_errors_name_valid_choices():
     with pytest.raises(UserError, match="2 values but the images have 3 channels"):
         build_classifier("small-cnn", 10, 3, 8, mean=(0.5, 0.5), std=0.5)
     assert set(ARCHITECTURES) == {"small-cnn", "preact-resnet18", "resnet18", "wrn-28-10", "wrn-34-10", "wrn-70-16"}
-
-
-def test_attributes():
-    model = build_classifier("small-cnn", 10, 1, 8, mean=0.5, std=0.5)
-    assert (model.arch, model.num_classes, model.in_channels, model.resolution) == ("small-cnn", 10, 1, 8)
