@@ -1,8 +1,7 @@
 """What every command shares: the --config and --root options, the consoles, resolving the configuration."""
 from __future__ import annotations
 
-import sys
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,21 +30,19 @@ def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None
     return cfg
 
 
-def check_output_file(path: Path, flag: str = "--out") -> None:
-    """Before any work: the file an --out names must be writable (its folder exists and takes a new file)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder; pass {flag} FILE")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; pass {flag} in an existing folder")
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}; pass {flag} in a writable folder") from None
-
-
 def interrupted(detail: str) -> typer.Exit:
     """report_interrupt, then raise the Exit(130) this returns."""
     report_interrupt(detail)
     return typer.Exit(130)
+
+
+@contextmanager
+def exit_once_reported():
+    """A Ctrl-C the library has reported (pipeline.console.report_interrupt) ends the command with status 130 and
+    no second line; one it has not reported goes on to main(), which says what is kept."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if interrupt_reported():
+            raise typer.Exit(130) from None
+        raise
