@@ -5,7 +5,7 @@ workers (`trainer.distributed`) take it as it is. It is picklable: Ray ships it 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from stores.images import ImageSet
 from trainer.classifiers import build_classifier
 from trainer.dra import match_grid
 from trainer.loader import Source, split_batch
+from trainer.settings import TrainSettings
 
 NOT_IDENTITY = ("checkpoint_every",)          # train keys that cannot change the result
 
@@ -25,7 +26,7 @@ class Job:
 
     name: str
     run_dir: str
-    settings: dict                       # the resolved `train` section
+    settings: TrainSettings              # the resolved `train` section
     config: dict                         # the whole resolved configuration (saved as config.yaml)
     real: Source
     generated: Source | None
@@ -35,7 +36,7 @@ class Job:
     resolution: int
     mean: tuple
     std: tuple
-    target_shape: tuple | None           # (C_t, h, w) with DRA, else None
+    target_shape: tuple | None           # (C_t, h, w) with DRA (settings.dra_on), else None
     feature_keys: dict                   # {"real": key, "generated": key} of the feature sets used
     dra_layer: str | None                # classifier layer aligned with the targets
     steps_per_epoch: int
@@ -44,18 +45,26 @@ class Job:
     view_seed: int | None = None         # the feature sets' view seed (views mode)
     mirror_view: bool = False            # view 1 of every feature set used is the image's mirror (made with flips)
 
+    def __post_init__(self):
+        if (self.target_shape is not None) != self.dra:
+            raise ValueError(f"job {self.name}: a target shape belongs to a job with DRA on, and only to one")
+
     @property
     def dra_targets(self) -> str | None:
         """What DRA aligns with (trainer/views.py): views | online | shifted; None without DRA."""
-        return self.settings.get("dra_targets", "views") if self.dra else None
+        return self.settings.dra_targets if self.dra else None
 
     @property
     def dra(self) -> bool:
-        return self.target_shape is not None
+        return self.settings.dra_on
+
+    def without_dra(self) -> "Job":
+        """The same job as plain (DM-)AT: no head, no targets (benchmarks time the two side by side)."""
+        return replace(self, settings=replace(self.settings, dra=False), target_shape=None, dra_layer=None)
 
     def identity(self) -> dict:
         """What makes two runs the same run: a run folder refuses to resume with anything else."""
-        train = {k: v for k, v in self.settings.items() if k not in NOT_IDENTITY}
+        train = {k: v for k, v in self.settings.as_dict().items() if k not in NOT_IDENTITY}
         if not self.dra:                          # dra off and lambda 0 are the same run; head settings unused
             train = {**{k: v for k, v in train.items() if not k.startswith("dra")}, "dra": False}
         return {"train": train, "real": _fingerprint(self.real), "generated": _fingerprint(self.generated),
@@ -63,8 +72,8 @@ class Job:
 
     def mix(self) -> tuple[int, int]:
         """(real rows, generated rows) of one rank's batch."""
-        return split_batch(self.settings["batch_size"], self.settings["unsup_fraction"] if self.generated else 0.0,
-                           self.settings["workers"])
+        s = self.settings
+        return split_batch(s.batch_size, s.unsup_fraction if self.generated else 0.0, s.workers)
 
 
 def _fingerprint(source: Source | None) -> str | None:
@@ -77,14 +86,15 @@ def normalisation(real: ImageSet, stop: int, limit: int = 10_000) -> tuple[tuple
     return tuple(x.mean(axis=(0, 1, 2)).round(6).tolist()), tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-3).round(6).tolist())
 
 
-def check_dra_layer(s: dict, real: ImageSet, mean, std, target_shape: tuple) -> str:
-    """The classifier layer to align (auto = the architecture's default); its grid must match the target's."""
+def check_dra_layer(arch: str, dra_layer: str, real: ImageSet, mean, std, target_shape: tuple) -> str:
+    """The classifier layer to align (dra_layer, or auto = the architecture's default); its grid must match the
+    target's."""
     import torch
-    model = build_classifier(s["arch"], real.classes, real.channels, real.resolution, mean, std)
+    model = build_classifier(arch, real.classes, real.channels, real.resolution, mean, std)
     layers = model.feature_layers()
-    layer = model.default_dra_layer if s["dra_layer"] == "auto" else s["dra_layer"]
+    layer = model.default_dra_layer if dra_layer == "auto" else dra_layer
     if layer not in layers:
-        raise UserError(f"classifier {s['arch']} has no layer {layer!r} (train.dra_layer); its layers: "
+        raise UserError(f"classifier {arch} has no layer {layer!r} (train.dra_layer); its layers: "
                         f"{', '.join(f'{k} {shape_text(v)}' for k, v in layers.items())}")
     match_grid(torch.zeros(1, *layers[layer]), target_shape[1:])
     return layer

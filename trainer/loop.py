@@ -99,27 +99,27 @@ class Trainer:
             raise ValueError("train.dra_targets: online needs the teacher callable (built by pipeline.plans.teacher)")
         self.teacher = teacher
         device = dist.device
-        torch.manual_seed(s["seed"])
-        self.model = build_classifier(s["arch"], job.classes, job.channels, job.resolution, job.mean, job.std).to(device)
+        torch.manual_seed(s.seed)
+        self.model = build_classifier(s.arch, job.classes, job.channels, job.resolution, job.mean, job.std).to(device)
         self.head = None
         if job.dra:
             f_channels = self.model.feature_layers()[job.dra_layer][0]
-            self.head = ProjectionHead(f_channels, job.target_shape[0], s["dra_hidden"], s["dra_depth"]).to(device)
-        view = "clean" if s["objective"] == "clean" else s["dra_view"]
+            self.head = ProjectionHead(f_channels, job.target_shape[0], s.dra_hidden, s.dra_depth).to(device)
+        view = "clean" if s.objective == "clean" else s.dra_view
         self.net = TrainNet(self.model, self.head, job.dra_layer, job.target_shape[1:] if job.dra else None, view)
         self.ddp = self.net
         if dist.world_size > 1:
             self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ddp_device_ids(device))
-        self.opt = make_optimizer(self.model, self.head, s["lr"], s["weight_decay"])
-        self.ema = EMA(self.model, s["ema_decay"], warmup_steps=round(EMA_WARMUP * job.total_steps))
-        self.aug_gen = torch.Generator().manual_seed(derived_seed(s["seed"], dist.rank, 1))
-        self.attack_gen = torch.Generator(device).manual_seed(derived_seed(s["seed"], dist.rank, 2))
-        self.needs_clean = s["objective"] in ("trades", "clean") or view == "clean"
+        self.opt = make_optimizer(self.model, self.head, s.lr, s.weight_decay)
+        self.ema = EMA(self.model, s.ema_decay, warmup_steps=round(EMA_WARMUP * job.total_steps))
+        self.aug_gen = torch.Generator().manual_seed(derived_seed(s.seed, dist.rank, 1))
+        self.attack_gen = torch.Generator(device).manual_seed(derived_seed(s.seed, dist.rank, 2))
+        self.needs_clean = s.objective in ("trades", "clean") or view == "clean"
         self.step = 0
 
     def autocast(self, setting: str = "precision"):
         """bf16 autocast on this rank's device (CPU or CUDA) when train.<setting> is bf16, else float32."""
-        bf16 = self.s.get(setting, "float32") == "bf16"
+        bf16 = getattr(self.s, setting) == "bf16"
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,7 +128,7 @@ class Trainer:
         on_dev = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         # random draws on the CPU generator, pixels moved wherever the batch is: the same stream on any device
         mode = self.job.dra_targets if self.head is not None else None
-        aligned = align(mode, on_dev, s, self.aug_gen, self.job.view_seed, self.teacher, host=batch)
+        aligned = align(mode, on_dev, s.crop_pad, s.flip, self.aug_gen, self.job.view_seed, self.teacher, host=batch)
         x, t, mask = aligned.x, aligned.targets, aligned.mask
         y = on_dev["labels"]                                                                 # x (B, C, H, W), y (B,)
         with self.autocast("attack_precision"):
@@ -138,9 +138,9 @@ class Trainer:
             loss, terms = self.objective(out, y)
             if self.head is not None:
                 terms["dra"] = dra_loss(out["projected"], t, mask)                          # t (B, Ct, h, w), mask (B, h, w)
-                loss = loss + s["dra_lambda"] * terms["dra"]
+                loss = loss + s.dra_lambda * terms["dra"]
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, self.job.total_steps, s["lr"])
+            group["lr"] = lr_at(self.step, self.job.total_steps, s.lr)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -152,12 +152,12 @@ class Trainer:
     def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Adversarial examples for the objective; TRADES attacks in train mode, PGD-AT in eval mode (DM-AT)."""
         s = self.s
-        if s["objective"] == "trades":
-            return trades_adversary(self.model, x, s["epsilon"], s["attack_step_size"], s["attack_steps"], self.attack_gen,
-                                    start=s["attack_start"])
-        if s["objective"] == "pgd-at":
+        if s.objective == "trades":
+            return trades_adversary(self.model, x, s.epsilon, s.attack_step_size, s.attack_steps, self.attack_gen,
+                                    start=s.attack_start)
+        if s.objective == "pgd-at":
             self.model.eval()
-            x_adv = pgd_attack(self.model, x, y, s["epsilon"], s["attack_step_size"], s["attack_steps"],
+            x_adv = pgd_attack(self.model, x, y, s.epsilon, s.attack_step_size, s.attack_steps,
                                generator=self.attack_gen)
             self.model.train()
             return x_adv
@@ -165,13 +165,13 @@ class Trainer:
 
     def objective(self, out: dict[str, torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, dict]:
         s = self.s
-        if s["objective"] == "trades":
-            total, ce, kl = trades_loss(out["clean"], out["adversarial"], y, s["trades_beta"], s["label_smoothing"])
+        if s.objective == "trades":
+            total, ce, kl = trades_loss(out["clean"], out["adversarial"], y, s.trades_beta, s.label_smoothing)
             return total, {"ce": ce, "kl": kl}
-        if s["objective"] == "pgd-at":
-            ce = pgd_at_loss(out["adversarial"], y, s["label_smoothing"])
+        if s.objective == "pgd-at":
+            ce = pgd_at_loss(out["adversarial"], y, s.label_smoothing)
             return ce, {"ce": ce}
-        ce = F.cross_entropy(out["clean"], y, label_smoothing=s["label_smoothing"])
+        ce = F.cross_entropy(out["clean"], y, label_smoothing=s.label_smoothing)
         return ce, {"ce": ce}
 
     # --- state --------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class Trainer:
         return {"step": self.step, "model": self.model.state_dict(), "head": self.head.state_dict() if self.head else None,
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(), "rng": rng,
                 "loader": {"batches": self.step, "world_size": self.dist.world_size,
-                           "loader_workers": self.s["loader_workers"]}}
+                           "loader_workers": self.s.loader_workers}}
 
     def load(self, state: dict) -> None:
         self.step = state["step"]
@@ -220,9 +220,9 @@ def mix_plan(job: Job, dist: Dist, start: int = 0) -> MixPlan:
     real_rows, gen_rows = job.mix()
     mode = job.dra_targets
     targets = {"views": ("targets", "views"), "online": (), None: (),
-               "shifted": ("targets", "targets_v1") if s["flip"] and job.mirror_view else ("targets",)}[mode]
-    return MixPlan(job.real, job.generated, real_rows, gen_rows, s["seed"], dist.rank, dist.world_size,
-                   s["loader_workers"], start, ("ids", "images", "labels") + targets,
+               "shifted": ("targets", "targets_v1") if s.flip and job.mirror_view else ("targets",)}[mode]
+    return MixPlan(job.real, job.generated, real_rows, gen_rows, s.seed, dist.rank, dist.world_size,
+                   s.loader_workers, start, ("ids", "images", "labels") + targets,
                    job.view_counts if mode == "views" else (0, 0))
 
 
@@ -306,7 +306,7 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
         terms = trainer.train_step(batch)
         meter.add(terms, time.perf_counter() - started)
         if on_step:
-            on_step(trainer.step, s["batch_size"], terms)
+            on_step(trainer.step, s.batch_size, terms)
         epoch_end = trainer.step % job.steps_per_epoch == 0
         if epoch_end:
             row = _epoch_row(job, trainer, meter, holdout)
@@ -316,7 +316,7 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
                 run.append_metrics(row)
                 if on_epoch:
                     on_epoch(row)
-        every = s["checkpoint_every"]
+        every = s.checkpoint_every
         if epoch_end or (every and trainer.step % every == 0):
             _checkpoint(run, trainer, meter)
     if not dist.main:
@@ -329,11 +329,11 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
 def _epoch_row(job: Job, trainer: Trainer, meter: EpochMeter, holdout) -> dict:
     s = job.settings
     row = {"epoch": trainer.step // job.steps_per_epoch, "step": trainer.step,
-           "lr": lr_at(trainer.step - 1, job.total_steps, s["lr"]), **meter.row(s["batch_size"])}
+           "lr": lr_at(trainer.step - 1, job.total_steps, s.lr), **meter.row(s.batch_size)}
     if job.dra:
         row.update(views_seen(job, trainer.step))
     if holdout is not None:
-        row.update(evaluate(trainer.ema.module, *holdout, s["epsilon"], s["holdout_pgd_steps"], s["seed"],
+        row.update(evaluate(trainer.ema.module, *holdout, s.epsilon, s.holdout_pgd_steps, s.seed,
                             trainer.dist.device))
     return row
 
@@ -356,7 +356,7 @@ def _keep_if_best(run: RunFolder, job: Job, trainer: Trainer, row: dict) -> None
     earlier = [r["pgd_acc"] for r in run.read_metrics() if "pgd_acc" in r]
     if earlier and row["pgd_acc"] < max(earlier):
         return
-    selected = {"epoch": row["epoch"], "by": f"held-out PGD-{job.settings['holdout_pgd_steps']}",
+    selected = {"epoch": row["epoch"], "by": f"held-out PGD-{job.settings.holdout_pgd_steps}",
                 "pgd_acc": row["pgd_acc"], "clean_acc": row["clean_acc"]}
     run.save_best({**_final_record(job, trainer), "selected": selected})
 
@@ -364,10 +364,10 @@ def _keep_if_best(run: RunFolder, job: Job, trainer: Trainer, row: dict) -> None
 def _final_record(job: Job, trainer: Trainer) -> dict:
     s = job.settings
     weights = {k: v.detach().cpu() for k, v in trainer.ema.module.state_dict().items()}   # loads on a CPU-only host
-    return {"arch": s["arch"], "num_classes": job.classes, "in_channels": job.channels, "resolution": job.resolution,
+    return {"arch": s.arch, "num_classes": job.classes, "in_channels": job.channels, "resolution": job.resolution,
             "mean": list(job.mean), "std": list(job.std), "state_dict": weights,
-            "threat_model": {"norm": "Linf", "epsilon": s["epsilon"]}, "run": job.name, "dra": job.dra,
-            "objective": s["objective"], "steps": trainer.step, "image_set": job.identity()["real"]}
+            "threat_model": {"norm": "Linf", "epsilon": s.epsilon}, "run": job.name, "dra": job.dra,
+            "objective": s.objective, "steps": trainer.step, "image_set": job.identity()["real"]}
 
 
 def set_cpu_threads(loader_workers: int) -> None:

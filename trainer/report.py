@@ -26,6 +26,7 @@ from stores.images import DATASET_JSON, image_set_dir, ImageSet
 from trainer.classifier_files import find_run, load_classifier
 from trainer.evaluate import check_fits, effective_rank, EvalSettings, Log, penultimate_features, read_images, singular_distribution
 from trainer.runs import RunFolder
+from trainer.settings import dra_on
 
 COLUMNS = ("run", "arch", "objective", "DRA", "lambda", "timestep", "data", "epochs", "clean", "PGD-CE",
            "PGD-margin", "AutoAttack", "n", "eff. rank")
@@ -54,7 +55,8 @@ class RunInfo:
 
     @property
     def dra(self) -> bool:
-        return bool(self.record.get("dra", self.setting("train", "dra") and self.setting("train", "dra_lambda", 0) > 0))
+        asked = dra_on(self.setting("train", "dra"), self.setting("train", "dra_lambda", 0))
+        return bool(self.record.get("dra", asked))
 
     @property
     def prefix(self) -> str:

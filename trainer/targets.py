@@ -6,12 +6,28 @@ generated images are aligned with the same representation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSet, list_feature_sets
 from stores.images import ImageSet
 from stores.views import ViewSpec
+
+
+@dataclass(frozen=True)
+class FeatureQuery:
+    """Which cached targets a run aligns with (the pipeline resolves it from features.* and model.dtype)."""
+
+    timestep: int                       # DDPM timestep of the targets
+    layer: str                          # diffusion layer; auto = whichever the set holds
+    pool: str                           # spatial pooling of the targets
+    dtype: str                          # stored dtype of the targets
+    compute_dtype: str = "float32"      # the teacher's compute dtype when the set was made
+
+    def describe(self) -> str:
+        return (f"at timestep {self.timestep}, layer {self.layer}, pool {self.pool}, stored {self.dtype}, computed in "
+                f"{self.compute_dtype}")
 
 
 def _teacher(fs: FeatureSet) -> dict:
@@ -45,13 +61,13 @@ def _prefer(sets: list[FeatureSet], views: ViewSpec | None) -> list[FeatureSet]:
     return exact or sets
 
 
-def _matches(fs: FeatureSet, features_cfg, compute_dtype: str) -> bool:
+def _matches(fs: FeatureSet, query: FeatureQuery) -> bool:
     """Timestep, layer, pooling, stored dtype (features.dtype) and the teacher's compute dtype (model.dtype)."""
     i = fs.identity
-    layer_ok = features_cfg.layer == "auto" or i.get("layer") == features_cfg.layer
-    dtypes_ok = (i.get("dtype", "float16"), i.get("compute_dtype", "float32")) == (features_cfg.dtype, compute_dtype)
-    pool_ok = str(i.get("pool")) == str(features_cfg.pool)
-    return i.get("timestep") == features_cfg.timesteps[0] and layer_ok and pool_ok and dtypes_ok
+    layer_ok = query.layer == "auto" or i.get("layer") == query.layer
+    dtypes_ok = (i.get("dtype", "float16"), i.get("compute_dtype", "float32")) == (query.dtype, query.compute_dtype)
+    pool_ok = str(i.get("pool")) == str(query.pool)
+    return i.get("timestep") == query.timestep and layer_ok and pool_ok and dtypes_ok
 
 
 def _readable(root: Path) -> list[FeatureSet]:
@@ -64,10 +80,9 @@ def _readable(root: Path) -> list[FeatureSet]:
     return sets
 
 
-def find_feature_sets(root: Path, real: ImageSet, gen: ImageSet | None, features_cfg,
-                      key: str | None = None, views: dict | None = None,
-                      compute_dtype: str = "float32") -> dict[str, FeatureSet]:
-    """{"real": set[, "generated": set]}: by `key` (either one; the other must share its teacher) or by config.
+def find_feature_sets(root: Path, real: ImageSet, gen: ImageSet | None, query: FeatureQuery,
+                      key: str | None = None, views: dict | None = None) -> dict[str, FeatureSet]:
+    """{"real": set[, "generated": set]}: by `key` (either one; the other must share its teacher) or by `query`.
 
     views: {"real": ViewSpec, "generated": ViewSpec} configured; among several matching sets these win."""
     views = views or {}
@@ -85,11 +100,9 @@ def find_feature_sets(root: Path, real: ImageSet, gen: ImageSet | None, features
         candidates = {own[made_from]: [chosen]}
     else:
         candidates = {"real": _prefer([f for f in sets if f.identity.get("image_set") == real.fingerprint
-                                       and _matches(f, features_cfg, compute_dtype)], views.get("real"))}
+                                       and _matches(f, query)], views.get("real"))}
         if not candidates["real"]:
-            raise UserError(f"no feature set for {real.name} at timestep {features_cfg.timesteps[0]}, layer "
-                            f"{features_cfg.layer}, pool {features_cfg.pool}, stored {features_cfg.dtype}, computed in "
-                            f"{compute_dtype}; run `dra-pipe extract-features` first")
+            raise UserError(f"no feature set for {real.name} {query.describe()}; run `dra-pipe extract-features` first")
     pairs = _pairs(sets, real, gen, candidates, views)
     if len(pairs) > 1:
         keys = ", ".join(p["real"].key for p in pairs)

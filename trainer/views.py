@@ -49,14 +49,16 @@ def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).float().div_(255)
 
 
-def align(mode: str | None, batch: dict, settings: dict, generator: torch.Generator, view_seed: int | None = None,
-          teacher: Teacher | None = None, draw: tuple | None = None, host: dict | None = None) -> Aligned:
+def align(mode: str | None, batch: dict, pad: int, flip: bool, generator: torch.Generator,
+          view_seed: int | None = None, teacher: Teacher | None = None, draw: tuple | None = None,
+          host: dict | None = None) -> Aligned:
     """The augmented images and what they align with. mode None: no DRA (a random crop/flip, no targets).
+    pad, flip: the run's augmentation (train.crop_pad, train.flip).
 
     draw: (flips, shifts) to use instead of the generator's draw (online and no-DRA modes; for tests).
     host: the same batch on the CPU, to look its views up without waiting for the device.
     """
-    images, pad, flip = batch["images"], settings["crop_pad"], settings["flip"]
+    images = batch["images"]
     if mode == "views":
         index = host if host is not None else batch
         flips, shifts = view_augmentations(view_seed, index["ids"], index["views"], pad, flip)
@@ -88,14 +90,14 @@ def views_seen(job, step: int) -> dict:
     """Per source: visits per image so far, and the distinct views an image was seen under on average (expected:
     uniform draws) with the stored views, next to what online augmentation's draws would have given."""
     s = job.settings
-    pad, flip = s["crop_pad"], s["flip"]
+    pad, flip = s.crop_pad, s.flip
     real_rows, gen_rows = job.mix()
     out = {}
     for name, source, rows, count in (("real", job.real, real_rows, job.view_counts[0]),
                                       ("generated", job.generated, gen_rows, job.view_counts[1])):
         if source is None or not rows:
             continue
-        visits = step * rows * s["workers"] / source.n
+        visits = step * rows * s.workers / source.n
         online = expected_distinct(distinct_augmentations(pad, flip), visits)
         out[f"visits_{name}"] = visits
         out[f"views_seen_{name}"] = expected_distinct(count, visits) if job.dra_targets == "views" else online

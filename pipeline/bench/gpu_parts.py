@@ -171,7 +171,7 @@ def bench_extract(net, layer: str, batch: int, views: int, dev: torch.device, mi
 
 def step_trainers(job, dev: torch.device) -> dict[str, Trainer]:
     """DM-AT (no head, no targets), DM-AT+DRA on stored targets, and on targets of the online teacher."""
-    plain = dataclasses.replace(job, target_shape=None, dra_layer=None)
+    plain = job.without_dra()
     return {"DM-AT": Trainer(plain, Dist(device=dev)), "DRA stored": Trainer(job, Dist(device=dev)),
             "DRA online": Trainer(job, Dist(device=dev))}
 
@@ -181,7 +181,7 @@ def set_precision(trainer: Trainer, mode: str, dev: torch.device) -> None:
     and, with bf16 here, channels_last weights."""
     bf16 = mode == "bf16+channels_last"
     both = "bf16" if bf16 else "float32"
-    trainer.s = {**trainer.s, "precision": both, "attack_precision": both}
+    trainer.s = dataclasses.replace(trainer.s, precision=both, attack_precision=both)
     trainer.model.to(memory_format=torch.channels_last if bf16 else torch.contiguous_format)
 
 

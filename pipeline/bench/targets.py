@@ -89,7 +89,7 @@ def _relative(aligned: torch.Tensor, true: torch.Tensor, keep: torch.Tensor | No
 
 
 def _errors(job, teacher, level, features: FeatureSet, s: dict, seed: int) -> dict:
-    ident, pad, flip = features.identity, job.settings["crop_pad"], job.settings["flip"]
+    ident, pad, flip = features.identity, job.settings.crop_pad, job.settings.flip
     truth = lambda flips, shifts: view_targets(teacher, s["ids"], apply_views(s["images"], flips, shifts),  # noqa: E731
                                                s["labels"], ident["layer"], level, ident["noise_seed"], str(ident["pool"]),
                                                ident["image_set"])
@@ -158,7 +158,7 @@ def _cifar_online(batch: int = 2) -> dict:
         batches = step_batches(job, 3)
         sigma = NoiseLevel.from_timestep(100).sigma
         timed = bench_steps(job, net, layer, sigma, batches, torch.device("cpu"), ("float32",))
-        trainer = Trainer(dataclasses.replace(job, target_shape=None, dra_layer=None), Dist())
+        trainer = Trainer(job.without_dra(), Dist())
         step_flops = count_flops(lambda: trainer.train_step(batches[0]))
         teacher_flops = count_flops(lambda: teacher_targets(net, batches[0]["images"], batches[0]["labels"], sigma, layer))
     base = timed["float32/DM-AT"]["seconds"]

@@ -49,9 +49,9 @@ def bench_train(cfg: Config, console: Console, steps: int = 10, samples: int = 1
     work = Path(work_dir or Path(cfg.root) / "bench" / "train")
     model, level, layer = _teacher(cfg)
     job, bench_cfg = _build(cfg, work, samples, model, layer, level, console)
-    set_cpu_threads(job.settings["loader_workers"])
+    set_cpu_threads(job.settings.loader_workers)
     loader_rate = _loader_rate(job, batches=max(steps * 3, 20))
-    times = _step_times(job, model, layer, level, bench_cfg, steps)
+    times = _step_times(job, model, layer, level, bench_cfg.features.noise_seed, bench_cfg.features.pool, steps)
     return _report(job, loader_rate, times, console)
 
 
@@ -141,15 +141,15 @@ def _loader_rate(job, batches: int) -> float:
     started = time.perf_counter()
     for _ in range(batches):
         b = next(it)
-        align(job.dra_targets, b, job.settings, gen, job.view_seed)
+        align(job.dra_targets, b, job.settings.crop_pad, job.settings.flip, gen, job.view_seed)
     return batches * plan.batch_size / (time.perf_counter() - started)
 
 
-def _step_times(job, model, layer, level, bench_cfg, steps: int) -> dict[str, list[float]]:
+def _step_times(job, model, layer, level, noise_seed: int, pool: str, steps: int) -> dict[str, list[float]]:
     """Seconds per step of the three variants, measured in turn on the same batches."""
     it = iter(make_loader(dataclasses.replace(mix_plan(job, Dist()), loader_workers=0)))
     batches = [next(it) for _ in range(steps + 1)]
-    plain = dataclasses.replace(job, target_shape=None, dra_layer=None)
+    plain = job.without_dra()
     trainers = {"DM-AT": Trainer(plain, Dist()), "DM-AT+DRA cached": Trainer(job, Dist()),
                 "DRA naive": Trainer(job, Dist())}
     times = {k: [] for k in trainers}
@@ -157,28 +157,29 @@ def _step_times(job, model, layer, level, bench_cfg, steps: int) -> dict[str, li
         order = list(trainers.items())
         for name, trainer in order if i % 2 else order[::-1]:        # alternate the order: drift cancels
             started = time.perf_counter()
-            step_batch = _with_computed_targets(batch, model, layer, level, bench_cfg) if name == "DRA naive" else batch
+            naive = name == "DRA naive"
+            step_batch = _with_computed_targets(batch, model, layer, level, noise_seed, pool) if naive else batch
             trainer.train_step(step_batch)
             if i:                                                     # the first round is a warm-up
                 times[name].append(time.perf_counter() - started)
     return times
 
 
-def _with_computed_targets(batch: dict, model, layer: str, level, cfg: Config) -> dict:
+def _with_computed_targets(batch: dict, model, layer: str, level, noise_seed: int, pool: str) -> dict:
     """The batch with targets from one diffusion forward per image, as a naive step would."""
     t = compute_targets(model, batch["ids"].numpy(), batch["images"].numpy(), batch["labels"].numpy(), layer, level,
-                        cfg.features.noise_seed, cfg.features.pool, ViewSpec(1, 0, False),
+                        noise_seed, pool, ViewSpec(1, 0, False),
                         "bench")        # the noise's key does not change the cost timed here
     return {**batch, "targets": torch.from_numpy(t[:, 0])}
 
 
 def _report(job, loader_rate: float, times: dict, console: Console) -> dict:
-    b = job.settings["batch_size"]
+    b = job.settings.batch_size
     med = {k: statistics.median(v) for k, v in times.items()}
     consume = b / med["DM-AT+DRA cached"]
-    table = Table("measure", "value", title=f"bench train: {job.settings['arch']}, {job.settings['objective']}, "
-                                            f"batch {b}, {job.settings['attack_steps']} attack steps")
-    table.add_row(f"(a) loader + augmentation ({job.settings['loader_workers']} workers)", f"{loader_rate:,.0f} samples/s")
+    table = Table("measure", "value", title=f"bench train: {job.settings.arch}, {job.settings.objective}, "
+                                            f"batch {b}, {job.settings.attack_steps} attack steps")
+    table.add_row(f"(a) loader + augmentation ({job.settings.loader_workers} workers)", f"{loader_rate:,.0f} samples/s")
     table.add_row("    DM-AT+DRA step consumes", f"{consume:,.0f} images/s")
     for name, value in med.items():
         table.add_row(f"(b) step {name}", f"{value * 1000:,.1f} ms")

@@ -1,14 +1,14 @@
 """What every command shares: the --config and --root options, the console, resolving the configuration."""
 from __future__ import annotations
 
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from pipeline.config import Config, load_config
-from pipeline.console import console, report_interrupt  # noqa: F401  (console: every command prints with it)
+from pipeline.console import console, interrupt_reported, report_interrupt  # noqa: F401  (console: for the commands)
 from stores.errors import UserError
 
 
@@ -29,21 +29,13 @@ def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None
     return cfg
 
 
-def check_output_file(path: Path, flag: str = "--out") -> None:
-    """Before any work: the file an --out names must be writable (its folder exists and takes a new file)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder; pass {flag} FILE")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; pass {flag} in an existing folder")
+@contextmanager
+def exit_once_reported():
+    """A Ctrl-C the library has reported (pipeline.console.report_interrupt) ends the command with status 130 and
+    no second line; one it has not reported goes on to main(), which says what is kept."""
     try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}; pass {flag} in a writable folder") from None
-
-
-def interrupted(detail: str) -> typer.Exit:
-    """report_interrupt, then raise the Exit(130) this returns."""
-    report_interrupt(detail)
-    return typer.Exit(130)
+        yield
+    except KeyboardInterrupt:
+        if interrupt_reported():
+            raise typer.Exit(130) from None
+        raise

@@ -11,7 +11,6 @@ from rich.table import Table
 from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt, WaitOpt
 from pipeline.config import explain, to_yaml
 from pipeline.data import import_data, list_sets, verify
-from pipeline.data import run_import, show_catalog  # noqa: F401  (re-export: cli/run.py imports them here)
 from stores.errors import UserError
 
 

@@ -1,18 +1,13 @@
 """`dra-pipe eval`, `dra-pipe report`, `dra-pipe export`: robust accuracy, comparisons and figures, sharing weights."""
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from pipeline.cli.common import check_output_file, ConfigOpt, console, resolve, RootOpt, WaitOpt
-from pipeline.config import Config
-from pipeline.workflow import real_test_set
-from stores.errors import UserError
-from stores.workspace import check_writable
+from pipeline.cli.common import ConfigOpt, resolve, RootOpt, WaitOpt
+from pipeline.evaluate import export_run, run_eval, run_report
 
 
 def register(app: typer.Typer) -> None:
@@ -42,75 +37,6 @@ def eval_cmd(
     run_eval(cfg, run, model, images, out, wait, explicit_weights=weights is not None)
 
 
-def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name: str | None = None,
-             out: Path | None = None, wait: bool = False, explicit_weights: bool = False) -> dict:
-    """Evaluate, write eval.json, print the table; returns the eval.json body. Writing into a run's folder, it
-    holds the run's lock (refused while another process trains or evaluates the run, or waits with `wait`)."""
-    from trainer.classifier_files import find_run, load_classifier
-    from trainer.evaluate import autoattack_available, EvalSettings, evaluate_file, open_test_set, write_eval_json
-    if (run is None) == (model_file is None):
-        raise UserError("give a run name or --model FILE (one of them)")
-    s = EvalSettings.from_config(cfg.eval)
-    s.apply_threads()
-    if s.autoattack and not autoattack_available():
-        raise UserError("eval.autoattack is on but pyautoattack is not installed: `pip install pyautoattack`, "
-                        "or pass --no-autoattack (eval.autoattack: false)")
-    root = Path(cfg.root)
-    folder = find_run(root, run) if run is not None else None
-    path = folder.weights(s.weights, explicit_weights) if folder is not None else model_file
-    net, record = load_classifier(path, stored=folder is not None)
-    test = open_test_set(root, images_name or real_test_set(cfg))
-    target = out or (path.with_name("eval.json") if run is not None else path.with_name(path.name + ".eval.json"))
-    check_output_file(target)
-    if folder and folder.weights_note(s.weights):
-        console.print(f"note: {folder.weights_note(s.weights)}", highlight=False, soft_wrap=True)
-    into_run = folder is not None and Path(target).resolve().parent == folder.path.resolve()
-    _header(record, path, test, s)
-    with folder.lock(wait) if into_run else nullcontext():
-        result = evaluate_file(path, record, net, test, s, log=lambda line: console.print(f"  {line}", highlight=False, soft_wrap=True))
-        result["weights"] = path.stem if folder else str(path)        # best or final: which file was evaluated
-        write_eval_json(result, target)
-    show_eval(result)
-    console.print(f"wrote {target}", highlight=False, soft_wrap=True)
-    return result
-
-
-def _header(record: dict, path: Path, test, s) -> None:
-    n = test.n if s.n <= 0 else min(s.n, test.n)
-    eps = record["threat_model"]["epsilon"]
-    chosen = record.get("selected")
-    if chosen:
-        console.print(f"weights: epoch {chosen['epoch']}, the best by {chosen['by']} ({chosen['pgd_acc']:.2%}; clean "
-                      f"{chosen['clean_acc']:.2%}); eval.weights: final takes the last epoch's", highlight=False, soft_wrap=True)
-    console.print(f"eval {record['arch']} from {path} on {test.name}: {n} of {test.n} images, L-inf eps {eps:g}, "
-                  f"PGD {s.pgd_steps} steps x {s.pgd_restarts} restart(s)"
-                  + (f", AutoAttack {s.autoattack_version}" if s.autoattack else ", AutoAttack skipped (eval.autoattack: false)"),
-                  highlight=False, soft_wrap=True)
-
-
-ROWS = (("clean", "clean"), ("pgd_ce", "PGD-{k} cross-entropy"), ("pgd_margin", "PGD-{k} margin"),
-        ("autoattack", "AutoAttack {v}"), ("worst", "worst case over the above"))
-
-
-def show_eval(result: dict) -> None:
-    table = Table("attack", "accuracy", "correct", "seconds", title=f"n = {result['n']}, L-inf eps {result['eps']:g}")
-    for key, label in ROWS:
-        if result.get(key) is None:
-            continue
-        name = label.format(k=result["steps"], v=result.get("autoattack_version"))
-        table.add_row(name, f"{result[key]:.2%}", f"{result['counts'][key]}/{result['n']}",
-                      f"{result['seconds'][key]:.1f}" if key in result["seconds"] else "")
-        if key == "autoattack":
-            after = result.get("autoattack_per_attack", {})          # non-increasing: run order
-            for attack, acc in sorted(after.items(), key=lambda item: -item[1]):
-                table.add_row(f"  after {attack}", f"{acc:.2%}", "", "")
-    console.print(table)
-    if result.get("autoattack") is None:
-        console.print("AutoAttack: not run", highlight=False, soft_wrap=True)
-    for line in result["warnings"]:
-        console.print(f"warning: {line}", highlight=False, soft_wrap=True)
-
-
 # --- export ------------------------------------------------------------------------------------------------------
 
 def export_cmd(
@@ -121,17 +47,7 @@ def export_cmd(
 ):
     """Write a run's classifier (EMA weights, architecture, normalisation, threat model) to one file for others."""
     cfg = resolve(config, root, {"eval.weights": weights})
-    from trainer.classifier_files import export_classifier, find_run
-    folder = find_run(Path(cfg.root), run)
-    target = out or Path(f"{folder.path.name}.pt")
-    source = folder.weights(cfg.eval.weights, explicit=weights is not None)
-    if folder.weights_note(cfg.eval.weights):
-        console.print(f"note: {folder.weights_note(cfg.eval.weights)}", highlight=False, soft_wrap=True)
-    written = export_classifier(source, target, folder.path.name, stored=True)
-    params = sum(t.numel() for t in written["state_dict"].values())
-    console.print(f"exported {written['arch']} of run {folder.path.name} ({params:,} values, L-inf eps "
-                  f"{written['threat_model']['epsilon']:g}, fingerprint {written['fingerprint'][:16]}) to {target}; "
-                  f"evaluate it with `dra-pipe eval --model {target}`", highlight=False, soft_wrap=True)
+    export_run(cfg, run, out, explicit_weights=weights is not None)
 
 
 # --- report ------------------------------------------------------------------------------------------------------
@@ -145,28 +61,3 @@ def report_cmd(
     """Side-by-side table and figures: training curves, generated samples per class, effective rank of features."""
     cfg = resolve(config, root, {"eval.rank_n": rank_n})
     run_report(cfg, runs, out)
-
-
-def run_report(cfg: Config, runs: list[str], out: Path | None = None):
-    from trainer.evaluate import EvalSettings
-    from trainer.report import SUMMARY_COLUMNS, make_report
-    s = EvalSettings.from_config(cfg.eval)
-    s.apply_threads()
-    check_writable(Path(out) if out else Path(cfg.root) / "reports", "report folder", "--out")
-    report = make_report(Path(cfg.root), runs, s, out,
-                         log=lambda line: console.print(line, highlight=False, soft_wrap=True))
-    table = Table(*report.columns, title="runs")
-    for row in report.rows:
-        table.add_row(*row)
-    console.print(table)
-    if report.summary:
-        summary = Table(*SUMMARY_COLUMNS, title="mean +- sample std over seeds")
-        for row in report.summary:
-            summary.add_row(*row)
-        console.print(summary)
-    for note in report.notes:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
-    for path in report.figures:
-        console.print(f"figure: {path}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {report.folder / 'table.md'} and {report.folder / 'report.json'}", highlight=False, soft_wrap=True)
-    return report

@@ -27,7 +27,7 @@ def step_cost(job: Job, device: torch.device | None = None, max_batch: int = 64,
     many images as `budget_flops` allows (at most `max_batch`, at least one): a dry run of a WRN on a CPU
     stays within seconds, a small CNN is timed on a real-sized batch."""
     device = device or torch.device("cpu")
-    per_rank = job.settings["batch_size"] // job.settings["workers"]
+    per_rank = job.settings.batch_size // job.settings.workers
     # online mode: the teacher's tapped forward is not counted here (a stand-in returns zeros)
     stand_in = ((lambda views, ids, labels, generated: torch.zeros(len(ids), *job.target_shape))
                 if job.dra_targets == "online" else None)
@@ -48,8 +48,8 @@ def holdout_flops(job: Job, model: nn.Module, device: torch.device) -> float:
     """FLOPs per image of `evaluate` with the job's PGD steps: counted at 1 and 2 steps, the rest is linear."""
     x = torch.rand(1, job.channels, job.resolution, job.resolution, device=device)
     y = torch.zeros(1, dtype=torch.long, device=device)
-    one, two = (count_flops(lambda k=k: evaluate(model, x, y, job.settings["epsilon"], k, 0, device)) for k in (1, 2))
-    return one + (job.settings["holdout_pgd_steps"] - 1) * (two - one)
+    one, two = (count_flops(lambda k=k: evaluate(model, x, y, job.settings.epsilon, k, 0, device)) for k in (1, 2))
+    return one + (job.settings.holdout_pgd_steps - 1) * (two - one)
 
 
 def synthetic_batch(job: Job, size: int, seed: int) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pipeline.config import Config
 from pipeline.plans.inputs import PlannedImages, teacher_for_plan
@@ -10,7 +11,7 @@ from stages.extract import check_layer, target_shape
 from stores.errors import UserError
 from stores.views import check_views, ViewSpec
 from trainer.job import shape_text
-from trainer.targets import find_feature_sets
+from trainer.targets import FeatureQuery, find_feature_sets
 
 
 @dataclass(frozen=True)
@@ -22,16 +23,29 @@ class PlannedFeatures:
     views: ViewSpec
 
 
-def feature_sets_for(cfg: Config, real, gen, key: str | None, planned: list[str] | None,
-                     views: dict | None = None) -> dict:
-    """The stored feature sets; in a dry run, where they (or their image sets) are not there yet, the planned ones."""
+def feature_query(cfg: Config) -> FeatureQuery:
+    """The targets a run of this configuration aligns with: features.timesteps[0], layer, pool and dtype, and the
+    teacher's compute dtype (model.dtype)."""
+    f = cfg.features
+    return FeatureQuery(f.timesteps[0], f.layer, str(f.pool), f.dtype, cfg.model.dtype)
+
+
+def feature_sets_for(root: Path, query: FeatureQuery, real, gen, key: str | None, planned: list[str] | None,
+                     views: dict | None, plan: Callable[[], dict]) -> dict:
+    """The stored feature sets; in a dry run, where they (or their image sets) are not there yet, plan() (one
+    planned set per image set, see planned_feature_sets)."""
     stored = [x for x in (real, gen) if x is not None and not isinstance(x, PlannedImages)]
     if planned is None or (len(stored) == len([x for x in (real, gen) if x is not None])):
         try:
-            return find_feature_sets(Path(cfg.root), real, gen, cfg.features, key, views, cfg.model.dtype)
+            return find_feature_sets(root, real, gen, query, key, views)
         except UserError:
             if planned is None:
                 raise
+    return plan()
+
+
+def planned_feature_sets(cfg: Config, planned: list[str], generated: bool) -> dict:
+    """The feature sets extract-features would write with this configuration (a note for each in `planned`)."""
     shape, layer, note = planned_target_shape(cfg)
     if note:
         planned.append(note)
@@ -41,7 +55,7 @@ def feature_sets_for(cfg: Config, real, gen, key: str | None, planned: list[str]
                    + f", {views_for(cfg, 'real').label()}")
     real_set = PlannedFeatures(f"(planned: {layer} t={f.timesteps[0]})", shape, views_for(cfg, "real"))
     gen_set = PlannedFeatures(real_set.key, shape, views_for(cfg, "generated"))
-    return {"real": real_set, **({"generated": gen_set} if gen is not None else {})}
+    return {"real": real_set, **({"generated": gen_set} if generated else {})}
 
 
 def views_for(cfg: Config, kind: str) -> ViewSpec:

@@ -12,13 +12,15 @@ import os
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.plans.features import PlannedFeatures, feature_sets_for, views_for
+from pipeline.plans.features import (feature_query, feature_sets_for, planned_feature_sets, PlannedFeatures,
+                                     views_for)
 from pipeline.plans.inputs import PlannedImages, planned_generated, planned_real
 from pipeline.workflow import real_train_set, training_generated_set
 from stores.errors import UserError
 from stores.images import ImageSet, image_set_dir, validate_set_name
 from trainer.job import Job, check_dra_layer, normalisation, shape_text
 from trainer.loader import Source, split_batch
+from trainer.settings import run_name, TrainSettings
 from trainer.targets import check_views_match, views_of
 
 
@@ -30,44 +32,55 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     from the configuration (its size from the importer and generate.n, the target shape from the teacher model).
     Without it a missing store is an error. A job with planned parts can be described and costed, not trained.
     """
-    s = dict(cfg.train)
-    root = Path(cfg.root)
-    real = _open_images(root, real_train_set(cfg), "dra-pipe import", planned, lambda: planned_real(cfg))
-    fraction = s["unsup_fraction"]
-    split_batch(s["batch_size"], fraction, s["workers"])
-    if planned is None:                            # a dry run may plan for a larger machine than this one
-        check_loader_workers(s["loader_workers"], os.cpu_count() or 1)
-    gen = _open_images(root, training_generated_set(cfg),
-                       "dra-pipe generate` or `dra-pipe import npz --generated", planned,
-                       lambda: planned_generated(cfg, real)) if fraction > 0 else None
-    if gen is not None:
-        _check_compatible(real, gen)
-    dra = s["dra"] and s["dra_lambda"] > 0
-    mode = s["dra_targets"]
-    feats = feature_sets_for(cfg, real, gen, features_key, planned, _configured_views(cfg)) if dra else {}
+    s, root = TrainSettings.from_section(cfg.train), Path(cfg.root)
+    real, gen = _training_sets(cfg, s, planned)
+    feats = feature_sets_for(root, feature_query(cfg), real, gen, features_key, planned, _configured_views(cfg),
+                             lambda: planned_feature_sets(cfg, planned, gen is not None)) if s.dra_on else {}
     views = {k: views_of(f) for k, f in feats.items()}
-    if dra and mode == "views":
-        check_views_match(feats, s["crop_pad"], s["flip"])
     mirror = bool(views) and all(v.flip and v.count >= 2 for v in views.values())
-    if dra and mode == "shifted" and s["flip"] and not mirror:
-        raise UserError(f"feature set {feats['real'].key} stores no mirrored view but train.flip is on; extract with "
-                        f"train.flip: true (view 1 = the mirror) or set train.flip: false")
-    holdout = _holdout(real, s["holdout"])
-    streamed = {} if mode == "online" else feats          # the online teacher computes its targets in the step
+    if s.dra_on:
+        _check_views(s, feats, mirror)
+    holdout = _holdout(real, s.holdout)
+    streamed = {} if s.dra_targets == "online" else feats  # the online teacher computes its targets in the step
     real_source = _source(real, streamed.get("real"), 0, stop=holdout[0])
     gen_source = _source(gen, streamed.get("generated"), 1) if gen is not None else None
     mean, std = planned_normalisation(real) if isinstance(real, PlannedImages) else normalisation(real, holdout[0])
-    target_shape = tuple(feats["real"].shape) if dra else None
-    layer = check_dra_layer(s, real, mean, std, target_shape) if dra else None
-    steps = math.ceil(real_source.n / s["batch_size"])
-    run_name = validate_set_name(name or f"{s['arch']}-{'dra' if dra else 'nodra'}-{s['seed']}", "run")
-    return Job(name=run_name, run_dir=str(root / "runs" / run_name), settings=s, config=_plain(cfg),
+    target_shape = tuple(feats["real"].shape) if s.dra_on else None
+    layer = check_dra_layer(s.arch, s.dra_layer, real, mean, std, target_shape) if s.dra_on else None
+    steps = math.ceil(real_source.n / s.batch_size)
+    name = validate_set_name(name or run_name(s), "run")
+    return Job(name=name, run_dir=str(root / "runs" / name), settings=s, config=_plain(cfg),
                real=real_source, generated=gen_source, holdout=holdout, classes=real.classes, channels=real.channels,
                resolution=real.resolution, mean=mean, std=std, target_shape=target_shape,
                feature_keys={k: f.key for k, f in feats.items()}, dra_layer=layer, steps_per_epoch=steps,
-               total_steps=steps * s["epochs"],
-               view_counts=(views["real"].count if dra else 0, views["generated"].count if "generated" in views else 0),
-               view_seed=views["real"].seed if dra else None, mirror_view=mirror)
+               total_steps=steps * s.epochs,
+               view_counts=(views["real"].count if s.dra_on else 0,
+                            views["generated"].count if "generated" in views else 0),
+               view_seed=views["real"].seed if s.dra_on else None, mirror_view=mirror)
+
+
+def _training_sets(cfg: Config, s: TrainSettings, planned: list[str] | None) -> tuple:
+    """(real, generated or None): the image sets the run streams (planned ones in a dry run), checked to mix."""
+    root = Path(cfg.root)
+    real = _open_images(root, real_train_set(cfg), "dra-pipe import", planned, lambda: planned_real(cfg))
+    split_batch(s.batch_size, s.unsup_fraction, s.workers)
+    if planned is None:                            # a dry run may plan for a larger machine than this one
+        check_loader_workers(s.loader_workers, os.cpu_count() or 1)
+    if s.unsup_fraction <= 0:
+        return real, None
+    gen = _open_images(root, training_generated_set(cfg), "dra-pipe generate` or `dra-pipe import npz --generated",
+                       planned, lambda: planned_generated(cfg, real))
+    _check_compatible(real, gen)
+    return real, gen
+
+
+def _check_views(s: TrainSettings, feats: dict, mirror: bool) -> None:
+    """With DRA: views mode needs views made for the run's crop pad and flips; shifted mode with flips the mirror."""
+    if s.dra_targets == "views":
+        check_views_match(feats, s.crop_pad, s.flip)
+    if s.dra_targets == "shifted" and s.flip and not mirror:
+        raise UserError(f"feature set {feats['real'].key} stores no mirrored view but train.flip is on; extract with "
+                        f"train.flip: true (view 1 = the mirror) or set train.flip: false")
 
 
 def _configured_views(cfg: Config) -> dict | None:
@@ -136,16 +149,16 @@ def describe(job: Job) -> list[str]:
              f"data: real {Path(job.real.images).name} {job.real.n} images (+{job.holdout[1] - job.holdout[0]} held out"
              f" for per-epoch accuracy)" + (f", generated {Path(job.generated.images).name} {job.generated.n} images"
                                             if job.generated else ", no generated data"),
-             f"batch {s['batch_size']} = {real_rows * s['workers']} real + {gen_rows * s['workers']} generated "
-             f"(unsup_fraction {s['unsup_fraction'] if job.generated else 0}) over {s['workers']} worker(s)",
-             f"{job.steps_per_epoch} steps per epoch (ceil({job.real.n} / {s['batch_size']})) x {s['epochs']} epochs "
+             f"batch {s.batch_size} = {real_rows * s.workers} real + {gen_rows * s.workers} generated "
+             f"(unsup_fraction {s.unsup_fraction if job.generated else 0}) over {s.workers} worker(s)",
+             f"{job.steps_per_epoch} steps per epoch (ceil({job.real.n} / {s.batch_size})) x {s.epochs} epochs "
              f"= {job.total_steps} steps",
-             f"objective {s['objective']}, L-inf eps {s['epsilon']:g}, {s['attack_steps']} steps of "
-             f"{s['attack_step_size']:g}; classifier {s['arch']}"]
+             f"objective {s.objective}, L-inf eps {s.epsilon:g}, {s.attack_steps} steps of "
+             f"{s.attack_step_size:g}; classifier {s.arch}"]
     if job.dra:
-        lines.append(f"DRA on: lambda {s['dra_lambda']:g}, targets {_targets_text(job)}, {s['dra_view']} view, "
+        lines.append(f"DRA on: lambda {s.dra_lambda:g}, targets {_targets_text(job)}, {s.dra_view} view, "
                      f"classifier layer {job.dra_layer} -> "
-                     f"head (hidden {s['dra_hidden']}, depth {s['dra_depth']}) -> targets {shape_text(job.target_shape)}; "
+                     f"head (hidden {s.dra_hidden}, depth {s.dra_depth}) -> targets {shape_text(job.target_shape)}; "
                      f"feature sets {', '.join(f'{k} {v}' for k, v in job.feature_keys.items())}")
     else:
         lines.append("DRA off: plain " + ("DM-AT" if job.generated else "adversarial training") + ", no feature set used")

@@ -98,25 +98,25 @@ def test_run_rejects_bad_seeds_before_any_stage(cli, tmp_path, seeds, needle):
 
 
 def test_run_trains_each_setting_once_per_seed(tmp_path):
-    from pipeline.cli.run import _train_variants
+    from pipeline.run import train_variants
     from pipeline.config import load_config
     (tmp_path / "pipeline.yaml").write_text("{}\n")
     cfg = load_config(tmp_path / "pipeline.yaml", {"run.seeds": [3, 5]})
-    assert [(v.train.dra, v.train.seed) for v in _train_variants(cfg)] == [(False, 3), (False, 5), (True, 3), (True, 5)]
+    assert [(v.train.dra, v.train.seed) for v in train_variants(cfg)] == [(False, 3), (False, 5), (True, 3), (True, 5)]
     one = load_config(tmp_path / "pipeline.yaml", {"run.compare_dra": False, "train.seed": 7})
-    assert [(v.train.dra, v.train.seed) for v in _train_variants(one)] == [(True, 7)]
+    assert [(v.train.dra, v.train.seed) for v in train_variants(one)] == [(True, 7)]
 
 
 def test_run_name_prefixes_every_run_and_none_keeps_the_default(tmp_path):
-    from pipeline.cli.run import _train_variants, run_name
+    from pipeline.run import run_name, train_variants
     from pipeline.config import load_config
     (tmp_path / "pipeline.yaml").write_text("{}\n")
     named = load_config(tmp_path / "pipeline.yaml", {"run.seeds": [3], "run.name": "v2"})
-    assert [run_name(v) for v in _train_variants(named)] == ["v2-small-cnn-nodra-3", "v2-small-cnn-dra-3"]
+    assert [run_name(v) for v in train_variants(named)] == ["v2-small-cnn-nodra-3", "v2-small-cnn-dra-3"]
     zero = load_config(tmp_path / "pipeline.yaml", {"run.name": "z", "train.dra_lambda": 0.0, "run.compare_dra": False})
-    assert [run_name(v) for v in _train_variants(zero)] == ["z-small-cnn-nodra-0"]      # lambda 0 is DRA off
+    assert [run_name(v) for v in train_variants(zero)] == ["z-small-cnn-nodra-0"]      # lambda 0 is DRA off
     plain = load_config(tmp_path / "pipeline.yaml")
-    assert [run_name(v) for v in _train_variants(plain)] == [None, None]
+    assert [run_name(v) for v in train_variants(plain)] == [None, None]
 
 
 def test_run_rejects_a_bad_name_before_any_stage(cli, tmp_path):

@@ -100,7 +100,7 @@ def _without_times(value):
 
 
 def test_eval_stage_side_by_side_equals_one_after_the_other(tmp_path, capsys):
-    from pipeline.cli.run import _stage_eval
+    from pipeline.run import _stage_eval
     ws = make_workspace(tmp_path)
     runs = {"tiny-dra": ws["dra"], "tiny-big-eps": ws["big"]}
     results = {}

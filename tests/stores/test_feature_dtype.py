@@ -62,12 +62,13 @@ def test_a_dtype_without_numpy_storage_is_refused(tmp_path):
 def test_the_run_finds_the_feature_set_of_its_dtypes(tmp_path):
     """Sibling sets of one teacher in float16 and float32 storage: features.dtype picks one, no ambiguity."""
     from pipeline.config import load_config
+    from pipeline.plans.features import feature_query
     from trainer.targets import find_feature_sets
     images = image_set(tmp_path, "digits-train", "real", 8, 4)
     half = feature_set(tmp_path, images, SHAPE)
     full = feature_set(tmp_path, images, SHAPE, targets=float32_targets(8), dtype="float32")
     for dtype, want in (("float16", half), ("float32", full)):
-        found = find_feature_sets(tmp_path, images, None, load_config(None, {"features.dtype": dtype}).features)
+        found = find_feature_sets(tmp_path, images, None, feature_query(load_config(None, {"features.dtype": dtype})))
         assert found["real"].path == want
     with pytest.raises(UserError, match="computed in bfloat16"):
-        find_feature_sets(tmp_path, images, None, load_config(None).features, compute_dtype="bfloat16")
+        find_feature_sets(tmp_path, images, None, feature_query(load_config(None, {"model.dtype": "bfloat16"})))

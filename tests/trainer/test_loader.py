@@ -114,9 +114,10 @@ def test_batch_split_and_fraction_bounds():
 
 def test_feature_sets_found_by_identity_and_by_key(tmp_path):
     from pipeline.config import load_config
+    from pipeline.plans.features import feature_query
     from trainer.targets import find_feature_sets
     ws = workspace(tmp_path)
-    features = load_config(None).features
+    features = feature_query(load_config(None))
     found = find_feature_sets(tmp_path, ws["real"], ws["gen"], features)
     assert (found["real"].path, found["generated"].path) == (ws["real_features"], ws["gen_features"])
     other_real = feature_set(tmp_path, ws["real"], model="m1")          # a second teacher
@@ -126,7 +127,8 @@ def test_feature_sets_found_by_identity_and_by_key(tmp_path):
     by_key = find_feature_sets(tmp_path, ws["real"], ws["gen"], features, key=other_gen.name)
     assert (by_key["real"].path, by_key["generated"].path) == (other_real, other_gen)
     with pytest.raises(UserError, match="no feature set for digits-train at timestep 200"):
-        find_feature_sets(tmp_path, ws["real"], ws["gen"], load_config(None, {"features.timesteps": [200]}).features)
+        find_feature_sets(tmp_path, ws["real"], ws["gen"],
+                          feature_query(load_config(None, {"features.timesteps": [200]})))
 
 
 VIEWS = ("ids", "images", "labels", "targets", "views")

@@ -108,7 +108,7 @@ def test_best_weights_go_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_final_record", lambda job, trainer: {"saved_at": trainer.step})
     run = RunFolder(tmp_path / "run")
     run.path.mkdir()
-    job = SimpleNamespace(settings={"holdout_pgd_steps": 20})
+    job = SimpleNamespace(settings=SimpleNamespace(holdout_pgd_steps=20))
     for epoch, pgd in enumerate((0.3, 0.5, 0.5, 0.4), 1):
         row = {"epoch": epoch, "pgd_acc": pgd, "clean_acc": 0.9}
         loop._keep_if_best(run, job, SimpleNamespace(step=epoch), row)

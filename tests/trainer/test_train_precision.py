@@ -55,7 +55,7 @@ def test_bf16_attack_changes_the_adversarial_examples(make):
         with t.autocast("attack_precision"):
             advs.append(t.attack(x, y))
     assert torch.equal(advs[0], advs[1]) and not torch.equal(advs[0], advs[2])   # only the precision differs
-    assert (advs[2] - x).abs().max() <= f32.s["epsilon"] + 1e-6          # still inside the eps-ball
+    assert (advs[2] - x).abs().max() <= f32.s.epsilon + 1e-6          # still inside the eps-ball
 
 
 @pytest.mark.parametrize("step_precision, attack_precision", [("bf16", "float32"), ("float32", "bf16")])

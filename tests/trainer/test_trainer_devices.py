@@ -81,7 +81,7 @@ def meta_copy(batch: dict) -> dict:
     return {k: v.to("meta") for k, v in batch.items()}
 
 
-SETTINGS = {"crop_pad": 2, "flip": True}
+PAD, FLIP = 2, True                  # train.crop_pad, train.flip
 
 
 def host_batch() -> dict:
@@ -95,7 +95,7 @@ def test_views_mode_looks_views_up_on_the_host_batch_and_augments_on_the_device(
     from stores.views import view_augmentations
     from trainer.views import align
     host = host_batch()
-    out = align("views", meta_copy(host), SETTINGS, torch.Generator(), view_seed=9, host=host)
+    out = align("views", meta_copy(host), PAD, FLIP, torch.Generator(), view_seed=9, host=host)
     flips, shifts = view_augmentations(9, host["ids"], host["views"], 2, True)
     assert out.x.device.type == "meta" and out.targets.device.type == "meta"
     assert torch.equal(out.flips, flips) and torch.equal(out.shifts, shifts)
@@ -109,7 +109,7 @@ def test_online_mode_gives_the_teacher_host_ids_and_device_images():
         seen.update(views=views.device.type, lookups={t.device.type for t in (ids, labels, generated)})
         return torch.zeros(len(ids), 4, 2, 2)                     # a CPU answer: align moves it to the batch
 
-    out = align("online", meta_copy(host), SETTINGS, torch.Generator().manual_seed(1), teacher=teacher, host=host)
+    out = align("online", meta_copy(host), PAD, FLIP, torch.Generator().manual_seed(1), teacher=teacher, host=host)
     assert seen == {"views": "meta", "lookups": {"cpu"}}
     assert out.targets.device.type == "meta" and out.x.device.type == "meta"
 
@@ -119,7 +119,7 @@ def test_no_dra_and_shifted_modes_never_read_device_tensors_on_the_host(mode):
     """Reading a GPU tensor on the host (int(shifts.max()) for the padding) would wait for the GPU every step."""
     from trainer.views import align
     host = host_batch()
-    out = align(mode, meta_copy(host), SETTINGS, torch.Generator().manual_seed(1), host=host)
+    out = align(mode, meta_copy(host), PAD, FLIP, torch.Generator().manual_seed(1), host=host)
     assert out.x.device.type == "meta" and out.flips.device.type == "cpu"
     if mode == "shifted":
         assert out.targets.device.type == "meta" and out.mask.device.type == "meta"

@@ -76,13 +76,13 @@ def test_views_targets_equal_the_online_teachers_for_the_same_augmented_images(d
     ident = fs.identity
     teacher = OnlineTeacher(digits["spec"], LAYER, ident["sigma"], ident["timestep"], ident["noise_seed"], "none",
                             (ident["image_set"], None), ident["model"])
-    settings = {"crop_pad": PAD, "flip": True}
     for seed in (0, 1):
         batch = first_batch(digits, seed)
-        stored = align("views", batch, settings, torch.Generator(), view_seed=4)
+        stored = align("views", batch, PAD, True, torch.Generator(), view_seed=4)
         assert stored.flips.any() and not stored.flips.all() and (stored.shifts != 0).any()   # flips and crops
         assert (stored.shifts[~stored.flips] != 0).any() and (stored.shifts[stored.flips] != 0).any()
-        online = align("online", batch, settings, torch.Generator(), teacher=teacher, draw=(stored.flips, stored.shifts))
+        online = align("online", batch, PAD, True, torch.Generator(), teacher=teacher,
+                       draw=(stored.flips, stored.shifts))
         assert torch.equal(stored.x, online.x)                          # the same augmented images
         a, b = stored.targets.float(), online.targets.float()
         assert a.shape == b.shape == (48, 16, 4, 4)
