@@ -70,7 +70,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _k(int, 128, "training batch size", min=1, max=65536),
         "lr": _k(float, 1e-3, "Adam learning rate (ramped up linearly over the first 5% of the run)", min=0.0, max=1.0),
         "ema_halflife_kimg": _k(float, 10.0, "EMA half-life in thousands of images (ramped: at most 5% of the images seen so far)", min=0.0),
-        "duration_kimg": _k(float, 120.0, "training length in thousands of images (digits: 2.5-7 min on 2 cores; class agreement 97.3-97.7%)", min=0.001),
+        "duration_kimg": _k(float, 120.0, "training length in thousands of images (README: time and sample quality by length)", min=0.001),
         "dropout": _k(float, 0.1, "dropout probability inside the U-Net blocks while training", min=0.0, max=1.0, below_max=True),
         "seed": _k(int, 0, "training seed", min=0),
     },
@@ -120,7 +120,7 @@ SCHEMA: dict[str, Any] = {
         "attack_precision": _k(str, "float32", "precision of the training attack (TRADES / PGD-AT inner maximisation): "
                                "float32 (DM-AT) or bf16 autocast", choices=("float32", "bf16")),
         "attack_start": _k(str, "normal", "start of the TRADES inner attack: normal (x + 0.001 N(0,1), TRADES) or uniform in the eps-ball (DM-AT)", choices=("normal", "uniform")),
-        "crop_pad": _k(int, 0, "random-crop padding in pixels (digits: 0, measured best; DM-AT: 4 on 32x32)", min=0, max=64),
+        "crop_pad": _k(int, 0, "random-crop padding in pixels (DM-AT: 4 on 32x32; README: the digits sweep behind 0)", min=0, max=64),
         "flip": _k(bool, False, "random horizontal flips (off for digits: a mirrored digit is another glyph)"),
         "dra_targets": _k(str, "views", "what DRA aligns with: views = stored targets of stored augmentations (exact), "
                           "online = the teacher in the step (exact, costs a tapped forward), shifted = the un-augmented "
@@ -128,8 +128,8 @@ SCHEMA: dict[str, Any] = {
                           choices=("views", "online", "shifted")),
         "ema_decay": _k(float, 0.995, "EMA decay tau (copies the weights for the first 2.5% of the steps)", min=0.0, max=1.0, below_max=True),
         "dra": _k(bool, True, "add the diffusion representation alignment loss (off or lambda 0 = plain (DM-)AT)"),
-        "dra_lambda": _k(float, 0.1, "weight of the DRA loss (digits: 0.1, the best of 0, 0.1, 0.5, 2 over 6 seeds, "
-                         "within noise; REPA: 0.5)", min=0.0),
+        "dra_lambda": _k(float, 0.1, "weight of the DRA loss (REPA: 0.5; README: the digits sweep behind "
+                         "0.1)", min=0.0),
         "dra_layer": _k(str, "auto", "classifier feature map aligned with the targets; auto = per architecture"),
         "dra_view": _k(str, "adversarial", "input view whose features are aligned", choices=("adversarial", "clean")),
         "dra_hidden": _k(int, 128, "hidden width of the projection head (REPA: 2048)", min=1),
@@ -142,7 +142,7 @@ SCHEMA: dict[str, Any] = {
         "loader_workers": _k(int, 1, "DataLoader worker processes per rank", min=0, max=64),
     },
     "eval": {
-        "n": _k(int, 0, "evaluate the first n test images (0 = all; digits: all 359 take about 1 min here)", min=0),
+        "n": _k(int, 0, "evaluate the first n test images (0 = all)", min=0),
         "pgd_steps": _k(int, 20, "PGD steps (L-inf, random start)", min=1),
         "pgd_step_size": _k(float, None, "PGD step size in [0, 1] pixel units; null = 2.5 eps / steps", min=0.0, max=1.0, nullable=True),
         "pgd_restarts": _k(int, 1, "PGD restarts (each image keeps its worst)", min=1),
@@ -151,7 +151,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _k(int, 512, "images per attack batch (AutoAttack's cost is per batch: fewer is faster)", min=1, max=65536),
         "seed": _k(int, 0, "seed of PGD's random starts and of AutoAttack", min=0),
         "device": _k(str, "auto", "auto (GPU if visible) | cpu | cuda", choices=("auto", "cpu", "cuda")),
-        "cpu_threads": _k(int, 1, "torch threads when evaluating on the CPU (0 = torch's default); small models: 1", min=0, max=1024),
+        "cpu_threads": _k(int, 1, "torch threads when evaluating on the CPU (0 = torch's default)", min=0, max=1024),
         "weights": _k(str, "best", "a run's weights to evaluate, report and export: best = the epoch with the highest "
                       "held-out PGD accuracy (DM-AT's selection; final when the run holds no images out), final = the "
                       "last EMA weights", choices=("best", "final")),
@@ -173,7 +173,7 @@ SCHEMA: dict[str, Any] = {
     "ray": {
         "address": _k(str, None, "null = local ray.init(); auto or HOST:PORT joins a cluster", nullable=True),
         "num_cpus": _k(int, 2, "CPUs of the local Ray instance", min=1),
-        "cpu_actors": _k(int, 2, "stage-1 actors when there is no GPU (CPUs split between them; 1 thread each is fastest on 2 shared cores)", min=1),
+        "cpu_actors": _k(int, 2, "stage-1 actors when there is no GPU (the CPUs are split between them)", min=1),
         "max_retries": _k(int, 3, "attempts per shard before the job stops with the shard's error", min=1),
     },
 }

@@ -29,12 +29,8 @@ P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
 
 @dataclass(frozen=True)
 class FitSettings:
-    """Defaults: the digits set (8x8x1, 1,438 training images) on a 2-core CPU. The 1.03M-parameter DDPM++ trains
-    at 300-800 images/s on 2 cores, depending on the host's day (120 kimg: 2.5-7 minutes); its 18-step Heun samples
-    are assigned to their class 97.3-97.7% of the time (three measurements) by an SVC trained on real digits
-    (tests/stages/test_fit_quality.py). Quality grows with the images seen (about 89-90% at 30 kimg, 95% at 60, 97%
-    at 100, 98.9% at 250, the default until 2026-12-02, chosen down for the main job's 20 minutes); dropout and lr
-    1e-3 vs 2e-3 barely matter here.
+    """How fit-diffusion trains; the defaults are sized for the digits set (8x8x1) on a 2-core CPU. The README gives
+    the measured time and sample quality (class agreement) by training length.
     """
 
     model_channels: int = 32          # base channel count

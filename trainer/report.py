@@ -185,19 +185,33 @@ def _integer_epochs(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+COUNTER_PREFIXES = ("visits_", "views_seen_")    # per-image counts, not losses: they get a panel of their own
+
+
+def curve_panels(rows: list[dict]) -> dict[str, list[str]]:
+    """The metrics keys each panel of curves.png draws: loss terms, held-out accuracy, and the counters
+    (times each image was visited, distinct stored views seen), which would flatten every loss on a shared axis."""
+    numeric = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    counters = [k for k in numeric if k.startswith(COUNTER_PREFIXES)]
+    losses = [k for k in numeric if k not in NOT_LOSSES and k not in counters]
+    accuracy = [k for k in ("clean_acc", "pgd_acc") if k in numeric]
+    return {"losses": losses, "accuracy": accuracy, "counters": counters}
+
+
 def plot_curves(info: RunInfo, path: Path) -> Path:
-    """Loss terms (left) and held-out clean / PGD accuracy (right) per epoch."""
+    """Loss terms, held-out clean / PGD accuracy and (when recorded) the visit and view counters, per epoch."""
     rows = info.metrics
     epochs = [r["epoch"] for r in rows]
-    fig, (losses, accuracy) = _figure(10, 3.8, 2)
-    for key in sorted({k for r in rows for k, v in r.items() if k not in NOT_LOSSES and isinstance(v, (int, float))}):
-        losses.plot(epochs, [r.get(key, math.nan) for r in rows], marker=".", label=key)
-    losses.set(xlabel="epoch", ylabel="mean over the epoch's steps", title=f"{info.name}: loss terms")
-    for key, label in (("clean_acc", "clean"), ("pgd_acc", "PGD")):
-        if any(key in r for r in rows):
-            accuracy.plot(epochs, [r.get(key, math.nan) for r in rows], marker=".", label=label)
-    accuracy.set(xlabel="epoch", ylabel="held-out accuracy (EMA weights)", ylim=(0, 1), title="accuracy")
-    for ax in (losses, accuracy):
+    panels = curve_panels(rows)
+    fig, axes = _figure(15 if panels["counters"] else 10, 3.8, 3 if panels["counters"] else 2)
+    labels = {"clean_acc": "clean", "pgd_acc": "PGD"}
+    settings = {"losses": dict(ylabel="mean over the epoch's steps", title=f"{info.name}: loss terms"),
+                "accuracy": dict(ylabel="held-out accuracy (EMA weights)", ylim=(0, 1), title="accuracy"),
+                "counters": dict(ylabel="per image, so far", title="visits and distinct views seen")}
+    for ax, (panel, keys) in zip(axes, panels.items()):
+        for key in keys:
+            ax.plot(epochs, [r.get(key, math.nan) for r in rows], marker=".", label=labels.get(key, key))
+        ax.set(xlabel="epoch", **settings[panel])
         _integer_epochs(ax)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()

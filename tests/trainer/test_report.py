@@ -134,3 +134,16 @@ def test_seed_summary_groups_runs_that_differ_only_in_seed():
     assert rows[0][5] == f"{np.mean([0.30, 0.26, 0.31]):.2%} +- {np.std([0.30, 0.26, 0.31], ddof=1):.2%}"
     assert rows[0][6] == "11.00 +- 1.00"
     assert rows[1][6] == "-"                              # no effective rank for the DRA-off runs
+
+
+def test_curves_put_the_counters_on_a_panel_of_their_own():
+    """visits_real climbs past 16 over a run: on the loss axis it would flatten every loss curve."""
+    from trainer.report import curve_panels
+    rows = [{"epoch": e, "step": 4 * e, "lr": 0.1, "images_per_s": 500.0, "loss": 2.0 / e, "ce": 1.9 / e,
+             "kl": 0.01, "dra": 0.5, "clean_acc": 0.5, "pgd_acc": 0.3, "visits_real": 0.6 * e,
+             "visits_generated": 0.8 * e, "views_seen_real": 1.0} for e in range(1, 30)]
+    panels = curve_panels(rows)
+    assert panels["losses"] == ["ce", "dra", "kl", "loss"]
+    assert panels["accuracy"] == ["clean_acc", "pgd_acc"]
+    assert panels["counters"] == ["views_seen_real", "visits_generated", "visits_real"]
+    assert curve_panels([{"epoch": 1, "loss": 1.0}])["counters"] == []
