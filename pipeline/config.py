@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.yaml_input import brief, check_yaml_shape, read_config_text
 from stores.errors import UserError
 
 DEFAULT_CONFIG_NAME = "pipeline.yaml"
@@ -218,37 +219,37 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, bool) and bool not in kinds:
-        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {value!r}")
+        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {brief(value)}")
     if not isinstance(value, kinds):
-        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {value!r}")
+        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {brief(value)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{prefix} must be finite, got {value!r}")
+        raise UserError(f"{prefix} must be finite, got {brief(value)}")
     if key.choices is not None and isinstance(value, int) and str(value) in key.choices:
         value = str(value)          # `pool: 2` in YAML means the choice "2"
     if key.choices is not None and value not in key.choices:
-        raise UserError(f"{prefix} must be one of {', '.join(map(str, key.choices))}; got {value!r}")
+        raise UserError(f"{prefix} must be one of {', '.join(map(str, key.choices))}; got {brief(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if key.min is not None and value < key.min:
-            raise UserError(f"{prefix} must be >= {key.min}, got {value!r}")
+            raise UserError(f"{prefix} must be >= {key.min}, got {brief(value)}")
         if key.max is not None and (value >= key.max if key.below_max else value > key.max):
             bound = f"< {key.max}" if key.below_max else f"<= {key.max}"
-            raise UserError(f"{prefix} must be {bound}, got {value!r}")
+            raise UserError(f"{prefix} must be {bound}, got {brief(value)}")
     if isinstance(value, list) and len(value) < key.min_items:
-        raise UserError(f"{prefix} needs at least {key.min_items} item(s), got {value!r}")
+        raise UserError(f"{prefix} needs at least {key.min_items} item(s), got {brief(value)}")
     if isinstance(value, list) and key.item is not None:
         for v in value:
             if isinstance(v, bool) or not isinstance(v, key.item):
-                raise UserError(f"{prefix} must be a list of {_type_name(key.item)}, got {value!r}")
+                raise UserError(f"{prefix} must be a list of {_type_name(key.item)}, got {brief(value)}")
             if key.item_choices is not None and v not in key.item_choices:
-                raise UserError(f"{prefix}: {v!r} is not one of {', '.join(key.item_choices)}")
+                raise UserError(f"{prefix}: {brief(v)} is not one of {', '.join(key.item_choices)}")
             if key.min is not None and isinstance(v, (int, float)) and v < key.min:
-                raise UserError(f"{prefix} items must be >= {key.min}, got {value!r}")
+                raise UserError(f"{prefix} items must be >= {key.min}, got {brief(value)}")
     return value
 
 
 def _validate(schema: dict, data: Any, where: str, path: str = "") -> dict:
     if not isinstance(data, dict):
-        raise UserError(f"{where}: section '{path or '<top level>'}' must be a mapping, got {data!r:.60}")
+        raise UserError(f"{where}: section '{path or '<top level>'}' must be a mapping, got {brief(data)}")
     out = {}
     for name, value in data.items():
         dotted = f"{path}.{name}" if path else str(name)
@@ -280,23 +281,6 @@ def key_spec(dotted: str) -> Key:
     return node
 
 
-MAX_CONFIG_BYTES = 1 << 20
-
-
-def _read_config_text(path: Path) -> str:
-    """The file's text; a device, a FIFO or a file over 1 MiB (/dev/zero, a data file) is refused, not read forever."""
-    if path.is_dir():
-        raise UserError(f"config file {path} is a folder; pass --config with a pipeline.yaml file")
-    if not path.is_file():
-        raise UserError(f"config file {path} is not a regular file; pass --config with a pipeline.yaml file")
-    with path.open("rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise UserError(f"config file {path} is over {MAX_CONFIG_BYTES >> 20} MiB, not a pipeline.yaml; "
-                        "pass --config with the right file")
-    return raw.decode("utf-8")
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults <- the YAML file (if it exists or was asked for) <- flag overrides (dotted keys)."""
     resolved = defaults()
@@ -309,7 +293,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         else:
             source = str(path)
             try:
-                data = yaml.safe_load(_read_config_text(path)) or {}
+                text = read_config_text(path)
+                check_yaml_shape(text, str(path))
+                data = yaml.safe_load(text) or {}
             except (OSError, UnicodeDecodeError) as exc:
                 why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
                 raise UserError(f"config file {path}: {why}; pass --config with a pipeline.yaml") from None
@@ -354,7 +340,7 @@ def explain() -> list[tuple[str, str, str]]:
 def parse_count(text: str | int) -> int:
     """'20M' -> 20_000_000, '1.5k' -> 1500, '1e6' -> 1_000_000, 50000 -> 50000. Positive integers only."""
     if isinstance(text, bool):
-        raise UserError(f"invalid count {text!r}: use a positive integer such as 50000, 1.5k, 20M or 1e6")
+        raise UserError(f"invalid count {brief(text)}: use a positive integer such as 50000, 1.5k, 20M or 1e6")
     if isinstance(text, int):
         value = float(text)
     else:
@@ -364,9 +350,9 @@ def parse_count(text: str | int) -> int:
         try:
             value = float(body) * scale
         except ValueError:
-            raise UserError(f"invalid count {text!r}: use a positive integer such as 50000, 1.5k, 20M or 1e6") from None
+            raise UserError(f"invalid count {brief(text)}: use a positive integer such as 50000, 1.5k, 20M or 1e6") from None
     if not math.isfinite(value) or value != int(value) or value < 1:
-        raise UserError(f"invalid count {text!r}: must be a positive whole number of samples (e.g. 50000, 1.5k, 20M)")
+        raise UserError(f"invalid count {brief(text)}: must be a positive whole number of samples (e.g. 50000, 1.5k, 20M)")
     if value > MAX_COUNT:
-        raise UserError(f"count {text!r} is over {MAX_COUNT:,.0f}, the most a set can hold (sample ids have 10 digits)")
+        raise UserError(f"count {brief(text)} is over {MAX_COUNT:,.0f}, the most a set can hold (sample ids have 10 digits)")
     return int(value)

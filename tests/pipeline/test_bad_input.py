@@ -34,6 +34,9 @@ ROWS = [
     ("config-huge", "ls --config {base}/huge.yaml", 2, "over 1 MiB"),
     ("root-is-file", "ls --root {base}/list.yaml", 2, "is a file, not a folder"),
     ("config-list", "config --config {base}/list.yaml", 2, "must be a mapping"),
+    ("config-alias-bomb", "config --config {base}/bomb.yaml", 2, "YAML aliases (*a) are not accepted"),
+    ("config-deep", "config --config {base}/deep.yaml", 2, "nested more than 16 levels deep"),
+    ("config-huge-value", "config --config {base}/long-value.yaml", 2, "key 'train.epochs' must be integer, got"),
     ("config-missing", "config --config {base}/none.yaml", 2, "does not exist"),
     ("config-bad-value", "eval tiny --weights frob --root {ws}", 2, "eval.weights"),
     ("model-dtype", "generate --dry-run --config {base}/model-dtype.yaml --root {ws}", 2,
@@ -191,6 +194,11 @@ def _bad_inputs(base: Path) -> None:
     (base / "binary.yaml").write_bytes(b"\xff\xfe\x00\x9c binary \x80\x81")
     (base / "list.yaml").write_text("- 1\n- 2\n")
     (base / "huge.yaml").write_text("# padding\n" * 120_000)
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]"
+                                                      for i in range(8)]
+    (base / "bomb.yaml").write_text("\n".join(lines) + "\n")              # 9 levels of aliases: 9^9 leaves
+    (base / "deep.yaml").write_text("train: " + "[" * 3000 + "]" * 3000 + "\n")
+    (base / "long-value.yaml").write_text("train:\n  epochs: [" + ", ".join(["[1, 2, 3]"] * 20000) + "]\n")
     (base / "no-levels.yaml").write_text("fit_diffusion:\n  channel_mult: []\n")
     (base / "six-levels.yaml").write_text("fit_diffusion:\n  channel_mult: [1, 1, 1, 1, 1, 1]\n")
     (base / "model-dtype.yaml").write_text("model:\n  dtype: float64\n")
@@ -272,6 +280,7 @@ def test_bad_input_gets_one_line(cli, bad, tmp_path, argv, code, fragment):
     got, out, err = cli(*args)
     assert "Traceback" not in out + err
     assert (got, err.count("\n")) == (code, 1), err
+    assert len(err) < 600, f"{len(err)} characters: a value or a traceback went into the message"
     assert err.startswith("error: " if code == 2 else "data error: ") and fragment in err, err
     assert _snapshot(bad["base"], tmp_path) == before
 
