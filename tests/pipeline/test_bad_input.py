@@ -59,6 +59,12 @@ ROWS = [
     ("cifar-no-data", "import cifar10 --from {base}/nodata.tar.gz --root {base}/new", 2, "lacks 'data'"),
     ("cifar-object-labels", "import cifar10 --from {base}/objlabels.tar.gz --root {base}/new", 2, "labels are object"),
     ("cifar-float-labels", "import cifar10 --from {base}/floatlabels.tar.gz --root {base}/new", 2, "labels are float64"),
+    ("npz-zero-size-images", "import npz --from {base}/empty-images.npz --root {base}/new", 2, "at least 1x1"),
+    ("npz-zero-size-npy", "import npz --from {base}/empty-images.npz --format npy --root {base}/new", 2, "at least 1x1"),
+    ("cifar-float-data", "import cifar10 --from {base}/floatdata.tar.gz --root {base}/new", 2, "'data' is float64"),
+    ("cifar-uint16-data", "import cifar10 --from {base}/widedata.tar.gz --root {base}/new", 2, "'data' is uint16"),
+    ("folder-16-bit", "import folder --from {base}/sixteen --root {base}/new", 2, "mode I;16 is not 8 bits"),
+    ("folder-bomb", "import folder --from {base}/bomb --root {base}/new", 2, "too large to decode safely"),
     ("folder-empty-class", "import folder --from {base}/classes --root {base}/new", 2, "class folder b holds no"),
     ("unknown-importer", "import imagenet --root {base}/new", 2, "unknown importer"),
     ("npz-from-folder", "import npz --from {base}/classes --root {base}/new", 2, "import npz reads a file"),
@@ -186,6 +192,10 @@ def _bad_inputs(base: Path) -> None:
     _cifar_tar(base / "nodata.tar.gz", {b"labels": [0, 1, 2, 3]})
     _cifar_tar(base / "objlabels.tar.gz", {b"data": rows, b"labels": np.array([0, None, 1, 2], dtype=object)})
     _cifar_tar(base / "floatlabels.tar.gz", {b"data": rows, b"labels": [0.5, 1.5, 2.0, 3.0]})
+    _cifar_tar(base / "floatdata.tar.gz", {b"data": rows.astype(np.float64) / 255, b"labels": [0, 1, 2, 3]})
+    _cifar_tar(base / "widedata.tar.gz", {b"data": rows.astype(np.uint16) + 300, b"labels": [0, 1, 2, 3]})
+    np.savez(base / "empty-images.npz", image=np.zeros((4, 0, 0, 1), np.uint8), label=np.arange(4))
+    _image_folders(base)
     from PIL import Image
     (base / "classes" / "a").mkdir(parents=True)
     (base / "classes" / "b").mkdir()
@@ -209,6 +219,28 @@ def _bad_inputs(base: Path) -> None:
     (base / "junk.pt").write_bytes(bytes(range(256)) * 4)
     (base / "unet").mkdir()
     (base / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 8}')
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 8-bit grey pixels (the data is one empty row): enough for a
+    decoder's size check, which reads only the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def _image_folders(base: Path) -> None:
+    """sixteen/: 16-bit grey PNGs (converting would clip every pixel to 255); bomb/: a 20000 x 20000 PNG header."""
+    from PIL import Image
+    for k in ("a", "b"):
+        (base / "sixteen" / k).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 4000, np.uint16)).save(base / "sixteen" / k / "0.png")
+        (base / "bomb" / k).mkdir(parents=True)
+        (base / "bomb" / k / "0.png").write_bytes(_png_claiming(20000, 20000))
 
 
 def _damaged_roots(base: Path, ws: Path) -> None:
