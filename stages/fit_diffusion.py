@@ -10,7 +10,10 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -174,25 +177,51 @@ class Trainer:
                 e.copy_(p.detach().lerp(e, beta))
 
     def run(self, on_step: Callable[[int, float], None] | None = None) -> str:
-        """Train to the end (checkpointing along the way), save the EMA network; returns its fingerprint."""
+        """Train to the end (checkpointing along the way), save the EMA network; returns its fingerprint.
+
+        Ctrl-C is held until the current step ends, then the checkpoint is written and KeyboardInterrupt raised:
+        a checkpoint written mid-step (a batch consumed but not trained on, weights stepped but not counted) would
+        resume into another model than the uninterrupted fit. A second Ctrl-C stops at once, keeping the last
+        checkpoint."""
         last_save = time.monotonic()
         data = self.batches()
-        try:
+        with interrupt_at_step_end() as interrupted:
             while self.step < self.s.total_steps:
                 images, labels = next(data)
                 loss = self.train_step(images, labels)
                 if on_step:
                     on_step(self.s.batch_size, loss)
+                if interrupted():
+                    self.save_checkpoint()
+                    raise KeyboardInterrupt
                 if time.monotonic() - last_save > self.s.checkpoint_seconds:
                     self.save_checkpoint()
                     last_save = time.monotonic()
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise
         self.save_checkpoint()
         provenance = {"made_by": "fit-diffusion", "image_set": self.images.fingerprint,
                       "image_set_name": self.images.name, "settings": asdict(self.s), "steps": self.step}
         return save_own(self.ema, self.out_dir, provenance)
+
+
+@contextmanager
+def interrupt_at_step_end():
+    """Yields `interrupted()`: whether SIGINT arrived since entering. The first SIGINT only sets the flag; a second
+    raises KeyboardInterrupt at once. Outside the main thread (no signal handlers there) nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested: list[bool] = []
+
+    def hold(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _plain(d: dict) -> dict:

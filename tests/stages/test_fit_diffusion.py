@@ -94,3 +94,28 @@ def test_cli_fit_then_cached_and_model_info(cli, tmp_path):
     assert "dec.4x4_in1" in out and "8x4x4" not in out.split("dec.4x4_in1")[0][-5:]
     words = " ".join(out.split())       # the summary line may wrap at the console width (absolute root paths)
     assert "parameters" in words and "10 classes" in words
+
+
+def test_ctrl_c_mid_step_resumes_into_the_uninterrupted_model(digits, tmp_path):
+    """A real SIGINT delivered inside the network's forward (mid-step, mid-epoch): the fit finishes that step,
+    checkpoints, stops with KeyboardInterrupt; the rerun resumes into the very model of an uninterrupted fit."""
+    import os
+    import signal
+    settings = FitSettings(**{**TINY, "duration_kimg": 1.6, "dropout": 0.1})           # 50 steps, ~2 epochs
+    straight = Trainer(digits, settings, tmp_path / "a")
+    expected = straight.run()
+    interrupted = Trainer(digits, settings, tmp_path / "b")
+    calls = []
+
+    def signal_on_call(module, inputs):
+        calls.append(1)
+        if len(calls) == 37:                                # inside step 37's forward
+            os.kill(os.getpid(), signal.SIGINT)
+    hook = interrupted.net.register_forward_pre_hook(signal_on_call)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    hook.remove()
+    resumed = Trainer(digits, settings, tmp_path / "b")
+    assert resumed.resumed and resumed.run() == expected
+    assert interrupted.step == 37                           # the step the signal arrived in was finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the fit's handler is gone again
