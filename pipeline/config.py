@@ -18,6 +18,7 @@ from stores.errors import UserError
 
 DEFAULT_CONFIG_NAME = "pipeline.yaml"
 MAX_COUNT = 10 ** 10           # stores.tarshard.KEY_DIGITS: a sample id has 10 digits
+MAX_SEED = 2 ** 32 - 1         # what every generator takes (torch's stops at 2^63 - 1, numpy's legacy one at 2^32 - 1)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ SCHEMA: dict[str, Any] = {
         "shard_size": _k(int, 10000, "samples per image shard (and per feature shard)", min=1, max=10_000_000),
         "image_format": _k(str, "png", "image encoding inside shards: png (lossless) or npy (raw)", choices=("png", "npy")),
         "test_fraction": _k(float, 0.2, "digits only: fraction held out as the test split", min=0.01, max=0.9),
-        "split_seed": _k(int, 0, "digits only: seed of the deterministic train/test split", min=0),
+        "split_seed": _k(int, 0, "digits only: seed of the deterministic train/test split", min=0, max=MAX_SEED),
     },
     "model": {
         "spec": _k(str, "fit", "diffusion model: fit (train one with fit-diffusion) | edm:PATH.pkl | diffusers:DIR | dra:DIR"),
@@ -70,12 +71,12 @@ SCHEMA: dict[str, Any] = {
         "ema_halflife_kimg": _k(float, 10.0, "EMA half-life in thousands of images (ramped: at most 5% of the images seen so far)", min=0.0),
         "duration_kimg": _k(float, 120.0, "training length in thousands of images (digits: 2.5-7 min on 2 cores; class agreement 97.3-97.7%)", min=0.001),
         "dropout": _k(float, 0.1, "dropout probability inside the U-Net blocks while training", min=0.0, max=1.0, below_max=True),
-        "seed": _k(int, 0, "training seed", min=0),
+        "seed": _k(int, 0, "training seed", min=0, max=MAX_SEED),
     },
     "generate": {
         "n": _k((int, str), 5000, "images to generate (accepts 20M, 1.5k, 1e6)"),
         "name": _k(str, None, "generated image-set name; default: <data name>-gen", nullable=True),
-        "seed": _k(int, 0, "run seed: sample i's label and noise depend only on (seed, i)", min=0),
+        "seed": _k(int, 0, "run seed: sample i's label and noise depend only on (seed, i)", min=0, max=MAX_SEED),
         "sampler": _k(str, "heun", "sampler", choices=("heun", "euler", "dpm-solver")),
         "steps": _k(int, 18, "sampler steps (Heun: 2*steps-1 network evaluations)", min=1, max=1000),
         "churn": _k(float, 0.0, "EDM S_churn (0 = deterministic)", min=0.0),
@@ -86,11 +87,11 @@ SCHEMA: dict[str, Any] = {
         "layer": _k(str, "auto", "diffusion layer to cache; auto = the bottleneck (e.g. dec.8x8_in1)"),
         "pool": _k((str, int), "none", "spatial pooling of targets", choices=("none", "2", "4", "global")),
         "views": _k(int, 1, "augmented views stored per image, each with its exact target (view 0 = the image, with "
-                    "flips view 1 = its mirror); made for train.crop_pad and train.flip", min=1),
+                    "flips view 1 = its mirror); made for train.crop_pad and train.flip", min=1, max=1024),
         "views_generated": _k(int, None, "views per image of the generated set; null = features.views", min=1,
-                              nullable=True),
-        "view_seed": _k(int, 0, "seed of each image's view order (views 2.. are distinct random augmentations)", min=0),
-        "noise_seed": _k(int, 0, "seed of the noise eps drawn per (seed, sample id, timestep)", min=0),
+                              max=1024, nullable=True),
+        "view_seed": _k(int, 0, "seed of each image's view order (views 2.. are distinct random augmentations)", min=0, max=MAX_SEED),
+        "noise_seed": _k(int, 0, "seed of the noise eps drawn per (seed, sample id, timestep)", min=0, max=MAX_SEED),
         "dtype": _k(str, "float16", "stored dtype of targets: float16 (half the bytes) or float32 (exact, no overflow "
                     "above 65504); bfloat16 is not offered (numpy and zarr have no bfloat16 dtype)",
                     choices=("float16", "float32")),
@@ -131,12 +132,12 @@ SCHEMA: dict[str, Any] = {
                          "within noise; REPA: 0.5)", min=0.0),
         "dra_layer": _k(str, "auto", "classifier feature map aligned with the targets; auto = per architecture"),
         "dra_view": _k(str, "adversarial", "input view whose features are aligned", choices=("adversarial", "clean")),
-        "dra_hidden": _k(int, 128, "hidden width of the projection head (REPA: 2048)", min=1),
+        "dra_hidden": _k(int, 128, "hidden width of the projection head (REPA: 2048)", min=1, max=65536),
         "dra_depth": _k(int, 3, "linear layers of the projection head (SiLU between)", min=1, max=16),
         "holdout": _k(int, 144, "last real training images held out for per-epoch clean/PGD accuracy (DM-AT: 1024)", min=0),
         "holdout_pgd_steps": _k(int, 20, "PGD steps of the per-epoch held-out evaluation", min=1),
         "checkpoint_every": _k(int, 0, "also checkpoint every this many steps (0 = at epoch ends only)", min=0),
-        "seed": _k(int, 0, "training seed", min=0),
+        "seed": _k(int, 0, "training seed", min=0, max=MAX_SEED),
         "workers": _k(int, 1, "data-parallel Ray Train workers (ranks)", min=1),
         "loader_workers": _k(int, 1, "DataLoader worker processes per rank", min=0, max=64),
     },
@@ -148,7 +149,7 @@ SCHEMA: dict[str, Any] = {
         "autoattack": _k(bool, True, "run AutoAttack (needs `pip install pyautoattack`; false skips it)"),
         "autoattack_version": _k(str, "standard", "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square) or plus", choices=("standard", "plus")),
         "batch_size": _k(int, 512, "images per attack batch (AutoAttack's cost is per batch: fewer is faster)", min=1, max=65536),
-        "seed": _k(int, 0, "seed of PGD's random starts and of AutoAttack", min=0),
+        "seed": _k(int, 0, "seed of PGD's random starts and of AutoAttack", min=0, max=MAX_SEED),
         "device": _k(str, "auto", "auto (GPU if visible) | cpu | cuda", choices=("auto", "cpu", "cuda")),
         "cpu_threads": _k(int, 1, "torch threads when evaluating on the CPU (0 = torch's default); small models: 1", min=0, max=1024),
         "weights": _k(str, "best", "a run's weights to evaluate, report and export: best = the epoch with the highest "
@@ -164,7 +165,7 @@ SCHEMA: dict[str, Any] = {
         "parallel": _k(bool, True, "on the CPU, train (and evaluate) the variants side by side, one process per core "
                        "(lines prefixed with the run's name); false = one after the other"),
         "seeds": _k(list, None, "training seeds: each setting is trained once per seed and the report adds mean +- std "
-                    "over them; null = train.seed alone", item=int, nullable=True, min=0),
+                    "over them; null = train.seed alone", item=int, nullable=True, min=0, max=MAX_SEED),
         "name": _k(str, None, "prefix of the run names: NAME-<arch>-<dra|nodra>-<seed>; null = <arch>-<dra|nodra>-<seed>. "
                    "A run name holds one setting: give a new prefix to train changed settings beside the old runs",
                    nullable=True),
@@ -244,6 +245,8 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
                 raise UserError(f"{prefix}: {brief(v)} is not one of {', '.join(key.item_choices)}")
             if key.min is not None and isinstance(v, (int, float)) and v < key.min:
                 raise UserError(f"{prefix} items must be >= {key.min}, got {brief(value)}")
+            if key.max is not None and isinstance(v, (int, float)) and v > key.max:
+                raise UserError(f"{prefix} items must be <= {key.max}, got {brief(value)}")
     return value
 
 

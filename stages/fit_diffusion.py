@@ -62,11 +62,26 @@ def network_config(images: ImageSet, s: FitSettings) -> dict:
     if lowest < 1 or images.resolution % 2 ** (len(s.channel_mult) - 1):
         raise UserError(f"fit_diffusion.channel_mult has {len(s.channel_mult)} levels, but {images.resolution}x"
                         f"{images.resolution} images cannot be halved {len(s.channel_mult) - 1} times; use fewer levels")
-    return dict(img_resolution=images.resolution, img_channels=images.channels, label_dim=images.classes,
-                sigma_data=SIGMA_DATA, model_type="SongUNet", model_channels=s.model_channels,
-                channel_mult=list(s.channel_mult), num_blocks=s.num_blocks, attn_resolutions=[lowest],
-                dropout=s.dropout, embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                channel_mult_noise=1, resample_filter=[1, 1], augment_dim=0)
+    config = dict(img_resolution=images.resolution, img_channels=images.channels, label_dim=images.classes,
+                  sigma_data=SIGMA_DATA, model_type="SongUNet", model_channels=s.model_channels,
+                  channel_mult=list(s.channel_mult), num_blocks=s.num_blocks, attn_resolutions=[lowest],
+                  dropout=s.dropout, embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                  channel_mult_noise=1, resample_filter=[1, 1], augment_dim=0)
+    _check_builds(config)
+    return config
+
+
+def _check_builds(config: dict) -> None:
+    """Build the network and run one forward on the meta device (no memory, no compute): widths that the
+    positional embedding or a GroupNorm cannot split are refused here, before anything is written."""
+    c, r = config["img_channels"], config["img_resolution"]
+    try:
+        with torch.device("meta"):
+            EDMPrecond(**config)(torch.zeros(1, c, r, r), torch.ones(1), torch.zeros(1, config["label_dim"]))
+    except (ValueError, RuntimeError):
+        raise UserError(f"fit_diffusion.model_channels {config['model_channels']} with channel_mult "
+                        f"{config['channel_mult']} makes layers the network cannot split into its normalisation "
+                        f"groups; use a multiple of 8 (e.g. 16 or 32)") from None
 
 
 def model_key(images: ImageSet, s: FitSettings) -> str:

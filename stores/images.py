@@ -24,10 +24,16 @@ def image_set_dir(root: Path, name: str) -> Path:
     return Path(root) / "images" / name
 
 
+MAX_NAME_BYTES = 128      # folder names stop at 255 bytes; prefixes, suffixes and `.NAME.tmp-PID` siblings need room
+
+
 def validate_set_name(name: str, what: str = "set") -> str:
-    """A folder name inside the workspace: no separators, no leading dot (so no `..` escapes)."""
+    """A folder name inside the workspace: no separators, no leading dot (so no `..` escapes), not too long."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise UserError(f"invalid {what} name {name!r}: use letters, digits, '-', '_' and '.'")
+        raise UserError(f"invalid {what} name {name[:60]!r}: use letters, digits, '-', '_' and '.'")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise UserError(f"invalid {what} name {name[:40]!r}...: {len(name.encode())} bytes long; use at most "
+                        f"{MAX_NAME_BYTES}")
     return name
 
 
