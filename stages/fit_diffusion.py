@@ -22,7 +22,7 @@ import torch
 
 from stages.edm.networks import EDMPrecond
 from stages.models import save_own
-from stores.errors import UserError
+from stores.errors import Terminated, UserError
 from stores.identity import short_key
 from stores.images import ImageSet
 from stores.stream import ShardStream
@@ -194,10 +194,10 @@ class Trainer:
     def run(self, on_step: Callable[[int, float], None] | None = None) -> str:
         """Train to the end (checkpointing along the way), save the EMA network; returns its fingerprint.
 
-        Ctrl-C is held until the current step ends, then the checkpoint is written and KeyboardInterrupt raised:
-        a checkpoint written mid-step (a batch consumed but not trained on, weights stepped but not counted) would
-        resume into another model than the uninterrupted fit. A second Ctrl-C stops at once, keeping the last
-        checkpoint."""
+        Ctrl-C (or SIGTERM) is held until the current step ends, then the checkpoint is written and
+        KeyboardInterrupt (Terminated) raised: a checkpoint written mid-step (a batch consumed but not trained on,
+        weights stepped but not counted) would resume into another model than the uninterrupted fit. A second
+        signal stops at once, keeping the last checkpoint."""
         last_save = time.monotonic()
         data = self.batches()
         with interrupt_at_step_end() as interrupted:
@@ -206,9 +206,10 @@ class Trainer:
                 loss = self.train_step(images, labels)
                 if on_step:
                     on_step(self.s.batch_size, loss)
-                if interrupted():
+                stop = interrupted()
+                if stop is not None:
                     self.save_checkpoint()
-                    raise KeyboardInterrupt
+                    raise stop
                 if time.monotonic() - last_save > self.s.checkpoint_seconds:
                     self.save_checkpoint()
                     last_save = time.monotonic()
@@ -220,23 +221,32 @@ class Trainer:
 
 @contextmanager
 def interrupt_at_step_end():
-    """Yields `interrupted()`: whether SIGINT arrived since entering. The first SIGINT only sets the flag; a second
-    raises KeyboardInterrupt at once. Outside the main thread (no signal handlers there) nothing is deferred."""
+    """Yields `interrupted()`: the KeyboardInterrupt (Terminated for SIGTERM) to raise once the step is done, or
+    None. The first SIGINT or SIGTERM is only noted; a second raises at once. Outside the main thread (no signal
+    handlers there) nothing is deferred."""
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: None
         return
-    requested: list[bool] = []
+    received: list[int] = []
 
     def hold(signum, frame):
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(True)
+        received.append(signum)
+        if len(received) > 1:
+            raise _unwinding(signum)
 
-    previous = signal.signal(signal.SIGINT, hold)
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: bool(requested)
+        yield lambda: _unwinding(received[0]) if received else None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _unwinding(signum: int) -> KeyboardInterrupt:
+    if signum == signal.SIGTERM:
+        Terminated.seen = True
+        return Terminated()
+    return KeyboardInterrupt()
 
 
 def _plain(d: dict) -> dict:
