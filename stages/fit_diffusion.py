@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import signal
 import threading
 import time
@@ -22,6 +21,7 @@ import torch
 
 from stages.edm.networks import EDMPrecond
 from stages.models import save_own
+from stores.atomic import torch_save_atomically
 from stores.errors import Terminated, UserError
 from stores.identity import short_key
 from stores.images import ImageSet
@@ -131,9 +131,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_name(f"checkpoint.tmp-{os.getpid()}")
-        torch.save(self._state(), tmp)
-        os.replace(tmp, self.checkpoint_path)
+        torch_save_atomically(self._state(), self.checkpoint_path)
 
     def _load_checkpoint(self) -> bool:
         if not self.checkpoint_path.exists():

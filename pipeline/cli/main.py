@@ -2,6 +2,8 @@
 pipeline.yaml; its flags override the file's keys."""
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 
 import typer
@@ -56,6 +58,17 @@ def _interrupt_line(exc: BaseException) -> str:
     return f"interrupted: {waiting}" if waiting else INTERRUPTED
 
 
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}     # no space, over quota, over the file-size limit
+
+
+def full_disk_line(exc: OSError) -> str:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    fix = {errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+           errno.EFBIG: ("a file grew past the file-size limit", "raise the limit (ulimit -f)")}.get(
+        exc.errno, ("no space left on device", "free space (the plan printed above says how much the stage writes)"))
+    return f"{fix[0]}{where}; {fix[1]} and rerun the same command: finished shards and checkpoints are kept"
+
+
 def _interrupted_status() -> int:
     return 143 if Terminated.seen else 130         # 128 + SIGTERM's number, as a shell reports a terminated job
 
@@ -65,6 +78,7 @@ def main() -> None:
     one line and exit 130 or 143."""
     Terminated.seen = False                        # in-process callers (tests) run main() more than once
     install_sigterm_handler()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over `ulimit -f`: a write fails with EFBIG instead of a core dump
     command = typer.main.get_command(app)
     _escape_markdown_brackets(command)
     try:
@@ -94,6 +108,11 @@ def main() -> None:
         if not interrupt_reported():
             print(_interrupt_line(exc), file=sys.stderr)
         sys.exit(_interrupted_status())
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        print(f"error: {full_disk_line(exc)}", file=sys.stderr)
+        sys.exit(1)
     except Exception as exc:
         from pipeline.parallel import JobFailed
         runner = sys.modules.get("pipeline.shards.runner")        # never imported: none of its errors (and no Ray needed)
