@@ -223,6 +223,8 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
         raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {brief(value)}")
     if not isinstance(value, kinds):
         raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {brief(value)}")
+    if isinstance(value, str) and not value.strip():
+        raise UserError(f"{prefix} is empty; give a value, or leave it out (null) for the default")
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{prefix} must be finite, got {brief(value)}")
     if key.choices is not None and isinstance(value, int) and str(value) in key.choices:

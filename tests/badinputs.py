@@ -32,9 +32,10 @@ def make_bad_workspace(base: Path) -> dict[str, Path]:
     return {"base": base, "ws": ws, "fit": base / "fit", "flip": base / "flip"}
 
 
-def check_one_line(cli, bad: dict, tmp_path: Path, argv: str, code: int, fragment: str) -> None:
+def check_one_line(cli, bad: dict, tmp_path: Path, argv: str | list[str], code: int, fragment: str) -> None:
     """The row's exit status, exactly one short line on stderr holding `fragment`, no traceback, nothing changed."""
-    args = argv.format(**{k: str(v) for k, v in bad.items()}).split()
+    places = {k: str(v) for k, v in bad.items()}
+    args = argv.format(**places).split() if isinstance(argv, str) else [a.format(**places) for a in argv]
     before = snapshot(bad["base"], tmp_path)
     got, out, err = cli(*args)
     assert "Traceback" not in out + err

@@ -24,6 +24,20 @@ ROWS = [
     ("generate-long-name", f"generate --name {LONG} --dry-run --root {{ws}}", 2, "300 bytes long; use at most 128"),
     ("import-long-name", f"import digits --name {LONG} --root {{base}}/new", 2, "bytes long; use at most 128"),
     ("sweep-long-name", f"sweep train.dra_lambda=1 --name {LONG} --root {{ws}}", 2, "300 bytes long; use at most 128"),
+    # explicit values are never read as "the default"
+    ("root-empty", ["ls", "--root", ""], 2, "invalid value for '--root': is empty"),
+    ("import-name-empty", ["import", "digits", "--name", "", "--root", "{base}/new"], 2,
+     "invalid value for '--name': is empty"),
+    ("generate-name-empty", ["generate", "--name", "", "--dry-run", "--root", "{ws}"], 2,
+     "invalid value for '--name': is empty"),
+    ("select-out-empty", ["select", "digits-train", "--scorer", "tiny", "--out", "", "--root", "{ws}"], 2,
+     "invalid value for '--out': is empty"),
+    ("config-empty-string", "generate --dry-run --config {base}/empty-name.yaml --root {ws}", 2,
+     "key 'generate.name' is empty"),
+    ("extract-sigma-and-timestep", "extract-features --sigma 0.5 --timestep 100 --root {ws}", 2,
+     "--timestep or as --sigma, not both"),
+    ("repair-from-for-digits", "repair digits-test --from {base}/nodata.tar.gz --root {ws}", 2,
+     "none of the sets to repair (digits-test) was imported from a file"),
 ]
 
 
@@ -34,6 +48,7 @@ def values(bad):
     (base / "big-fit-seed.yaml").write_text(f"fit_diffusion:\n  seed: {BIG_SEED}\n")
     (base / "odd-channels.yaml").write_text("fit_diffusion:\n  model_channels: 5\n")
     (base / "huge-head.yaml").write_text("train:\n  dra_hidden: 1000000000\n")
+    (base / "empty-name.yaml").write_text("generate:\n  name: ''\n")
     return bad
 
 
