@@ -2,6 +2,8 @@
 written (issue 23's kinds; the rows run through the real CLI against the shared bad-input workspace)."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from badinputs import check_one_line
@@ -36,6 +38,14 @@ ROWS = [
      "key 'generate.name' is empty"),
     ("extract-sigma-and-timestep", "extract-features --sigma 0.5 --timestep 100 --root {ws}", 2,
      "--timestep or as --sigma, not both"),
+    # another set's records copied into a set: damaged stored data (exit 1), never rewritten with the wrong data
+    ("foreign-manifest-train", "train --dry-run --no-dra --root {base}/foreign-manifest", 1,
+     "manifest.parquet records shard(s) [0] that its dataset.json does not plan"),
+    ("foreign-manifest-fit", "fit-diffusion --root {base}/foreign-manifest", 1, "does not plan"),
+    ("foreign-dataset-repair", "repair digits-train --root {base}/foreign-dataset", 1,
+     "describes set 'digits-test', not digits-train"),
+    ("foreign-dataset-train", "train --dry-run --no-dra --root {base}/foreign-dataset", 1,
+     "describes set 'digits-test', not digits-train"),
     ("repair-from-for-digits", "repair digits-test --from {base}/nodata.tar.gz --root {ws}", 2,
      "none of the sets to repair (digits-test) was imported from a file"),
 ]
@@ -49,6 +59,10 @@ def values(bad):
     (base / "odd-channels.yaml").write_text("fit_diffusion:\n  model_channels: 5\n")
     (base / "huge-head.yaml").write_text("train:\n  dra_hidden: 1000000000\n")
     (base / "empty-name.yaml").write_text("generate:\n  name: ''\n")
+    for name, record in (("foreign-manifest", "manifest.parquet"), ("foreign-dataset", "dataset.json")):
+        images = base / name / "images"
+        shutil.copytree(bad["ws"] / "images", images)
+        shutil.copy(images / "digits-test" / record, images / "digits-train" / record)
     return bad
 
 
