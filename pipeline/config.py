@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.yaml_input import brief, check_yaml_shape, read_config_text
 from stages.sampler_registry import SAMPLERS, sampler_help       # torch-free registries: names and help
 from stages.specs import spec_help
 from stores.errors import UserError
@@ -20,6 +21,7 @@ from trainer.architectures import ARCHITECTURES, architecture_help
 
 DEFAULT_CONFIG_NAME = "pipeline.yaml"
 MAX_COUNT = 10 ** 10           # stores.tarshard.KEY_DIGITS: a sample id has 10 digits
+MAX_SEED = 2 ** 32 - 1         # what every generator takes (torch's stops at 2^63 - 1, numpy's legacy one at 2^32 - 1)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ SCHEMA: dict[str, Any] = {
         "shard_size": _k(int, 10000, "samples per image shard (and per feature shard)", min=1, max=10_000_000),
         "image_format": _k(str, "png", "image encoding inside shards: png (lossless) or npy (raw)", choices=("png", "npy")),
         "test_fraction": _k(float, 0.2, "digits only: fraction held out as the test split", min=0.01, max=0.9),
-        "split_seed": _k(int, 0, "digits only: seed of the deterministic train/test split", min=0),
+        "split_seed": _k(int, 0, "digits only: seed of the deterministic train/test split", min=0, max=MAX_SEED),
     },
     "model": {
         "spec": _k(str, "fit", f"diffusion model: {spec_help(fit=True)}"),
@@ -72,12 +74,12 @@ SCHEMA: dict[str, Any] = {
         "ema_halflife_kimg": _k(float, 10.0, "EMA half-life in thousands of images (ramped: at most 5% of the images seen so far)", min=0.0),
         "duration_kimg": _k(float, 120.0, "training length in thousands of images (README: time and sample quality by length)", min=0.001),
         "dropout": _k(float, 0.1, "dropout probability inside the U-Net blocks while training", min=0.0, max=1.0, below_max=True),
-        "seed": _k(int, 0, "training seed", min=0),
+        "seed": _k(int, 0, "training seed", min=0, max=MAX_SEED),
     },
     "generate": {
         "n": _k((int, str), 5000, "images to generate (accepts 20M, 1.5k, 1e6)"),
         "name": _k(str, None, "generated image-set name; default: <data name>-gen", nullable=True),
-        "seed": _k(int, 0, "run seed: sample i's label and noise depend only on (seed, i)", min=0),
+        "seed": _k(int, 0, "run seed: sample i's label and noise depend only on (seed, i)", min=0, max=MAX_SEED),
         "sampler": _k(str, "heun", f"sampler: {sampler_help()}", choices=tuple(SAMPLERS)),
         "steps": _k(int, 18, "sampler steps (Heun: 2*steps-1 network evaluations)", min=1, max=1000),
         "churn": _k(float, 0.0, "EDM S_churn (0 = deterministic)", min=0.0),
@@ -88,11 +90,11 @@ SCHEMA: dict[str, Any] = {
         "layer": _k(str, "auto", "diffusion layer to cache; auto = the bottleneck (e.g. dec.8x8_in1)"),
         "pool": _k((str, int), "none", "spatial pooling of targets", choices=("none", "2", "4", "global")),
         "views": _k(int, 1, "augmented views stored per image, each with its exact target (view 0 = the image, with "
-                    "flips view 1 = its mirror); made for train.crop_pad and train.flip", min=1),
+                    "flips view 1 = its mirror); made for train.crop_pad and train.flip", min=1, max=1024),
         "views_generated": _k(int, None, "views per image of the generated set; null = features.views", min=1,
-                              nullable=True),
-        "view_seed": _k(int, 0, "seed of each image's view order (views 2.. are distinct random augmentations)", min=0),
-        "noise_seed": _k(int, 0, "seed of the noise eps drawn per (seed, sample id, timestep)", min=0),
+                              max=1024, nullable=True),
+        "view_seed": _k(int, 0, "seed of each image's view order (views 2.. are distinct random augmentations)", min=0, max=MAX_SEED),
+        "noise_seed": _k(int, 0, "seed of the noise eps drawn per (seed, sample id, timestep)", min=0, max=MAX_SEED),
         "dtype": _k(str, "float16", "stored dtype of targets: float16 (half the bytes) or float32 (exact, no overflow "
                     "above 65504); bfloat16 is not offered (numpy and zarr have no bfloat16 dtype)",
                     choices=("float16", "float32")),
@@ -132,12 +134,12 @@ SCHEMA: dict[str, Any] = {
                          "0.1)", min=0.0),
         "dra_layer": _k(str, "auto", "classifier feature map aligned with the targets; auto = per architecture"),
         "dra_view": _k(str, "adversarial", "input view whose features are aligned", choices=("adversarial", "clean")),
-        "dra_hidden": _k(int, 128, "hidden width of the projection head (REPA: 2048)", min=1),
+        "dra_hidden": _k(int, 128, "hidden width of the projection head (REPA: 2048)", min=1, max=65536),
         "dra_depth": _k(int, 3, "linear layers of the projection head (SiLU between)", min=1, max=16),
         "holdout": _k(int, 144, "last real training images held out for per-epoch clean/PGD accuracy (DM-AT: 1024)", min=0),
         "holdout_pgd_steps": _k(int, 20, "PGD steps of the per-epoch held-out evaluation", min=1),
         "checkpoint_every": _k(int, 0, "also checkpoint every this many steps (0 = at epoch ends only)", min=0),
-        "seed": _k(int, 0, "training seed", min=0),
+        "seed": _k(int, 0, "training seed", min=0, max=MAX_SEED),
         "workers": _k(int, 1, "data-parallel Ray Train workers (ranks)", min=1),
         "loader_workers": _k(int, 1, "DataLoader worker processes per rank", min=0, max=64),
     },
@@ -149,7 +151,7 @@ SCHEMA: dict[str, Any] = {
         "autoattack": _k(bool, True, "run AutoAttack (needs `pip install pyautoattack`; false skips it)"),
         "autoattack_version": _k(str, "standard", "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square) or plus", choices=("standard", "plus")),
         "batch_size": _k(int, 512, "images per attack batch (AutoAttack's cost is per batch: fewer is faster)", min=1, max=65536),
-        "seed": _k(int, 0, "seed of PGD's random starts and of AutoAttack", min=0),
+        "seed": _k(int, 0, "seed of PGD's random starts and of AutoAttack", min=0, max=MAX_SEED),
         "device": _k(str, "auto", "auto (GPU if visible) | cpu | cuda", choices=("auto", "cpu", "cuda")),
         "cpu_threads": _k(int, 1, "torch threads when evaluating on the CPU (0 = torch's default)", min=0, max=1024),
         "weights": _k(str, "best", "a run's weights to evaluate, report and export: best = the epoch with the highest "
@@ -165,7 +167,7 @@ SCHEMA: dict[str, Any] = {
         "parallel": _k(bool, True, "on the CPU, train (and evaluate) the variants side by side, one process per core "
                        "(lines prefixed with the run's name); false = one after the other"),
         "seeds": _k(list, None, "training seeds: each setting is trained once per seed and the report adds mean +- std "
-                    "over them; null = train.seed alone", item=int, nullable=True, min=0),
+                    "over them; null = train.seed alone", item=int, nullable=True, min=0, max=MAX_SEED),
         "name": _k(str, None, "prefix of the run names: NAME-<arch>-<dra|nodra>-<seed>; null = <arch>-<dra|nodra>-<seed>. "
                    "A run name holds one setting: give a new prefix to train changed settings beside the old runs",
                    nullable=True),
@@ -220,37 +222,41 @@ def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, bool) and bool not in kinds:
-        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {value!r}")
+        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {brief(value)}")
     if not isinstance(value, kinds):
-        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {value!r}")
+        raise UserError(f"{prefix} must be {_type_name(key.kind)}, got {brief(value)}")
+    if isinstance(value, str) and not value.strip():
+        raise UserError(f"{prefix} is empty; give a value, or leave it out (null) for the default")
     if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{prefix} must be finite, got {value!r}")
+        raise UserError(f"{prefix} must be finite, got {brief(value)}")
     if key.choices is not None and isinstance(value, int) and str(value) in key.choices:
         value = str(value)          # `pool: 2` in YAML means the choice "2"
     if key.choices is not None and value not in key.choices:
-        raise UserError(f"{prefix} must be one of {', '.join(map(str, key.choices))}; got {value!r}")
+        raise UserError(f"{prefix} must be one of {', '.join(map(str, key.choices))}; got {brief(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if key.min is not None and value < key.min:
-            raise UserError(f"{prefix} must be >= {key.min}, got {value!r}")
+            raise UserError(f"{prefix} must be >= {key.min}, got {brief(value)}")
         if key.max is not None and (value >= key.max if key.below_max else value > key.max):
             bound = f"< {key.max}" if key.below_max else f"<= {key.max}"
-            raise UserError(f"{prefix} must be {bound}, got {value!r}")
+            raise UserError(f"{prefix} must be {bound}, got {brief(value)}")
     if isinstance(value, list) and len(value) < key.min_items:
-        raise UserError(f"{prefix} needs at least {key.min_items} item(s), got {value!r}")
+        raise UserError(f"{prefix} needs at least {key.min_items} item(s), got {brief(value)}")
     if isinstance(value, list) and key.item is not None:
         for v in value:
             if isinstance(v, bool) or not isinstance(v, key.item):
-                raise UserError(f"{prefix} must be a list of {_type_name(key.item)}, got {value!r}")
+                raise UserError(f"{prefix} must be a list of {_type_name(key.item)}, got {brief(value)}")
             if key.item_choices is not None and v not in key.item_choices:
-                raise UserError(f"{prefix}: {v!r} is not one of {', '.join(key.item_choices)}")
+                raise UserError(f"{prefix}: {brief(v)} is not one of {', '.join(key.item_choices)}")
             if key.min is not None and isinstance(v, (int, float)) and v < key.min:
-                raise UserError(f"{prefix} items must be >= {key.min}, got {value!r}")
+                raise UserError(f"{prefix} items must be >= {key.min}, got {brief(value)}")
+            if key.max is not None and isinstance(v, (int, float)) and v > key.max:
+                raise UserError(f"{prefix} items must be <= {key.max}, got {brief(value)}")
     return value
 
 
 def _validate(schema: dict, data: Any, where: str, path: str = "") -> dict:
     if not isinstance(data, dict):
-        raise UserError(f"{where}: section '{path or '<top level>'}' must be a mapping, got {data!r:.60}")
+        raise UserError(f"{where}: section '{path or '<top level>'}' must be a mapping, got {brief(data)}")
     out = {}
     for name, value in data.items():
         dotted = f"{path}.{name}" if path else str(name)
@@ -282,23 +288,6 @@ def key_spec(dotted: str) -> Key:
     return node
 
 
-MAX_CONFIG_BYTES = 1 << 20
-
-
-def _read_config_text(path: Path) -> str:
-    """The file's text; a device, a FIFO or a file over 1 MiB (/dev/zero, a data file) is refused, not read forever."""
-    if path.is_dir():
-        raise UserError(f"config file {path} is a folder; pass --config with a pipeline.yaml file")
-    if not path.is_file():
-        raise UserError(f"config file {path} is not a regular file; pass --config with a pipeline.yaml file")
-    with path.open("rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise UserError(f"config file {path} is over {MAX_CONFIG_BYTES >> 20} MiB, not a pipeline.yaml; "
-                        "pass --config with the right file")
-    return raw.decode("utf-8")
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults <- the YAML file (if it exists or was asked for) <- flag overrides (dotted keys)."""
     resolved = defaults()
@@ -311,7 +300,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         else:
             source = str(path)
             try:
-                data = yaml.safe_load(_read_config_text(path)) or {}
+                text = read_config_text(path)
+                check_yaml_shape(text, str(path))
+                data = yaml.safe_load(text) or {}
             except (OSError, UnicodeDecodeError) as exc:
                 why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
                 raise UserError(f"config file {path}: {why}; pass --config with a pipeline.yaml") from None
@@ -356,7 +347,7 @@ def explain() -> list[tuple[str, str, str]]:
 def parse_count(text: str | int) -> int:
     """'20M' -> 20_000_000, '1.5k' -> 1500, '1e6' -> 1_000_000, 50000 -> 50000. Positive integers only."""
     if isinstance(text, bool):
-        raise UserError(f"invalid count {text!r}: use a positive integer such as 50000, 1.5k, 20M or 1e6")
+        raise UserError(f"invalid count {brief(text)}: use a positive integer such as 50000, 1.5k, 20M or 1e6")
     if isinstance(text, int):
         value = float(text)
     else:
@@ -366,9 +357,9 @@ def parse_count(text: str | int) -> int:
         try:
             value = float(body) * scale
         except ValueError:
-            raise UserError(f"invalid count {text!r}: use a positive integer such as 50000, 1.5k, 20M or 1e6") from None
+            raise UserError(f"invalid count {brief(text)}: use a positive integer such as 50000, 1.5k, 20M or 1e6") from None
     if not math.isfinite(value) or value != int(value) or value < 1:
-        raise UserError(f"invalid count {text!r}: must be a positive whole number of samples (e.g. 50000, 1.5k, 20M)")
+        raise UserError(f"invalid count {brief(text)}: must be a positive whole number of samples (e.g. 50000, 1.5k, 20M)")
     if value > MAX_COUNT:
-        raise UserError(f"count {text!r} is over {MAX_COUNT:,.0f}, the most a set can hold (sample ids have 10 digits)")
+        raise UserError(f"count {brief(text)} is over {MAX_COUNT:,.0f}, the most a set can hold (sample ids have 10 digits)")
     return int(value)

@@ -62,9 +62,7 @@ def open_image_sets(cfg: Config, names: list[str]) -> list[ImageSet]:
         if not (image_set_dir(Path(cfg.root), name) / "dataset.json").exists():
             raise UserError(f"image set {name!r} not found under {cfg.root}; `dra-pipe ls` lists the sets")
         s = ImageSet.open(Path(cfg.root), name)
-        if not s.complete:
-            raise UserError(f"image set {name} is incomplete ({len(s.missing_shards())} shards missing); finish the "
-                            f"stage that writes it first")
+        s.require_complete("finish the stage that writes it first")
         damaged = damaged_shards(s.path, s.records)
         if damaged:
             raise IntegrityError(f"image set {name}: shard(s) {shard_list(damaged)} are damaged; "

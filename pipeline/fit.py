@@ -39,9 +39,7 @@ def run_fit_diffusion(cfg: Config, images_name: str | None, wait: bool = False) 
     from stores.images import ImageSet
     from stores.locks import writer_lock
     images = ImageSet.open(Path(cfg.root), images_name or real_train_set(cfg))
-    if not images.complete:
-        raise UserError(f"image set {images.name} is incomplete ({len(images.missing_shards())} shards missing); "
-                        f"rerun the stage that writes it")
+    images.require_complete("rerun the stage that writes it")
     out = fitted_model_dir(cfg, images.name)
     if (out / "config.json").exists():
         console.print(f"cached: model {out.name} (fit on {images.name} with these settings) - nothing to do")

@@ -48,12 +48,24 @@ def repair_sets(cfg: Config, names: list[str], sources: list[str], model: str | 
     if not targets:
         console.print(f"nothing under {base} to repair")
         return
+    if sources and not any(_reads_source_files(kind, path) for kind, path in targets):
+        named = ", ".join(path.name for _, path in targets[:3]) + (", ..." if len(targets) > 3 else "")
+        raise UserError(f"--from names source files, but none of the sets to repair ({named}) was imported from a "
+                        f"file (digits is embedded, generated and feature sets are computed again); leave --from out")
     wanted = {path.name for _, path in targets}
     plans = [plan_repair(cfg, kind, path, sources, model, wait, wanted) for kind, path in targets]
     on_ray = any(p.on_ray for p in plans if p.shards)
     with ray_session(cfg.ray.address, cfg.ray.num_cpus) if on_ray else nullcontext():
         for plan in plans:
             redo(plan)
+
+
+def _reads_source_files(kind: str, path: Path) -> bool:
+    """Whether repairing this set reads files named by --from: an image set imported from files."""
+    if kind != "images":
+        return False
+    importer = ImageSet(path).identity.get("source", {}).get("importer")
+    return importer is not None and importer != "digits"
 
 
 def redo(plan: RepairPlan) -> None:

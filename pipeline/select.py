@@ -76,9 +76,7 @@ def _open_source(root: Path, name: str) -> ImageSet:
         raise UserError(f"no image set {name} under {root}/images; `dra-pipe generate` writes it (`dra-pipe ls` lists "
                         f"sets)")
     source = ImageSet.open(root, name)
-    if not source.complete:
-        raise UserError(f"image set {name} is incomplete ({len(source.missing_shards())} shards missing); finish it "
-                        f"first")
+    source.require_complete("finish it first")
     return source
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import math
-import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +21,8 @@ import torch
 
 from stages.edm.networks import EDMPrecond
 from stages.models import save_own
-from stores.errors import UserError
+from stores.atomic import torch_save_atomically
+from stores.errors import Terminated, UserError
 from stores.identity import short_key
 from stores.images import ImageSet
 from stores.stream import ShardStream
@@ -55,11 +58,26 @@ def network_config(images: ImageSet, s: FitSettings) -> dict:
     if lowest < 1 or images.resolution % 2 ** (len(s.channel_mult) - 1):
         raise UserError(f"fit_diffusion.channel_mult has {len(s.channel_mult)} levels, but {images.resolution}x"
                         f"{images.resolution} images cannot be halved {len(s.channel_mult) - 1} times; use fewer levels")
-    return dict(img_resolution=images.resolution, img_channels=images.channels, label_dim=images.classes,
-                sigma_data=SIGMA_DATA, model_type="SongUNet", model_channels=s.model_channels,
-                channel_mult=list(s.channel_mult), num_blocks=s.num_blocks, attn_resolutions=[lowest],
-                dropout=s.dropout, embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                channel_mult_noise=1, resample_filter=[1, 1], augment_dim=0)
+    config = dict(img_resolution=images.resolution, img_channels=images.channels, label_dim=images.classes,
+                  sigma_data=SIGMA_DATA, model_type="SongUNet", model_channels=s.model_channels,
+                  channel_mult=list(s.channel_mult), num_blocks=s.num_blocks, attn_resolutions=[lowest],
+                  dropout=s.dropout, embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                  channel_mult_noise=1, resample_filter=[1, 1], augment_dim=0)
+    _check_builds(config)
+    return config
+
+
+def _check_builds(config: dict) -> None:
+    """Build the network and run one forward on the meta device (no memory, no compute): widths that the
+    positional embedding or a GroupNorm cannot split are refused here, before anything is written."""
+    c, r = config["img_channels"], config["img_resolution"]
+    try:
+        with torch.device("meta"):
+            EDMPrecond(**config)(torch.zeros(1, c, r, r), torch.ones(1), torch.zeros(1, config["label_dim"]))
+    except (ValueError, RuntimeError):
+        raise UserError(f"fit_diffusion.model_channels {config['model_channels']} with channel_mult "
+                        f"{config['channel_mult']} makes layers the network cannot split into its normalisation "
+                        f"groups; use a multiple of 8 (e.g. 16 or 32)") from None
 
 
 def model_key(images: ImageSet, s: FitSettings) -> str:
@@ -109,9 +127,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_name(f"checkpoint.tmp-{os.getpid()}")
-        torch.save(self._state(), tmp)
-        os.replace(tmp, self.checkpoint_path)
+        torch_save_atomically(self._state(), self.checkpoint_path)
 
     def _load_checkpoint(self) -> bool:
         if not self.checkpoint_path.exists():
@@ -170,25 +186,61 @@ class Trainer:
                 e.copy_(p.detach().lerp(e, beta))
 
     def run(self, on_step: Callable[[int, float], None] | None = None) -> str:
-        """Train to the end (checkpointing along the way), save the EMA network; returns its fingerprint."""
+        """Train to the end (checkpointing along the way), save the EMA network; returns its fingerprint.
+
+        Ctrl-C (or SIGTERM) is held until the current step ends, then the checkpoint is written and
+        KeyboardInterrupt (Terminated) raised: a checkpoint written mid-step (a batch consumed but not trained on,
+        weights stepped but not counted) would resume into another model than the uninterrupted fit. A second
+        signal stops at once, keeping the last checkpoint."""
         last_save = time.monotonic()
         data = self.batches()
-        try:
+        with interrupt_at_step_end() as interrupted:
             while self.step < self.s.total_steps:
                 images, labels = next(data)
                 loss = self.train_step(images, labels)
                 if on_step:
                     on_step(self.s.batch_size, loss)
+                stop = interrupted()
+                if stop is not None:
+                    self.save_checkpoint()
+                    raise stop
                 if time.monotonic() - last_save > self.s.checkpoint_seconds:
                     self.save_checkpoint()
                     last_save = time.monotonic()
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise
         self.save_checkpoint()
         provenance = {"made_by": "fit-diffusion", "image_set": self.images.fingerprint,
                       "image_set_name": self.images.name, "settings": asdict(self.s), "steps": self.step}
         return save_own(self.ema, self.out_dir, provenance)
+
+
+@contextmanager
+def interrupt_at_step_end():
+    """Yields `interrupted()`: the KeyboardInterrupt (Terminated for SIGTERM) to raise once the step is done, or
+    None. The first SIGINT or SIGTERM is only noted; a second raises at once. Outside the main thread (no signal
+    handlers there) nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    received: list[int] = []
+
+    def hold(signum, frame):
+        received.append(signum)
+        if len(received) > 1:
+            raise _unwinding(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: _unwinding(received[0]) if received else None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _unwinding(signum: int) -> KeyboardInterrupt:
+    if signum == signal.SIGTERM:
+        Terminated.seen = True
+        return Terminated()
+    return KeyboardInterrupt()
 
 
 def _plain(d: dict) -> dict:

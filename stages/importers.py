@@ -277,9 +277,13 @@ def _cifar_split(split, batches, label_key, classes, names, path) -> SplitSource
     if any("data" not in b or label_key not in b for b in batches):
         raise UserError(f"{path}: a {split} batch lacks 'data' or '{label_key}'; is this the python CIFAR tarball?")
     try:
-        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        raw = [np.asarray(b["data"]) for b in batches]
     except (TypeError, ValueError):
         raise UserError(f"{path}: {split} 'data' is not an array of bytes; is this the python CIFAR tarball?") from None
+    wrong = next((r.dtype for r in raw if r.dtype != np.uint8), None)
+    if wrong is not None:               # a cast would zero floats in [0, 1] and wrap 16-bit values modulo 256
+        raise UserError(f"{path}: {split} 'data' is {wrong}, not uint8 bytes; is this the python CIFAR tarball?")
+    data = np.concatenate(raw)
     labels = np.concatenate([class_labels(b[label_key], f"{path} ({split})") for b in batches])
     if data.ndim != 2 or data.shape[1] != 3072:
         raise UserError(f"{path}: {split} rows have shape {data.shape[1:]}, expected 3072 bytes (3x32x32)")
@@ -324,15 +328,12 @@ def _folder(path: Path) -> list[SplitSource]:
     classes, files = _folder_files(path)
     modes, sizes = set(), set()
     for f, _ in files:
-        try:
-            with Image.open(f) as im:
-                modes.add(im.mode)
-                sizes.add(im.size)
-        except OSError:
-            raise UserError(f"{f}: not a readable image") from None
+        mode, size = _image_header(f)
+        modes.add(mode)
+        sizes.add(size)
     if len(sizes) != 1 or len({w == h for w, h in sizes}) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
         raise UserError(f"{path}: images must all be square and the same size; found {sorted(sizes)[:4]}")
-    grey = modes <= {"L", "1", "I;16", "I"}
+    grey = modes <= {"L", "1"}
     resolution = next(iter(sizes))[0]
     labels = np.array([k for _, k in files], dtype=np.int64)
 
@@ -342,6 +343,24 @@ def _folder(path: Path) -> list[SplitSource]:
         return images, labels[start:start + count]
 
     return [SplitSource("train", len(files), resolution, 1 if grey else 3, len(classes), classes, read)]
+
+
+EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr"}
+
+
+def _image_header(path: Path) -> tuple[str, tuple[int, int]]:
+    """(mode, size) from the file's header, refusing what the store cannot hold as 8-bit pixels without loss."""
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, im.size
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: the image is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
+                        f"resize it first") from None
+    except OSError:
+        raise UserError(f"{path}: not a readable image") from None
+    if mode not in EIGHT_BIT_MODES:       # 16-bit and float modes: converting would clip every pixel to 255
+        raise UserError(f"{path}: image mode {mode} is not 8 bits per channel; convert the images to 8-bit first")
+    return mode, size
 
 
 def _load_image(path: Path, grey: bool) -> np.ndarray:

@@ -70,8 +70,8 @@ def npz_splits(path: Path) -> list[SplitSource]:
                                 f"expected DM-AT's format with 'image' and 'label'")
         labels = _read_npz_labels(archive, path)
         shape, dtype = _npy_member_header(archive, "image.npy")
-    if len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or dtype != np.uint8:
-        raise UserError(f"{path}: 'image' is {dtype} {shape}; expected (N, H, W, C) uint8 with square images and C 1 or 3")
+    if len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or shape[1] == 0 or dtype != np.uint8:
+        raise UserError(f"{path}: 'image' is {dtype} {shape}; expected (N, H, W, C) uint8 with square images of at least 1x1 and C 1 or 3")
     if shape[0] != len(labels):
         raise UserError(f"{path}: {shape[0]} images but {len(labels)} labels; the arrays must have the same length")
     if shape[0] == 0:

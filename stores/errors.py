@@ -19,3 +19,25 @@ class StoppedWaiting(KeyboardInterrupt):
     def __init__(self, message: str):
         super().__init__(message)
         StoppedWaiting.last = message
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), unwound like Ctrl-C: finished work kept, one line, exit status 143."""
+
+    seen = False          # a SIGTERM arrived in this process
+    handled = False       # the CLI unwinds SIGTERM like this (install_sigterm_handler)
+
+
+def raise_terminated(signum, frame) -> None:
+    Terminated.seen = True
+    raise Terminated()
+
+
+def install_sigterm_handler() -> None:
+    """Unwind SIGTERM like Ctrl-C in this process (main thread only). Libraries that install their own SIGTERM
+    handler (Ray's core does, in C) call this again afterwards when `Terminated.handled`."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
+        Terminated.handled = True

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stores.errors import IntegrityError, UserError
+
 SLOTS_PER_WORKER = 6                 # DataLoader keeps prefetch_factor (2 by default, 4 in the trainer) batches per
                                      # worker in flight, plus the one the consumer holds and the one being filled
 MAX_WORKERS = 64
@@ -127,7 +129,7 @@ class SlotLoader:
 
     def __iter__(self):
         self.lent = None
-        for batch in self.loader:
+        for batch in _worker_errors_as_raised(self.loader):
             if self.lent is not None:
                 self.stream.busy[self.lent] = 0              # the caller has moved on from the previous batch
                 self.lent = None
@@ -143,6 +145,21 @@ class SlotLoader:
                 del batch                                    # the slot's mapping goes before the slot is freed
                 self.stream.busy[int(slot)] = 0
                 yield own
+
+
+def _worker_errors_as_raised(loader):
+    """The loader's batches; a UserError or IntegrityError raised in a DataLoader worker comes back as the worker
+    raised it. DataLoader re-raises it with the worker's whole traceback as its message, which would become a
+    1,500-character "one line" on the user's terminal."""
+    try:
+        yield from loader
+    except (UserError, IntegrityError) as exc:
+        text = str(exc)
+        if not text.startswith("Caught ") or "DataLoader worker" not in text.partition("\n")[0]:
+            raise
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        _, sep, message = last.partition(": ")
+        raise type(exc)(message if sep else text) from None
 
 
 def copy_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,10 +24,16 @@ def image_set_dir(root: Path, name: str) -> Path:
     return Path(root) / "images" / name
 
 
+MAX_NAME_BYTES = 128      # folder names stop at 255 bytes; prefixes, suffixes and `.NAME.tmp-PID` siblings need room
+
+
 def validate_set_name(name: str, what: str = "set") -> str:
-    """A folder name inside the workspace: no separators, no leading dot (so no `..` escapes)."""
+    """A folder name inside the workspace: no separators, no leading dot (so no `..` escapes), not too long."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise UserError(f"invalid {what} name {name!r}: use letters, digits, '-', '_' and '.'")
+        raise UserError(f"invalid {what} name {name[:60]!r}: use letters, digits, '-', '_' and '.'")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise UserError(f"invalid {what} name {name[:40]!r}...: {len(name.encode())} bytes long; use at most "
+                        f"{MAX_NAME_BYTES}")
     return name
 
 
@@ -130,8 +136,22 @@ class ImageSet:
         self.fingerprint: str = meta["fingerprint"]
         if dataset_fingerprint(self.identity, self.n) != self.fingerprint:
             raise IntegrityError(f"{meta_path}: fingerprint does not match the identity it records (edited by hand?)")
+        self._check_belongs_here(meta_path)
         self.records: dict[int, ShardRecord] = read_manifest(self.path)
         self._buffer = ShardBuffer()
+
+    def _check_belongs_here(self, meta_path: Path) -> None:
+        """dataset.json names its set (sets written before it did: a real set's folder ends with its split); a
+        record copied from another set would have repair rewrite this set's shards with that set's data."""
+        recorded = self.meta.get("name")
+        split = self.identity.get("split")
+        foreign = recorded != self.name if recorded is not None else (
+            self.identity.get("kind") == "real" and self.name.rsplit("-", 1)[-1] in ("train", "test", "val")
+            and not self.name.endswith(f"-{split}"))
+        if foreign:
+            was = f"set {recorded!r}" if recorded is not None else f"the {split} split"
+            raise IntegrityError(f"{meta_path} describes {was}, not {self.name} (copied from another set?); restore "
+                                 f"this set's dataset.json, or delete {self.path} and make the set again")
 
     @classmethod
     def open(cls, root: Path, name: str) -> "ImageSet":
@@ -170,6 +190,26 @@ class ImageSet:
     @property
     def complete(self) -> bool:
         return not self.missing_shards()
+
+    def foreign_records(self) -> list[int]:
+        """Manifest rows that contradict the set's own plan (another id range or count, or a shard past its end):
+        records copied from another set, or damaged, not work still to do."""
+        total = -(-self.n // self.shard_size)
+        return sorted(i for i, r in self.records.items()
+                      if not 0 <= i < total or (r.first_id, r.count) != (i * self.shard_size,
+                                                                         min(self.shard_size, self.n - i * self.shard_size)))
+
+    def require_complete(self, fix: str) -> None:
+        """IntegrityError (exit 1) when its records contradict its identity; UserError naming `fix` when shards
+        are still to be written."""
+        foreign = self.foreign_records()
+        if foreign:
+            raise IntegrityError(f"image set {self.name}: manifest.parquet records shard(s) {foreign[:10]} that its "
+                                 f"dataset.json does not plan (another set's records?); `dra-pipe verify {self.name}` "
+                                 f"names the damage")
+        missing = self.missing_shards()
+        if missing:
+            raise UserError(f"image set {self.name} is incomplete ({len(missing)} shards missing); {fix}")
 
     def bytes_on_disk(self) -> int:
         """Bytes of the recorded shards, as the manifest has them."""
@@ -292,7 +332,8 @@ class ImageSetWriter(LockedWriter):
         self.path.mkdir(parents=True, exist_ok=True)
         # A grown set: the old last shard may be short; it is redone with its full range.
         self.records = {i: r for i, r in self.records.items() if self._fits(r)}
-        record = {"identity": self.identity, "n": self.n, "fingerprint": dataset_fingerprint(self.identity, self.n)}
+        record = {"identity": self.identity, "n": self.n, "fingerprint": dataset_fingerprint(self.identity, self.n),
+                  "name": self.path.name}
         write_json_atomic(self.path / DATASET_JSON, {**record, **({"provenance": self.provenance} if self.provenance else {})})
 
     def _fits(self, r: ShardRecord) -> bool:

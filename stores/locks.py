@@ -9,7 +9,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -91,11 +93,12 @@ class WriterLock:
                         raise UserError(f"{self.what} is being written by {holder}; wait for it to finish, or pass "
                                         f"--wait to wait for it")
                     if not announced:
+                        announced = True               # before the line: a Ctrl-C right after it is a stopped wait
                         self.announce(f"waiting for {self.what}: it is being written by {holder} (Ctrl-C stops waiting)")
-                        announced = True
                     time.sleep(POLL_SECONDS)
                 elif _same_file(f, self.path):
                     _record_holder(f)
+                    remove_stale_temporaries(self.folder)
                     return f
                 else:
                     f.close()                              # the holder removed the folder before releasing: retry
@@ -145,6 +148,21 @@ def _same_file(f, path: Path) -> bool:
         return False
     mine = os.fstat(f.fileno())
     return (mine.st_dev, mine.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+TEMPORARY = re.compile(r"\.tmp-(\d+)(\.[A-Za-z0-9]+)?$")     # `.meta.json.tmp-<pid>`, `.scores.tmp-<pid>.npz`, ...
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Delete the temporaries other processes left in `folder` (a writer killed between write and rename). Called
+    with the folder's writer lock just taken: no other writer can be using them. Returns their names."""
+    removed = []
+    for path in Path(folder).iterdir():
+        found = TEMPORARY.search(path.name)
+        if found and int(found.group(1)) != os.getpid():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def holds_only_the_lock(folder: Path) -> bool:

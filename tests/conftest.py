@@ -164,3 +164,10 @@ def one_thread_for_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def bad(tmp_path_factory):
+    """The bad-input workspace (tests/badinputs.py), built once for every module that runs rows against it."""
+    from badinputs import make_bad_workspace
+    return make_bad_workspace(tmp_path_factory.mktemp("bad-input"))

@@ -41,9 +41,7 @@ class Source:
     def open(cls, images: ImageSet, features: FeatureSet | None, tag: int, stop: int | None = None) -> "Source":
         """Check the sets (complete, paired) and list the shards holding ids [0, stop)."""
         stop = images.n if stop is None else stop
-        if not images.complete:
-            raise UserError(f"image set {images.name} is incomplete ({len(images.missing_shards())} shards missing); "
-                            f"rerun the stage that writes it")
+        images.require_complete("rerun the stage that writes it")
         shards = tuple((p.index, p.first_id, min(p.count, stop - p.first_id)) for p in images.plan() if p.first_id < stop)
         if features is not None:
             check_pairing(images, features)

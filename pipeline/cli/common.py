@@ -13,7 +13,18 @@ from stores.errors import UserError
 
 
 ConfigOpt = typer.Option(Path("pipeline.yaml"), "--config", "-c", help="pipeline.yaml to read (defaults apply if ./pipeline.yaml is absent)")
-RootOpt = typer.Option(None, "--root", help="workspace root; overrides `root:` of the config")
+def given(text: str) -> str:
+    """Option parser: an explicit empty value is refused, never read as "the default" (`--name ''`)."""
+    if not text.strip():
+        raise typer.BadParameter("is empty; give a value, or leave the option out for the default")
+    return text
+
+
+def given_path(text: str) -> Path:
+    return Path(given(text))
+
+
+RootOpt = typer.Option(None, "--root", parser=given_path, help="workspace root; overrides `root:` of the config")
 WaitOpt = typer.Option(False, "--wait", help="if another process is writing the same output, wait until it finishes "
                        "(default: refuse, naming its host and pid)")
 

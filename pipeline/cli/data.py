@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import ConfigOpt, console, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import given, ConfigOpt, console, resolve, RootOpt, WaitOpt
 from pipeline.config import explain, to_yaml
 from pipeline.data import import_data, list_sets, verify
 from stores.errors import UserError
@@ -39,7 +39,7 @@ def import_cmd(
     importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder"),
     sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH", help="file or folder to import (CIFAR tarball, .npz, image folder); npz: repeat it to append several files into one set, in order [config data.source, when IMPORTER is data.importer]"),
     generated: bool = typer.Option(False, "--generated", help="npz only: the files hold generated images (DM-AT's published data): write one generated set, the trainer's generated data"),
-    name: Optional[str] = typer.Option(None, "--name", help="set name prefix; sets are <name>-<split> (default: the importer). With --generated: the generated set's name [default: train.generated_set, else generate.name, else <data name>-gen]"),
+    name: Optional[str] = typer.Option(None, "--name", parser=given, help="set name prefix; sets are <name>-<split> (default: the importer). With --generated: the generated set's name [default: train.generated_set, else generate.name, else <data name>-gen]"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="samples per shard [config data.shard_size]"),
     image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless, default) or npy (raw) [config data.image_format]"),
     wait: bool = WaitOpt,

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from stores.errors import UserError
 from pipeline.cli.common import ConfigOpt, resolve, RootOpt, WaitOpt
 from pipeline.extract import run_extract
 
@@ -29,6 +30,8 @@ def register(app: typer.Typer) -> None:
         config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
     ):
         """Compute the frozen diffusion model's activations for every image (stage 1b), cached by identity."""
+        if sigma and timestep:
+            raise UserError("give the noise level as --timestep or as --sigma, not both; run the command once for each")
         cfg = resolve(config, root, {"features.layer": layer, "features.pool": pool, "features.views": views,
                                      "features.batch_size": batch_size, "model.spec": model, "ray.address": address,
                                      "ray.cpu_actors": workers, "features.timesteps": list(timestep) if timestep else None})

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import given, ConfigOpt, resolve, RootOpt, WaitOpt
 from pipeline.generate import run_generate
 
 
@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 def generate_cmd(
     n: Optional[str] = typer.Option(None, "--n", help="images to generate: 50000, 1.5k, 20M, 1e6 [config generate.n]"),
-    name: Optional[str] = typer.Option(None, "--name", help="generated image-set name [config generate.name, else <data name>-gen]"),
+    name: Optional[str] = typer.Option(None, "--name", parser=given, help="generated image-set name [config generate.name, else <data name>-gen]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="run seed: sample i depends only on (seed, i) [config generate.seed]"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="heun | euler | dpm-solver [config generate.sampler]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="sampler steps [config generate.steps]"),

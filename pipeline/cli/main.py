@@ -2,13 +2,15 @@
 pipeline.yaml; its flags override the file's keys."""
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 
 import typer
 
 from pipeline.cli import bench, data, eval, extract, generate, models, repair, run, select, sweep, train
 from pipeline.console import interrupt_reported, stopped_waiting
-from stores.errors import IntegrityError, StoppedWaiting, UserError
+from stores.errors import install_sigterm_handler, IntegrityError, StoppedWaiting, Terminated, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="dra-pipe: diffusion models as data source and as frozen teacher for adversarial training.\n\n"
@@ -56,8 +58,27 @@ def _interrupt_line(exc: BaseException) -> str:
     return f"interrupted: {waiting}" if waiting else INTERRUPTED
 
 
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}     # no space, over quota, over the file-size limit
+
+
+def full_disk_line(exc: OSError) -> str:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    fix = {errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+           errno.EFBIG: ("a file grew past the file-size limit", "raise the limit (ulimit -f)")}.get(
+        exc.errno, ("no space left on device", "free space (the plan printed above says how much the stage writes)"))
+    return f"{fix[0]}{where}; {fix[1]} and rerun the same command: finished shards and checkpoints are kept"
+
+
+def _interrupted_status() -> int:
+    return 143 if Terminated.seen else 130         # 128 + SIGTERM's number, as a shell reports a terminated job
+
+
 def main() -> None:
-    """Entry point: bad input -> one line and exit 2; damaged data -> one line and exit 1."""
+    """Entry point: bad input -> one line and exit 2; damaged data -> one line and exit 1; Ctrl-C or SIGTERM ->
+    one line and exit 130 or 143."""
+    Terminated.seen = False                        # in-process callers (tests) run main() more than once
+    install_sigterm_handler()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over `ulimit -f`: a write fails with EFBIG instead of a core dump
     command = typer.main.get_command(app)
     _escape_markdown_brackets(command)
     try:
@@ -65,7 +86,7 @@ def main() -> None:
         if code == 130 and not interrupt_reported():              # typer turns Ctrl-C into a silent Exit(130)
             print(f"interrupted: {StoppedWaiting.last}" if StoppedWaiting.last else INTERRUPTED, file=sys.stderr)
         if isinstance(code, int) and code:
-            sys.exit(code)
+            sys.exit(_interrupted_status() if code == 130 else code)
     except click_errors.NoArgsIsHelpError as exc:     # the help is printed already
         sys.exit(exc.exit_code)
     except click_errors.UsageError as exc:
@@ -76,7 +97,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort as exc:
         print(_interrupt_line(exc), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(_interrupted_status())
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
@@ -84,8 +105,14 @@ def main() -> None:
         print(f"data error: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as exc:
-        print(_interrupt_line(exc), file=sys.stderr)
-        sys.exit(130)
+        if not interrupt_reported():
+            print(_interrupt_line(exc), file=sys.stderr)
+        sys.exit(_interrupted_status())
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        print(f"error: {full_disk_line(exc)}", file=sys.stderr)
+        sys.exit(1)
     except Exception as exc:
         from pipeline.parallel import JobFailed
         runner = sys.modules.get("pipeline.shards.runner")        # never imported: none of its errors (and no Ray needed)

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import ray
 
-from stores.errors import UserError
+from stores.errors import install_sigterm_handler, Terminated, UserError
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,19 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[None]:
         yield
         return
     _init(address, num_cpus)
+    keep_sigterm_handler()
     try:
         yield
     finally:
         ray.shutdown()
+        keep_sigterm_handler()
+
+
+def keep_sigterm_handler() -> None:
+    """Ray's core installs its own C-level SIGTERM handler (a stack dump, then exit 1): put back the CLI's, which
+    unwinds like Ctrl-C, when the CLI installed one."""
+    if Terminated.handled:
+        install_sigterm_handler()
 
 
 def _init(address: str | None, num_cpus: int) -> None:

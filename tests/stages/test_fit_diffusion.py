@@ -94,3 +94,36 @@ def test_cli_fit_then_cached_and_model_info(cli, tmp_path):
     assert "dec.4x4_in1" in out and "8x4x4" not in out.split("dec.4x4_in1")[0][-5:]
     words = " ".join(out.split())       # the summary line may wrap at the console width (absolute root paths)
     assert "parameters" in words and "10 classes" in words
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_mid_step_resumes_into_the_uninterrupted_model(digits, tmp_path, signum):
+    """A real SIGINT (SIGTERM) delivered inside the network's forward (mid-step, mid-epoch): the fit finishes that
+    step, checkpoints, stops with KeyboardInterrupt (Terminated); the rerun resumes into the very model of an
+    uninterrupted fit, and the process's own handlers are back."""
+    import os
+    import signal
+
+    from stores.errors import Terminated
+    settings = FitSettings(**{**TINY, "duration_kimg": 1.6, "dropout": 0.1})           # 50 steps, ~2 epochs
+    straight = Trainer(digits, settings, tmp_path / "a")
+    expected = straight.run()
+    interrupted = Trainer(digits, settings, tmp_path / "b")
+    calls = []
+
+    def signal_on_call(module, inputs):
+        calls.append(1)
+        if len(calls) == 37:                                # inside step 37's forward
+            os.kill(os.getpid(), getattr(signal, signum))
+    hook = interrupted.net.register_forward_pre_hook(signal_on_call)
+    term_handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated if signum == "SIGTERM" else KeyboardInterrupt) as stopped:
+        interrupted.run()
+    assert isinstance(stopped.value, Terminated) == (signum == "SIGTERM")
+    Terminated.seen = False
+    hook.remove()
+    resumed = Trainer(digits, settings, tmp_path / "b")
+    assert resumed.resumed and resumed.run() == expected
+    assert interrupted.step == 37                           # the step the signal arrived in was finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the fit's handlers are gone again
+    assert signal.getsignal(signal.SIGTERM) is term_handler

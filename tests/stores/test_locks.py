@@ -159,3 +159,23 @@ def test_feature_writer_is_refused_while_another_process_writes(tmp_path):
     writer.begin()
     assert (writer.path / "meta.json").exists()
     writer.close()
+
+
+def test_taking_the_lock_removes_what_dead_writers_left_between_write_and_rename(tmp_path):
+    """`.meta.json.tmp-<pid>` after Ctrl-C in extract, `.manifest.parquet.tmp-<pid>` after SIGTERM in generate, fit's
+    `checkpoint.tmp-<pid>`: gone once the next writer holds the folder; records and this process's own stay."""
+    folder = tmp_path / "set"
+    holder = Holder(folder)                                  # the writer that dies between write and rename
+    stale = [".meta.json.tmp-4242", ".manifest.parquet.tmp-77", "checkpoint.tmp-31337", ".scores.tmp-9.npz",
+             ".shard-000001.tar.tmp-5"]
+    kept = ["meta.json", "shard-000001.tar", "notes.tmp-draft", f".run.json.tmp-{os.getpid()}"]
+    for name in stale + kept:
+        (folder / name).write_text(name)
+    (folder / ".model.tmp-12").mkdir()
+    (folder / ".model.tmp-12" / "weights").write_text("w")
+    with pytest.raises(UserError):                           # while another process holds it, nothing is touched
+        writer_lock(folder, "set").acquire()
+    assert all((folder / name).exists() for name in stale)
+    holder.kill()
+    with writer_lock(folder, "set"):
+        assert sorted(p.name for p in folder.iterdir()) == sorted(kept + [LOCK_NAME])

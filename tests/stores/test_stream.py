@@ -138,3 +138,21 @@ def test_shard_loader_can_be_left_midway_and_iterated_again(tmp_path):
     assert sorted(i for b in loader for i in b["ids"].tolist()) == list(range(120))
     in_process = ShardLoader(s.path, fpath, s.plan_indices(), batch_size=4, workers=0)
     assert sorted(i for b in in_process for i in b["ids"].tolist()) == list(range(120))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_shard_read_in_a_worker_is_the_one_line_error_it_raised(tmp_path, workers):
+    """DataLoader re-raises a worker's error with the worker's traceback as its message; the user's one line must
+    be the error itself, as when the main process reads the shard."""
+    from stores.stream import ShardLoader
+    s, fpath, _, _ = build(tmp_path, n=24, shard=8)
+    shard = s.path / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF                                              # inside the first member's bytes
+    shard.write_bytes(bytes(data))
+    loader = ShardLoader(s.path, fpath, s.plan_indices(), batch_size=4, workers=workers)
+    with pytest.raises(IntegrityError) as raised:
+        list(loader)
+    message = str(raised.value)
+    assert "\n" not in message and "Traceback" not in message and len(message) < 300, message
+    assert "shard-000001.tar" in message or "shard 1" in message, message

@@ -1,0 +1,71 @@
+"""Values that pass a type check but cannot work, names past what a file system holds: one line, exit 2, nothing
+written (issue 23's kinds; the rows run through the real CLI against the shared bad-input workspace)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from badinputs import check_one_line
+
+LONG = "n" * 300                      # a folder name stops at 255 bytes
+BIG_SEED = "99999999999999999999999"  # past 2^64: torch's generators overflow
+
+ROWS = [
+    ("run-seeds-huge", f"run --seeds 0,{BIG_SEED} --root {{ws}}", 2, "run.seeds' items must be <= 4294967295"),
+    ("train-seed-huge", "train --config {base}/big-seed.yaml --root {ws}", 2, "'train.seed' must be <= 4294967295"),
+    ("fit-seed-huge", "fit-diffusion --config {base}/big-fit-seed.yaml --root {ws}", 2,
+     "'fit_diffusion.seed' must be <= 4294967295"),
+    ("generate-seed-huge", f"generate --seed {BIG_SEED} --dry-run --root {{ws}}", 2, "'generate.seed' must be <="),
+    ("fit-odd-channels", "fit-diffusion --config {base}/odd-channels.yaml --root {ws}", 2,
+     "fit_diffusion.model_channels 5 with channel_mult [1, 2] makes layers"),
+    ("train-huge-head", "train --config {base}/huge-head.yaml --root {ws}", 2, "'train.dra_hidden' must be <= 65536"),
+    ("extract-huge-views", "extract-features --views 1000000 --root {ws}", 2, "'features.views' must be <= 1024"),
+    ("train-long-name", f"train --name {LONG} --dry-run --root {{ws}}", 2, "300 bytes long; use at most 128"),
+    ("run-long-name", f"run --name {LONG} --root {{ws}}", 2, "300 bytes long; use at most 128"),
+    ("generate-long-name", f"generate --name {LONG} --dry-run --root {{ws}}", 2, "300 bytes long; use at most 128"),
+    ("import-long-name", f"import digits --name {LONG} --root {{base}}/new", 2, "bytes long; use at most 128"),
+    ("sweep-long-name", f"sweep train.dra_lambda=1 --name {LONG} --root {{ws}}", 2, "300 bytes long; use at most 128"),
+    # explicit values are never read as "the default"
+    ("root-empty", ["ls", "--root", ""], 2, "invalid value for '--root': is empty"),
+    ("import-name-empty", ["import", "digits", "--name", "", "--root", "{base}/new"], 2,
+     "invalid value for '--name': is empty"),
+    ("generate-name-empty", ["generate", "--name", "", "--dry-run", "--root", "{ws}"], 2,
+     "invalid value for '--name': is empty"),
+    ("select-out-empty", ["select", "digits-train", "--scorer", "tiny", "--out", "", "--root", "{ws}"], 2,
+     "invalid value for '--out': is empty"),
+    ("config-empty-string", "generate --dry-run --config {base}/empty-name.yaml --root {ws}", 2,
+     "key 'generate.name' is empty"),
+    ("extract-sigma-and-timestep", "extract-features --sigma 0.5 --timestep 100 --root {ws}", 2,
+     "--timestep or as --sigma, not both"),
+    # another set's records copied into a set: damaged stored data (exit 1), never rewritten with the wrong data
+    ("foreign-manifest-train", "train --dry-run --no-dra --root {base}/foreign-manifest", 1,
+     "manifest.parquet records shard(s) [0] that its dataset.json does not plan"),
+    ("foreign-manifest-fit", "fit-diffusion --root {base}/foreign-manifest", 1, "does not plan"),
+    ("foreign-dataset-repair", "repair digits-train --root {base}/foreign-dataset", 1,
+     "describes set 'digits-test', not digits-train"),
+    ("foreign-dataset-train", "train --dry-run --no-dra --root {base}/foreign-dataset", 1,
+     "describes set 'digits-test', not digits-train"),
+    ("repair-from-for-digits", "repair digits-test --from {base}/nodata.tar.gz --root {ws}", 2,
+     "none of the sets to repair (digits-test) was imported from a file"),
+]
+
+
+@pytest.fixture(scope="module")
+def values(bad):
+    base = bad["base"]
+    (base / "big-seed.yaml").write_text(f"train:\n  seed: {BIG_SEED}\n")
+    (base / "big-fit-seed.yaml").write_text(f"fit_diffusion:\n  seed: {BIG_SEED}\n")
+    (base / "odd-channels.yaml").write_text("fit_diffusion:\n  model_channels: 5\n")
+    (base / "huge-head.yaml").write_text("train:\n  dra_hidden: 1000000000\n")
+    (base / "empty-name.yaml").write_text("generate:\n  name: ''\n")
+    for name, record in (("foreign-manifest", "manifest.parquet"), ("foreign-dataset", "dataset.json")):
+        images = base / name / "images"
+        shutil.copytree(bad["ws"] / "images", images)
+        shutil.copy(images / "digits-test" / record, images / "digits-train" / record)
+    return bad
+
+
+@pytest.mark.parametrize("argv, code, fragment", [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
+def test_unworkable_value_gets_one_line(cli, values, tmp_path, argv, code, fragment):
+    check_one_line(cli, values, tmp_path, argv, code, fragment)
