@@ -2,7 +2,6 @@
 and `sweep`): robust accuracy written to eval.json, comparisons and figures, a run's weights in one file."""
 from __future__ import annotations
 
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -10,13 +9,14 @@ from rich.table import Table
 
 from pipeline.config import Config
 from pipeline.console import console
+from pipeline.outputs import check_output_file
 from pipeline.workflow import real_test_set
 from stores.errors import UserError
 from stores.workspace import check_writable
 
 
 def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name: str | None = None,
-             out: Path | None = None, wait: bool = False, explicit_weights: bool = False) -> dict:
+             out: Path | None = None, wait: bool = False, explicit_weights: bool = False, force: bool = False) -> dict:
     """Evaluate, write eval.json, print the table; returns the eval.json body. Writing into a run's folder, it
     holds the run's lock (refused while another process trains or evaluates the run, or waits with `wait`)."""
     from trainer.classifier_files import find_run, load_classifier
@@ -33,8 +33,8 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
     path = folder.weights(s.weights, explicit_weights) if folder is not None else model_file
     net, record = load_classifier(path, stored=folder is not None)
     test = open_test_set(root, images_name or real_test_set(cfg))
-    target = out or (path.with_name("eval.json") if run is not None else path.with_name(path.name + ".eval.json"))
-    check_output_file(target)
+    default = path.with_name("eval.json") if run is not None else path.with_name(path.name + ".eval.json")
+    target = check_output_file(out or default, root, force=force, default=default)
     if folder and folder.weights_note(s.weights):
         console.print(f"note: {folder.weights_note(s.weights)}", highlight=False, soft_wrap=True)
     into_run = folder is not None and Path(target).resolve().parent == folder.path.resolve()
@@ -87,12 +87,13 @@ def show_eval(result: dict) -> None:
         console.print(f"warning: {line}", highlight=False, soft_wrap=True)
 
 
-def export_run(cfg: Config, run: str, out: Path | None = None, explicit_weights: bool = False) -> Path:
+def export_run(cfg: Config, run: str, out: Path | None = None, explicit_weights: bool = False,
+               force: bool = False) -> Path:
     """Write run `run`'s classifier (eval.weights: best or final) to `out` (default ./<run>.pt); returns the file."""
     from trainer.classifier_files import export_classifier, find_run
     folder = find_run(Path(cfg.root), run)
-    target = out or Path(f"{folder.path.name}.pt")
     source = folder.weights(cfg.eval.weights, explicit=explicit_weights)
+    target = check_output_file(out or Path(f"{folder.path.name}.pt"), Path(cfg.root), force=force)
     if folder.weights_note(cfg.eval.weights):
         console.print(f"note: {folder.weights_note(cfg.eval.weights)}", highlight=False, soft_wrap=True)
     written = export_classifier(source, target, folder.path.name, stored=True)
@@ -128,17 +129,3 @@ def run_report(cfg: Config, runs: list[str], out: Path | None = None):
     console.print(f"wrote {report.folder / 'table.md'} and {report.folder / 'report.json'}", highlight=False,
                   soft_wrap=True)
     return report
-
-
-def check_output_file(path: Path, flag: str = "--out") -> None:
-    """Before any work: the file an --out names must be writable (its folder exists and takes a new file)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder; pass {flag} FILE")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; pass {flag} in an existing folder")
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}; pass {flag} in a writable folder") from None

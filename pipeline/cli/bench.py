@@ -56,6 +56,9 @@ def bench_cmd(
         bench_targets(cfg, console, images=min(samples, 4096), cifar=cifar)
     elif what == "gpu":
         from pipeline.bench.gpu import bench_gpu
+        from pipeline.outputs import check_output_file
+        if out is not None:                   # a table written again replaces the last one: no --force needed
+            check_output_file(out, Path(cfg.root), force=True)
         bench_gpu(work / ("gpu-smoke" if smoke else "gpu"), console, smoke=smoke, out=out)
     else:
         raise UserError(f"unknown benchmark {what!r}; available: {', '.join(BENCHES)}")

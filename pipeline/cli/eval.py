@@ -9,6 +9,8 @@ import typer
 from pipeline.cli.common import ConfigOpt, resolve, RootOpt, WaitOpt
 from pipeline.evaluate import export_run, run_eval, run_report
 
+ForceOpt = typer.Option(False, "--force", help="replace the --out file if it exists (default: refuse)")
+
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
@@ -27,27 +29,29 @@ def eval_cmd(
     restarts: Optional[int] = typer.Option(None, "--restarts", help="PGD restarts [config eval.pgd_restarts]"),
     autoattack: Optional[bool] = typer.Option(None, "--autoattack/--no-autoattack", help="run AutoAttack [config eval.autoattack]"),
     weights: Optional[str] = typer.Option(None, "--weights", help="a run's best (held-out PGD selection) or final weights [config eval.weights]"),
-    out: Optional[Path] = typer.Option(None, "--out", help="eval.json path (default: the run's eval.json, or FILE.eval.json)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="eval.json path (default: the run's eval.json, or FILE.eval.json); never inside the workspace's images, features, models or runs"),
+    force: bool = ForceOpt,
     wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Clean, PGD (cross-entropy and margin) and AutoAttack accuracy of a run's EMA weights or an exported file."""
     cfg = resolve(config, root, {"eval.n": n, "eval.pgd_steps": pgd_steps, "eval.pgd_restarts": restarts,
                                  "eval.autoattack": autoattack, "eval.weights": weights})
-    run_eval(cfg, run, model, images, out, wait, explicit_weights=weights is not None)
+    run_eval(cfg, run, model, images, out, wait, explicit_weights=weights is not None, force=force)
 
 
 # --- export ------------------------------------------------------------------------------------------------------
 
 def export_cmd(
     run: str = typer.Argument(..., help="run name under <root>/runs (or a run folder)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: ./<run>.pt)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: ./<run>.pt); never inside the workspace's images, features, models or runs"),
+    force: bool = ForceOpt,
     weights: Optional[str] = typer.Option(None, "--weights", help="best (held-out PGD selection) or final weights [config eval.weights]"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Write a run's classifier (EMA weights, architecture, normalisation, threat model) to one file for others."""
     cfg = resolve(config, root, {"eval.weights": weights})
-    export_run(cfg, run, out, explicit_weights=weights is not None)
+    export_run(cfg, run, out, explicit_weights=weights is not None, force=force)
 
 
 # --- report ------------------------------------------------------------------------------------------------------

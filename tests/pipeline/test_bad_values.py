@@ -2,6 +2,7 @@
 written (issue 23's kinds; the rows run through the real CLI against the shared bad-input workspace)."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -46,6 +47,19 @@ ROWS = [
      "describes set 'digits-test', not digits-train"),
     ("foreign-dataset-train", "train --dry-run --no-dra --root {base}/foreign-dataset", 1,
      "describes set 'digits-test', not digits-train"),
+    # --out never replaces what is not a regular file, the workspace's stored files, or an existing file
+    ("export-out-device", "export tiny --out /dev/full --root {ws}", 2, "not a regular file"),
+    ("eval-out-device", "eval tiny --no-autoattack --out /dev/full --root {ws}", 2, "not a regular file"),
+    ("export-out-fifo", "export tiny --out {base}/fifo --root {ws}", 2, "not a regular file"),
+    ("export-out-other-run", "export tiny --out {ws}/runs/cut-final/final.pt --root {ws}", 2, "inside the workspace's runs/"),
+    ("eval-out-other-run", "eval tiny --no-autoattack --out {ws}/runs/bad-eval/final.pt --root {ws}", 2,
+     "inside the workspace's runs/"),
+    ("eval-out-dataset-json", "eval tiny --no-autoattack --out {ws}/images/digits-test/dataset.json --root {ws}", 2,
+     "inside the workspace's images/"),
+    ("export-out-shard", "export tiny --out {ws}/images/digits-test/shard-000000.tar --root {ws}", 2,
+     "inside the workspace's images/"),
+    ("export-out-exists", "export tiny --out {base}/list.yaml --root {ws}", 2, "exists; pass --force to replace it"),
+    ("bench-gpu-out-device", "bench gpu --smoke --out /dev/full --root {ws}", 2, "not a regular file"),
     ("repair-from-for-digits", "repair digits-test --from {base}/nodata.tar.gz --root {ws}", 2,
      "none of the sets to repair (digits-test) was imported from a file"),
 ]
@@ -59,6 +73,8 @@ def values(bad):
     (base / "odd-channels.yaml").write_text("fit_diffusion:\n  model_channels: 5\n")
     (base / "huge-head.yaml").write_text("train:\n  dra_hidden: 1000000000\n")
     (base / "empty-name.yaml").write_text("generate:\n  name: ''\n")
+    if not (base / "fifo").exists():
+        os.mkfifo(base / "fifo")
     for name, record in (("foreign-manifest", "manifest.parquet"), ("foreign-dataset", "dataset.json")):
         images = base / name / "images"
         shutil.copytree(bad["ws"] / "images", images)
@@ -69,3 +85,14 @@ def values(bad):
 @pytest.mark.parametrize("argv, code, fragment", [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
 def test_unworkable_value_gets_one_line(cli, values, tmp_path, argv, code, fragment):
     check_one_line(cli, values, tmp_path, argv, code, fragment)
+
+
+def test_export_replaces_an_existing_file_only_with_force(cli, bad, tmp_path):
+    target = tmp_path / "tiny.pt"
+    assert cli("export", "tiny", "--out", target, "--root", bad["ws"])[0] == 0
+    first = target.read_bytes()
+    code, _, err = cli("export", "tiny", "--out", target, "--root", bad["ws"])
+    assert code == 2 and "pass --force" in err and target.read_bytes() == first
+    code, _, err = cli("export", "tiny", "--out", target, "--force", "--root", bad["ws"])
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]          # no temporary left beside it
