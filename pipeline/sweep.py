@@ -18,6 +18,7 @@ import yaml
 
 from pipeline.config import check_value, Config, key_spec, load_config
 from pipeline.console import console
+from pipeline.yaml_input import brief
 from pipeline.parallel import Job
 from pipeline.run import check_autoattack, evaluate_cached, parse_seeds, run_side_by_side, STAGE_RUNNERS
 from stores.errors import UserError
@@ -52,7 +53,7 @@ def parse_axis(spec: str) -> Axis:
     spec_of = key_spec(key)
     values = []
     for raw in text.split(","):
-        value = yaml.safe_load(raw.strip()) if raw.strip() else None
+        value = _scalar(key, raw.strip())
         if value is None:
             raise UserError(f"sweep axis {key}: empty or null value in {text!r}; list values such as {key}=1,2")
         if spec_of.kind is list and not isinstance(value, list):
@@ -61,6 +62,21 @@ def parse_axis(spec: str) -> Axis:
     if len({json.dumps(v) for v in values}) != len(values):
         raise UserError(f"sweep axis {key}: a value is listed twice in {text!r}")
     return Axis(key, tuple(values))
+
+
+def _scalar(key: str, raw: str):
+    """One value of an axis: a YAML scalar (`0.5`, `true`, `heun`); lists, mappings, anchors and broken YAML are
+    refused in one line (values are split at commas, so `[25,100]` would arrive as `[25` and `100]`)."""
+    if not raw:
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = ...
+    if value is ... or isinstance(value, (list, dict)):
+        raise UserError(f"sweep axis {key}: {brief(raw)} is not a plain value; list one value per cell, separated "
+                        f"by commas, such as {key}=25,100")
+    return value
 
 
 def parse_axes(specs: list[str]) -> list[Axis]:
@@ -159,7 +175,7 @@ def run_sweep(base: Config, axes: list[Axis], seeds_text: str | None, name: str 
     seeds = parse_seeds(seeds_text) if seeds_text is not None else list(base.run.seeds or [base.train.seed])
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds must list distinct seeds, got {seeds_text!r}")
-    name = validate_set_name(name or default_name(axes, seeds), "sweep")
+    name = validate_set_name(default_name(axes, seeds) if name is None else name, "sweep")
     plans = [(cell, [_variant(base, cell, seed) for seed in seeds]) for cell in cells(axes)]   # all checked first
     for _, variants in plans:
         check_autoattack(variants[0])

@@ -51,6 +51,16 @@ def _train_run(job, run, teacher=None) -> dict:
         console.print(line, highlight=False)
     if status == "resume":
         console.print(f"resuming from {run.checkpoint}", highlight=False)
+    try:
+        _train_somewhere(job, teacher)
+    except BaseException:
+        if status == "new" and not run.checkpoint.exists():
+            run.discard()                          # nothing trained yet: leave no folder that looks like a run
+        raise
+    return _summary(run)
+
+
+def _train_somewhere(job, teacher=None) -> None:
     if job.settings.workers > 1:
         from trainer.distributed import train_distributed
         try:
@@ -60,6 +70,9 @@ def _train_run(job, run, teacher=None) -> dict:
             raise
     else:
         _train_here(job, teacher)
+
+
+def _summary(run) -> dict:
     rows = run.read_metrics()
     if rows:
         console.print(f"done: {epoch_line(rows[-1])}", highlight=False)

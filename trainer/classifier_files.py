@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
+import errno
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from stores.atomic import torch_save_atomically
 from stores.errors import IntegrityError, UserError
 from trainer.classifiers import Classifier, build_classifier
 from trainer.runs import FINAL_FORMAT, RunFolder
@@ -113,15 +114,11 @@ def export_classifier(source: str | Path, out: str | Path, run_name: str | None 
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        torch_save_atomically(obj, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise                               # the CLI says what is full and how to go on
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
 
 

@@ -84,8 +84,7 @@ def open_test_set(root: Path, name: str) -> ImageSet:
         raise UserError(f"no image set {name} under {root}/images; import the data first "
                         f"(`dra-pipe import`) or name another set with --images")
     images = ImageSet.open(root, name)
-    if not images.complete:
-        raise UserError(f"image set {name} is incomplete ({len(images.missing_shards())} shards missing)")
+    images.require_complete("import it again, or name another set with --images")
     return images
 
 

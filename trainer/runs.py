@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
+from stores.atomic import torch_save_atomically
 from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, write_json_atomic
-from stores.locks import writer_lock, WriterLock
+from stores.locks import LOCK_NAME, writer_lock, WriterLock
 from trainer.classifiers import build_classifier
 
 FINAL_FORMAT = "dra-pipe-classifier"
@@ -53,6 +55,13 @@ class RunFolder:
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
         write_json_atomic(self.run_json, {"identity": _jsonable(identity)})
         return "new"
+
+    def discard(self) -> None:
+        """Remove what `prepare` wrote for a new run that never reached its first checkpoint (the writer lock, held
+        by the caller, goes with its release)."""
+        for path in self.path.iterdir():
+            if path.name != LOCK_NAME:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     # --- metrics ------------------------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
@@ -121,12 +130,7 @@ class RunFolder:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    torch_save_atomically(obj, path)
 
 
 def load_final(path: str | Path):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, exit_once_reported, resolve, RootOpt
+from pipeline.cli.common import given, ConfigOpt, exit_once_reported, resolve, RootOpt
 from pipeline.run import parse_seeds, run_pipeline
 
 
@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 def run_cmd(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated (0,1,2): each setting is "
                                         "trained once per seed and the report adds mean +- std [config run.seeds]"),
-    name: Optional[str] = typer.Option(None, "--name", help="run-name prefix: runs NAME-<arch>-<dra|nodra>-<seed>; a "
+    name: Optional[str] = typer.Option(None, "--name", parser=given, help="run-name prefix: runs NAME-<arch>-<dra|nodra>-<seed>; a "
                                        "new prefix trains changed settings beside the old runs [config run.name]"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, exit_once_reported, resolve, RootOpt
+from pipeline.cli.common import given, ConfigOpt, exit_once_reported, resolve, RootOpt
 from pipeline.sweep import parse_axes, run_sweep
 
 
@@ -21,7 +21,7 @@ def sweep_cmd(
     axes: List[str] = typer.Argument(..., help="KEY=V1,V2,... config overrides, e.g. train.dra_lambda=0,0.5 "
                                      "features.timesteps=25,100; a single value (train.epochs=2) fixes a key"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated [config run.seeds, else train.seed]"),
-    name: Optional[str] = typer.Option(None, "--name", help="results folder <root>/sweeps/NAME (default: a hash of the axes and seeds)"),
+    name: Optional[str] = typer.Option(None, "--name", parser=given, help="results folder <root>/sweeps/NAME (default: a hash of the axes and seeds)"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Run a grid of config overrides x seeds; writes table.md (mean +- std over seeds), results.json and a plot.

@@ -6,14 +6,14 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, exit_once_reported, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import given, ConfigOpt, exit_once_reported, resolve, RootOpt, WaitOpt
 from pipeline.train import run_train
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
-        name: Optional[str] = typer.Option(None, "--name", help="run folder runs/<name> (default: <arch>-<dra|nodra>-<seed>)"),
+        name: Optional[str] = typer.Option(None, "--name", parser=given, help="run folder runs/<name> (default: <arch>-<dra|nodra>-<seed>)"),
         dra: Optional[bool] = typer.Option(None, "--dra/--no-dra", help="add the DRA loss, or train the plain (DM-)AT baseline [config train.dra]"),
         lam: Optional[float] = typer.Option(None, "--lambda", help="weight of the DRA loss [config train.dra_lambda]"),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs of ceil(N_real / batch) steps [config train.epochs]"),

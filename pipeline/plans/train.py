@@ -48,7 +48,7 @@ def make_job(cfg: Config, name: str | None = None, features_key: str | None = No
     target_shape = tuple(feats["real"].shape) if s.dra_on else None
     layer = check_dra_layer(s.arch, s.dra_layer, real, mean, std, target_shape) if s.dra_on else None
     steps = math.ceil(real_source.n / s.batch_size)
-    name = validate_set_name(name or run_name(s), "run")
+    name = validate_set_name(run_name(s) if name is None else name, "run")
     return Job(name=name, run_dir=str(root / "runs" / name), settings=s, config=_plain(cfg),
                real=real_source, generated=gen_source, holdout=holdout, classes=real.classes, channels=real.channels,
                resolution=real.resolution, mean=mean, std=std, target_shape=target_shape,

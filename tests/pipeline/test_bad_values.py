@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 
 import pytest
 
@@ -48,8 +49,8 @@ ROWS = [
     ("foreign-dataset-train", "train --dry-run --no-dra --root {base}/foreign-dataset", 1,
      "describes set 'digits-test', not digits-train"),
     # --out never replaces what is not a regular file, the workspace's stored files, or an existing file
-    ("export-out-device", "export tiny --out /dev/full --root {ws}", 2, "not a regular file"),
-    ("eval-out-device", "eval tiny --no-autoattack --out /dev/full --root {ws}", 2, "not a regular file"),
+    ("export-out-device", "export tiny --out {base}/device --root {ws}", 2, "not a regular file"),
+    ("eval-out-device", "eval tiny --no-autoattack --out {base}/device --root {ws}", 2, "not a regular file"),
     ("export-out-fifo", "export tiny --out {base}/fifo --root {ws}", 2, "not a regular file"),
     ("export-out-other-run", "export tiny --out {ws}/runs/cut-final/final.pt --root {ws}", 2, "inside the workspace's runs/"),
     ("eval-out-other-run", "eval tiny --no-autoattack --out {ws}/runs/bad-eval/final.pt --root {ws}", 2,
@@ -59,10 +60,19 @@ ROWS = [
     ("export-out-shard", "export tiny --out {ws}/images/digits-test/shard-000000.tar --root {ws}", 2,
      "inside the workspace's images/"),
     ("export-out-exists", "export tiny --out {base}/list.yaml --root {ws}", 2, "exists; pass --force to replace it"),
-    ("bench-gpu-out-device", "bench gpu --smoke --out /dev/full --root {ws}", 2, "not a regular file"),
+    ("bench-gpu-out-device", "bench gpu --smoke --out {base}/device --root {ws}", 2, "not a regular file"),
     ("repair-from-for-digits", "repair digits-test --from {base}/nodata.tar.gz --root {ws}", 2,
      "none of the sets to repair (digits-test) was imported from a file"),
 ]
+
+
+def _device_like(path) -> None:
+    """A character device node like /dev/full, made in the test's folder (as root, which CI is); elsewhere a FIFO.
+    Never the system's own node: a regression that writes through it must not destroy /dev/full (one did)."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    except PermissionError:
+        os.mkfifo(path)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +85,8 @@ def values(bad):
     (base / "empty-name.yaml").write_text("generate:\n  name: ''\n")
     if not (base / "fifo").exists():
         os.mkfifo(base / "fifo")
+    if not (base / "device").exists():
+        _device_like(base / "device")
     for name, record in (("foreign-manifest", "manifest.parquet"), ("foreign-dataset", "dataset.json")):
         images = base / name / "images"
         shutil.copytree(bad["ws"] / "images", images)
@@ -96,3 +108,14 @@ def test_export_replaces_an_existing_file_only_with_force(cli, bad, tmp_path):
     code, _, err = cli("export", "tiny", "--out", target, "--force", "--root", bad["ws"])
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]          # no temporary left beside it
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(cli, bad, monkeypatch):
+    """An allocation failure while the trainer is built (stood in for by a raising build_classifier: a real
+    one needs the memory to fail) leaves no run folder behind for the next `train` to mistake for a run."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("not enough memory: you tried to allocate 256 GB")
+    monkeypatch.setattr("trainer.loop.build_classifier", out_of_memory)
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        cli("train", "--name", "oom", "--config", bad["base"] / "real-only.yaml", "--root", bad["ws"])
+    assert not (bad["ws"] / "runs" / "oom").exists()
