@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.yaml_input import brief, check_yaml_shape, read_config_text
-from stages.sampler_registry import SAMPLERS, sampler_help       # torch-free registries: names and help
+from stages.sampler_registry import SAMPLERS, sampler_help  # torch-free registries: names and help
 from stages.specs import spec_help
 from stores.errors import UserError
 from trainer.architectures import ARCHITECTURES, architecture_help

@@ -8,7 +8,7 @@ peak. At that rate the official EDM CIFAR-10 network (42.4 GFLOP per evaluation)
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

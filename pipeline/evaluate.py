@@ -20,7 +20,7 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
     """Evaluate, write eval.json, print the table; returns the eval.json body. Writing into a run's folder, it
     holds the run's lock (refused while another process trains or evaluates the run, or waits with `wait`)."""
     from trainer.classifier_files import find_run, load_classifier
-    from trainer.evaluate import autoattack_available, EvalSettings, evaluate_file, open_test_set, write_eval_json
+    from trainer.evaluate import EvalSettings, autoattack_available, evaluate_file, open_test_set, write_eval_json
     if (run is None) == (model_file is None):
         raise UserError("give a run name or --model FILE (one of them)")
     s = EvalSettings.from_config(cfg.eval)

@@ -10,9 +10,10 @@ from pipeline.config import Config
 from pipeline.console import console, human_bytes, shard_list
 from pipeline.models import model_provenance, resolve_model_spec
 from pipeline.workflow import real_train_set, training_generated_set
+from stages.specs import parse_spec
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSetWriter
-from stores.images import damaged_shards, image_set_dir, ImageSet
+from stores.images import ImageSet, damaged_shards, image_set_dir
 from stores.workspace import check_writable
 
 BIG_PLAN_BYTES = 100e9     # above this the plan points at pooling
@@ -73,7 +74,13 @@ def open_image_sets(cfg: Config, names: list[str]) -> list[ImageSet]:
 
 def plan_outputs(cfg: Config, spec: str, net, sets: list[ImageSet], levels: list) -> tuple[list[Output], str]:
     from pipeline.plans.features import views_for
-    from stages.extract import check_compatible, check_layer, check_stored_dtype, feature_identity, target_shape
+    from stages.extract import (
+        check_compatible,
+        check_layer,
+        check_stored_dtype,
+        feature_identity,
+        target_shape,
+    )
     from stages.fingerprint import model_fingerprint
     from stages.generate import pick_device
     from stages.precision import check_compute_dtype
@@ -148,7 +155,7 @@ def _missing_inputs(cfg: Config, names: list[str]) -> bool:
         spec = resolve_model_spec(cfg)
     except UserError:
         return cfg.model.spec == "fit"                   # not fitted yet; any other problem is reported later
-    return not Path(spec.partition(":")[2]).exists()
+    return not parse_spec(spec).exists()
 
 
 def print_planned(cfg: Config, names: list[str], levels: list) -> None:
@@ -214,6 +221,7 @@ def net_shape(net):
 
 def _tap_flops(net, layer: str) -> float:
     import torch
+
     from pipeline.estimates import count_flops
     from stages.taps import features
     x = torch.zeros(1, net.img_channels, net.img_resolution, net.img_resolution)

@@ -5,11 +5,12 @@ retries) and the image store (the driver records each shard after its data).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from pipeline.config import Config, parse_count
 from pipeline.console import console, human_bytes, shard_list
@@ -166,6 +167,7 @@ def measure_here(job: GenerateJob, actors: ActorPlan) -> HereRate:
     randomly initialised stand-in drew the samples) when it is short, else one timed batch of network evaluations
     times the sampler's evaluation count."""
     import torch
+
     from stages.generate import probe, time_forward
     s = job.settings
     batch = min(job.n, s.batch_size if torch.cuda.is_available() else min(s.batch_size, PROBE_IMAGES_CPU))

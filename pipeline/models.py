@@ -12,7 +12,7 @@ from stores.images import ImageSet
 
 
 def fit_settings(cfg: Config):
-    from stages.fit_diffusion import FitSettings          # torch: loaded when a command needs it
+    from stages.fit_diffusion import FitSettings  # torch: loaded when a command needs it
     f = cfg.fit_diffusion
     return FitSettings(model_channels=f.model_channels, channel_mult=tuple(f.channel_mult), num_blocks=f.num_blocks,
                        batch_size=f.batch_size, lr=f.lr, ema_halflife_kimg=f.ema_halflife_kimg,

@@ -14,8 +14,9 @@ import queue as queues
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from stores.errors import IntegrityError, UserError
 
@@ -91,7 +92,7 @@ def _drain(messages, running: dict, echo) -> None:
         for name, process in list(running.items()):
             if not process.is_alive():
                 running.pop(name).join()
-                raise JobFailed(f"job {name} died (exit code {process.exitcode}) before it finished")
+                raise JobFailed(f"job {name} died (exit code {process.exitcode}) before it finished") from None
         return
     if kind == _LINE:
         line, to_stderr = payload

@@ -60,7 +60,7 @@ class RateBar:
             self._bar.stop()
             self._bar = None
 
-    def __enter__(self) -> "RateBar":
+    def __enter__(self) -> RateBar:
         return self
 
     def __exit__(self, *exc) -> None:

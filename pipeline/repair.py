@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pipeline.config import Config
 from pipeline.console import console, interrupt_reported, report_interrupt, shard_list
 from pipeline.models import model_provenance, recorded_model
+from stages.specs import parse_spec
 from stores.catalog import verify_feature_set, verify_image_set
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSet
-from stores.images import image_set_dir, ImageSet
+from stores.images import ImageSet, image_set_dir
 
 
 @dataclass
@@ -167,8 +168,8 @@ def _load_recorded_model(what: str, provenance: dict, root: Path, override: str 
         raise UserError(f"{what} does not record its model; pass --model SPEC (the model with fingerprint "
                         f"{fingerprint[:12]})")
     spec = absolute_spec(spec)
-    path = spec.partition(":")[2]
-    if path and not Path(path).exists():
+    path = parse_spec(spec).path
+    if not Path(path).exists():
         if inside:
             raise IntegrityError(f"{path}: the workspace's model {what} was made with is missing; refit it "
                                  f"(`dra-pipe fit-diffusion`) before repairing")
@@ -184,8 +185,12 @@ def _load_recorded_model(what: str, provenance: dict, root: Path, override: str 
 
 
 def _generate_redo(cfg: Config, images: ImageSet, override: str | None, wait: bool) -> Callable[[], int]:
-    from pipeline.generate import execute, GenerateJob
-    from stages.generate import GenerateSettings, generated_identity, require_conditional
+    from pipeline.generate import GenerateJob, execute
+    from stages.generate import (
+        GenerateSettings,
+        generated_identity,
+        require_conditional,
+    )
     from stores.images import ImageSetWriter
     root = Path(cfg.root)
     provenance = _provenance(images.meta)
@@ -214,7 +219,7 @@ def _generate_redo(cfg: Config, images: ImageSet, override: str | None, wait: bo
 
 def _feature_redo(cfg: Config, fs: FeatureSet, override: str | None, wait: bool,
                   targets: set[str]) -> Callable[[], int]:
-    from pipeline.extract import execute, Output
+    from pipeline.extract import Output, execute
     from stages.extract import NoiseLevel
     from stores.features import FeatureSetWriter
     from stores.views import ViewSpec

@@ -16,7 +16,8 @@ from pipeline.console import console
 from pipeline.parallel import Job, parallel_slots, run_jobs
 from stores.errors import UserError
 from stores.images import validate_set_name
-from trainer.settings import run_name as settings_run_name, TrainSettings
+from trainer.settings import TrainSettings
+from trainer.settings import run_name as settings_run_name
 
 
 def run_pipeline(cfg: Config) -> None:
@@ -100,6 +101,7 @@ def run_seeds(cfg: Config) -> list[int]:
 
 def _stage_train(cfg: Config, runs: list[str]) -> list[str]:
     import torch
+
     from pipeline.plans.train import make_job
     variants = train_variants(cfg)
     names = [make_job(variant, run_name(variant)).name for variant in variants]

@@ -11,7 +11,7 @@ from pipeline.console import console
 from pipeline.progress import RateBar
 from pipeline.workflow import generated_set
 from stores.errors import UserError
-from stores.images import DATASET_JSON, image_set_dir, ImageSet, ImageSetWriter, validate_set_name
+from stores.images import DATASET_JSON, ImageSet, ImageSetWriter, image_set_dir, validate_set_name
 from stores.locks import writer_lock
 from stores.workspace import check_writable
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.config import check_value, Config, key_spec, load_config
+from pipeline.config import Config, check_value, key_spec, load_config
 from pipeline.console import console
-from pipeline.yaml_input import brief
 from pipeline.parallel import Job
-from pipeline.run import check_autoattack, evaluate_cached, parse_seeds, run_side_by_side, STAGE_RUNNERS
+from pipeline.run import STAGE_RUNNERS, check_autoattack, evaluate_cached, parse_seeds, run_side_by_side
+from pipeline.yaml_input import brief
 from stores.errors import UserError
 from stores.identity import short_key, write_json_atomic
 from stores.images import validate_set_name
-from trainer.settings import run_name, TrainSettings
+from trainer.settings import TrainSettings, run_name
 
 METRICS = ("clean", "pgd_ce", "pgd_margin", "autoattack")
 HEADERS = {"clean": "clean", "pgd_ce": "PGD-CE", "pgd_margin": "PGD-margin", "autoattack": "AutoAttack",

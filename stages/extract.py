@@ -26,9 +26,9 @@ from stages.precision import compute_context, dtype_identity
 from stages.sigma import sigma_from_timestep, timestep_from_sigma
 from stages.taps import describe_layers, features
 from stores.errors import UserError
-from stores.features import FeatureShardRecord, STORED_DTYPES, write_feature_shard
+from stores.features import STORED_DTYPES, FeatureShardRecord, write_feature_shard
 from stores.images import ImageSet
-from stores.views import all_views, apply_views, ViewSpec
+from stores.views import ViewSpec, all_views, apply_views
 
 POOLS = ("none", "2", "4", "global")
 
@@ -41,11 +41,11 @@ class NoiseLevel:
     timestep: int | None
 
     @classmethod
-    def from_timestep(cls, t: int) -> "NoiseLevel":
+    def from_timestep(cls, t: int) -> NoiseLevel:
         return cls(sigma_from_timestep(t), int(t))
 
     @classmethod
-    def from_sigma(cls, sigma: float) -> "NoiseLevel":
+    def from_sigma(cls, sigma: float) -> NoiseLevel:
         if not (sigma > 0 and np.isfinite(sigma)):
             raise UserError(f"--sigma {sigma} must be a positive finite noise level")
         return cls(float(sigma), None)

@@ -13,15 +13,15 @@ from __future__ import annotations
 import math
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from stages.fingerprint import model_fingerprint
-from stages.models import load_model, pick_device      # pick_device: re-exported for the CLI
+from stages.models import load_model, pick_device  # pick_device: re-exported for the CLI
 from stages.noise import churn_noise_fn, labels_for, latents_for
 from stages.precision import check_compute_dtype, compute_context, dtype_identity, in_dtype
 from stages.sampler_registry import SAMPLERS, sampler_entry
@@ -29,8 +29,7 @@ from stages.samplers import sample
 from stages.specs import parse_spec
 from stores.errors import UserError
 from stores.images import make_identity
-from stores.manifest import ShardJob
-from stores.manifest import ShardRecord
+from stores.manifest import ShardJob, ShardRecord
 from stores.tarshard import BLOCK, encode_image, write_tar_shard
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0     # EDM's defaults, recorded in the identity
@@ -46,7 +45,7 @@ class GenerateSettings:
     image_format: str = "png"    # encoding inside the shards
     dtype: str = "float32"       # compute dtype of the network calls (model.dtype); the sampler's steps stay float64
 
-    def check(self) -> "GenerateSettings":
+    def check(self) -> GenerateSettings:
         """UserError for settings no sampler run could use."""
         entry = sampler_entry(self.sampler)
         if self.steps < 2:

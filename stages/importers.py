@@ -9,19 +9,20 @@ import gzip
 import io
 import pickle
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from stages.npz_source import npz_files_split
-from stages.sources import check_labels, class_labels, SplitSource
+from stages.sources import SplitSource, check_labels, class_labels
 from stores.errors import UserError
 from stores.identity import file_sha256
-from stores.images import dataset_fingerprint, DATASET_JSON, ImageSet, ImageSetWriter, make_identity
+from stores.images import DATASET_JSON, ImageSet, ImageSetWriter, dataset_fingerprint, make_identity
 from stores.workspace import check_writable
+
 
 @dataclass
 class ImportResult:

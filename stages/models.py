@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from stages.denoiser import Denoiser
-from stages.own_format import save_own    # noqa: F401  re-exported: writers of the own format import it here
+from stages.own_format import save_own  # noqa: F401  re-exported: writers of the own format import it here
 from stages.specs import parse_spec
 from stores.errors import UserError
 

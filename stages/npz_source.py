@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.sources import class_labels, MAX_CLASSES, ReadFn, SplitSource
+from stages.sources import MAX_CLASSES, ReadFn, SplitSource, class_labels
 from stores.errors import UserError
 from stores.tarshard import read_npy_header
-
 
 DMAT_MEMBERS = {"image.npy", "label.npy"}      # the arrays of DM-AT's published files, and nothing else
 
@@ -122,7 +121,7 @@ def _npz_reader(path: Path, shape) -> ReadFn:
     return _StreamingReader(archive, shape, path)
 
 
-def _labels(path: Path, _cache={}) -> np.ndarray:
+def _labels(path: Path, _cache={}) -> np.ndarray:  # noqa: B006 (the dict is the cache, shared by design)
     stat = Path(path).stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)      # a file written again at the same path is read again
     if key not in _cache:

@@ -7,8 +7,8 @@ here (the contract tests in tests/stages/test_sampler_contract.py then run over 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from stores.errors import UserError
 

@@ -1,8 +1,8 @@
 """What every real-data importer hands the image store: splits validated up front and read on demand."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

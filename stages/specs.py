@@ -67,10 +67,10 @@ class ModelSpec:
     def exists(self) -> bool:
         return Path(self.path).exists()
 
-    def with_path(self, path: str | Path) -> "ModelSpec":
+    def with_path(self, path: str | Path) -> ModelSpec:
         return ModelSpec(self.kind, str(path))
 
-    def absolute(self) -> "ModelSpec":
+    def absolute(self) -> ModelSpec:
         """PATH made absolute: Ray workers need not share the driver's working directory."""
         return self.with_path(Path(self.path).resolve())
 

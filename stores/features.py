@@ -22,9 +22,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, short_key, write_json_atomic
-from stores.locks import holds_only_the_lock, LockedWriter
+from stores.locks import LockedWriter, holds_only_the_lock
 from stores.manifest import worker_name
-from stores.tarshard import file_problem, file_sha256_and_size, ShardBuffer
+from stores.tarshard import ShardBuffer, file_problem, file_sha256_and_size
 
 META_JSON = "meta.json"
 META_KEYS = {"identity": dict, "layout": dict, "shards": dict}    # what a readable meta.json holds
@@ -257,7 +257,7 @@ def shard_file(set_dir: Path, array: str, index: int) -> Path:
     return Path(set_dir) / ZARR_NAME / array / "c" / Path(*tail)
 
 
-def damaged_feature_shards(set_dir: Path, records: dict[int, "FeatureShardRecord"]) -> list[int]:
+def damaged_feature_shards(set_dir: Path, records: dict[int, FeatureShardRecord]) -> list[int]:
     """Indices of recorded shards with any array file missing or differing from its record (size, sha256)."""
     return sorted(i for i, r in records.items()
                   if any(file_problem(shard_file(set_dir, name, i), f.get("bytes"), f.get("sha256"))
@@ -303,7 +303,7 @@ def _check_crc(body, stored, path: Path, what: str) -> None:
         raise IntegrityError(f"{path}: {what} fails its crc32c (corrupted); run `dra-pipe verify`")
 
 
-def _shard_records(meta: dict, meta_path: Path) -> dict[int, "FeatureShardRecord"]:
+def _shard_records(meta: dict, meta_path: Path) -> dict[int, FeatureShardRecord]:
     try:
         return {int(i): FeatureShardRecord(**r) for i, r in meta["shards"].items()}
     except (TypeError, ValueError):

@@ -3,18 +3,27 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from stores.errors import IntegrityError, UserError
 from stores.identity import canonical_json, read_json_record, write_json_atomic
-from stores.locks import holds_only_the_lock, LockedWriter
-from stores.manifest import read_manifest, ShardRecord, write_manifest
-from stores.tarshard import (decode_image, file_problem, file_stat, iter_members, known_intact, mark_intact, shard_name,
-                             ShardBuffer, write_tar_shard)
+from stores.locks import LockedWriter, holds_only_the_lock
+from stores.manifest import ShardRecord, read_manifest, write_manifest
+from stores.tarshard import (
+    ShardBuffer,
+    decode_image,
+    file_problem,
+    file_stat,
+    iter_members,
+    known_intact,
+    mark_intact,
+    shard_name,
+    write_tar_shard,
+)
 
 DATASET_JSON = "dataset.json"
 FORMAT_VERSION = 1
@@ -154,7 +163,7 @@ class ImageSet:
                                  f"this set's dataset.json, or delete {self.path} and make the set again")
 
     @classmethod
-    def open(cls, root: Path, name: str) -> "ImageSet":
+    def open(cls, root: Path, name: str) -> ImageSet:
         return cls(image_set_dir(root, name))
 
     @property

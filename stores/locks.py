@@ -16,9 +16,9 @@ import socket
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from stores.errors import StoppedWaiting, UserError
 
@@ -27,7 +27,7 @@ POLL_SECONDS = 0.2
 
 
 def writer_lock(folder: Path, what: str, wait: bool = False,
-                announce: Callable[[str], None] | None = None) -> "WriterLock":
+                announce: Callable[[str], None] | None = None) -> WriterLock:
     """`with writer_lock(folder, "image set 'x'", wait):` - refuses (UserError) or waits while another process writes.
 
     Take it before anything is written, including the folder's identity file; the folder is created for the lock
@@ -46,13 +46,13 @@ class WriterLock:
         self.announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
         self.acquired = False
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def acquire(self) -> "WriterLock":
+    def acquire(self) -> WriterLock:
         key = str(self.path)
         if key in self._held:
             self._held[key][1] += 1

@@ -38,7 +38,7 @@ class ViewSpec:
         return {"count": self.count, "pad": self.pad, "flip": self.flip, "seed": self.seed}
 
     @classmethod
-    def from_identity(cls, d: dict | None) -> "ViewSpec":
+    def from_identity(cls, d: dict | None) -> ViewSpec:
         """Sets made before views stored the image itself only: one view, made for no augmentation."""
         d = d or {"count": 1, "pad": 0, "flip": False, "seed": 0}
         return cls(int(d["count"]), int(d["pad"]), bool(d["flip"]), int(d.get("seed", 0)))

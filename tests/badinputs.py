@@ -10,13 +10,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-
 from conftest import tiny_edm_config
 
 
 def make_bad_workspace(base: Path) -> dict[str, Path]:
     """Everything under `base`; returns the placeholders rows use: {ws}, {fit}, {flip}, {base}."""
     import torch
+
     from stages.importers import import_source
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -150,6 +150,7 @@ def _damaged_roots(base: Path, ws: Path) -> None:
 
 def _runs(ws: Path) -> None:
     from evalruns import fit_small_cnn, save_run
+
     from stores.images import ImageSet
     save_run(ws, "tiny", fit_small_cnn(ImageSet.open(ws, "digits-train"), steps=3), 0.1, dra=False, unsup_fraction=0.0)
     runs = ws / "runs"
@@ -170,6 +171,7 @@ def _fitted_models(base: Path, ws: Path) -> None:
     """Roots `fit` and `flip` whose fitted model (for the default fit settings) has a truncated model.safetensors,
     or one flipped byte in its weights; `given-model`, truncated, outside any workspace."""
     import torch
+
     from pipeline.config import load_config
     from pipeline.models import fitted_model_dir
     from stages.edm.networks import EDMPrecond

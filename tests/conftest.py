@@ -106,6 +106,7 @@ def tiny_edm_config(resolution: int = 8, channels: int = 1, classes: int = 10) -
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny model (own format) for `--model dra:DIR`."""
     import torch
+
     from stages.edm.networks import EDMPrecond
     from stages.models import save_own
     torch.manual_seed(0)
@@ -131,7 +132,9 @@ def songunet_small():
     """(network, json, npz) of the conformance songunet-small EDMPrecond with its official parameters; skips the
     test when the conformance data is not there."""
     import json
+
     import torch
+
     from stages.edm import EDMPrecond
     root = conformance_dir()
     if not (root / "songunet-small.npz").is_file():

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from trainsets import image_set
 
 from pipeline.config import defaults
 from trainer.classifiers import build_classifier
 from trainer.evaluate import read_images
 from trainer.runs import RunFolder
-from trainsets import image_set
 
 EPS = 0.05          # the tiny model keeps about half its clean accuracy under PGD at this radius
 MEAN, STD = 0.5, 0.3

@@ -5,9 +5,9 @@ writes one with a fingerprint (sha256 of the state dict) for others.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
-import errno
 from datetime import datetime, timezone
 from pathlib import Path
 

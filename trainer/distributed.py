@@ -8,9 +8,9 @@ are read from the run folder, not from Ray's Result (in Ray 2.60 its `metrics` c
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

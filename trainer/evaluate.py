@@ -27,7 +27,7 @@ from torch import nn
 
 from stores.errors import UserError
 from stores.identity import write_json_atomic
-from stores.images import DATASET_JSON, image_set_dir, ImageSet
+from stores.images import DATASET_JSON, ImageSet, image_set_dir
 from trainer.attacks import pgd_attack
 from trainer.classifier_files import now_text, package_version, state_fingerprint, threat_model
 from trainer.classifiers import Classifier
@@ -58,7 +58,7 @@ class EvalSettings:
     weights: str = "best"               # a run's best.pt (held-out PGD selection) or final.pt
 
     @classmethod
-    def from_config(cls, section: dict) -> "EvalSettings":
+    def from_config(cls, section: dict) -> EvalSettings:
         return cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
 
     def step_size(self, eps: float) -> float:

@@ -58,7 +58,7 @@ class Job:
     def dra(self) -> bool:
         return self.settings.dra_on
 
-    def without_dra(self) -> "Job":
+    def without_dra(self) -> Job:
         """The same job as plain (DM-)AT: no head, no targets (benchmarks time the two side by side)."""
         return replace(self, settings=replace(self.settings, dra=False), target_shape=None, dra_layer=None)
 

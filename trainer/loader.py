@@ -38,7 +38,7 @@ class Source:
     tag: int                             # 0 real, 1 generated: seeds the source's own shuffle
 
     @classmethod
-    def open(cls, images: ImageSet, features: FeatureSet | None, tag: int, stop: int | None = None) -> "Source":
+    def open(cls, images: ImageSet, features: FeatureSet | None, tag: int, stop: int | None = None) -> Source:
         """Check the sets (complete, paired) and list the shards holding ids [0, stop)."""
         stop = images.n if stop is None else stop
         images.require_complete("rerun the stage that writes it")

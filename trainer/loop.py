@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from trainer.job import Job
 from trainer.loader import MixPlan, make_loader
 from trainer.optim import EMA, lr_at, make_optimizer
 from trainer.runs import RunFolder
-from trainer.views import align, Teacher, views_seen
+from trainer.views import Teacher, align, views_seen
 
 EMA_WARMUP = 0.025            # DM-AT: the EMA copies the weights for the first 2.5% of the steps
 
@@ -53,7 +53,7 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def local(cls) -> "Dist":
+    def local(cls) -> Dist:
         """A single process on the first GPU when one is visible, else on the CPU."""
         return cls(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
 

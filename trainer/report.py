@@ -22,9 +22,17 @@ import yaml
 
 from stores.errors import IntegrityError, UserError
 from stores.identity import write_json_atomic
-from stores.images import DATASET_JSON, image_set_dir, ImageSet
+from stores.images import DATASET_JSON, ImageSet, image_set_dir
 from trainer.classifier_files import find_run, load_classifier
-from trainer.evaluate import check_fits, effective_rank, EvalSettings, Log, penultimate_features, read_images, singular_distribution
+from trainer.evaluate import (
+    EvalSettings,
+    Log,
+    check_fits,
+    effective_rank,
+    penultimate_features,
+    read_images,
+    singular_distribution,
+)
 from trainer.runs import RunFolder
 from trainer.settings import dra_on
 
@@ -174,7 +182,7 @@ def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
 # --- figures -----------------------------------------------------------------------------------------------------
 
 def _figure(width: float, height: float, panels: int = 1):
-    from matplotlib.figure import Figure          # no pyplot: no GUI backend, no global state
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(1, panels)
     return fig, (list(axes) if panels > 1 else [axes])

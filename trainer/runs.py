@@ -19,7 +19,7 @@ import yaml
 from stores.atomic import torch_save_atomically
 from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, write_json_atomic
-from stores.locks import LOCK_NAME, writer_lock, WriterLock
+from stores.locks import LOCK_NAME, WriterLock, writer_lock
 from trainer.classifiers import build_classifier
 
 FINAL_FORMAT = "dra-pipe-classifier"

@@ -6,8 +6,8 @@ not import the pipeline; `tests/trainer/test_settings.py` fails when the two dif
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class TrainSettings:
     loader_workers: int          # DataLoader worker processes per rank
 
     @classmethod
-    def from_section(cls, section: Mapping) -> "TrainSettings":
+    def from_section(cls, section: Mapping) -> TrainSettings:
         """From the resolved `train` section (every key present; an unknown or missing key is a TypeError)."""
         return cls(**dict(section))
 

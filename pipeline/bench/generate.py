@@ -23,19 +23,25 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import Config
+from pipeline.models import fit_settings, resolve_model_spec
 from pipeline.shards.cluster import cluster_nodes, plan_actors, ray_session
 from pipeline.shards.runner import run_shards
-from stores.errors import UserError
-from stores.images import ImageSetWriter
-from stores.manifest import ShardJob
-from stages.generate import (GenerateSettings, GenerateWorker, absolute_spec, generated_identity,
-                             load_generator_model, pick_device)
-from pipeline.models import fit_settings, resolve_model_spec
 from stages.edm.networks import EDMPrecond
 from stages.fit_diffusion import network_config
+from stages.generate import (
+    GenerateSettings,
+    GenerateWorker,
+    absolute_spec,
+    generated_identity,
+    load_generator_model,
+    pick_device,
+)
 from stages.models import save_own
 from stages.noise import labels_for, latents_for
 from stages.samplers import sample
+from stores.errors import UserError
+from stores.images import ImageSetWriter
+from stores.manifest import ShardJob
 
 SET_NAME = "bench-gen"
 

@@ -31,7 +31,7 @@ from pipeline.bench.train import _build
 from pipeline.config import load_config
 from pipeline.estimates import STATED_DEVICE, STATED_RATE
 from stages.edm.networks import EDMPrecond
-from stages.extract import check_layer, NoiseLevel
+from stages.extract import NoiseLevel, check_layer
 from stages.published import CIFAR10_COND_VP
 from stores.identity import write_json_atomic
 
@@ -136,7 +136,7 @@ def _scale(net, work: Path, dev: torch.device, smoke: bool) -> dict:
     if count < 2 and not smoke:
         return {"gpus": count, "note": "one GPU visible: generating on one actor per GPU is not measured"}
     try:
-        from pipeline.bench.gpu_scale import bench_scale           # imports Ray: only this section needs it
+        from pipeline.bench.gpu_scale import bench_scale  # imports Ray: only this section needs it
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] != "ray":
             raise

@@ -8,17 +8,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from pipeline.bench.sampler import _sync as sync, _timed as repeat_timed
+from pipeline.bench.sampler import _sync as sync
+from pipeline.bench.sampler import _timed as repeat_timed
 from pipeline.estimates import forward_flops
 from stages.noise import labels_for, latents_for
 from stages.samplers import NFECounter, sample
 from stages.taps import features
 from trainer.loader import make_loader
-from trainer.loop import Dist, mix_plan, Trainer
+from trainer.loop import Dist, Trainer, mix_plan
 
 SAMPLER_VARIANTS = ("float32", "tf32", "bf16", "fp16", "bf16+channels_last", "bf16+compile")
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from stores.features import FeatureSet, FeatureSetWriter, write_feature_shard
+
 from stores.errors import UserError
+from stores.features import FeatureSet, FeatureSetWriter, write_feature_shard
 from stores.images import ImageSet, ImageSetWriter, make_identity, plan_shards
 from stores.stream import ShardLoader
 
@@ -175,7 +176,7 @@ def _ours(images: Path, features: Path, batch: int, workers: int) -> int:
 
 def _trainer(images: Path, features: Path, batch: int, workers: int, samples: int) -> int:
     """ceil(samples / batch) batches of the trainer's loader over the real source alone (one epoch's worth)."""
-    from trainer.loader import make_loader, MixPlan, Source
+    from trainer.loader import MixPlan, Source, make_loader
     source = Source.open(ImageSet(images), FeatureSet(features), tag=0)
     plan = MixPlan(real=source, generated=None, real_rows=batch, generated_rows=0, seed=0, loader_workers=workers,
                    keys=("ids", "images", "labels", "targets"))

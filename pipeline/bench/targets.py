@@ -35,7 +35,7 @@ from stores.images import ImageSet
 from stores.views import apply_views, view_augmentations
 from trainer.augment import apply_augment, draw_params
 from trainer.loader import make_loader
-from trainer.loop import Dist, mix_plan, Trainer
+from trainer.loop import Dist, Trainer, mix_plan
 from trainer.views import view_choices
 
 GOAL_ERROR, GOAL_STEP = 0.01, 1.05
@@ -144,11 +144,12 @@ def _with(cfg: Config, overrides: dict) -> Config:
 def _cifar_online(batch: int = 2) -> dict:
     """The online teacher's cost on the CIFAR-size pair: WRN-28-10 TRADES step vs the same step plus the EDM CIFAR-10
     forward truncated at dec.8x8_in1, timed here and counted in FLOPs."""
+    import tempfile
+
     from pipeline.bench.gpu import FULL, _job
     from pipeline.bench.gpu_parts import bench_steps, step_batches, teacher_targets
     from stages.edm.networks import EDMPrecond
     from stages.extract import check_layer
-    import tempfile
     sizes = dataclasses.replace(FULL, train_batch=batch, loader_samples=64, loader_workers=0)
     torch.manual_seed(0)
     net = EDMPrecond(**sizes.net).eval().requires_grad_(False)

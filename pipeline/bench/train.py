@@ -30,17 +30,17 @@ from pipeline.models import fit_settings, resolve_model_spec
 from pipeline.plans.train import make_job
 from pipeline.workflow import real_train_set
 from stages.edm.networks import EDMPrecond
-from stages.extract import check_layer, compute_targets, NoiseLevel, target_shape
+from stages.extract import NoiseLevel, check_layer, compute_targets, target_shape
 from stages.fit_diffusion import network_config
 from stages.models import load_model
 from stores.errors import UserError
 from stores.features import FeatureSetWriter, write_feature_shard
 from stores.identity import short_key
-from stores.images import image_set_dir, ImageSet, ImageSetWriter, make_identity
-from stores.views import distinct_augmentations, ViewSpec
-from trainer.views import align
+from stores.images import ImageSet, ImageSetWriter, image_set_dir, make_identity
+from stores.views import ViewSpec, distinct_augmentations
 from trainer.loader import make_loader
-from trainer.loop import Dist, mix_plan, set_cpu_threads, Trainer
+from trainer.loop import Dist, Trainer, mix_plan, set_cpu_threads
+from trainer.views import align
 
 
 def bench_train(cfg: Config, console: Console, steps: int = 10, samples: int = 10_000,

@@ -9,7 +9,6 @@ import typer
 from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
 from stores.errors import UserError
 
-
 BENCHES = ("stores", "generate", "extract", "sampler", "train", "targets", "gpu")
 
 

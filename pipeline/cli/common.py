@@ -11,7 +11,6 @@ from pipeline.config import Config, load_config
 from pipeline.console import console, interrupt_reported, report_interrupt  # noqa: F401  (console: for the commands)
 from stores.errors import UserError
 
-
 ConfigOpt = typer.Option(Path("pipeline.yaml"), "--config", "-c", help="pipeline.yaml to read (defaults apply if ./pipeline.yaml is absent)")
 def given(text: str) -> str:
     """Option parser: an explicit empty value is refused, never read as "the default" (`--name ''`)."""

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import given, ConfigOpt, console, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, console, given, resolve
 from pipeline.config import explain, to_yaml
 from pipeline.data import import_data, list_sets, verify
 from stores.errors import UserError

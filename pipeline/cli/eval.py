@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, resolve
 from pipeline.evaluate import export_run, run_eval, run_report
 
 ForceOpt = typer.Option(False, "--force", help="replace the --out file if it exists (default: refuse)")

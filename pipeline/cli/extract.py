@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from stores.errors import UserError
-from pipeline.cli.common import ConfigOpt, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, resolve
 from pipeline.extract import run_extract
+from stages.specs import spec_help
+from stores.errors import UserError
 
 
 def register(app: typer.Typer) -> None:
     @app.command("extract-features")
     def extract_features_cmd(
-        timestep: Optional[List[int]] = typer.Option(None, "--timestep", "-t", help="DDPM timestep in [0, 999]; repeat for several [config features.timesteps]"),
-        sigma: Optional[List[float]] = typer.Option(None, "--sigma", help="noise level sigma given directly (instead of --timestep); repeatable"),
+        timestep: Optional[list[int]] = typer.Option(None, "--timestep", "-t", help="DDPM timestep in [0, 999]; repeat for several [config features.timesteps]"),
+        sigma: Optional[list[float]] = typer.Option(None, "--sigma", help="noise level sigma given directly (instead of --timestep); repeatable"),
         layer: Optional[str] = typer.Option(None, "--layer", help="diffusion layer to cache, e.g. dec.8x8_in1; auto = the bottleneck [config features.layer]"),
         pool: Optional[str] = typer.Option(None, "--pool", help="none | 2 | 4 | global spatial average pooling [config features.pool]"),
         views: Optional[int] = typer.Option(None, "--views", help="augmented views per image, each with its exact target, made for train.crop_pad and train.flip [config features.views]"),
-        images: Optional[List[str]] = typer.Option(None, "--images", help="image sets (repeatable); default: the real training set and the generated set"),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="edm:PATH.pkl | diffusers:DIR | dra:DIR | fit [config model.spec]"),
+        images: Optional[list[str]] = typer.Option(None, "--images", help="image sets (repeatable); default: the real training set and the generated set"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help=f"{spec_help(fit=True)} [config model.spec]"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per forward pass [config features.batch_size]"),
         address: Optional[str] = typer.Option(None, "--address", help="join a Ray cluster: auto or HOST:PORT [config ray.address]"),
         workers: Optional[int] = typer.Option(None, "--workers", help="CPU actors when there is no GPU [config ray.cpu_actors]"),

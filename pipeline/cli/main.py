@@ -10,7 +10,7 @@ import typer
 
 from pipeline.cli import bench, data, eval, extract, generate, models, repair, run, select, sweep, train
 from pipeline.console import interrupt_reported, stopped_waiting
-from stores.errors import install_sigterm_handler, IntegrityError, StoppedWaiting, Terminated, UserError
+from stores.errors import IntegrityError, StoppedWaiting, Terminated, UserError, install_sigterm_handler
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="dra-pipe: diffusion models as data source and as frozen teacher for adversarial training.\n\n"
@@ -20,7 +20,7 @@ for group in (data, models, generate, extract, select, repair, train, eval, run,
 
 
 try:
-    from typer._click import exceptions as click_errors   # typer >= 0.22 vendors click
+    from typer._click import exceptions as click_errors  # typer >= 0.22 vendors click
 except ImportError:
     from click import exceptions as click_errors
 

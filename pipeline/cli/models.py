@@ -6,11 +6,12 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, resolve
 from pipeline.fit import run_fit_diffusion, show_model
+from stages.specs import spec_help
 
 model_app = typer.Typer(help="Inspect diffusion models.", no_args_is_help=True)
-ModelOpt = typer.Option(None, "--model", "-m", help="edm:PATH.pkl | diffusers:DIR | dra:DIR | fit (the model fit-diffusion made) [config model.spec]")
+ModelOpt = typer.Option(None, "--model", "-m", help=f"{spec_help(fit=True)} [config model.spec]")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, resolve
 from pipeline.repair import repair_sets
 
 
@@ -16,8 +16,8 @@ def register(app: typer.Typer) -> None:
 
 
 def repair_cmd(
-    names: Optional[List[str]] = typer.Argument(None, help="image-set names or feature keys (default: every set)"),
-    sources: Optional[List[Path]] = typer.Option(None, "--from", metavar="PATH", help="imported sets: the source file or folder, where the recorded one moved (npz: repeat it for each file, in order)"),
+    names: Optional[list[str]] = typer.Argument(None, help="image-set names or feature keys (default: every set)"),
+    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH", help="imported sets: the source file or folder, where the recorded one moved (npz: repeat it for each file, in order)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="generated and feature sets: the model spec, where the recorded one moved"),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPU actors when there is no GPU [config ray.cpu_actors]"),
     wait: bool = WaitOpt,

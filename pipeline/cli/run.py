@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import given, ConfigOpt, exit_once_reported, resolve, RootOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, exit_once_reported, given, resolve
 from pipeline.run import parse_seeds, run_pipeline
 
 

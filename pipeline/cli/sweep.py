@@ -5,11 +5,11 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from pipeline.cli.common import given, ConfigOpt, exit_once_reported, resolve, RootOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, exit_once_reported, given, resolve
 from pipeline.sweep import parse_axes, run_sweep
 
 
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 
 def sweep_cmd(
-    axes: List[str] = typer.Argument(..., help="KEY=V1,V2,... config overrides, e.g. train.dra_lambda=0,0.5 "
+    axes: list[str] = typer.Argument(..., help="KEY=V1,V2,... config overrides, e.g. train.dra_lambda=0,0.5 "
                                      "features.timesteps=25,100; a single value (train.epochs=2) fixes a key"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated [config run.seeds, else train.seed]"),
     name: Optional[str] = typer.Option(None, "--name", parser=given, help="results folder <root>/sweeps/NAME (default: a hash of the axes and seeds)"),

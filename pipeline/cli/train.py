@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import given, ConfigOpt, exit_once_reported, resolve, RootOpt, WaitOpt
+from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, exit_once_reported, given, resolve
 from pipeline.train import run_train
 
 

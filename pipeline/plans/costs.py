@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline.estimates import count_flops
 from trainer.job import Job
-from trainer.loop import derived_seed, Dist, evaluate, Trainer
+from trainer.loop import Dist, Trainer, derived_seed, evaluate
 
 
 @dataclass(frozen=True)

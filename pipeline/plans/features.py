@@ -1,15 +1,15 @@
 """Feature sets in a plan: the stored ones, or, in a dry run before extraction, the ones the config describes."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pipeline.config import Config
 from pipeline.plans.inputs import PlannedImages, teacher_for_plan
 from stages.extract import check_layer, target_shape
 from stores.errors import UserError
-from stores.views import check_views, ViewSpec
+from stores.views import ViewSpec, check_views
 from trainer.job import shape_text
 from trainer.targets import FeatureQuery, find_feature_sets
 

@@ -20,7 +20,7 @@ from stages.models import load_model
 from stages.published import published_name, published_stand_in
 from stages.specs import parse_spec
 from stores.errors import UserError
-from stores.images import image_set_dir, ImageSet, plan_shards
+from stores.images import ImageSet, image_set_dir, plan_shards
 
 
 @dataclass(frozen=True)
@@ -99,5 +99,5 @@ def _real_or_planned(cfg: Config):
 
 def stand_in_note(spec: str, name: str, model) -> str:
     params = sum(p.numel() for p in model.parameters())
-    return (f"model file {spec.partition(':')[2]} is not here: planned with the published architecture of {name} "
+    return (f"model file {parse_spec(spec).path} is not here: planned with the published architecture of {name} "
             f"({params:,} parameters, random weights); the real run needs the file")

@@ -12,15 +12,14 @@ import os
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.plans.features import (feature_query, feature_sets_for, planned_feature_sets, PlannedFeatures,
-                                     views_for)
+from pipeline.plans.features import PlannedFeatures, feature_query, feature_sets_for, planned_feature_sets, views_for
 from pipeline.plans.inputs import PlannedImages, planned_generated, planned_real
 from pipeline.workflow import real_train_set, training_generated_set
 from stores.errors import UserError
 from stores.images import ImageSet, image_set_dir, validate_set_name
 from trainer.job import Job, check_dra_layer, normalisation, shape_text
 from trainer.loader import Source, split_batch
-from trainer.settings import run_name, TrainSettings
+from trainer.settings import TrainSettings, run_name
 from trainer.targets import check_views_match, views_of
 
 

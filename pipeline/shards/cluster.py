@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import ray
 
-from stores.errors import install_sigterm_handler, Terminated, UserError
+from stores.errors import Terminated, UserError, install_sigterm_handler
 
 
 @dataclass(frozen=True)

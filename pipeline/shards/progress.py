@@ -1,12 +1,13 @@
 """The progress loop shared by every stage that runs shard jobs on Ray (generate, extract-features, repair)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pipeline.console import report_interrupt
 from pipeline.progress import RateBar
 from pipeline.shards.cluster import ActorPlan
-from pipeline.shards.runner import Progress, run_shards, RunSummary
+from pipeline.shards.runner import Progress, RunSummary, run_shards
 from stores.manifest import ShardJob
 
 

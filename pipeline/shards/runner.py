@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import ray
 
 from pipeline.shards.actor import ShardActor, ShardWorker
 from pipeline.shards.cluster import ActorPlan
 from stores.manifest import ShardJob
-
 
 START_WAIT_S = 600.0      # how long workers may wait for the cluster's resources before the stage gives up
 

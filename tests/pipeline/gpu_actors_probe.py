@@ -20,6 +20,7 @@ class EnvProbe:
 
     def compute(self, job, progress):
         import torch
+
         from stages.models import pick_device
         torch.cuda.is_available = lambda: True        # a CPU-only torch: pretend the visible GPU is usable
         return {"pid": os.getpid(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),

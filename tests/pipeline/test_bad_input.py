@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-
 from badinputs import check_one_line
 
 # (id, argv with {ws} {fit} {base} placeholders, exit status, fragment stderr must contain)
@@ -172,7 +171,7 @@ def test_help_keeps_placeholders(cli):
 def test_huge_plans_are_arithmetic():
     from pipeline.config import parse_count
     from stores.errors import UserError
-    from stores.images import plan_shards, ShardPlans
+    from stores.images import ShardPlans, plan_shards
     assert parse_count("20M") == 20_000_000 and parse_count("10G") == 10 ** 10
     with pytest.raises(UserError, match="sample ids have 10 digits"):
         parse_count("10.5G")
@@ -185,11 +184,12 @@ def test_huge_plans_are_arithmetic():
 
 def test_recompute_caps_k_at_the_cached_samples(tiny_model_dir, tmp_path):
     """verify --recompute K with K far above the set size checks every cached sample once, and returns."""
-    from stages.extract import compute_targets, NoiseLevel, recompute_deviation
+    from trainsets import image_set
+
+    from stages.extract import NoiseLevel, compute_targets, recompute_deviation
     from stages.models import load_model
     from stores.features import FeatureSet, FeatureSetWriter, write_feature_shard
     from stores.views import ViewSpec
-    from trainsets import image_set
     net = load_model(f"dra:{tiny_model_dir}")
     images = image_set(tmp_path, "t-train", "real", 20, 8)
     identity = {"image_set": images.fingerprint, "image_set_name": images.name, "model": "tiny", "timestep": 100,

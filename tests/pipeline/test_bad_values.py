@@ -7,7 +7,6 @@ import shutil
 import stat
 
 import pytest
-
 from badinputs import check_one_line
 
 LONG = "n" * 300                      # a folder name stops at 255 bytes

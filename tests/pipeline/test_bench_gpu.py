@@ -8,7 +8,7 @@ import math
 import pytest
 from rich.console import Console
 
-from pipeline.bench.gpu import bench_gpu, project, RECIPE
+from pipeline.bench.gpu import RECIPE, bench_gpu, project
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def test_without_ray_the_check_runs_and_says_scale_was_not_measured(tmp_path):
     """A one-GPU machine without network may lack Ray (its wheel is 79 MB): only the scale section needs it."""
     import subprocess
     import sys
+
     from conftest import REPO
     done = subprocess.run([sys.executable, "-c", WITHOUT_RAY, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
@@ -93,6 +94,7 @@ def test_without_ray_the_check_runs_and_says_scale_was_not_measured(tmp_path):
 def test_sampler_section_starts_no_variant_past_its_budget():
     """The check must fit a short GPU lease: past the budget the remaining variants are named, not run."""
     import torch
+
     from pipeline.bench.gpu import SMOKE
     from pipeline.bench.gpu_parts import bench_sampler_variants
     from stages.edm.networks import EDMPrecond

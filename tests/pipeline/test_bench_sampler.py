@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO, FakeClock
 from rich.console import Console
 
-from conftest import FakeClock, REPO
-from pipeline.bench.sampler import bench_sampler, CIFAR10_CONFIG
+from pipeline.bench.sampler import CIFAR10_CONFIG, bench_sampler
 from pipeline.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
@@ -59,6 +59,7 @@ def test_timings_are_those_of_the_timed_work(tmp_path, monkeypatch):
     import contextlib
 
     import torch
+
     from pipeline.bench import sampler as bench
     from stages.edm.networks import EDMPrecond
     clock, forward = FakeClock(), EDMPrecond.forward
@@ -71,7 +72,7 @@ def test_timings_are_those_of_the_timed_work(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
     cfg = load_config(None, {"root": str(tmp_path), **TINY_FIT})
     results, _ = _run(cfg, variants=("bf16",))
-    for name, r in results["models"].items():
+    for r in results["models"].values():
         b = r["batch"]
         assert r["nfe"] == 5
         assert r["forward_seconds"] == pytest.approx(1e-3 * b) and r["forward_ms_per_image"] == pytest.approx(1.0)

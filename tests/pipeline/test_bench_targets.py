@@ -19,7 +19,9 @@ def measured(tmp_path_factory, tiny_model_dir, ray_local):
     run_cli("import", "digits", "-c", tmp / "pipeline.yaml")
     run_cli("extract-features", "--images", "digits-train", "-c", tmp / "pipeline.yaml")
     import io
+
     from rich.console import Console
+
     from pipeline.bench.targets import bench_targets
     from pipeline.config import load_config
     text = io.StringIO()

@@ -9,9 +9,9 @@ import math
 
 import numpy as np
 import yaml
-
-from conftest import make_cifar_tarball, REPO
+from conftest import REPO, make_cifar_tarball
 from trainsets import npz_halves
+
 from stores.features import FeatureSet, list_feature_sets
 from stores.images import ImageSet
 

@@ -98,8 +98,8 @@ def test_run_rejects_bad_seeds_before_any_stage(cli, tmp_path, seeds, needle):
 
 
 def test_run_trains_each_setting_once_per_seed(tmp_path):
-    from pipeline.run import train_variants
     from pipeline.config import load_config
+    from pipeline.run import train_variants
     (tmp_path / "pipeline.yaml").write_text("{}\n")
     cfg = load_config(tmp_path / "pipeline.yaml", {"run.seeds": [3, 5]})
     assert [(v.train.dra, v.train.seed) for v in train_variants(cfg)] == [(False, 3), (False, 5), (True, 3), (True, 5)]
@@ -108,8 +108,8 @@ def test_run_trains_each_setting_once_per_seed(tmp_path):
 
 
 def test_run_name_prefixes_every_run_and_none_keeps_the_default(tmp_path):
-    from pipeline.run import run_name, train_variants
     from pipeline.config import load_config
+    from pipeline.run import run_name, train_variants
     (tmp_path / "pipeline.yaml").write_text("{}\n")
     named = load_config(tmp_path / "pipeline.yaml", {"run.seeds": [3], "run.name": "v2"})
     assert [run_name(v) for v in train_variants(named)] == ["v2-small-cnn-nodra-3", "v2-small-cnn-dra-3"]
@@ -141,6 +141,7 @@ def test_ctrl_c_in_a_command_without_its_own_handler_is_one_line(tmp_path):
     import subprocess
     import sys
     import time
+
     import numpy as np
     np.savez(tmp_path / "many.npz", image=np.zeros((20_000, 8, 8, 1), np.uint8), label=np.arange(20_000) % 10)
     script = "import sys; from pipeline.cli.main import main; sys.argv = ['dra-pipe', *sys.argv[1:]]; main()"
@@ -162,6 +163,7 @@ def test_ctrl_c_in_a_command_without_its_own_handler_is_one_line(tmp_path):
 def test_a_failed_shard_worker_or_job_is_one_line_and_exit_1(monkeypatch, capsys, kind):
     """The runner's and run.parallel's failures reach the user as one line (exit 1), never as a traceback."""
     import click
+
     from pipeline.cli import main as cli_main
     from pipeline.parallel import JobFailed
     from pipeline.shards.runner import ShardFailed, WorkerStartError

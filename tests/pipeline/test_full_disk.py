@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from lockholder import env
 from test_write_lock import CLI
 

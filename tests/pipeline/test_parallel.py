@@ -8,10 +8,10 @@ import json
 import os
 
 import pytest
-
 from evalruns import make_workspace
+
 from pipeline.config import load_config
-from pipeline.parallel import cpu_cores, Job, JobFailed, parallel_slots, run_jobs
+from pipeline.parallel import Job, JobFailed, cpu_cores, parallel_slots, run_jobs
 from stores.errors import IntegrityError, UserError
 
 

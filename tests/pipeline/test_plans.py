@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 import yaml
+from conftest import REPO
 
 from pipeline.config import load_config
 from pipeline.estimates import count_flops, duration, forward_flops, gpu_hours
@@ -13,7 +14,7 @@ from stages.published import PUBLISHED, published_name, published_stand_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
-from conftest import REPO
+
 CIFAR_YAML = REPO / "pipeline.cifar10.yaml"
 
 

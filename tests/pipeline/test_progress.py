@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import io
 
+from conftest import FakeClock
 from rich.console import Console
 
-from conftest import FakeClock
 from pipeline import progress
 from pipeline.progress import RateBar
 

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import make_cifar_tarball, run_cli
 
 FEATURE_ARRAYS = ("targets", "targets_v1", "ids")
@@ -296,7 +295,7 @@ def test_an_interrupted_repair_says_what_is_kept_once(monkeypatch, capsys, inner
     """Ctrl-C while a set is redone: one `interrupted:` line, the redo's own (a Ray stage reports its shards)
     where it gave one, else repair's."""
     from pipeline import console
-    from pipeline.repair import redo, RepairPlan
+    from pipeline.repair import RepairPlan, redo
     monkeypatch.setattr(console, "_interrupt_reported", False)
 
     def interrupted() -> int:

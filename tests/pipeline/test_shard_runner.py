@@ -11,7 +11,7 @@ import ray
 
 from pipeline.shards.actor import ShardActor
 from pipeline.shards.cluster import ActorPlan, plan_actors
-from pipeline.shards.runner import run_shards, ShardFailed, WorkerStartError
+from pipeline.shards.runner import ShardFailed, WorkerStartError, run_shards
 from stores.errors import UserError
 from stores.manifest import ShardJob
 

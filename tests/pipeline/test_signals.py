@@ -6,11 +6,11 @@ import sys
 import time
 
 import yaml
-
 from conftest import make_cifar_tarball
 from lockholder import env, holding
-from stores.images import image_set_dir
 from test_write_lock import CLI, drain, next_line, snapshot, stream_lines
+
+from stores.images import image_set_dir
 
 
 def _cli(args: list[str], cwd) -> subprocess.Popen:

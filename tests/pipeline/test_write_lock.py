@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import make_cifar_tarball
 from evalruns import fit_small_cnn, save_run
-from lockholder import env, Holder, holding
+from lockholder import Holder, env, holding
+from trainsets import image_set
+
 from pipeline.config import load_config
 from stores.images import ImageSet, ImageSetWriter, image_set_dir
 from stores.locks import LOCK_NAME
-from trainsets import image_set
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 

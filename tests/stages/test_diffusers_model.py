@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from model_files import save_ddpm_pipeline, tiny_unet
 
 from stages.diffusers_model import DiffusersDenoiser, continuous_timestep, load_diffusers_denoiser
 from stages.sigma import alpha_bar, sigma_from_timestep, sigma_table
 from stores.errors import UserError
-
-from model_files import save_ddpm_pipeline, tiny_unet
 
 
 def _x(batch=2, seed=1):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from stages.edm import EDMPrecond
 from stages.edm.layers import UNetBlock
 from stages.taps import features

@@ -11,6 +11,7 @@ import pickle
 
 import pytest
 import torch
+from model_files import class_source, official_modules, to_records, write_pickle
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,8 +19,6 @@ from stages.edm import EDMPrecond
 from stages.edm_pickle import PersistentRecord, load_edm_pickle, read_edm_pickle
 from stages.fingerprint import model_fingerprint
 from stores.errors import UserError
-
-from model_files import class_source, official_modules, to_records, write_pickle
 
 CONFIG = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, sigma_min=0, sigma_max=float("inf"),
               sigma_data=0.5, model_type="SongUNet", embedding_type="fourier", channel_mult_noise=2,

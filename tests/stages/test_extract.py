@@ -3,14 +3,22 @@ import pytest
 import torch
 
 from stages.edm.networks import EDMPrecond
+from stages.extract import (
+    NoiseLevel,
+    check_compatible,
+    check_layer,
+    compute_targets,
+    default_layer,
+    pool_targets,
+    target_shape,
+    to_model_range,
+)
 from stages.importers import import_source
-from stores.errors import UserError
-from stores.images import ImageSet
-from stages.extract import (NoiseLevel, check_compatible, check_layer, compute_targets, default_layer, pool_targets,
-                            target_shape, to_model_range)
 from stages.noise import noise_for
 from stages.taps import features
-from stores.views import all_views, apply_views, ViewSpec
+from stores.errors import UserError
+from stores.images import ImageSet
+from stores.views import ViewSpec, all_views, apply_views
 
 ONE = ViewSpec(1, 0, False)
 

@@ -63,6 +63,7 @@ def test_class_agreement_sees_right_and_wrong_classes(digits):
 def test_fit_defaults_agree_everywhere():
     """FitSettings, the schema and the repo's pipeline.yaml name the same default fit."""
     from conftest import REPO
+
     from pipeline.models import fit_settings
     schema = {k: v.default for k, v in SCHEMA["fit_diffusion"].items()}
     from_yaml = load_config(REPO / "pipeline.yaml").fit_diffusion

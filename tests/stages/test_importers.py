@@ -1,10 +1,10 @@
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_cifar_tarball
+from PIL import Image
 from trainsets import npz_halves
+
 from stores.images import ImageSet
 
 

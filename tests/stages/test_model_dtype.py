@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from trainsets import image_set
 
 from pipeline.config import load_config
 from pipeline.plans.teacher import OnlineTeacher
 from pipeline.workflow import generated_set
-from stages.extract import compute_targets, feature_identity, NoiseLevel, view_targets
-from stages.generate import generated_identity, GenerateSettings, sample_floats, to_uint8
+from stages.extract import NoiseLevel, compute_targets, feature_identity, view_targets
+from stages.generate import GenerateSettings, generated_identity, sample_floats, to_uint8
 from stages.models import load_model
 from stages.noise import labels_for, latents_for
 from stages.precision import check_compute_dtype, in_dtype
@@ -18,9 +19,8 @@ from stages.samplers import sample
 from stores.errors import UserError
 from stores.features import feature_key
 from stores.identity import fingerprint
-from stores.images import dataset_fingerprint, ImageSetWriter
+from stores.images import ImageSetWriter, dataset_fingerprint
 from stores.views import ViewSpec
-from trainsets import image_set
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
@@ -33,9 +33,10 @@ VIEWS = ViewSpec(2, 1, False)
 def spec(tmp_path_factory):
     """The tiny EDM network with every weight perturbed: its zero-initialised output layers would make D = c_skip x,
     which no compute dtype changes."""
+    from conftest import tiny_edm_config
+
     from stages.edm.networks import EDMPrecond
     from stages.models import save_own
-    from conftest import tiny_edm_config
     torch.manual_seed(0)
     net = EDMPrecond(**tiny_edm_config()).eval()
     with torch.no_grad():

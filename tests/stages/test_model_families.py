@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from conftest import tiny_edm_config
+from model_files import save_ddpm_pipeline, tiny_unet, write_edm_pickle
 
 from stages.denoiser import Denoiser
 from stages.edm import EDMPrecond
@@ -26,9 +28,6 @@ from stages.sigma import sigma_from_timestep
 from stages.specs import FAMILIES, parse_spec, spec_help
 from stages.taps import describe_layers, features
 from stores.errors import IntegrityError, UserError
-
-from conftest import tiny_edm_config
-from model_files import save_ddpm_pipeline, tiny_unet, write_edm_pickle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

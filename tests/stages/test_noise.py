@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.noise import (churn_noise_fn, labels_for, latents_for, noise_for, one_hot, sample_generator,
-                          stream_seed)
+from stages.noise import churn_noise_fn, labels_for, latents_for, noise_for, one_hot, sample_generator, stream_seed
 
 SHAPE = (3, 4, 4)
 

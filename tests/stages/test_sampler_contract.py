@@ -9,6 +9,7 @@ import inspect
 
 import pytest
 import torch
+from conftest import tiny_edm_config
 
 from stages.edm import EDMPrecond
 from stages.generate import GenerateSettings
@@ -16,8 +17,6 @@ from stages.noise import labels_for, latents_for
 from stages.sampler_registry import SAMPLERS
 from stages.samplers import NFECounter, sample
 from stages.sigma import edm_sigma_steps
-
-from conftest import tiny_edm_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

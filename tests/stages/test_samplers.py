@@ -7,14 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import conformance_dir
 
 from stages.noise import churn_noise_fn
-from stores.errors import UserError
 from stages.samplers import SAMPLERS, NFECounter, edm_euler_sampler, edm_heun_sampler, sample
-from stages.sigma import (alpha_bar, edm_sigma_steps, sigma_from_timestep, sigma_table,
-                          timestep_from_sigma)
-
-from conftest import conformance_dir
+from stages.sigma import alpha_bar, edm_sigma_steps, sigma_from_timestep, sigma_table, timestep_from_sigma
+from stores.errors import UserError
 
 CONFORMANCE = conformance_dir()  # ../shared/conformance next to the repo
 

@@ -3,12 +3,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from evalruns import fit_small_cnn, save_run
+from trainsets import image_set
+
 from stages.select import choose, kept_count
 from stores.images import ImageSet
 from stores.manifest import write_manifest
-from trainsets import image_set
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 

@@ -6,8 +6,8 @@ CPU tensor meeting a meta one raises as a CPU tensor meeting a CUDA one does.
 """
 import numpy as np
 import torch
-
 from conftest import tiny_edm_config
+
 from stages.edm.networks import EDMPrecond
 from stages.extract import FeatureWorker, NoiseLevel, default_layer, view_targets
 from stages.generate import GenerateSettings, sample_floats

@@ -6,13 +6,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from trainsets import feature_set, image_set
 
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSet, FeatureSetWriter
 from stores.stream import PairedShardReader
 from stores.tarshard import ShardBuffer
-from trainer.loader import make_loader, MixPlan, Source
-from trainsets import feature_set, image_set
+from trainer.loader import MixPlan, Source, make_loader
 
 SHAPE = (3, 2, 2)
 

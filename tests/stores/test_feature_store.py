@@ -5,7 +5,14 @@ import pytest
 import zarr
 
 from stores.errors import IntegrityError, UserError
-from stores.features import feature_key, feature_set_dir, FeatureSet, FeatureSetWriter, inner_chunk_samples, write_feature_shard
+from stores.features import (
+    FeatureSet,
+    FeatureSetWriter,
+    feature_key,
+    feature_set_dir,
+    inner_chunk_samples,
+    write_feature_shard,
+)
 from stores.images import plan_shards
 
 IDENTITY = {"image_set": "f" * 64, "model": "m" * 64, "layer": "dec.8x8_in1", "sigma": 0.3423, "noise_seed": 0,

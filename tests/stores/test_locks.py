@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import pytest
+from lockholder import Holder, another_process_can_lock, holding
 
-from lockholder import another_process_can_lock, Holder, holding
 from stores.errors import UserError
 from stores.features import FeatureSetWriter
 from stores.images import ImageSet, ImageSetWriter, image_set_dir, make_identity

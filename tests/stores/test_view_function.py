@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stores.errors import UserError
-from stores.views import (all_views, apply_views, check_views, distinct_augmentations, view_augmentations, ViewSpec)
+from stores.views import ViewSpec, all_views, apply_views, check_views, distinct_augmentations, view_augmentations
 
 
 def test_view_is_a_pure_function_of_seed_id_and_v():

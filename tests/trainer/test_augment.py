@@ -2,7 +2,6 @@
 real (small, randomly initialised) EDM SongUNet against targets recomputed on the augmented images."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from trainsets import workspace
 
 from stores.errors import UserError
 from trainer.distributed import check_capacity
-from trainsets import workspace
 
 
 def test_more_workers_than_cpus_or_gpus_refused():

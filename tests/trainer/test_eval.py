@@ -4,11 +4,19 @@ import warnings
 
 import pytest
 import torch
-
 from evalruns import EPS, make_workspace
+
 from stores.images import ImageSet
 from trainer.classifier_files import load_classifier, state_fingerprint
-from trainer.evaluate import AUTOATTACK_LOGGER, capture, consistency_notes, effective_rank, EvalSettings, evaluate, read_images
+from trainer.evaluate import (
+    AUTOATTACK_LOGGER,
+    EvalSettings,
+    capture,
+    consistency_notes,
+    effective_rank,
+    evaluate,
+    read_images,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
@@ -100,7 +108,7 @@ def test_capture_collects_logger_warnings_and_prints(capsys):
     with capture(AUTOATTACK_LOGGER, seen.append) as said:
         logging.getLogger(AUTOATTACK_LOGGER).debug("robust accuracy after APGD-CE: 50.00%")
         logging.getLogger(AUTOATTACK_LOGGER).warning("Square Attack has decreased the robust accuracy")
-        warnings.warn("a python warning")
+        warnings.warn("a python warning", stacklevel=1)
         print("a printed line")
     assert said.log == ["robust accuracy after APGD-CE: 50.00%", "a printed line"]
     assert said.warnings == ["Square Attack has decreased the robust accuracy", "UserWarning: a python warning"]

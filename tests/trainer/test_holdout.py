@@ -5,11 +5,11 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from trainsets import workspace
 
 from pipeline.config import load_config
 from pipeline.plans.train import make_job
-from trainer.loop import Dist, evaluate, Trainer
-from trainsets import workspace
+from trainer.loop import Dist, Trainer, evaluate
 
 
 class CleanWrongAttackedRight(nn.Module):

@@ -24,18 +24,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from trainsets import feature_set
 
 from pipeline.config import SCHEMA, load_config
 from pipeline.plans.train import make_job
 from stages.importers import import_source
 from stores.images import ImageSet
-from stores.views import all_views, apply_views, ViewSpec
+from stores.views import ViewSpec, all_views, apply_views
 from trainer.classifiers import Classifier
 from trainer.dra import match_grid
 from trainer.job import Job
-from trainer.loop import Dist, evaluate, train, Trainer
-from trainer.runs import load_final, RunFolder
-from trainsets import feature_set
+from trainer.loop import Dist, Trainer, evaluate, train
+from trainer.runs import RunFolder, load_final
 
 PAD = 1                 # 1-px crops, so that stored views differ (pad 0 without flips has one view)
 SHORT = {"epochs": 3, "batch_size": 64, "crop_pad": PAD, "attack_steps": 3, "attack_step_size": 0.1, "lr": 0.1,

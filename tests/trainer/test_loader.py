@@ -3,11 +3,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from trainsets import GEN_OFFSET, feature_set, workspace
 
 from stores.errors import UserError
 from stores.features import FeatureSet
 from trainer.loader import MixPlan, Source, epoch_pieces, make_loader, split_batch
-from trainsets import GEN_OFFSET, feature_set, workspace
 
 TARGETS = ("ids", "images", "labels", "targets", "targets_v1")
 

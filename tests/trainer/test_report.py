@@ -3,14 +3,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from evalruns import make_workspace
+from trainsets import image_set
+
 from pipeline.config import defaults
 from stores.images import ImageSet
 from trainer.classifier_files import load_classifier
-from trainer.evaluate import effective_rank, EvalSettings, penultimate_features, read_images
+from trainer.evaluate import EvalSettings, effective_rank, penultimate_features, read_images
 from trainer.report import mosaic, samples_per_class
-from trainsets import image_set
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
@@ -107,6 +107,7 @@ def test_eval_settings_come_from_the_config():
 def test_eval_settings_cover_exactly_the_eval_section():
     """eval.json's `settings` equal the config's eval section (what `dra-pipe run` compares to reuse a result)."""
     from dataclasses import asdict
+
     from pipeline.config import load_config
     section = load_config(None).eval
     assert asdict(EvalSettings.from_config(section)) == dict(section)

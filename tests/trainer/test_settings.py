@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
-from pipeline.config import defaults, load_config, SCHEMA
-from trainer.settings import dra_on, run_name, TrainSettings
+from pipeline.config import SCHEMA, defaults, load_config
+from trainer.settings import TrainSettings, dra_on, run_name
 
 
 def test_every_schema_key_is_a_field_and_every_field_a_schema_key():

@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 import yaml
+from trainsets import feature_set, image_set, workspace
 
 from pipeline.config import defaults, load_config
 from pipeline.plans.train import make_job
 from stores.images import ImageSet
 from trainer.loop import train
 from trainer.runs import RunFolder, load_final
-from trainsets import feature_set, image_set, workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
@@ -104,6 +104,7 @@ def test_best_weights_are_those_of_the_best_held_out_epoch(tmp_path):
 
 def test_best_weights_go_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
     from types import SimpleNamespace
+
     from trainer import loop
     monkeypatch.setattr(loop, "_final_record", lambda job, trainer: {"saved_at": trainer.step})
     run = RunFolder(tmp_path / "run")
@@ -197,7 +198,9 @@ def test_bench_train_times_each_variant_around_its_own_work(tmp_path, monkeypatc
     head, 11 ms with one, 5 ms per diffusion forward of the naive step. The figures must be exactly those: a
     variant timed around the wrong work, a trainer with the wrong head, a misplaced rate or ratio shows."""
     from types import SimpleNamespace
+
     from rich.console import Console
+
     from pipeline.bench import train as bench
     from trainer.loop import Trainer
     clock = SimpleNamespace(now=50.0)

@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 import yaml
+from trainsets import workspace
 
 from pipeline.config import load_config
 from pipeline.plans.train import make_job
 from trainer.loader import make_loader
 from trainer.loop import Dist, Trainer
-from trainsets import workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 

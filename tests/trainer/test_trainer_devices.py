@@ -5,6 +5,7 @@ import types
 import pytest
 import torch
 import yaml
+from trainsets import workspace
 
 from pipeline.config import load_config
 from pipeline.plans.train import make_job
@@ -12,7 +13,6 @@ from stores.errors import UserError
 from trainer import distributed
 from trainer.loop import Dist, Trainer, ddp_device_ids
 from trainer.runs import RunFolder
-from trainsets import workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import yaml
 from pipeline.config import load_config
 from pipeline.plans.teacher import OnlineTeacher, teacher_for
 from pipeline.plans.train import make_job
-from stages.extract import feature_identity, FeaturePayload, FeatureWorker, NoiseLevel, target_shape
+from stages.extract import FeaturePayload, FeatureWorker, NoiseLevel, feature_identity, target_shape
 from stages.fingerprint import model_fingerprint
 from stages.importers import import_source
 from stages.models import load_model
@@ -18,7 +18,7 @@ from stores.features import FeatureSet, FeatureSetWriter
 from stores.images import ImageSet
 from stores.manifest import ShardJob
 from stores.views import ViewSpec
-from trainer.loader import MixPlan, make_loader, Source
+from trainer.loader import MixPlan, Source, make_loader
 from trainer.loop import Dist, mix_plan, train
 from trainer.runs import RunFolder
 from trainer.views import align
