@@ -152,3 +152,73 @@ def test_pgd_at_loss_is_cross_entropy():
     logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
     torch.testing.assert_close(pgd_at_loss(logits, y, 0.0), F.cross_entropy(logits, y))
     torch.testing.assert_close(pgd_at_loss(logits, y, 0.2), F.cross_entropy(logits, y, label_smoothing=0.2))
+
+
+@pytest.mark.parametrize("beta, smoothing", [(1.5, 0.0), (7.0, 0.3)])
+def test_trades_loss_at_other_beta_and_smoothing(beta, smoothing):
+    """beta scales the KL term and nothing else; smoothing s moves the CE by its closed form
+    (1 - s) CE + s mean_j(-log p_j) (a loss that kept 5.0 or 0.1 fails here)."""
+    torch.manual_seed(1)
+    clean, adv = torch.randn(8, 5), torch.randn(8, 5)
+    y = torch.randint(0, 5, (8,))
+    total, ce, kl = trades_loss(clean, adv, y, beta=beta, label_smoothing=smoothing)
+    _, _, kl_default = trades_loss(clean, adv, y)
+    log_p = F.log_softmax(clean, 1)
+    plain = F.nll_loss(log_p, y)
+    torch.testing.assert_close(ce, (1 - smoothing) * plain + smoothing * (-log_p.mean(1)).mean())
+    torch.testing.assert_close(kl, kl_default)                       # beta does not change the KL itself
+    torch.testing.assert_close(total - ce, beta * kl)
+
+
+def test_the_kl_term_alone_sends_gradient_to_the_clean_logits():
+    """With the CE term taken out, the KL(p_clean || p_adv) gradient must still reach the clean logits (TRADES
+    and DM-AT do not detach p_clean): the gradient equals the closed form of d KL / d clean."""
+    torch.manual_seed(2)
+    clean, adv = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    _, _, kl = trades_loss(clean, adv, torch.zeros(6, dtype=torch.long), beta=1.0, label_smoothing=0.0)
+    kl.backward()
+    p, log_p, log_q = F.softmax(clean, 1), F.log_softmax(clean, 1), F.log_softmax(adv, 1)
+    inner = log_p - log_q                                                           # (B, K)
+    closed = p * (inner - (p * inner).sum(1, keepdim=True)) / clean.shape[0]         # d KL / d clean
+    assert clean.grad.abs().max() > 1e-3
+    torch.testing.assert_close(clean.grad, closed.detach())
+
+
+def test_uniform_start_fills_the_ball_and_normal_start_hugs_x(trained):
+    """attack_start: uniform draws the start uniformly in the eps-ball (DM-AT), normal x + 0.001 N(0, 1) (TRADES)."""
+    model, x, _ = trained
+    deltas = {start: trades_adversary(model, x, EPS, EPS / 4, 0, generator=_gen(3), start=start) - x
+              for start in ("uniform", "normal")}
+    uniform, normal = deltas["uniform"].abs(), deltas["normal"].abs()
+    assert uniform.max() <= EPS + 1e-6
+    inside = ((x > EPS) & (x < 1 - EPS))                          # pixels the [0, 1] clamp cannot touch
+    assert 0.4 * EPS < uniform[inside].mean() < 0.6 * EPS          # E|U(-eps, eps)| = eps / 2
+    assert normal.mean() < 0.002
+
+
+def test_the_trades_attack_steps_up_the_kl_gradient(trained):
+    """One step of the TRADES adversary from its normal start is sign(d KL(p(x) || p(x')) / d x'): the step of an
+    attack that ascended the cross-entropy instead (against any label) points elsewhere in many pixels."""
+    model, x, y = trained
+    x_adv = trades_adversary(model, x, EPS, EPS / 4, 1, generator=_gen(4), start="normal")
+    start = (x + 0.001 * torch.randn(x.shape, generator=_gen(4))).clamp(x - EPS, x + EPS).clamp(0, 1)
+    with torch.no_grad():
+        p = F.softmax(model(x), 1)
+    start.requires_grad_(True)
+    kl = F.kl_div(F.log_softmax(model(start), 1), p, reduction="sum")
+    grad, = torch.autograd.grad(kl, [start])
+    expected = (start.detach() + EPS / 4 * grad.sign()).clamp(x - EPS, x + EPS).clamp(0, 1)
+    torch.testing.assert_close(x_adv, expected)
+    start.grad = None
+    ce_grad, = torch.autograd.grad(F.cross_entropy(model(start), y, reduction="sum"), [start])
+    assert (ce_grad.sign() != grad.sign()).float().mean() > 0.05     # the two objectives do step differently
+
+
+def test_the_margin_attack_lowers_the_margin_more_than_the_ce_attack(trained):
+    model, x, y = trained
+    found = {}
+    for loss in ("ce", "margin"):
+        x_adv = pgd_attack(model, x, y, EPS / 2, EPS / 8, 10, loss=loss, generator=_gen(6))
+        with torch.no_grad():
+            found[loss] = margin_loss(model(x_adv), y).mean().item()       # higher: further past the boundary
+    assert found["margin"] > found["ce"] + 0.1, found
