@@ -3,12 +3,14 @@ pipeline.yaml; its flags override the file's keys."""
 from __future__ import annotations
 
 import errno
+import re
 import signal
 import sys
 
 import typer
 
 from pipeline.cli import bench, data, eval, extract, generate, models, repair, run, select, sweep, train
+from pipeline.config import key_spec
 from pipeline.console import interrupt_reported, stopped_waiting
 from stores.errors import IntegrityError, StoppedWaiting, Terminated, UserError, install_sigterm_handler
 
@@ -25,16 +27,29 @@ except ImportError:
     from click import exceptions as click_errors
 
 
-def _escape_markdown_brackets(command) -> None:
-    """Help is rendered as markdown, where `<root>` would be an HTML tag and vanish: escape every `<`."""
+CONFIG_KEY = re.compile(r"\[config ([a-z_]+\.[a-z_]+)")
+
+
+def with_default(text: str) -> str:
+    """`[config generate.n]` in an option's help -> `[config generate.n, built-in default 5000]`: every flag that
+    stands for a key says its default (pipeline.yaml may set another; `dra-pipe config` shows the resolved one)."""
+    def add(match: re.Match) -> str:
+        default = key_spec(match.group(1)).default
+        return f"{match.group(0)}, built-in default {'null' if default is None else default}"
+    return CONFIG_KEY.sub(add, text)
+
+
+def _prepare_help(command) -> None:
+    """Help is rendered as markdown, where `<root>` would be an HTML tag and vanish: escape every `<`; and name
+    each key's default."""
     if command.help and "\\<" not in command.help:
         command.help = command.help.replace("<", "\\<")
     for param in command.params:
         text = getattr(param, "help", None)
         if text and "\\<" not in text:
-            param.help = text.replace("<", "\\<")
+            param.help = with_default(text).replace("<", "\\<")
     for sub in getattr(command, "commands", {}).values():
-        _escape_markdown_brackets(sub)
+        _prepare_help(sub)
 
 
 INTERRUPTED = "interrupted: finished shards and checkpoints are kept; rerun the same command to resume"
@@ -80,7 +95,7 @@ def main() -> None:
     install_sigterm_handler()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over `ulimit -f`: a write fails with EFBIG instead of a core dump
     command = typer.main.get_command(app)
-    _escape_markdown_brackets(command)
+    _prepare_help(command)
     try:
         code = command.main(prog_name="dra-pipe", standalone_mode=False)
         if code == 130 and not interrupt_reported():              # typer turns Ctrl-C into a silent Exit(130)

@@ -179,3 +179,28 @@ def test_a_failed_shard_worker_or_job_is_one_line_and_exit_1(monkeypatch, capsys
         cli_main.main()
     err = capsys.readouterr().err
     assert info.value.code == 1 and err.count("\n") == 1 and str(error) in err and "rerun the same command" in err
+
+
+def test_every_flag_that_stands_for_a_key_names_its_default():
+    """`[config KEY]` in an option's help gets the key's built-in default; a help naming a key the schema lacks
+    fails here rather than when a user asks for help."""
+    import re
+
+    import typer
+
+    from pipeline.cli.main import _prepare_help, app
+    from pipeline.config import key_spec
+    command = typer.main.get_command(app)
+    _prepare_help(command)
+    seen = []
+
+    def walk(cmd):
+        for param in cmd.params:
+            for key in re.findall(r"\[config ([a-z_]+\.[a-z_]+)", getattr(param, "help", None) or ""):
+                seen.append(key)
+                default = key_spec(key).default
+                assert f"[config {key}, built-in default {'null' if default is None else default}" in param.help
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+    walk(command)
+    assert len(seen) > 30 and "generate.n" in seen and "train.dra_lambda" in seen
