@@ -8,7 +8,6 @@ from rich.console import Console
 from stores.errors import StoppedWaiting
 
 console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
 
 _interrupt_reported = False
 

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from stages.denoiser import Denoiser
-from stages.fingerprint import model_fingerprint
 from stages.models import device_of, load_model, pick_device
 from stages.noise import noise_for
 from stages.precision import compute_context, dtype_identity
@@ -29,8 +28,6 @@ from stores.errors import UserError
 from stores.features import STORED_DTYPES, FeatureShardRecord, write_feature_shard
 from stores.images import ImageSet
 from stores.views import ViewSpec, all_views, apply_views
-
-POOLS = ("none", "2", "4", "global")
 
 
 @dataclass(frozen=True)
@@ -229,10 +226,6 @@ class FeatureWorker:
         ids = np.arange(job.first_id, job.first_id + job.count, dtype=np.int64)
         return [write_feature_shard(Path(folder), job.index, job.first_id, ids, targets, started=started)
                 for (folder, _), targets in zip(job.payload.outputs, slabs)]
-
-
-def model_identity(model: Denoiser) -> str:
-    return model_fingerprint(model)
 
 
 def recompute_deviation(model: Denoiser, images: ImageSet, feature_set, k: int, seed: int = 0) -> dict:

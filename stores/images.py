@@ -284,13 +284,6 @@ class ImageSet:
                              np.empty(0, np.int64))
         return ShardData(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "images", "labels")))
 
-    def iter_samples(self, shard_indices: list[int] | None = None) -> Iterator[tuple[int, np.ndarray, int]]:
-        """Stream (id, image (H, W, C), label) over the given shards (default: all), in the given order."""
-        for index in self.plan_indices() if shard_indices is None else shard_indices:
-            shard = self.read_shard(index)
-            for i in range(len(shard.ids)):
-                yield int(shard.ids[i]), shard.images[i], int(shard.labels[i])
-
     def plan_indices(self) -> list[int]:
         return [p.index for p in self.plan()]
 

@@ -90,24 +90,10 @@ def adjust_targets(targets: torch.Tensor, targets_flip: torch.Tensor | None, fli
     return moved * mask[:, None].to(moved.dtype), mask
 
 
-def augment(images: torch.Tensor, targets: torch.Tensor | None, targets_flip: torch.Tensor | None,
-            generator: torch.Generator, pad: int = 4, flip: bool = True, margin: int = 0
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Random crop (zero padding `pad`) and horizontal flip per sample; the cached target follows (module doc).
-
-    images (B, H, W, C) uint8 -> x (B, C, H, W) float32 in [0, 1]; targets, targets_flip (B, Ct, h, w) or None
-    -> targets_adj (same dtype) and mask (B, h, w) bool, both None when targets is None.
-    """
-    if pad < 0:
-        raise ValueError(f"pad must be >= 0, got {pad}")
-    flips, shifts = draw_params(images.shape[0], generator, pad, flip)
-    return apply_augment(images, targets, targets_flip, flips, shifts, margin)
-
-
 def apply_augment(images: torch.Tensor, targets: torch.Tensor | None, targets_flip: torch.Tensor | None,
                   flips: torch.Tensor, shifts: torch.Tensor, margin: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`augment` with given per-sample flips (B,) bool and pixel shifts (B, 2) (dy, dx)."""
+    """A random crop and flip (draw_params), applied with given per-sample flips (B,) bool and pixel shifts (B, 2) (dy, dx)."""
     H, W = images.shape[1:3]
     x = apply_views(images, flips, shifts).permute(0, 3, 1, 2).float().div_(255)                   # (B, C, H, W)
     if targets is None:

@@ -20,7 +20,6 @@ from stores.atomic import torch_save_atomically
 from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, write_json_atomic
 from stores.locks import LOCK_NAME, WriterLock, writer_lock
-from trainer.classifiers import build_classifier
 
 FINAL_FORMAT = "dra-pipe-classifier"
 
@@ -131,21 +130,6 @@ class RunFolder:
 
 def _save_atomic(obj: dict, path: Path) -> None:
     torch_save_atomically(obj, path)
-
-
-def load_final(path: str | Path):
-    """(EMA classifier in eval mode, the saved record) from a run's final.pt (or its folder)."""
-    path = Path(path)
-    path = path / "final.pt" if path.is_dir() else path
-    if not path.exists():
-        raise UserError(f"no trained classifier at {path}; run `dra-pipe train` to the end first")
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    if record.get("format") != FINAL_FORMAT:
-        raise UserError(f"{path}: not a dra-pipe classifier (format {record.get('format')!r})")
-    model = build_classifier(record["arch"], record["num_classes"], record["in_channels"], record["resolution"],
-                             record["mean"], record["std"])
-    model.load_state_dict(record["state_dict"])
-    return model.eval(), record
 
 
 def _jsonable(obj):

@@ -21,7 +21,6 @@ import torch
 from stores.views import apply_views, distinct_augmentations, view_augmentations
 from trainer.augment import apply_augment, draw_params
 
-MODES = ("views", "online", "shifted")
 Teacher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # (views uint8, ids, labels, generated) -> targets
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.augment import apply_augment, augment, cell_shifts, draw_params, shift_images
+from trainer.augment import apply_augment, cell_shifts, draw_params, shift_images
 
 pytestmark = pytest.mark.usefixtures("one_thread_for_module")   # tiny models: see conftest.one_thread
 
@@ -205,3 +205,17 @@ def test_whole_cell_crop_error_of_shifted_targets(setting):
     assert shifted < 0.8 * unshifted and shifted < BOUND
     assert margin1 < shifted
     assert std_shifted < std_unshifted
+
+
+def augment(images: torch.Tensor, targets: torch.Tensor | None, targets_flip: torch.Tensor | None,
+            generator: torch.Generator, pad: int = 4, flip: bool = True, margin: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Random crop (zero padding `pad`) and horizontal flip per sample; the cached target follows (module doc).
+
+    images (B, H, W, C) uint8 -> x (B, C, H, W) float32 in [0, 1]; targets, targets_flip (B, Ct, h, w) or None
+    -> targets_adj (same dtype) and mask (B, h, w) bool, both None when targets is None.
+    """
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    flips, shifts = draw_params(images.shape[0], generator, pad, flip)
+    return apply_augment(images, targets, targets_flip, flips, shifts, margin)

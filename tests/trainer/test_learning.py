@@ -31,11 +31,12 @@ from pipeline.plans.train import make_job
 from stages.importers import import_source
 from stores.images import ImageSet
 from stores.views import ViewSpec, all_views, apply_views
+from trainer.classifier_files import load_classifier
 from trainer.classifiers import Classifier
 from trainer.dra import match_grid
 from trainer.job import Job
 from trainer.loop import Dist, Trainer, evaluate, train
-from trainer.runs import RunFolder, load_final
+from trainer.runs import RunFolder
 
 PAD = 1                 # 1-px crops, so that stored views differ (pad 0 without flips has one view)
 SHORT = {"epochs": 3, "batch_size": 64, "crop_pad": PAD, "attack_steps": 3, "attack_step_size": 0.1, "lr": 0.1,
@@ -143,7 +144,7 @@ class Runs:
         train(job, on_step=lambda step, images, terms: dra.append(float(terms["dra"])) if "dra" in terms else None)
         trained = Trainer(job, Dist())
         trained.load(folder.load_checkpoint())
-        return Run(job, dra, load_final(folder.final)[0], trained, initial, self.data)
+        return Run(job, dra, load_classifier(folder.final, stored=True)[0], trained, initial, self.data)
 
 
 @pytest.fixture(scope="module")

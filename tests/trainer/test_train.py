@@ -8,8 +8,9 @@ from trainsets import feature_set, image_set, workspace
 from pipeline.config import defaults, load_config
 from pipeline.plans.train import make_job
 from stores.images import ImageSet
+from trainer.classifier_files import load_classifier
 from trainer.loop import train
-from trainer.runs import RunFolder, load_final
+from trainer.runs import RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
@@ -37,7 +38,7 @@ def test_train_writes_run_folder_and_rerun_is_a_noop(cli, tmp_path):
     for key in ("loss", "ce", "kl", "dra", "clean_acc", "pgd_acc", "images_per_s", "lr"):
         assert all(key in r for r in rows), key
     assert yaml.safe_load(run.config.read_text())["train"]["epochs"] == 2
-    model, record = load_final(run.path)
+    model, record = load_classifier(run.final, stored=True)
     assert record["threat_model"] == {"norm": "Linf", "epsilon": 0.2} and record["dra"]
     assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
     code, out, _ = cli("train")
@@ -92,7 +93,7 @@ def test_best_weights_are_those_of_the_best_held_out_epoch(tmp_path):
     assert best["selected"]["epoch"] == epoch and best["selected"]["pgd_acc"] == max(pgd)
     assert best["steps"] == epoch * job.steps_per_epoch                        # saved at the end of that epoch
     assert run.weights("best") == run.best and run.weights("final") == run.final
-    model, record = load_final(run.best)
+    model, record = load_classifier(run.best, stored=True)
     assert record["arch"] == "small-cnn" and model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
     no_holdout = make_job(config(tmp_path, holdout=0, epochs=1), "no-holdout")
