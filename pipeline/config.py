@@ -73,10 +73,10 @@ SCHEMA: dict[str, Any] = {
         "num_blocks": _k(int, 2, "residual blocks per resolution level", min=1, max=8),
         "batch_size": _k(int, 128, "training batch size", min=1, max=65536),
         "lr": _k(float, 1e-3, "Adam learning rate (ramped up linearly over the first 5% of the run)", min=0.0, max=1.0),
-        "ema_halflife_kimg": _k(float, 10.0, "EMA half-life in thousands of images (ramped: at most 5% of the images "
-                                             "seen so far)", min=0.0),
-        "duration_kimg": _k(float, 120.0, "training length in thousands of images (README: time and sample quality by "
-                                          "length)", min=0.001),
+        "ema_halflife_kimg": _k(float, 10.0, "EMA half-life in thousands of images "
+                                             "(ramped: at most 5% of the images seen so far)", min=0.0),
+        "duration_kimg": _k(float, 120.0, "training length in thousands of images "
+                                          "(README: time and sample quality by length)", min=0.001),
         "dropout": _k(float, 0.1, "dropout probability inside the U-Net blocks while training",
                       min=0.0, max=1.0, below_max=True),
         "seed": _k(int, 0, "training seed", min=0, max=MAX_SEED),
@@ -165,8 +165,9 @@ SCHEMA: dict[str, Any] = {
                             min=0.0, max=1.0, nullable=True),
         "pgd_restarts": _k(int, 1, "PGD restarts (each image keeps its worst)", min=1),
         "autoattack": _k(bool, True, "run AutoAttack (needs `pip install pyautoattack`; false skips it)"),
-        "autoattack_version": _k(str, "standard", "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square) or "
-                                                  "plus", choices=("standard", "plus")),
+        "autoattack_version": _k(str, "standard",
+                                 "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square) or plus",
+                                 choices=("standard", "plus")),
         "batch_size": _k(int, 512, "images per attack batch (AutoAttack's cost is per batch: fewer is faster)",
                          min=1, max=65536),
         "seed": _k(int, 0, "seed of PGD's random starts and of AutoAttack", min=0, max=MAX_SEED),
