@@ -50,11 +50,13 @@ RUN_STAGES = ("import", "fit-diffusion", "generate", "extract-features", "train"
 SCHEMA: dict[str, Any] = {
     "root": _k(str, "./dra-data", "workspace root holding images/, features/, models/, runs/"),
     "data": {
-        "importer": _k(str, "digits", "real data set to import", choices=("digits", "cifar10", "cifar100", "npz", "folder")),
+        "importer": _k(str, "digits", "real data set to import",
+                       choices=("digits", "cifar10", "cifar100", "npz", "folder")),
         "source": _k(str, None, "file or folder to import from (not needed for digits)", nullable=True),
         "name": _k(str, None, "image-set name prefix; default: the importer's name", nullable=True),
         "shard_size": _k(int, 10000, "samples per image shard (and per feature shard)", min=1, max=10_000_000),
-        "image_format": _k(str, "png", "image encoding inside shards: png (lossless) or npy (raw)", choices=("png", "npy")),
+        "image_format": _k(str, "png", "image encoding inside shards: png (lossless) or npy (raw)",
+                           choices=("png", "npy")),
         "test_fraction": _k(float, 0.2, "digits only: fraction held out as the test split", min=0.01, max=0.9),
         "split_seed": _k(int, 0, "digits only: seed of the deterministic train/test split", min=0, max=MAX_SEED),
     },
@@ -71,9 +73,12 @@ SCHEMA: dict[str, Any] = {
         "num_blocks": _k(int, 2, "residual blocks per resolution level", min=1, max=8),
         "batch_size": _k(int, 128, "training batch size", min=1, max=65536),
         "lr": _k(float, 1e-3, "Adam learning rate (ramped up linearly over the first 5% of the run)", min=0.0, max=1.0),
-        "ema_halflife_kimg": _k(float, 10.0, "EMA half-life in thousands of images (ramped: at most 5% of the images seen so far)", min=0.0),
-        "duration_kimg": _k(float, 120.0, "training length in thousands of images (README: time and sample quality by length)", min=0.001),
-        "dropout": _k(float, 0.1, "dropout probability inside the U-Net blocks while training", min=0.0, max=1.0, below_max=True),
+        "ema_halflife_kimg": _k(float, 10.0, "EMA half-life in thousands of images "
+                                             "(ramped: at most 5% of the images seen so far)", min=0.0),
+        "duration_kimg": _k(float, 120.0, "training length in thousands of images "
+                                          "(README: time and sample quality by length)", min=0.001),
+        "dropout": _k(float, 0.1, "dropout probability inside the U-Net blocks while training",
+                      min=0.0, max=1.0, below_max=True),
         "seed": _k(int, 0, "training seed", min=0, max=MAX_SEED),
     },
     "generate": {
@@ -93,42 +98,51 @@ SCHEMA: dict[str, Any] = {
                     "flips view 1 = its mirror); made for train.crop_pad and train.flip", min=1, max=1024),
         "views_generated": _k(int, None, "views per image of the generated set; null = features.views", min=1,
                               max=1024, nullable=True),
-        "view_seed": _k(int, 0, "seed of each image's view order (views 2.. are distinct random augmentations)", min=0, max=MAX_SEED),
+        "view_seed": _k(int, 0, "seed of each image's view order (views 2.. are distinct random augmentations)",
+                        min=0, max=MAX_SEED),
         "noise_seed": _k(int, 0, "seed of the noise eps drawn per (seed, sample id, timestep)", min=0, max=MAX_SEED),
         "dtype": _k(str, "float16", "stored dtype of targets: float16 (half the bytes) or float32 (exact, no overflow "
                     "above 65504); bfloat16 is not offered (numpy and zarr have no bfloat16 dtype)",
                     choices=("float16", "float32")),
-        "compression": _k(str, "none", "compression of target chunks (float16 features barely compress)", choices=("none", "zstd", "blosc")),
+        "compression": _k(str, "none", "compression of target chunks (float16 features barely compress)",
+                          choices=("none", "zstd", "blosc")),
         "batch_size": _k(int, 256, "images per forward pass", min=1, max=65536),
     },
     "train": {
         "arch": _k(str, "small-cnn", f"classifier architecture: {architecture_help()}", choices=tuple(ARCHITECTURES)),
-        "objective": _k(str, "trades", "adversarial objective (clean = no attack, for reference)", choices=("pgd-at", "trades", "clean")),
+        "objective": _k(str, "trades", "adversarial objective (clean = no attack, for reference)",
+                        choices=("pgd-at", "trades", "clean")),
         "epochs": _k(int, 30, "epochs of ceil(N_real / batch) batches", min=1),
         "batch_size": _k(int, 128, "global batch size (split evenly over the workers)", min=1, max=65536),
         "generated_set": _k(str, None, "generated image set to train on (e.g. one made by `dra-pipe select`); null = "
                             "the workspace's only generated set (e.g. DM-AT's data from `import npz --generated`), "
                             "else generate's set", nullable=True),
-        "unsup_fraction": _k(float, 0.5, "fraction of each batch drawn from generated data, in [0, 1)", min=0.0, max=1.0, below_max=True),
+        "unsup_fraction": _k(float, 0.5, "fraction of each batch drawn from generated data, in [0, 1)",
+                             min=0.0, max=1.0, below_max=True),
         "lr": _k(float, 0.1, "peak SGD learning rate (Nesterov 0.9; warmup then cosine, per step)", min=0.0),
         "weight_decay": _k(float, 5e-4, "weight decay (skipped on BN and biases)", min=0.0),
         "label_smoothing": _k(float, 0.1, "label smoothing of the cross-entropy", min=0.0, max=1.0),
         "trades_beta": _k(float, 5.0, "TRADES beta", min=0.0),
-        "epsilon": _k(float, 0.2, "L-inf radius in [0, 1] pixel units (digits: 17 grey levels, so 8/255 is meaningless; CIFAR: 8/255)", min=0.0, max=1.0),
+        "epsilon": _k(float, 0.2, "L-inf radius in [0, 1] pixel units (digits: 17 grey levels, so 8/255 is "
+                                  "meaningless; CIFAR: 8/255)", min=0.0, max=1.0),
         "attack_steps": _k(int, 10, "PGD steps during training", min=1),
         "attack_step_size": _k(float, 0.05, "PGD step size in [0, 1] pixel units", min=0.0, max=1.0),
         "precision": _k(str, "float32", "precision of the training step's forward and loss: float32, or bf16 autocast "
                         "(CPU and CUDA)", choices=("float32", "bf16")),
         "attack_precision": _k(str, "float32", "precision of the training attack (TRADES / PGD-AT inner maximisation): "
                                "float32 (DM-AT) or bf16 autocast", choices=("float32", "bf16")),
-        "attack_start": _k(str, "normal", "start of the TRADES inner attack: normal (x + 0.001 N(0,1), TRADES) or uniform in the eps-ball (DM-AT)", choices=("normal", "uniform")),
-        "crop_pad": _k(int, 0, "random-crop padding in pixels (DM-AT: 4 on 32x32; README: the digits sweep behind 0)", min=0, max=64),
+        "attack_start": _k(str, "normal", "start of the TRADES inner attack: normal (x + 0.001 N(0,1), TRADES) or "
+                                          "uniform in the eps-ball (DM-AT)", choices=("normal", "uniform")),
+        "crop_pad": _k(int, 0, "random-crop padding in pixels (DM-AT: 4 on 32x32; README: the digits sweep behind 0)",
+                       min=0, max=64),
         "flip": _k(bool, False, "random horizontal flips (off for digits: a mirrored digit is another glyph)"),
         "dra_targets": _k(str, "views", "what DRA aligns with: views = stored targets of stored augmentations (exact), "
-                          "online = the teacher in the step (exact, costs a tapped forward), shifted = the un-augmented "
-                          "target moved by whole cells (an approximation: 60-80% wrong at a U-Net bottleneck)",
+                          "online = the teacher in the step (exact, costs a tapped forward), shifted = the "
+                          "un-augmented target moved by whole cells (an approximation: 60-80% wrong at a U-Net "
+                          "bottleneck)",
                           choices=("views", "online", "shifted")),
-        "ema_decay": _k(float, 0.995, "EMA decay tau (copies the weights for the first 2.5% of the steps)", min=0.0, max=1.0, below_max=True),
+        "ema_decay": _k(float, 0.995, "EMA decay tau (copies the weights for the first 2.5% of the steps)",
+                        min=0.0, max=1.0, below_max=True),
         "dra": _k(bool, True, "add the diffusion representation alignment loss (off or lambda 0 = plain (DM-)AT)"),
         "dra_lambda": _k(float, 0.1, "weight of the DRA loss (REPA: 0.5; README: the digits sweep behind "
                          "0.1)", min=0.0),
@@ -136,7 +150,8 @@ SCHEMA: dict[str, Any] = {
         "dra_view": _k(str, "adversarial", "input view whose features are aligned", choices=("adversarial", "clean")),
         "dra_hidden": _k(int, 128, "hidden width of the projection head (REPA: 2048)", min=1, max=65536),
         "dra_depth": _k(int, 3, "linear layers of the projection head (SiLU between)", min=1, max=16),
-        "holdout": _k(int, 144, "last real training images held out for per-epoch clean/PGD accuracy (DM-AT: 1024)", min=0),
+        "holdout": _k(int, 144, "last real training images held out for per-epoch clean/PGD accuracy (DM-AT: 1024)",
+                      min=0),
         "holdout_pgd_steps": _k(int, 20, "PGD steps of the per-epoch held-out evaluation", min=1),
         "checkpoint_every": _k(int, 0, "also checkpoint every this many steps (0 = at epoch ends only)", min=0),
         "seed": _k(int, 0, "training seed", min=0, max=MAX_SEED),
@@ -146,11 +161,15 @@ SCHEMA: dict[str, Any] = {
     "eval": {
         "n": _k(int, 0, "evaluate the first n test images (0 = all)", min=0),
         "pgd_steps": _k(int, 20, "PGD steps (L-inf, random start)", min=1),
-        "pgd_step_size": _k(float, None, "PGD step size in [0, 1] pixel units; null = 2.5 eps / steps", min=0.0, max=1.0, nullable=True),
+        "pgd_step_size": _k(float, None, "PGD step size in [0, 1] pixel units; null = 2.5 eps / steps",
+                            min=0.0, max=1.0, nullable=True),
         "pgd_restarts": _k(int, 1, "PGD restarts (each image keeps its worst)", min=1),
         "autoattack": _k(bool, True, "run AutoAttack (needs `pip install pyautoattack`; false skips it)"),
-        "autoattack_version": _k(str, "standard", "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square) or plus", choices=("standard", "plus")),
-        "batch_size": _k(int, 512, "images per attack batch (AutoAttack's cost is per batch: fewer is faster)", min=1, max=65536),
+        "autoattack_version": _k(str, "standard",
+                                 "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square) or plus",
+                                 choices=("standard", "plus")),
+        "batch_size": _k(int, 512, "images per attack batch (AutoAttack's cost is per batch: fewer is faster)",
+                         min=1, max=65536),
         "seed": _k(int, 0, "seed of PGD's random starts and of AutoAttack", min=0, max=MAX_SEED),
         "device": _k(str, "auto", "auto (GPU if visible) | cpu | cuda", choices=("auto", "cpu", "cuda")),
         "cpu_threads": _k(int, 1, "torch threads when evaluating on the CPU (0 = torch's default)", min=0, max=1024),
@@ -168,9 +187,9 @@ SCHEMA: dict[str, Any] = {
                        "(lines prefixed with the run's name); false = one after the other"),
         "seeds": _k(list, None, "training seeds: each setting is trained once per seed and the report adds mean +- std "
                     "over them; null = train.seed alone", item=int, nullable=True, min=0, max=MAX_SEED),
-        "name": _k(str, None, "prefix of the run names: NAME-<arch>-<dra|nodra>-<seed>; null = <arch>-<dra|nodra>-<seed>. "
-                   "A run name holds one setting: give a new prefix to train changed settings beside the old runs",
-                   nullable=True),
+        "name": _k(str, None, "prefix of the run names: NAME-<arch>-<dra|nodra>-<seed>; null = "
+                   "<arch>-<dra|nodra>-<seed>. A run name holds one setting: give a new prefix to train changed "
+                   "settings beside the old runs", nullable=True),
     },
     "ray": {
         "address": _k(str, None, "null = local ray.init(); auto or HOST:PORT joins a cluster", nullable=True),
@@ -208,7 +227,8 @@ def defaults() -> dict:
 
 def _type_name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({int: "integer", float: "number", str: "string", bool: "true/false", list: "list"}[k] for k in kinds)
+    return " or ".join({int: "integer", float: "number", str: "string", bool: "true/false", list: "list"}[k]
+                       for k in kinds)
 
 
 def check_value(dotted: str, key: Key, value: Any, where: str) -> Any:
@@ -264,7 +284,8 @@ def _validate(schema: dict, data: Any, where: str, path: str = "") -> dict:
             valid = ", ".join(schema)
             raise UserError(f"{where}: unknown key '{dotted}' (valid here: {valid})")
         spec = schema[name]
-        out[name] = _validate(spec, value, where, dotted) if isinstance(spec, dict) else check_value(dotted, spec, value, where)
+        out[name] = (_validate(spec, value, where, dotted) if isinstance(spec, dict)
+                     else check_value(dotted, spec, value, where))
     return out
 
 
@@ -352,14 +373,18 @@ def parse_count(text: str | int) -> int:
         value = float(text)
     else:
         s = str(text).strip()
-        scale = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "b": 1e9, "B": 1e9}.get(s[-1:] if s else "", 1.0)
+        scale = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6,
+                 "g": 1e9, "G": 1e9, "b": 1e9, "B": 1e9}.get(s[-1:] if s else "", 1.0)
         body = s[:-1] if scale != 1.0 else s
         try:
             value = float(body) * scale
         except ValueError:
-            raise UserError(f"invalid count {brief(text)}: use a positive integer such as 50000, 1.5k, 20M or 1e6") from None
+            raise UserError(f"invalid count {brief(text)}: use a positive integer "
+                            "such as 50000, 1.5k, 20M or 1e6") from None
     if not math.isfinite(value) or value != int(value) or value < 1:
-        raise UserError(f"invalid count {brief(text)}: must be a positive whole number of samples (e.g. 50000, 1.5k, 20M)")
+        raise UserError(f"invalid count {brief(text)}: must be a positive whole number of samples "
+                        "(e.g. 50000, 1.5k, 20M)")
     if value > MAX_COUNT:
-        raise UserError(f"count {brief(text)} is over {MAX_COUNT:,.0f}, the most a set can hold (sample ids have 10 digits)")
+        raise UserError(f"count {brief(text)} is over {MAX_COUNT:,.0f}, the most a set can hold "
+                        "(sample ids have 10 digits)")
     return int(value)

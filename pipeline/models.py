@@ -31,7 +31,8 @@ def resolve_model_spec(cfg: Config) -> str:
         return cfg.model.spec
     folder = fitted_model_dir(cfg)
     if not (folder / "config.json").exists():
-        raise UserError(f"model spec 'fit': no fitted model at {folder} yet; run `dra-pipe fit-diffusion` (or `dra-pipe run`)")
+        raise UserError(f"model spec 'fit': no fitted model at {folder} yet; run `dra-pipe fit-diffusion` "
+                        "(or `dra-pipe run`)")
     return f"dra:{folder}"
 
 

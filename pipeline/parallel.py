@@ -69,7 +69,8 @@ def run_jobs(jobs: list[Job], slots: int, echo: Callable[[str, bool], None]) -> 
             while waiting and len(running) < slots:
                 job, group = waiting.pop(0), next(g for g in range(slots) if g not in held.values())
                 # not daemonic: a DataLoader in the child starts processes of its own
-                process = context.Process(target=_child, args=(messages, job.name, job.function, job.args, groups[group]))
+                process = context.Process(target=_child,
+                                          args=(messages, job.name, job.function, job.args, groups[group]))
                 process.start()
                 running[job.name], held[job.name] = process, group
             _drain(messages, running, echo)

@@ -30,8 +30,8 @@ class RateBar:
             return
         if self._bar is None:
             self._bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                 console=self.console, transient=True)
+                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[status]}"), console=self.console, transient=True)
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=self.total, rate="", status="")
         self._bar.update(self._task, advance=count, rate=f"{self.rate:,.0f} {self.unit}/s", status=status)

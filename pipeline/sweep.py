@@ -85,7 +85,8 @@ def parse_axes(specs: list[str]) -> list[Axis]:
     axes = [parse_axis(s) for s in specs]
     keys = [a.key for a in axes]
     if len(set(keys)) != len(keys):
-        raise UserError(f"sweep axis {next(k for k in keys if keys.count(k) > 1)} is given twice; list all its values in one")
+        raise UserError(f"sweep axis {next(k for k in keys if keys.count(k) > 1)} is given twice; "
+                        "list all its values in one")
     return axes
 
 

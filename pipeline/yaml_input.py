@@ -35,7 +35,8 @@ def check_yaml_shape(text: str, where: str) -> None:
     depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
-            raise UserError(f"{where}: YAML aliases (*{brief(event.anchor)[1:-1]}) are not accepted; write the value out")
+            raise UserError(f"{where}: YAML aliases (*{brief(event.anchor)[1:-1]}) are not accepted; "
+                            "write the value out")
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:

@@ -164,5 +164,6 @@ def load_diffusers_denoiser(path) -> DiffusersDenoiser:
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
-        raise UserError(f"cannot load the diffusers UNet2DModel in {unet_dir}: {' '.join(str(err).split())[:200]}") from None
+        raise UserError(f"cannot load the diffusers UNet2DModel in {unet_dir}: "
+                        f"{' '.join(str(err).split())[:200]}") from None
     return DiffusersDenoiser(unet).eval()

@@ -57,7 +57,8 @@ def network_config(images: ImageSet, s: FitSettings) -> dict:
     lowest = images.resolution // 2 ** (len(s.channel_mult) - 1)
     if lowest < 1 or images.resolution % 2 ** (len(s.channel_mult) - 1):
         raise UserError(f"fit_diffusion.channel_mult has {len(s.channel_mult)} levels, but {images.resolution}x"
-                        f"{images.resolution} images cannot be halved {len(s.channel_mult) - 1} times; use fewer levels")
+                        f"{images.resolution} images cannot be halved {len(s.channel_mult) - 1} times; "
+                        "use fewer levels")
     config = dict(img_resolution=images.resolution, img_channels=images.channels, label_dim=images.classes,
                   sigma_data=SIGMA_DATA, model_type="SongUNet", model_channels=s.model_channels,
                   channel_mult=list(s.channel_mult), num_blocks=s.num_blocks, attn_resolutions=[lowest],

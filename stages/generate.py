@@ -49,7 +49,8 @@ class GenerateSettings:
         """UserError for settings no sampler run could use."""
         entry = sampler_entry(self.sampler)
         if self.steps < 2:
-            raise UserError(f"--steps must be at least 2 (got {self.steps}): the EDM discretisation needs two noise levels")
+            raise UserError(f"--steps must be at least 2 (got {self.steps}): "
+                            "the EDM discretisation needs two noise levels")
         if self.churn > 0 and not entry.takes_churn:
             with_churn = " and ".join(name for name, e in SAMPLERS.items() if e.takes_churn)
             raise UserError(f"churn applies to the {with_churn} samplers only; "
@@ -99,7 +100,8 @@ def generated_identity(model, settings: GenerateSettings, shard_size: int, class
                          class_names, "train", shard_size, settings.image_format)
 
 
-def sample_floats(model, ids: list[int], settings: GenerateSettings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_floats(model, ids: list[int], settings: GenerateSettings,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples for these ids: (float64 [B, C, H, W] in about [-1, 1], int64 labels [B])."""
     shape = (model.img_channels, model.img_resolution, model.img_resolution)
     latents = latents_for(ids, shape, settings.seed).to(device)
@@ -137,7 +139,8 @@ class GenerateWorker:
 
     def finish(self, job: ShardJob, sampled: tuple[np.ndarray, np.ndarray, float]) -> ShardRecord:
         images, labels, started = sampled
-        return write_tar_shard(self.set_dir, job.index, job.first_id, images, labels, self.settings.image_format, started)
+        return write_tar_shard(self.set_dir, job.index, job.first_id, images, labels, self.settings.image_format,
+                               started)
 
 
 def remove_temporaries(set_dir: Path) -> int:
@@ -185,7 +188,8 @@ def time_forward(model, batch: int, threads: int, dtype: str = "float32") -> flo
     try:
         model.to(device)
         x, sigma = torch.zeros(shape, device=device), torch.ones(batch, device=device)
-        labels = torch.eye(model.label_dim, device=device)[torch.arange(batch) % model.label_dim] if model.label_dim else None
+        labels = (torch.eye(model.label_dim, device=device)[torch.arange(batch) % model.label_dim] if model.label_dim
+                  else None)
         with torch.no_grad(), compute_context(dtype, device):
             model(x[:1], sigma[:1], None if labels is None else labels[:1])
             if device.type == "cuda":

@@ -44,17 +44,19 @@ def import_source(root: Path, importer: str, source: str | list[str] | None, nam
     `generated` (npz only) writes them as one generated set named `name`, as DM-AT's published data is. Shards of
     an earlier import that are damaged are redone; dataset.json records the source paths (for `dra-pipe repair`)."""
     paths = _source_paths(importer, source, generated)
-    splits = _splits(importer, paths, test_fraction, split_seed)      # every file validated, and the root, before hashing
+    splits = _splits(importer, paths, test_fraction, split_seed)  # every file validated, and the root, before hashing
     check_writable(Path(root))
     checksums = _checksums(importer, paths)
     provenance = {"sources": [str(p.resolve()) for p in paths]} if paths else None
     if generated:
         split = splits[0]
-        return [_write_split(root, name or "npz-gen", _generated_npz_identity(checksums, split, shard_size, image_format),
+        return [_write_split(root, name or "npz-gen",
+                             _generated_npz_identity(checksums, split, shard_size, image_format),
                              split, progress, wait, provenance)]
     base = name or importer
     return [_write_split(root, f"{base}-{split.split}",
-                         split_identity(importer, checksums, split, shard_size, image_format, test_fraction, split_seed),
+                         split_identity(importer, checksums, split, shard_size, image_format, test_fraction,
+                                        split_seed),
                          split, progress, wait, provenance) for split in splits]
 
 
@@ -76,7 +78,8 @@ def _source_paths(importer: str, source: str | list[str] | None, generated: bool
         if not path.exists():
             raise UserError(f"{path}: no such file or folder; check --from")
         if path.is_dir() != (importer == "folder"):
-            raise UserError(f"{path}: import {importer} reads a {'folder' if importer == 'folder' else 'file'}; check --from")
+            raise UserError(f"{path}: import {importer} reads a {'folder' if importer == 'folder' else 'file'}; "
+                            "check --from")
     twice = [p for k, p in enumerate(paths) if any(p.resolve() == q.resolve() for q in paths[:k])]
     if twice:
         raise UserError(f"{twice[0]}: given twice as --from; give each file once")
@@ -142,7 +145,8 @@ def repair_imported(root: Path, name: str, identity: dict, n: int, sources: list
     checksums = recorded_checksums(identity)
     rebuilt = None if split is None else \
         _generated_npz_identity(checksums, split, identity["shard_size"], identity["image_format"]) if generated else \
-        split_identity(src["importer"], checksums, split, identity["shard_size"], identity["image_format"], fraction, seed)
+        split_identity(src["importer"], checksums, split, identity["shard_size"], identity["image_format"], fraction,
+                       seed)
     if rebuilt != identity or split.n != n:
         raise UserError(f"{', '.join(sources) or src['importer']}: not the source image set {name} was imported "
                         f"from; pass --from the original source")
@@ -244,7 +248,8 @@ def _load_batch(tar: tarfile.TarFile, member: str, archive: Path) -> dict:
         raw = tar.extractfile(member).read()
         data = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except (KeyError, AttributeError):
-        raise UserError(f"{archive}: member {member} missing; is this the python version of the CIFAR tarball?") from None
+        raise UserError(f"{archive}: member {member} missing; "
+                        "is this the python version of the CIFAR tarball?") from None
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise UserError(f"{archive}: member {member} is not a CIFAR batch ({exc})") from None
     if not isinstance(data, dict):
@@ -257,7 +262,8 @@ def _cifar(path: Path, classes: int) -> list[SplitSource]:
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError):
-        raise UserError(f"{path}: not a tar archive; expected the python version of the CIFAR-{classes} tarball") from None
+        raise UserError(f"{path}: not a tar archive; "
+                        f"expected the python version of the CIFAR-{classes} tarball") from None
     with tar:
         if classes == 10:
             folder, label_key = "cifar-10-batches-py", "labels"
@@ -271,7 +277,8 @@ def _cifar(path: Path, classes: int) -> list[SplitSource]:
             names = [n.decode() for n in _load_batch(tar, f"{folder}/meta", path)["fine_label_names"]]
     if len(names) != classes:
         raise UserError(f"{path}: {len(names)} class names, expected {classes}; is this the CIFAR-{classes} tarball?")
-    return [_cifar_split(split, batches, label_key, classes, names, path) for split, batches in (("train", train), ("test", test))]
+    return [_cifar_split(split, batches, label_key, classes, names, path)
+            for split, batches in (("train", train), ("test", test))]
 
 
 def _cifar_split(split, batches, label_key, classes, names, path) -> SplitSource:
@@ -304,7 +311,8 @@ def _folder_files(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{path}: no class subfolders; expected DIR/<class>/*.png|jpg")
-    files = [(f, k) for k, c in enumerate(classes) for f in sorted((path / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [(f, k) for k, c in enumerate(classes) for f in sorted((path / c).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise UserError(f"{path}: the class subfolders hold no .png or .jpg files")
     empty = sorted(set(classes) - {classes[k] for _, k in files})
@@ -355,8 +363,8 @@ def _image_header(path: Path) -> tuple[str, tuple[int, int]]:
         with Image.open(path) as im:
             mode, size = im.mode, im.size
     except Image.DecompressionBombError:
-        raise UserError(f"{path}: the image is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
-                        f"resize it first") from None
+        raise UserError(f"{path}: the image is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
+                        "pixels); resize it first") from None
     except OSError:
         raise UserError(f"{path}: not a readable image") from None
     if mode not in EIGHT_BIT_MODES:       # 16-bit and float modes: converting would clip every pixel to 255

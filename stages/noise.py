@@ -71,7 +71,8 @@ def noise_for(ids: Iterable, shape: Sequence[int], seed: int, t: int, image_set:
     sets = [image_set] if isinstance(image_set, str) else list(image_set)
     if not all(isinstance(k, str) and k and "|" not in k for k in sets):
         raise ValueError(f"image-set keys must be non-empty strings without '|'; got {image_set!r}")
-    streams = f"feature-noise/{image_set}/{t}" if isinstance(image_set, str) else [f"feature-noise/{k}/{t}" for k in sets]
+    streams = (f"feature-noise/{image_set}/{t}" if isinstance(image_set, str)
+               else [f"feature-noise/{k}/{t}" for k in sets])
     return _normals(ids, shape, seed, streams, dtype)
 
 

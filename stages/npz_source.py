@@ -60,17 +60,20 @@ def npz_splits(path: Path) -> list[SplitSource]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
-        raise UserError(f"{path}: not an .npz file (zip archive of .npy arrays); expected DM-AT's format with 'image' and 'label'") from None
+        raise UserError(f"{path}: not an .npz file (zip archive of .npy arrays); "
+                        "expected DM-AT's format with 'image' and 'label'") from None
     with archive:
         members = set(archive.namelist())
         for key in ("image", "label"):
             if f"{key}.npy" not in members:
-                raise UserError(f"{path}: no array '{key}' (has {', '.join(sorted(m.removesuffix('.npy') for m in members))}); "
+                raise UserError(f"{path}: no array '{key}' "
+                                f"(has {', '.join(sorted(m.removesuffix('.npy') for m in members))}); "
                                 f"expected DM-AT's format with 'image' and 'label'")
         labels = _read_npz_labels(archive, path)
         shape, dtype = _npy_member_header(archive, "image.npy")
     if len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or shape[1] == 0 or dtype != np.uint8:
-        raise UserError(f"{path}: 'image' is {dtype} {shape}; expected (N, H, W, C) uint8 with square images of at least 1x1 and C 1 or 3")
+        raise UserError(f"{path}: 'image' is {dtype} {shape}; "
+                        "expected (N, H, W, C) uint8 with square images of at least 1x1 and C 1 or 3")
     if shape[0] != len(labels):
         raise UserError(f"{path}: {shape[0]} images but {len(labels)} labels; the arrays must have the same length")
     if shape[0] == 0:
@@ -79,7 +82,8 @@ def npz_splits(path: Path) -> list[SplitSource]:
     if (labels < 0).any():
         raise UserError(f"{path}: negative labels; labels must be class indices 0..K-1")
     if classes > MAX_CLASSES:
-        raise UserError(f"{path}: label {classes - 1} makes {classes:,} classes (at most {MAX_CLASSES:,}); use indices 0..K-1")
+        raise UserError(f"{path}: label {classes - 1} makes {classes:,} classes (at most {MAX_CLASSES:,}); "
+                        "use indices 0..K-1")
     _check_stored_length(path, shape)
     reader = _npz_reader(path, shape)
     return [SplitSource("train", shape[0], shape[1], shape[3], max(classes, 1), None, reader)]
@@ -90,7 +94,8 @@ def _read_npz_labels(archive: zipfile.ZipFile, path: Path) -> np.ndarray:
         with archive.open("label.npy") as f:
             raw = np.lib.format.read_array(f, allow_pickle=False)
     except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{path}: 'label' is not a readable array ({str(exc)[:80]}); save integer labels with np.savez") from None
+        raise UserError(f"{path}: 'label' is not a readable array ({str(exc)[:80]}); "
+                        "save integer labels with np.savez") from None
     return class_labels(raw.reshape(-1) if raw.ndim == 2 and 1 in raw.shape else raw, f"{path}: 'label'")
 
 
@@ -100,7 +105,8 @@ def _check_stored_length(path: Path, shape) -> None:
         read_npy_header(member)
         stored = archive.getinfo("image.npy").file_size - member.tell()
     if stored < int(np.prod(shape)):
-        raise UserError(f"{path}: 'image' ends early ({stored:,} of {int(np.prod(shape)):,} bytes); save the file again")
+        raise UserError(f"{path}: 'image' ends early ({stored:,} of {int(np.prod(shape)):,} bytes); "
+                        "save the file again")
 
 
 def _npy_member_header(archive: zipfile.ZipFile, member: str):
@@ -117,7 +123,8 @@ def _npz_reader(path: Path, shape) -> ReadFn:
     if info.compress_type == zipfile.ZIP_STORED:
         offset = _stored_data_offset(path, info, archive)
         images = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(shape))
-        return lambda start, count: (np.ascontiguousarray(images[start:start + count]), _labels(path)[start:start + count])
+        return lambda start, count: (np.ascontiguousarray(images[start:start + count]),
+                                     _labels(path)[start:start + count])
     return _StreamingReader(archive, shape, path)
 
 

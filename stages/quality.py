@@ -79,7 +79,8 @@ def to_uint8(samples: torch.Tensor) -> np.ndarray:
 
 def conditional_samples(model, n_per_class: int, steps: int, seed: int, batch_size: int = 250,
                         sampler: str = "heun") -> tuple[np.ndarray, np.ndarray]:
-    """n_per_class images of every class: (images (N, H, W, C) uint8, labels (N,)); sample i's noise is latents_for(i)."""
+    """n_per_class images of every class: (images (N, H, W, C) uint8, labels (N,)); sample i's noise is
+    latents_for(i)."""
     classes = int(model.label_dim)
     if classes < 1:
         raise ValueError("class agreement needs a class-conditional model (label_dim > 0)")

@@ -66,8 +66,9 @@ def score_set(scorer: Scorer, images: ImageSet, batch: int, device: torch.device
         shard = images.read_shard(index)
         labels[shard.ids] = shard.labels
         for lo in range(0, len(shard.ids), batch):
-            x = torch.from_numpy(shard.images[lo:lo + batch]).to(device).permute(0, 3, 1, 2).float() / 255  # (B, C, H, W)
-            y = torch.from_numpy(shard.labels[lo:lo + batch]).to(device)                                  # (B,)
+            # x: (B, C, H, W), y: (B,)
+            x = torch.from_numpy(shard.images[lo:lo + batch]).to(device).permute(0, 3, 1, 2).float() / 255
+            y = torch.from_numpy(shard.labels[lo:lo + batch]).to(device)
             p = torch.softmax(model(x).float(), dim=1).gather(1, y[:, None])[:, 0]
             scores[shard.ids[lo:lo + batch]] = p.cpu().numpy()
             progress(len(y))

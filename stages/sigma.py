@@ -71,7 +71,8 @@ def timestep_from_sigma(sigma: float) -> int:
     return int(np.argmin(np.abs(log_table - np.log(value))))
 
 
-def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                    rho: float = 7.0) -> torch.Tensor:
     """EDM discretisation: sigma_i for i < N, then sigma_N = 0. Float64 [N + 1], decreasing."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 2:
         raise UserError(f"num_steps must be an integer >= 2; got {num_steps!r}")

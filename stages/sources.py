@@ -33,7 +33,8 @@ def class_labels(raw, where: str) -> np.ndarray:
     """Labels as int64 class indices; refuses floats (which would truncate), strings, objects and nesting."""
     labels = np.asarray(raw)
     if labels.dtype.kind not in "iu" or labels.ndim != 1:
-        raise UserError(f"{where}: labels are {labels.dtype} {labels.shape}; expected one integer class index per image")
+        raise UserError(f"{where}: labels are {labels.dtype} {labels.shape}; "
+                        "expected one integer class index per image")
     return labels.astype(np.int64)
 
 
@@ -41,4 +42,5 @@ def check_labels(labels: np.ndarray, classes: int, first_id: int) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= classes))
     if bad.size:
         i = int(bad[0])
-        raise UserError(f"label {int(labels[i])} of sample {first_id + i} is outside [0, {classes}); fix the labels of the source")
+        raise UserError(f"label {int(labels[i])} of sample {first_id + i} is outside [0, {classes}); "
+                        "fix the labels of the source")

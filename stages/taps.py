@@ -17,7 +17,8 @@ def _check_layers(model: Denoiser, layers: Sequence[str]) -> None:
         raise UserError(f"unknown layer(s) {', '.join(map(repr, unknown))}: valid layers are {', '.join(valid)}")
 
 
-def features(model: Denoiser, x_sigma: torch.Tensor, sigma, class_labels, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+def features(model: Denoiser, x_sigma: torch.Tensor, sigma, class_labels,
+             layers: Sequence[str]) -> dict[str, torch.Tensor]:
     """Run one forward of `model` and return the output of each named layer, e.g. (B, C, h, w).
 
     Gradient tracking and train/eval mode are the caller's choice (wrap in `torch.no_grad()` and

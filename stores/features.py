@@ -57,7 +57,8 @@ def inner_chunk_samples(shard_size: int, bytes_per_sample: int) -> int:
 
 
 def _compressors(name: str) -> tuple:
-    extra = {"none": (), "zstd": (ZstdCodec(level=3),), "blosc": (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)}[name]
+    extra = {"none": (), "zstd": (ZstdCodec(level=3),),
+             "blosc": (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)}[name]
     return (*extra, Crc32cCodec())
 
 
@@ -115,20 +116,23 @@ class FeatureSet:
         """{'ids': (N,), 'targets': (N, C, h, w) in the stored dtype[, 'targets_v1', ...]} for image shard `index`."""
         record = self.records.get(index)
         if record is None:
-            raise IntegrityError(f"{self.path}: feature shard {index} is not complete (not in {META_JSON}); rerun extract-features")
+            raise IntegrityError(f"{self.path}: feature shard {index} is not complete (not in {META_JSON}); "
+                                 "rerun extract-features")
         for name in self.array_names():
             path = self.file_path(name, index)
             expected = record.files[name]["bytes"]
             if not path.exists() or path.stat().st_size != expected:
                 actual = path.stat().st_size if path.exists() else "missing"
-                raise IntegrityError(f"{path}: {actual} on disk, {META_JSON} says {expected} bytes; run `dra-pipe verify {self.key}`")
+                raise IntegrityError(f"{path}: {actual} on disk, {META_JSON} says {expected} bytes; "
+                                     f"run `dra-pipe verify {self.key}`")
         out = {}
         stop = record.first_id + record.count
         for name in self.array_names():
             try:
                 out[name] = self.group[name][record.first_id:stop]
             except ValueError as exc:  # crc32c mismatch inside zarr
-                raise IntegrityError(f"{self.file_path(name, index)}: corrupted ({exc}); run `dra-pipe verify {self.key}`") from None
+                raise IntegrityError(f"{self.file_path(name, index)}: corrupted ({exc}); "
+                                     f"run `dra-pipe verify {self.key}`") from None
         return out
 
     def file_path(self, array: str, index: int) -> Path:
@@ -137,10 +141,12 @@ class FeatureSet:
     def read_shard_ids(self, index: int) -> np.ndarray:
         record = self.records.get(index)
         if record is None:
-            raise IntegrityError(f"{self.path}: feature shard {index} is not complete (not in {META_JSON}); rerun extract-features")
+            raise IntegrityError(f"{self.path}: feature shard {index} is not complete (not in {META_JSON}); "
+                                 "rerun extract-features")
         ids = self.group["ids"][record.first_id:record.first_id + record.count]
         if (ids < 0).any():
-            raise IntegrityError(f"{self.file_path('ids', index)}: ids missing (fill values); run `dra-pipe verify {self.key}`")
+            raise IntegrityError(f"{self.file_path('ids', index)}: ids missing (fill values); "
+                                 f"run `dra-pipe verify {self.key}`")
         return ids
 
     def read_targets_fast(self, index: int, array: str, buffer: ShardBuffer, out: np.ndarray) -> np.ndarray:
@@ -152,7 +158,8 @@ class FeatureSet:
         """
         record = self.records.get(index)
         if record is None:
-            raise IntegrityError(f"{self.path}: feature shard {index} is not complete (not in {META_JSON}); rerun extract-features")
+            raise IntegrityError(f"{self.path}: feature shard {index} is not complete (not in {META_JSON}); "
+                                 "rerun extract-features")
         if self.layout["compression"] != "none":
             out[:record.count] = self.read_shard(index)[array]
             return out[:record.count]
@@ -240,8 +247,9 @@ class FeatureSetWriter(LockedWriter):
 
     def _write_meta(self) -> None:
         shards = {str(i): asdict(r) for i, r in sorted(self.records.items())}
-        write_json_atomic(self.path / META_JSON, {"identity": self.identity, "key": self.path.name, "layout": self.layout,
-                                                   "provenance": self.provenance, "shards": shards})
+        write_json_atomic(self.path / META_JSON, {"identity": self.identity, "key": self.path.name,
+                                                   "layout": self.layout, "provenance": self.provenance,
+                                                   "shards": shards})
 
     def pending(self, shard_indices: list[int]) -> list[int]:
         return [i for i in shard_indices if i not in self.records]
@@ -312,6 +320,7 @@ def _shard_records(meta: dict, meta_path: Path) -> dict[int, FeatureShardRecord]
 
 def list_feature_sets(root: Path) -> list[Path]:
     base = Path(root) / "features"
-    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and not holds_only_the_lock(p)) \
+    return sorted(p for p in base.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and not holds_only_the_lock(p)) \
         if base.exists() else []                   # a folder with just its lock: a writer is only starting there
 

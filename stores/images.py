@@ -204,9 +204,8 @@ class ImageSet:
         """Manifest rows that contradict the set's own plan (another id range or count, or a shard past its end):
         records copied from another set, or damaged, not work still to do."""
         total = -(-self.n // self.shard_size)
-        return sorted(i for i, r in self.records.items()
-                      if not 0 <= i < total or (r.first_id, r.count) != (i * self.shard_size,
-                                                                         min(self.shard_size, self.n - i * self.shard_size)))
+        return sorted(i for i, r in self.records.items() if not 0 <= i < total or (r.first_id, r.count)
+                      != (i * self.shard_size, min(self.shard_size, self.n - i * self.shard_size)))
 
     def require_complete(self, fix: str) -> None:
         """IntegrityError (exit 1) when its records contradict its identity; UserError naming `fix` when shards
@@ -240,11 +239,13 @@ class ImageSet:
         try:
             stat = file_stat(path)
         except FileNotFoundError:
-            raise IntegrityError(f"{path}: missing, though the manifest lists it; run `dra-pipe verify {self.name}`") from None
+            raise IntegrityError(f"{path}: missing, though the manifest lists it; "
+                                 f"run `dra-pipe verify {self.name}`") from None
         data = self._buffer.read(path, record.bytes)
         if verify and not known_intact(path, record.bytes, record.sha256, stat):
             if hashlib.sha256(data).hexdigest() != record.sha256:
-                raise IntegrityError(f"{path}: sha256 differs from the manifest (corrupted); run `dra-pipe verify {self.name}`")
+                raise IntegrityError(f"{path}: sha256 differs from the manifest (corrupted); "
+                                     f"run `dra-pipe verify {self.name}`")
             mark_intact(path, record.bytes, record.sha256, stat)
         return self._decode(data, record, path, check_headers=not verify)
 
@@ -280,8 +281,8 @@ class ImageSet:
                 sl = slice(lo - p.first_id, hi - p.first_id)
                 parts.append(ShardData(shard.ids[sl], shard.images[sl], shard.labels[sl]))
         if not parts:
-            return ShardData(np.empty(0, np.int64), np.empty((0, self.resolution, self.resolution, self.channels), np.uint8),
-                             np.empty(0, np.int64))
+            return ShardData(np.empty(0, np.int64), np.empty((0, self.resolution, self.resolution, self.channels),
+                                                             np.uint8), np.empty(0, np.int64))
         return ShardData(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "images", "labels")))
 
     def plan_indices(self) -> list[int]:
@@ -315,10 +316,11 @@ class ImageSetWriter(LockedWriter):
                 self.provenance = old["provenance"]                      # kept unless this writer records anew
             if old["identity"] != self.identity:
                 raise UserError(f"image set '{name}' already exists at {self.path} with another identity "
-                                f"({_identity_diff(old['identity'], self.identity)}); choose another --name or delete that folder")
+                                f"({_identity_diff(old['identity'], self.identity)}); "
+                                "choose another --name or delete that folder")
             if old["n"] > self.n:
-                raise UserError(f"image set '{name}' already holds {old['n']} samples, more than the {self.n} asked for; "
-                                f"pass --n {old['n']} or more, or another --name")
+                raise UserError(f"image set '{name}' already holds {old['n']} samples, more than the {self.n} asked "
+                                f"for; pass --n {old['n']} or more, or another --name")
         records = read_manifest(self.path)
         self.damaged = damaged_shards(self.path, records)
         self.records = {i: r for i, r in records.items() if i not in self.damaged}
@@ -336,7 +338,8 @@ class ImageSetWriter(LockedWriter):
         self.records = {i: r for i, r in self.records.items() if self._fits(r)}
         record = {"identity": self.identity, "n": self.n, "fingerprint": dataset_fingerprint(self.identity, self.n),
                   "name": self.path.name}
-        write_json_atomic(self.path / DATASET_JSON, {**record, **({"provenance": self.provenance} if self.provenance else {})})
+        write_json_atomic(self.path / DATASET_JSON,
+                          {**record, **({"provenance": self.provenance} if self.provenance else {})})
 
     def _fits(self, r: ShardRecord) -> bool:
         plans = plan_shards(self.n, self.identity["shard_size"])
@@ -349,7 +352,8 @@ class ImageSetWriter(LockedWriter):
     def write(self, plan: ShardPlan, images: np.ndarray, labels: np.ndarray) -> ShardRecord:
         """Write and record one shard in this process."""
         if len(images) != plan.count or len(labels) != plan.count:
-            raise ValueError(f"shard {plan.index} expects {plan.count} samples, got {len(images)} images and {len(labels)} labels")
+            raise ValueError(f"shard {plan.index} expects {plan.count} samples, got {len(images)} images and "
+                             f"{len(labels)} labels")
         record = write_tar_shard(self.path, plan.index, plan.first_id, images, labels, self.identity["image_format"])
         self.record(record)
         return record
@@ -386,7 +390,8 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> str:
 
 def list_image_sets(root: Path) -> list[Path]:
     base = Path(root) / "images"
-    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and not holds_only_the_lock(p)) \
+    return sorted(p for p in base.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and not holds_only_the_lock(p)) \
         if base.exists() else []                   # a folder with just its lock: a writer is only starting there
 
 

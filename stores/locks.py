@@ -94,7 +94,8 @@ class WriterLock:
                                         f"--wait to wait for it")
                     if not announced:
                         announced = True               # before the line: a Ctrl-C right after it is a stopped wait
-                        self.announce(f"waiting for {self.what}: it is being written by {holder} (Ctrl-C stops waiting)")
+                        self.announce(f"waiting for {self.what}: it is being written by {holder} "
+                                      "(Ctrl-C stops waiting)")
                     time.sleep(POLL_SECONDS)
                 elif _same_file(f, self.path):
                     _record_holder(f)

@@ -53,7 +53,8 @@ def read_manifest(set_dir: Path) -> dict[int, ShardRecord]:
     try:
         table = pq.read_table(path, schema=SCHEMA)
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise IntegrityError(f"{path}: unreadable manifest ({exc}); run `dra-pipe verify` and rerun the stage that wrote it") from None
+        raise IntegrityError(f"{path}: unreadable manifest ({exc}); "
+                             "run `dra-pipe verify` and rerun the stage that wrote it") from None
     rows = table.to_pylist()
     return {r["index"]: ShardRecord(**r) for r in rows}
 

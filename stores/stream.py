@@ -95,7 +95,8 @@ class ShardStream(SlotStream):
             pending = _detach(pending)               # the reader is about to reuse its buffers
             shard = reader.read(index)
             n = len(shard["ids"])
-            perm = np.random.default_rng([self.seed, self.epoch, index]).permutation(n) if self.shuffle else np.arange(n)
+            perm = (np.random.default_rng([self.seed, self.epoch, index]).permutation(n) if self.shuffle
+                    else np.arange(n))
             start = 0
             while start < n:
                 take = min(self.batch_size - held, n - start)

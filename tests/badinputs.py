@@ -101,8 +101,8 @@ def _bad_inputs(base: Path) -> None:
     (base / "binary.yaml").write_bytes(b"\xff\xfe\x00\x9c binary \x80\x81")
     (base / "list.yaml").write_text("- 1\n- 2\n")
     (base / "huge.yaml").write_text("# padding\n" * 120_000)
-    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]"
-                                                      for i in range(8)]
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)]
     (base / "bomb.yaml").write_text("\n".join(lines) + "\n")              # 9 levels of aliases: 9^9 leaves
     (base / "deep.yaml").write_text("train: " + "[" * 3000 + "]" * 3000 + "\n")
     (base / "long-value.yaml").write_text("train:\n  epochs: [" + ", ".join(["[1, 2, 3]"] * 20000) + "]\n")

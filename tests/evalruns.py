@@ -63,4 +63,5 @@ def make_workspace(root: Path) -> dict:
     model = fit_small_cnn(train)
     return {"root": root, "model": model,
             "dra": save_run(root, "tiny-dra", model, EPS, dra=True, unsup_fraction=0.5),
-            "big": save_run(root, "tiny-big-eps", fit_small_cnn(train, steps=15, seed=1), 0.3, dra=False, unsup_fraction=0.0)}
+            "big": save_run(root, "tiny-big-eps", fit_small_cnn(train, steps=15, seed=1), 0.3, dra=False,
+                            unsup_fraction=0.0)}

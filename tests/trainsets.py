@@ -50,7 +50,8 @@ def feature_set(root: Path, images: ImageSet, shape=(8, 4, 4), flip: bool = Fals
     for p in images.plan():
         ids = np.arange(p.first_id, p.first_id + p.count)
         if targets is not None:                  # (N, *shape): the same for every view, or (N, V, *shape)
-            slab = targets[ids] if targets.ndim == len(shape) + 2 else np.repeat(targets[ids][:, None], spec.count, axis=1)
+            slab = (targets[ids] if targets.ndim == len(shape) + 2
+                    else np.repeat(targets[ids][:, None], spec.count, axis=1))
         else:
             slab = np.zeros((p.count, spec.count, *shape))
             slab[:, :, 0] = (ids[:, None] + offset)[:, :, None, None] * sign[None, :, None, None]

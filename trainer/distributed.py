@@ -70,7 +70,8 @@ def train_distributed(job: Job, workers: int, teacher=None) -> None:
     cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
     trainer = _interruptible(TorchTrainer)(
         _worker, train_loop_config={"job": job, "threads": cpus, "teacher": teacher},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=worker_resources(use_gpu)),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker=worker_resources(use_gpu)),
         torch_config=TorchConfig(backend=process_group_backend(use_gpu)),
         run_config=RunConfig(name=job.name, storage_path=str(Path(job.run_dir).resolve() / "ray"),
                              failure_config=FailureConfig(max_failures=0)))

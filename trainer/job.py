@@ -83,7 +83,8 @@ def _fingerprint(source: Source | None) -> str | None:
 def normalisation(real: ImageSet, stop: int, limit: int = 10_000) -> tuple[tuple, tuple]:
     """Per-channel mean and std in [0, 1] of the first training images (up to `limit`)."""
     x = real.read_range(0, min(stop, limit)).images.astype(np.float64) / 255       # (N, H, W, C)
-    return tuple(x.mean(axis=(0, 1, 2)).round(6).tolist()), tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-3).round(6).tolist())
+    return (tuple(x.mean(axis=(0, 1, 2)).round(6).tolist()),
+            tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-3).round(6).tolist()))
 
 
 def check_dra_layer(arch: str, dra_layer: str, real: ImageSet, mean, std, target_shape: tuple) -> str:

@@ -42,7 +42,8 @@ class Source:
         """Check the sets (complete, paired) and list the shards holding ids [0, stop)."""
         stop = images.n if stop is None else stop
         images.require_complete("rerun the stage that writes it")
-        shards = tuple((p.index, p.first_id, min(p.count, stop - p.first_id)) for p in images.plan() if p.first_id < stop)
+        shards = tuple((p.index, p.first_id, min(p.count, stop - p.first_id)) for p in images.plan()
+                       if p.first_id < stop)
         if features is not None:
             check_pairing(images, features)
             missing = features.missing_shards([s[0] for s in shards])

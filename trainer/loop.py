@@ -137,7 +137,8 @@ class Trainer:
             out = self.ddp(x if self.needs_clean else None, x_adv)
             loss, terms = self.objective(out, y)
             if self.head is not None:
-                terms["dra"] = dra_loss(out["projected"], t, mask)                          # t (B, Ct, h, w), mask (B, h, w)
+                # t (B, Ct, h, w), mask (B, h, w)
+                terms["dra"] = dra_loss(out["projected"], t, mask)
                 loss = loss + s.dra_lambda * terms["dra"]
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, self.job.total_steps, s.lr)
@@ -194,7 +195,8 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda"], self.dist.device)
 
     def state(self, rng: list[dict]) -> dict:
-        return {"step": self.step, "model": self.model.state_dict(), "head": self.head.state_dict() if self.head else None,
+        return {"step": self.step, "model": self.model.state_dict(),
+                "head": self.head.state_dict() if self.head else None,
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(), "rng": rng,
                 "loader": {"batches": self.step, "world_size": self.dist.world_size,
                            "loader_workers": self.s.loader_workers}}

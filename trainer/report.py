@@ -95,14 +95,14 @@ def load_run(root: Path, run: str) -> RunInfo:
     folder = find_run(root, run)
     record = _read_stored(folder.final, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     record = {k: v for k, v in record.items() if k != "state_dict"}
-    config = _read_stored(folder.config, lambda p: yaml.safe_load(p.read_text()) or {}) if folder.config.exists() else {}
+    config = (_read_stored(folder.config, lambda p: yaml.safe_load(p.read_text()) or {}) if folder.config.exists()
+              else {})
     eval_path = folder.path / "eval.json"
     evaluated = _read_stored(eval_path, lambda p: json.loads(p.read_bytes())) if eval_path.exists() else None
     return RunInfo(folder.path.name, folder, config or {}, folder.read_metrics(), record, evaluated)
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
-
 def data_label(info: RunInfo) -> str:
     real = f"{info.prefix}-train"
     gen = info.generated_name
@@ -160,7 +160,8 @@ def seed_summary(infos: list[RunInfo], ranks: dict[str, dict]) -> list[tuple[str
         label = (f"{first.record.get('arch', '?')} {first.record.get('objective', '?')}, DRA "
                  + (f"on (lambda {first.setting('train', 'dra_lambda'):g})" if first.dra else "off"))
         seeds = ", ".join(str(m.setting("train", "seed")) for m in members)
-        columns = [_mean_std([(m.eval or {}).get(k) for m in members]) for k in ("clean", "pgd_ce", "pgd_margin", "autoattack")]
+        columns = [_mean_std([(m.eval or {}).get(k) for m in members])
+                   for k in ("clean", "pgd_ce", "pgd_margin", "autoattack")]
         erank = [ranks.get(m.name, {}).get("erank") for m in members]
         erank_cell = "-" if None in erank else f"{np.mean(erank):.2f} +- {np.std(erank, ddof=1):.2f}"
         rows.append((label, seeds, *columns, erank_cell))
@@ -180,7 +181,6 @@ def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
 
 
 # --- figures -----------------------------------------------------------------------------------------------------
-
 def _figure(width: float, height: float, panels: int = 1):
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     fig = Figure(figsize=(width, height), layout="constrained")
@@ -307,7 +307,6 @@ def plot_effective_rank(ranks: dict[str, dict], path: Path) -> Path:
 
 
 # --- the report --------------------------------------------------------------------------------------------------
-
 @dataclass
 class Report:
     folder: Path
@@ -374,7 +373,8 @@ def make_report(root: Path, runs: list[str], s: EvalSettings, out: Path | None =
         log(f"{info.name}: figures")
         run_figures(root, info, report)
         if info.eval is None:
-            report.notes.append(f"{info.name}: not evaluated yet; `dra-pipe eval {info.name}` fills clean/PGD/AutoAttack")
+            report.notes.append(f"{info.name}: not evaluated yet; "
+                                f"`dra-pipe eval {info.name}` fills clean/PGD/AutoAttack")
         report.rows.append(table_row(info, ranks.get(info.name, {}).get("erank")))
     report.summary = seed_summary(infos, ranks)
     if any(i.metrics for i in infos):

@@ -40,7 +40,8 @@ def _teacher(fs: FeatureSet) -> dict:
 
 def views_of(fs) -> ViewSpec:
     """The views a feature set stores (a planned one carries its ViewSpec)."""
-    return fs.views if isinstance(getattr(fs, "views", None), ViewSpec) else ViewSpec.from_identity(fs.identity.get("views"))
+    return (fs.views if isinstance(getattr(fs, "views", None), ViewSpec)
+            else ViewSpec.from_identity(fs.identity.get("views")))
 
 
 def check_views_match(feats: dict, pad: int, flip: bool) -> None:
@@ -48,9 +49,10 @@ def check_views_match(feats: dict, pad: int, flip: bool) -> None:
     for fs in feats.values():
         v = views_of(fs)
         if (v.pad, v.flip) != (pad, flip):
-            raise UserError(f"feature set {fs.key} holds views made for crop pad {v.pad}, flip {'on' if v.flip else 'off'}; "
-                            f"this run augments with crop pad {pad}, flip {'on' if flip else 'off'} (train.crop_pad, "
-                            f"train.flip): extract-features with the run's settings, or change them to the set's")
+            raise UserError(f"feature set {fs.key} holds views made for crop pad {v.pad}, "
+                            f"flip {'on' if v.flip else 'off'}; this run augments with crop pad {pad}, "
+                            f"flip {'on' if flip else 'off'} (train.crop_pad, train.flip): "
+                            f"extract-features with the run's settings, or change them to the set's")
 
 
 def _prefer(sets: list[FeatureSet], views: ViewSpec | None) -> list[FeatureSet]:

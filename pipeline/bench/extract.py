@@ -48,14 +48,17 @@ def bench_extract(cfg: Config, console: Console) -> dict:
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
         actors = plan_actors(cluster_nodes(), cfg.ray.cpu_actors)
         bare = _bare(net, images, layer, level, cfg, actors.threads)
-        parallel = _bare_parallel(spec, images, layer, level, cfg, actors) if actors.actors > 1 and not actors.num_gpus else None
+        parallel = (_bare_parallel(spec, images, layer, level, cfg, actors)
+                    if actors.actors > 1 and not actors.num_gpus else None)
         pipe = _pipeline(cfg, spec, images.name, work)
-    table = Table("path", "images", "seconds", "images/s", title=f"bench extract on {images.name} ({len(images.plan())} "
+    table = Table("path", "images", "seconds", "images/s",
+                  title=f"bench extract on {images.name} ({len(images.plan())} "
                   f"shards): {label}, {layer}, {level.label()}, "
                   f"pool {cfg.features.pool}, {_views(cfg, images).label()}, {actors.describe()}")
     table.add_row("bare loop", f"{bare['images']:,}", f"{bare['seconds']:.2f}", f"{bare['rate']:,.1f}")
     if parallel:
-        table.add_row(f"bare x{actors.actors}", f"{parallel['images']:,}", f"{parallel['seconds']:.2f}", f"{parallel['rate']:,.1f}")
+        table.add_row(f"bare x{actors.actors}", f"{parallel['images']:,}", f"{parallel['seconds']:.2f}",
+                      f"{parallel['rate']:,.1f}")
     table.add_row("pipeline", f"{pipe['images']:,}", f"{pipe['seconds']:.2f}", f"{pipe['rate']:,.1f}")
     console.print(table)
     per_worker = pipe["rate"] / bare["rate"] / actors.actors
@@ -97,15 +100,16 @@ def _bare(net, images, layer: str, level, cfg: Config, threads: int, shards: lis
           ready=None) -> dict:
     """The same views per image in a plain loop (batch_size // V images per forward, as the workers do).
 
-    shards: the shards to run (default all); ready: a barrier passed once warmed up, so parallel copies start together."""
+    shards: the shards to run (default all); ready: a barrier passed once warmed up, so parallel copies
+    start together."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     f, views = cfg.features, _views(cfg, images)
     b = max(1, f.batch_size // views.count)
     try:
         first = images.read_shard(images.plan_indices()[0])
-        compute_targets(net, first.ids[:b], first.images[:b], first.labels[:b], layer, level, f.noise_seed, f.pool, views,
-                        images.fingerprint)
+        compute_targets(net, first.ids[:b], first.images[:b], first.labels[:b], layer, level, f.noise_seed, f.pool,
+                        views, images.fingerprint)
         if ready is not None:
             ready.wait()
         started, count = time.perf_counter(), 0

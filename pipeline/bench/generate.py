@@ -77,7 +77,8 @@ def bare_rate(model, settings: GenerateSettings, threads: int, batches: int = 2)
     device = pick_device()
     model = model.to(device)
     ids = list(range(settings.batch_size))
-    latents = latents_for(ids, (model.img_channels, model.img_resolution, model.img_resolution), settings.seed).to(device)
+    latents = latents_for(ids, (model.img_channels, model.img_resolution, model.img_resolution),
+                          settings.seed).to(device)
     labels = labels_for(ids, model.label_dim, settings.seed).to(device)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -102,7 +103,8 @@ def pipeline_run(spec: str, model, settings: GenerateSettings, cfg: Config, plan
     factory = partial(GenerateWorker, spec, settings, str(writer.path))
     summary = run_shards(jobs, factory, plan, max_attempts=cfg.ray.max_retries,
                          record=lambda job, record: writer.record(record))
-    return {"rate": summary.items / summary.seconds, "busy": summary.busy_fraction, "startup_s": summary.startup_seconds}
+    return {"rate": summary.items / summary.seconds, "busy": summary.busy_fraction,
+            "startup_s": summary.startup_seconds}
 
 
 def _model_spec(cfg: Config, work: Path, console: Console) -> str:
@@ -125,7 +127,8 @@ def _model_spec(cfg: Config, work: Path, console: Console) -> str:
 def _report(r: dict, console: Console) -> None:
     table = Table("measure", "value", title="bench generate")
     table.add_row("bare sampler images/s (before, after)", f"{r['bare_before']:,.1f}, {r['bare_after']:,.1f}")
-    table.add_row(f"pipeline images/s ({r['workers']} worker{'s' if r['workers'] != 1 else ''})", f"{r['pipeline']:,.1f}")
+    table.add_row(f"pipeline images/s ({r['workers']} worker{'s' if r['workers'] != 1 else ''})",
+                  f"{r['pipeline']:,.1f}")
     table.add_row("model busy (share of pipeline time in compute)", f"{r['busy']:.0%}")
     table.add_row("worker start-up (not timed above)", f"{r['startup_s']:.1f} s")
     console.print(table)

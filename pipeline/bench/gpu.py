@@ -107,8 +107,8 @@ def _sampler(net, sizes: Sizes, dev: torch.device) -> dict:
     for row in rows.values():
         row["flop_rate_over_stated"] = row["images_per_s"] * row["nfe"] * flops / STATED_RATE
     skipped.update({v: "torch.compile is timed on CUDA only" for v in sizes.variants if v not in variants})
-    return {"batch": batch, "steps": sizes.sampler_steps, "forward_seconds": forward_s, "gflop_per_forward": flops / 1e9,
-            "variants": rows, "skipped": skipped}
+    return {"batch": batch, "steps": sizes.sampler_steps, "forward_seconds": forward_s,
+            "gflop_per_forward": flops / 1e9, "variants": rows, "skipped": skipped}
 
 
 def _job(work: Path, sizes: Sizes, net, layer: str, console: Console):
@@ -164,7 +164,8 @@ def project(result: dict) -> dict:
 
 
 def _device_name(dev: torch.device) -> str:
-    return f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return (f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)")
 
 
 def _report(r: dict, console: Console) -> None:
@@ -177,7 +178,8 @@ def _report(r: dict, console: Console) -> None:
     for name, why in s["skipped"].items():
         table.add_row("sampler", name, f"not measured: {why}")
     for name, v in r["extract"].items():
-        table.add_row("extract", name, f"{v['forwards_per_s']:,.0f} tapped forwards/s ({v['images_per_s']:,.0f} images/s)")
+        table.add_row("extract", name,
+                      f"{v['forwards_per_s']:,.0f} tapped forwards/s ({v['images_per_s']:,.0f} images/s)")
     for name, v in r["train"].items():
         table.add_row("train", name, f"{v['images_per_s']:,.1f} images/s ({v['seconds'] * 1000:,.1f} ms/step)")
     for mode in ("float32", "bf16+channels_last"):
@@ -188,6 +190,7 @@ def _report(r: dict, console: Console) -> None:
                   f"{lo['ratio']:.2f}x what the step consumes (goal > 1)")
     table.add_row("scale", f"{r['scale']['gpus']} GPU(s)", r["scale"].get("note", json.dumps(r["scale"])))
     p = r["projection"]
-    table.add_row("projection", f"20M recipe on {p['gpus']} GPUs", ", ".join(f"{k} {v:,.1f} h" for k, v in p["hours"].items())
+    table.add_row("projection", f"20M recipe on {p['gpus']} GPUs",
+                  ", ".join(f"{k} {v:,.1f} h" for k, v in p["hours"].items())
                   + f"; total {p['total_hours']:,.1f} h (stated rate: {STATED_DEVICE})")
     console.print(table)

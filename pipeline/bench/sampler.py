@@ -66,16 +66,16 @@ def bench_sampler(cfg, console: Console, *, steps: int | None = None, batch: int
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(GPU_VARIANTS)}")
     load_start = os.getloadavg()[0]
-    console.print(f"bench sampler on {_device_name(dev)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-                  f"load average {load_start:.2f} (timings assume nothing else runs)", highlight=False)
+    console.print(f"bench sampler on {_device_name(dev)}, torch {torch.__version__}, {torch.get_num_threads()} "
+                  f"threads; load average {load_start:.2f} (timings assume nothing else runs)", highlight=False)
 
     models = []
     net, source = _digits_model(cfg)
     models.append(("digits", net, source, batch))
     if cifar:
         torch.manual_seed(seed)
-        models.append(("cifar10", EDMPrecond(**(cifar_config or CIFAR10_CONFIG)), "randomly initialised, official config",
-                       cifar_batch))
+        models.append(("cifar10", EDMPrecond(**(cifar_config or CIFAR10_CONFIG)),
+                       "randomly initialised, official config", cifar_batch))
 
     results: dict = {"device": _device_name(dev), "steps": steps, "models": {}, "variants": {}}
     with _strict_float32():
@@ -259,12 +259,14 @@ def _report(results: dict, variants, dev: torch.device, console: Console) -> Non
                   highlight=False)
     if results["variants"]:
         vt = Table("model", "variant", "sampler images/s", "speed-up vs float32", "max |diff| vs float32",
-                   "mean |diff|", title="reduced precision and torch.compile (same latents and labels; images in [-1, 1])")
+                   "mean |diff|",
+                   title="reduced precision and torch.compile (same latents and labels; images in [-1, 1])")
         for key, v in results["variants"].items():
             name, variant = key.split("/")
             label = variant + (f" (compile {v['compile_seconds']:.0f} s)" if "compile_seconds" in v else "")
             vt.add_row(name, label, f"{v['sampler_images_per_s']:,.2f}", f"{v['speedup']:.2f}x",
-                       f"{v['max_abs_diff']:.2e}" + ("" if v["finite"] else " (non-finite!)"), f"{v['mean_abs_diff']:.2e}")
+                       f"{v['max_abs_diff']:.2e}" + ("" if v["finite"] else " (non-finite!)"),
+                       f"{v['mean_abs_diff']:.2e}")
         console.print(vt)
     if dev.type != "cuda":
         skipped = [v for v in GPU_VARIANTS if v not in variants]

@@ -67,11 +67,13 @@ def _timed(run, samples: int) -> float:
 
 
 def _report(results: dict, samples: int, cold: bool, console: Console) -> None:
-    table = Table("reader", "warm samples/s", "warm MB/s", "cold samples/s", "cold MB/s", title=f"bench stores: {samples:,} samples, {BYTES_PER_SAMPLE / 1000:.1f} KB each")
+    table = Table("reader", "warm samples/s", "warm MB/s", "cold samples/s", "cold MB/s",
+                  title=f"bench stores: {samples:,} samples, {BYTES_PER_SAMPLE / 1000:.1f} KB each")
     for name in ("bare", "per-sample", "ours-npy", "ours-png", "trainer"):
         warm, cold_rate = results[(name, "warm")], results.get((name, "cold"))
         table.add_row(name, f"{warm:,.0f}", f"{warm * BYTES_PER_SAMPLE / 1e6:,.0f}",
-                      f"{cold_rate:,.0f}" if cold_rate else "-", f"{cold_rate * BYTES_PER_SAMPLE / 1e6:,.0f}" if cold_rate else "-")
+                      f"{cold_rate:,.0f}" if cold_rate else "-",
+                      f"{cold_rate * BYTES_PER_SAMPLE / 1e6:,.0f}" if cold_rate else "-")
     console.print(table)
     ours, base = results[("ours-npy", "warm")], results[("per-sample", "warm")]
     for name in ("ours-npy", "trainer"):
@@ -104,7 +106,8 @@ def _build(work: Path, samples: int, console: Console) -> dict:
         feature_writers = {}
         for fmt in ("npy", "png"):
             fp = ImageSet(sets[fmt].path).fingerprint
-            feature_writers[fmt] = FeatureSetWriter(work, {"image_set": fp, "bench": True}, samples, SHARD, TARGET_SHAPE, 1)
+            feature_writers[fmt] = FeatureSetWriter(work, {"image_set": fp, "bench": True}, samples, SHARD,
+                                                    TARGET_SHAPE, 1)
             feature_writers[fmt].begin()
         for plan in plan_shards(samples, SHARD):
             images = _smooth_images(rng, plan.count)
@@ -123,7 +126,8 @@ def _build(work: Path, samples: int, console: Console) -> dict:
     npy, png = ImageSet(sets["npy"].path), ImageSet(sets["png"].path)
     fdirs = {fmt: next(p for p in (work / "features").iterdir() if _feature_of(p, s.fingerprint))
              for fmt, s in (("npy", npy), ("png", png))}
-    files = [npy.path / f"shard-{i:06d}.tar" for i in npy.records] + sorted(p for p in fdirs["npy"].rglob("*") if p.is_file() and "/c/" in str(p))
+    files = [npy.path / f"shard-{i:06d}.tar" for i in npy.records] + sorted(
+        p for p in fdirs["npy"].rglob("*") if p.is_file() and "/c/" in str(p))
     return {"npy": npy.path, "png": png.path, "features": fdirs["npy"], "features_png": fdirs["png"],
             "per_sample": work / "per-sample", "files": files}
 
@@ -160,7 +164,8 @@ class _PerSample:
 
     def __getitem__(self, i: int):
         import torch
-        return (torch.from_numpy(np.load(self.folder / f"{i}.img.npy")), torch.from_numpy(np.load(self.folder / f"{i}.feat.npy")))
+        return (torch.from_numpy(np.load(self.folder / f"{i}.img.npy")),
+                torch.from_numpy(np.load(self.folder / f"{i}.feat.npy")))
 
 
 def _per_sample(folder: Path, n: int, batch: int, workers: int) -> int:

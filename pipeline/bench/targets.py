@@ -91,8 +91,8 @@ def _relative(aligned: torch.Tensor, true: torch.Tensor, keep: torch.Tensor | No
 def _errors(job, teacher, level, features: FeatureSet, s: dict, seed: int) -> dict:
     ident, pad, flip = features.identity, job.settings.crop_pad, job.settings.flip
     truth = lambda flips, shifts: view_targets(teacher, s["ids"], apply_views(s["images"], flips, shifts),  # noqa: E731
-                                               s["labels"], ident["layer"], level, ident["noise_seed"], str(ident["pool"]),
-                                               ident["image_set"])
+                                               s["labels"], ident["layer"], level, ident["noise_seed"],
+                                               str(ident["pool"]), ident["image_set"])
     # stored views: the view the loader would draw for each row, its stored target, against the truth of that view
     counts = np.full(len(s["ids"]), features.views)
     chosen = torch.from_numpy(view_choices(seed, 0, 0, counts))
@@ -161,7 +161,8 @@ def _cifar_online(batch: int = 2) -> dict:
         timed = bench_steps(job, net, layer, sigma, batches, torch.device("cpu"), ("float32",))
         trainer = Trainer(job.without_dra(), Dist())
         step_flops = count_flops(lambda: trainer.train_step(batches[0]))
-        teacher_flops = count_flops(lambda: teacher_targets(net, batches[0]["images"], batches[0]["labels"], sigma, layer))
+        teacher_flops = count_flops(lambda: teacher_targets(net, batches[0]["images"], batches[0]["labels"], sigma,
+                                                            layer))
     base = timed["float32/DM-AT"]["seconds"]
     return {"batch": batch, "step_seconds": base, "online_ratio": timed["float32/DRA online"]["seconds"] / base,
             "stored_ratio": timed["float32/DRA stored"]["seconds"] / base,
@@ -180,11 +181,14 @@ def _report(r: dict, console: Console) -> None:
     if "cifar" in r:
         c = r["cifar"]
         table.add_row(f"CIFAR pair, batch {c['batch']}: online / DM-AT", f"{c['online_ratio']:.3f} measured, "
-                      f"{c['flop_ratio']:.3f} by FLOPs ({c['gflop_teacher_per_image']:.1f} + {c['gflop_step_per_image']:.1f} GFLOP)")
+                      f"{c['flop_ratio']:.3f} by FLOPs ({c['gflop_teacher_per_image']:.1f} + "
+                      f"{c['gflop_step_per_image']:.1f} GFLOP)")
     console.print(table)
     views_step = r["steps"]["views"]["ratio"]
-    console.print(f"goals: stored-views error <= {GOAL_ERROR} ({'met' if r['errors']['stored views'] <= GOAL_ERROR else 'not met'}), "
-                  f"cached-views step <= {GOAL_STEP} x DM-AT ({views_step:.3f}: {'met' if views_step <= GOAL_STEP else 'not met'})",
+    console.print(f"goals: stored-views error <= {GOAL_ERROR} "
+                  f"({'met' if r['errors']['stored views'] <= GOAL_ERROR else 'not met'}), "
+                  f"cached-views step <= {GOAL_STEP} x DM-AT ({views_step:.3f}: "
+                  f"{'met' if views_step <= GOAL_STEP else 'not met'})",
                   highlight=False)
     console.print(f"target error under the training augmentation: stored views {r['errors']['stored views']:.4f}, "
                   f"whole-cell shift {r['errors']['whole-cell shift']:.4f}", highlight=False)

@@ -84,8 +84,9 @@ def _build(cfg: Config, work: Path, samples: int, model, layer: str, level, cons
     t = cfg.train
     views = ViewSpec(min(cfg.features.views, distinct_augmentations(t.crop_pad, t.flip)), t.crop_pad, t.flip,
                     cfg.features.view_seed)
-    work = work / short_key([samples, res, ch, classes, shape, views.identity(), layer, level.timestep, cfg.features.pool,
-                             cfg.data.shard_size, cfg.data.image_format], 8)      # one folder per data shape
+    # one folder per data shape
+    work = work / short_key([samples, res, ch, classes, shape, views.identity(), layer, level.timestep,
+                             cfg.features.pool, cfg.data.shard_size, cfg.data.image_format], 8)
     for name, kind, seed in (("bench-train", "real", 0), ("bench-gen", "generated", 1)):
         _write_set(work, name, kind, samples, res, ch, classes, shape, views, cfg, layer, level, seed)
     over = dict(cfg)
@@ -107,7 +108,8 @@ def _write_set(work, name, kind, n, res, ch, classes, shape, views, cfg, layer, 
     if writer.pending():
         writer.begin()
         for p in writer.pending():
-            writer.write(p, rng.integers(0, 256, (p.count, res, res, ch), dtype=np.uint8), rng.integers(0, classes, p.count))
+            writer.write(p, rng.integers(0, 256, (p.count, res, res, ch), dtype=np.uint8),
+                         rng.integers(0, classes, p.count))
     images = ImageSet(writer.path)
     fid = {"image_set": images.fingerprint, "image_set_name": name, "model": "bench", "layer": layer,
            "timestep": level.timestep, "sigma": level.sigma, "pool": cfg.features.pool, "views": views.identity()}
@@ -190,7 +192,8 @@ def _report(job, loader_rate: float, times: dict, console: Console) -> dict:
     console.print(f"DM-AT+DRA cached / DM-AT: {cached:.3f} (goal <= 1.05)")
     console.print(f"DRA naive / DM-AT+DRA cached: {naive:.2f}x")
     return {"loader_samples_per_s": loader_rate, "consume_images_per_s": consume,
-            **{f"step_s/{k}": v for k, v in med.items()}, "ratio_cached_over_dmat": cached, "ratio_naive_over_cached": naive}
+            **{f"step_s/{k}": v for k, v in med.items()}, "ratio_cached_over_dmat": cached,
+            "ratio_naive_over_cached": naive}
 
 
 def _ratio(a: list[float], b: list[float]) -> float:

@@ -10,6 +10,8 @@ from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
 from stores.errors import UserError
 
 BENCHES = ("stores", "generate", "extract", "sampler", "train", "targets", "gpu")
+CifarOpt = typer.Option(False, "--cifar/--no-cifar", help="targets: also time the online teacher on the CIFAR-size "
+                        "pair (WRN-28-10 + EDM CIFAR-10; minutes here)")
 
 
 def register(app: typer.Typer) -> None:
@@ -18,19 +20,24 @@ def register(app: typer.Typer) -> None:
 
 def bench_cmd(
     what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train | targets | gpu"),
-    samples: int = typer.Option(100_000, "--samples", help="stores: samples in the synthetic benchmark set; targets: real images measured (at most one shard)"),
+    samples: int = typer.Option(100_000, "--samples", help="stores: samples in the synthetic benchmark set; targets: "
+                                                           "real images measured (at most one shard)"),
     batch: int = typer.Option(512, "--batch", help="stores: batch size of the streaming reader"),
     workers: int = typer.Option(2, "--workers", help="stores: DataLoader worker processes"),
-    cold: bool = typer.Option(True, "--cold/--warm-only", help="stores: also time cold passes (drops the page cache; needs root)"),
+    cold: bool = typer.Option(True, "--cold/--warm-only", help="stores: also time cold passes (drops the page cache; "
+                                                               "needs root)"),
     n: Optional[int] = typer.Option(None, "--n", help="generate: images to generate per pass"),
     work_dir: Optional[Path] = typer.Option(None, "--dir", help="where to build benchmark data (default: ROOT/bench)"),
-    cifar: bool = typer.Option(False, "--cifar/--no-cifar", help="targets: also time the online teacher on the CIFAR-size pair (WRN-28-10 + EDM CIFAR-10; minutes here)"),
-    smoke: bool = typer.Option(False, "--smoke", help="gpu: the same code paths on the CPU with tiny sizes (about a minute)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="gpu: write the table as JSON here (default: ROOT/bench/gpu/gpu.json)"),
+    cifar: bool = CifarOpt,
+    smoke: bool = typer.Option(False, "--smoke", help="gpu: the same code paths on the CPU with tiny sizes (about a "
+                                                      "minute)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="gpu: write the table as JSON here (default: "
+                                                           "ROOT/bench/gpu/gpu.json)"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Measure a stage against its bare baseline in the same run (ratios, not absolute times)."""
-    for flag, value, least in (("--samples", samples, 1), ("--batch", batch, 1), ("--workers", workers, 0), ("--n", n, 1)):
+    for flag, value, least in (("--samples", samples, 1), ("--batch", batch, 1), ("--workers", workers, 0),
+                               ("--n", n, 1)):
         if value is not None and value < least:
             raise UserError(f"bench {flag} {value}: give a number >= {least}")
     cfg = resolve(config, root)

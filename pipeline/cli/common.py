@@ -11,7 +11,8 @@ from pipeline.config import Config, load_config
 from pipeline.console import console, interrupt_reported, report_interrupt  # noqa: F401  (console: for the commands)
 from stores.errors import UserError
 
-ConfigOpt = typer.Option(Path("pipeline.yaml"), "--config", "-c", help="pipeline.yaml to read (defaults apply if ./pipeline.yaml is absent)")
+ConfigOpt = typer.Option(Path("pipeline.yaml"), "--config", "-c", help="pipeline.yaml to read "
+                                                                       "(defaults apply if ./pipeline.yaml is absent)")
 def given(text: str) -> str:
     """Option parser: an explicit empty value is refused, never read as "the default" (`--name ''`)."""
     if not text.strip():
@@ -35,7 +36,8 @@ def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None
     cfg = load_config(config, over)
     cfg["root"] = str(Path(cfg.root).expanduser().resolve())   # Ray workers run elsewhere: absolute paths only
     if Path(cfg.root).exists() and not Path(cfg.root).is_dir():
-        raise UserError(f"workspace root {cfg.root} is a file, not a folder; pass --root DIR (or set root: in the config)")
+        raise UserError(f"workspace root {cfg.root} is a file, not a folder; pass --root DIR "
+                        "(or set root: in the config)")
     return cfg
 
 

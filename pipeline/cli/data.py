@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
 
 
 def config_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
-               explain_keys: bool = typer.Option(False, "--explain", help="list every key with its default and meaning")):
+               explain_keys: bool = typer.Option(False, "--explain",
+                                                 help="list every key with its default and meaning")):
     """Print the resolved configuration (defaults <- pipeline.yaml <- flags)."""
     if explain_keys:
         table = Table("key", "default", "meaning")
@@ -37,11 +38,20 @@ def config_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 
 def import_cmd(
     importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder"),
-    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH", help="file or folder to import (CIFAR tarball, .npz, image folder); npz: repeat it to append several files into one set, in order [config data.source, when IMPORTER is data.importer]"),
-    generated: bool = typer.Option(False, "--generated", help="npz only: the files hold generated images (DM-AT's published data): write one generated set, the trainer's generated data"),
-    name: Optional[str] = typer.Option(None, "--name", parser=given, help="set name prefix; sets are <name>-<split> (default: the importer). With --generated: the generated set's name [default: train.generated_set, else generate.name, else <data name>-gen]"),
+    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH",
+                                                 help="file or folder to import (CIFAR tarball, .npz, image folder); "
+                                                      "npz: repeat it to append several files into one set, in order "
+                                                      "[config data.source, when IMPORTER is data.importer]"),
+    generated: bool = typer.Option(False, "--generated", help="npz only: the files hold generated images "
+                                                              "(DM-AT's published data): write one generated set, the "
+                                                              "trainer's generated data"),
+    name: Optional[str] = typer.Option(None, "--name", parser=given,
+                                       help="set name prefix; sets are <name>-<split> (default: the importer). "
+                                            "With --generated: the generated set's name [default: train.generated_set, "
+                                            "else generate.name, else <data name>-gen]"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="samples per shard [config data.shard_size]"),
-    image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless, default) or npy (raw) [config data.image_format]"),
+    image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless, default) or npy (raw) "
+                                                                      "[config data.image_format]"),
     wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
@@ -57,7 +67,8 @@ def ls_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
 
 
 def verify_cmd(name: Optional[str] = typer.Argument(None, help="image-set name or feature key (default: every set)"),
-               recompute: int = typer.Option(0, "--recompute", help="feature sets: also recompute K random samples with the model and report the largest deviation"),
+               recompute: int = typer.Option(0, "--recompute", help="feature sets: also recompute K random samples "
+                                                                    "with the model and report the largest deviation"),
                config: Path = ConfigOpt, root: Optional[Path] = RootOpt):
     """Recompute every shard's checksum; name each missing, truncated or corrupted shard (exit 1 if any)."""
     if recompute < 0:

@@ -27,9 +27,13 @@ def eval_cmd(
     n: Optional[int] = typer.Option(None, "--n", help="first n test images, 0 = all [config eval.n]"),
     pgd_steps: Optional[int] = typer.Option(None, "--pgd-steps", help="PGD steps [config eval.pgd_steps]"),
     restarts: Optional[int] = typer.Option(None, "--restarts", help="PGD restarts [config eval.pgd_restarts]"),
-    autoattack: Optional[bool] = typer.Option(None, "--autoattack/--no-autoattack", help="run AutoAttack [config eval.autoattack]"),
-    weights: Optional[str] = typer.Option(None, "--weights", help="a run's best (held-out PGD selection) or final weights [config eval.weights]"),
-    out: Optional[Path] = typer.Option(None, "--out", help="eval.json path (default: the run's eval.json, or FILE.eval.json); never inside the workspace's images, features, models or runs"),
+    autoattack: Optional[bool] = typer.Option(None, "--autoattack/--no-autoattack", help="run AutoAttack "
+                                                                                         "[config eval.autoattack]"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="a run's best (held-out PGD selection) or final "
+                                                                  "weights [config eval.weights]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="eval.json path (default: the run's eval.json, or "
+                                                           "FILE.eval.json); never inside the workspace's images, "
+                                                           "features, models or runs"),
     force: bool = ForceOpt,
     wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
@@ -44,9 +48,11 @@ def eval_cmd(
 
 def export_cmd(
     run: str = typer.Argument(..., help="run name under <root>/runs (or a run folder)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: ./<run>.pt); never inside the workspace's images, features, models or runs"),
+    out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: ./<run>.pt); never inside the "
+                                                           "workspace's images, features, models or runs"),
     force: bool = ForceOpt,
-    weights: Optional[str] = typer.Option(None, "--weights", help="best (held-out PGD selection) or final weights [config eval.weights]"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="best (held-out PGD selection) or final weights "
+                                                                  "[config eval.weights]"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Write a run's classifier (EMA weights, architecture, normalisation, threat model) to one file for others."""
@@ -58,8 +64,10 @@ def export_cmd(
 
 def report_cmd(
     runs: list[str] = typer.Argument(..., help="run names under <root>/runs (or run folders)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="folder of the comparison (default: <root>/reports/<names>)"),
-    rank_n: Optional[int] = typer.Option(None, "--rank-n", help="test images for the effective rank, 0 = all [config eval.rank_n]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder of the comparison "
+                                                           "(default: <root>/reports/<names>)"),
+    rank_n: Optional[int] = typer.Option(None, "--rank-n", help="test images for the effective rank, 0 = all "
+                                                                "[config eval.rank_n]"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Side-by-side table and figures: training curves, generated samples per class, effective rank of features."""

@@ -27,9 +27,13 @@ def model_info_cmd(model: Optional[str] = ModelOpt, config: Path = ConfigOpt, ro
 
 
 def fit_diffusion_cmd(
-    images: Optional[str] = typer.Option(None, "--images", help="image set to train on (default: the real training set)"),
-    duration_kimg: Optional[float] = typer.Option(None, "--duration-kimg", help="training length in thousands of images [config fit_diffusion.duration_kimg]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step [config fit_diffusion.batch_size]"),
+    images: Optional[str] = typer.Option(None, "--images", help="image set to train on "
+                                                                "(default: the real training set)"),
+    duration_kimg: Optional[float] = typer.Option(None, "--duration-kimg",
+                                                  help="training length in thousands of images "
+                                                       "[config fit_diffusion.duration_kimg]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step "
+                                                                        "[config fit_diffusion.batch_size]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed [config fit_diffusion.seed]"),
     wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,

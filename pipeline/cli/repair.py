@@ -17,9 +17,13 @@ def register(app: typer.Typer) -> None:
 
 def repair_cmd(
     names: Optional[list[str]] = typer.Argument(None, help="image-set names or feature keys (default: every set)"),
-    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH", help="imported sets: the source file or folder, where the recorded one moved (npz: repeat it for each file, in order)"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="generated and feature sets: the model spec, where the recorded one moved"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="CPU actors when there is no GPU [config ray.cpu_actors]"),
+    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH",
+                                                 help="imported sets: the source file or folder, where the recorded "
+                                                      "one moved (npz: repeat it for each file, in order)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="generated and feature sets: the model spec, where "
+                                                                    "the recorded one moved"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="CPU actors when there is no GPU "
+                                                                  "[config ray.cpu_actors]"),
     wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):

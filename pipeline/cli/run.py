@@ -15,10 +15,11 @@ def register(app: typer.Typer) -> None:
 
 
 def run_cmd(
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated (0,1,2): each setting is "
-                                        "trained once per seed and the report adds mean +- std [config run.seeds]"),
-    name: Optional[str] = typer.Option(None, "--name", parser=given, help="run-name prefix: runs NAME-<arch>-<dra|nodra>-<seed>; a "
-                                       "new prefix trains changed settings beside the old runs [config run.name]"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated (0,1,2): each setting "
+                                        "is trained once per seed and the report adds mean +- std [config run.seeds]"),
+    name: Optional[str] = typer.Option(None, "--name", parser=given,
+                                       help="run-name prefix: runs NAME-<arch>-<dra|nodra>-<seed>; a new prefix trains "
+                                       "changed settings beside the old runs [config run.name]"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Run every stage pipeline.yaml names (run.stages), end to end, reusing what is cached."""

@@ -20,8 +20,10 @@ def register(app: typer.Typer) -> None:
 def sweep_cmd(
     axes: list[str] = typer.Argument(..., help="KEY=V1,V2,... config overrides, e.g. train.dra_lambda=0,0.5 "
                                      "features.timesteps=25,100; a single value (train.epochs=2) fixes a key"),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated [config run.seeds, else train.seed]"),
-    name: Optional[str] = typer.Option(None, "--name", parser=given, help="results folder <root>/sweeps/NAME (default: a hash of the axes and seeds)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds, comma-separated "
+                                                              "[config run.seeds, else train.seed]"),
+    name: Optional[str] = typer.Option(None, "--name", parser=given, help="results folder <root>/sweeps/NAME "
+                                                                          "(default: a hash of the axes and seeds)"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Run a grid of config overrides x seeds; writes table.md (mean +- std over seeds), results.json and a plot.
@@ -29,6 +31,7 @@ def sweep_cmd(
     Stage 1 runs once per distinct setting (cached by identity), each training once; a killed sweep resumes and
     a finished one reruns as a no-op."""
     base, parsed = resolve(config, root), parse_axes(axes)
-    command = "dra-pipe sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "dra-pipe sweep"
+    command = ("dra-pipe sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2
+               else "dra-pipe sweep")
     with exit_once_reported():
         run_sweep(base, parsed, seeds, name, command)

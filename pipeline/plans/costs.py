@@ -22,7 +22,8 @@ class StepCost:
     holdout_flops_per_image: float       # the per-epoch held-out evaluation (clean + PGD-holdout_pgd_steps)
 
 
-def step_cost(job: Job, device: torch.device | None = None, max_batch: int = 64, budget_flops: float = 2e11) -> StepCost:
+def step_cost(job: Job, device: torch.device | None = None, max_batch: int = 64,
+              budget_flops: float = 2e11) -> StepCost:
     """Count a training step's FLOPs on a one-image batch (which is also the warm-up), then time steps of as
     many images as `budget_flops` allows (at most `max_batch`, at least one): a dry run of a WRN on a CPU
     stays within seconds, a small CNN is timed on a real-sized batch."""
@@ -56,8 +57,10 @@ def synthetic_batch(job: Job, size: int, seed: int) -> dict[str, torch.Tensor]:
     """A random batch shaped like the loader's (for timing)."""
     g = torch.Generator().manual_seed(seed)
     r, c = job.resolution, job.channels
-    batch = {"ids": torch.arange(size), "images": torch.randint(0, 256, (size, r, r, c), generator=g, dtype=torch.uint8),
-             "labels": torch.randint(0, job.classes, (size,), generator=g), "generated": torch.zeros(size, dtype=torch.bool)}
+    batch = {"ids": torch.arange(size),
+             "images": torch.randint(0, 256, (size, r, r, c), generator=g, dtype=torch.uint8),
+             "labels": torch.randint(0, job.classes, (size,), generator=g),
+             "generated": torch.zeros(size, dtype=torch.bool)}
     if job.dra:
         batch["targets"] = torch.randn((size, *job.target_shape), generator=g).half()
         batch["targets_v1"] = torch.randn((size, *job.target_shape), generator=g).half()

@@ -55,14 +55,15 @@ def planned_real(cfg: Config) -> PlannedImages:
         raise UserError(f"no image set {real_train_set(cfg)} under {cfg.root}/images, and the size of a {d.importer} "
                         f"import is unknown before it runs; run `dra-pipe import` first, even for a dry run")
     n, classes, channels, resolution = shape
-    return PlannedImages(image_set_dir(Path(cfg.root), real_train_set(cfg)), n, classes, channels, resolution, d.shard_size)
+    return PlannedImages(image_set_dir(Path(cfg.root), real_train_set(cfg)), n, classes, channels, resolution,
+                         d.shard_size)
 
 
 def planned_generated(cfg: Config, like) -> PlannedImages:
     """The generated set `generate.n` asks for, shaped like `like` (the real set or the model)."""
     if cfg.train.generated_set:
-        raise UserError(f"no image set {cfg.train.generated_set} (train.generated_set) under {cfg.root}/images; its size "
-                        f"is known once `dra-pipe select` has made it")
+        raise UserError(f"no image set {cfg.train.generated_set} (train.generated_set) under {cfg.root}/images; its "
+                        "size is known once `dra-pipe select` has made it")
     return PlannedImages(image_set_dir(Path(cfg.root), generated_set(cfg)), parse_count(cfg.generate.n), like.classes,
                          like.channels, like.resolution, cfg.data.shard_size)
 
@@ -86,8 +87,9 @@ def teacher_for_plan(cfg: Config):
             raise
         real = _real_or_planned(cfg)
         net = EDMPrecond(**network_config(real, fit_settings(cfg))).eval().requires_grad_(False)
-        return net, None, (f"the model fit-diffusion trains on {real.name} is not there yet: planned with its configured "
-                           f"architecture ({sum(p.numel() for p in net.parameters()):,} parameters, random weights)")
+        return net, None, (f"the model fit-diffusion trains on {real.name} is not there yet: planned with its "
+                           f"configured architecture ({sum(p.numel() for p in net.parameters()):,} parameters, "
+                           "random weights)")
     model, published = model_for_plan(spec)
     return model, spec, stand_in_note(spec, published, model) if published else None
 

@@ -130,7 +130,8 @@ def _source(images, features, tag: int, stop: int | None = None) -> Source:
     """The stored sets' Source (checked); for planned stores, the shards they would have."""
     if isinstance(images, PlannedImages) or isinstance(features, PlannedFeatures):
         stop = images.n if stop is None else stop
-        shards = tuple((p.index, p.first_id, min(p.count, stop - p.first_id)) for p in images.plan() if p.first_id < stop)
+        shards = tuple((p.index, p.first_id, min(p.count, stop - p.first_id)) for p in images.plan()
+                       if p.first_id < stop)
         return Source(str(images.path), None, shards, tag)
     return Source.open(images, features, tag, stop=stop)
 
@@ -160,7 +161,8 @@ def describe(job: Job) -> list[str]:
                      f"head (hidden {s.dra_hidden}, depth {s.dra_depth}) -> targets {shape_text(job.target_shape)}; "
                      f"feature sets {', '.join(f'{k} {v}' for k, v in job.feature_keys.items())}")
     else:
-        lines.append("DRA off: plain " + ("DM-AT" if job.generated else "adversarial training") + ", no feature set used")
+        lines.append("DRA off: plain " + ("DM-AT" if job.generated else "adversarial training")
+                     + ", no feature set used")
     return lines
 
 

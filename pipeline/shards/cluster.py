@@ -21,7 +21,8 @@ class ActorPlan:
 
     def describe(self) -> str:
         kind = "GPU" if self.num_gpus else "CPU"
-        return f"{self.actors} {kind} worker{'s' if self.actors != 1 else ''} x {self.threads} thread{'s' if self.threads != 1 else ''}"
+        return (f"{self.actors} {kind} worker{'s' if self.actors != 1 else ''} x "
+                f"{self.threads} thread{'s' if self.threads != 1 else ''}")
 
 
 def plan_actors(nodes: Sequence[dict], cpu_actors: int) -> ActorPlan:

@@ -126,9 +126,9 @@ class _Driver:
         waiting = {slot.handle.setup.remote(): slot for slot in self.slots}
         while waiting:
             if time.perf_counter() - started > max_wait:
-                raise WorkerStartError(f"{len(waiting)} of {self.plan.describe()} did not start within {max_wait:.0f} s: "
-                                       f"the cluster's CPUs/GPUs are held by other jobs (`ray status`); pass a smaller "
-                                       f"--workers or free the cluster")
+                raise WorkerStartError(f"{len(waiting)} of {self.plan.describe()} did not start within "
+                                       f"{max_wait:.0f} s: the cluster's CPUs/GPUs are held by other jobs "
+                                       "(`ray status`); pass a smaller --workers or free the cluster")
             left = max_wait - (time.perf_counter() - started)
             ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=max(0.1, min(patience, left)))
             if not ready:

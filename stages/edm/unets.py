@@ -179,7 +179,8 @@ class SongUNet(_LevelUNet):
         # Embedding of the noise level (and labels): noise_width -> emb_width -> emb_width.
         noise_width = model_channels * channel_mult_noise
         positional = embedding_type == "positional"
-        self.map_noise = PositionalEmbedding(noise_width, endpoint=True) if positional else FourierEmbedding(noise_width)
+        self.map_noise = (PositionalEmbedding(noise_width, endpoint=True) if positional
+                          else FourierEmbedding(noise_width))
         self.map_label = Linear(label_dim, noise_width, **plain) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_width, bias=False, **plain) if augment_dim else None
         self.map_layer0 = Linear(noise_width, emb_width, **plain)

@@ -46,14 +46,17 @@ ROWS = [
     ("npz-float-labels", "import npz --from {base}/float.npz --root {base}/new", 2, "float64"),
     ("npz-billion-classes", "import npz --from {base}/huge.npz --root {base}/new", 2, "1,000,000,001 classes"),
     ("npz-no-images", "import npz --from {base}/zero.npz --root {base}/new", 2, "no images"),
-    ("npz-object-labels", "import npz --from {base}/object.npz --root {base}/new", 2, "'label' is not a readable array"),
+    ("npz-object-labels", "import npz --from {base}/object.npz --root {base}/new", 2,
+     "'label' is not a readable array"),
     ("npz-ends-early", "import npz --from {base}/short.npz --root {base}/new", 2, "ends early"),
     ("npz-not-zip", "import npz --from {base}/list.yaml --root {base}/new", 2, "not an .npz file"),
     ("cifar-no-data", "import cifar10 --from {base}/nodata.tar.gz --root {base}/new", 2, "lacks 'data'"),
     ("cifar-object-labels", "import cifar10 --from {base}/objlabels.tar.gz --root {base}/new", 2, "labels are object"),
-    ("cifar-float-labels", "import cifar10 --from {base}/floatlabels.tar.gz --root {base}/new", 2, "labels are float64"),
+    ("cifar-float-labels", "import cifar10 --from {base}/floatlabels.tar.gz --root {base}/new", 2,
+     "labels are float64"),
     ("npz-zero-size-images", "import npz --from {base}/empty-images.npz --root {base}/new", 2, "at least 1x1"),
-    ("npz-zero-size-npy", "import npz --from {base}/empty-images.npz --format npy --root {base}/new", 2, "at least 1x1"),
+    ("npz-zero-size-npy", "import npz --from {base}/empty-images.npz --format npy --root {base}/new", 2,
+     "at least 1x1"),
     ("cifar-float-data", "import cifar10 --from {base}/floatdata.tar.gz --root {base}/new", 2, "'data' is float64"),
     ("cifar-uint16-data", "import cifar10 --from {base}/widedata.tar.gz --root {base}/new", 2, "'data' is uint16"),
     ("folder-16-bit", "import folder --from {base}/sixteen --root {base}/new", 2, "mode I;16 is not 8 bits"),
@@ -103,7 +106,8 @@ ROWS = [
     # run names and set names stay inside the workspace
     ("train-escape", "train --name ../escape --dry-run --root {ws}", 2, "invalid run name '../escape'"),
     ("train-slash", "train --name a/b --dry-run --root {ws}", 2, "invalid run name 'a/b'"),
-    ("select-escape", "select digits-train --scorer tiny --out ../escape --root {ws}", 2, "invalid set name '../escape'"),
+    ("select-escape", "select digits-train --scorer tiny --out ../escape --root {ws}", 2,
+     "invalid set name '../escape'"),
     ("select-junk-scorer", "select digits-train --scorer {base}/junk.pt --root {ws}", 2, "not a readable classifier"),
     # eval: weights chosen explicitly, outputs checked before the work, damaged run files are data errors
     ("eval-best-missing", "eval tiny --weights best --no-autoattack --root {ws}", 2, "has no best.pt"),
@@ -134,7 +138,8 @@ ROWS = [
     ("report-cut-final", "report cut-final --out {base}/rep --root {ws}", 1, "final.pt: unreadable"),
     ("report-eval-json", "report bad-eval --out {base}/rep --root {ws}", 1, "eval.json: unreadable"),
     ("report-config-yaml", "report bad-config --out {base}/rep --root {ws}", 1, "config.yaml: unreadable"),
-    ("train-run-json", "train --name bad-record --config {base}/real-only.yaml --root {ws}", 1, "run.json: not valid JSON"),
+    ("train-run-json", "train --name bad-record --config {base}/real-only.yaml --root {ws}", 1,
+     "run.json: not valid JSON"),
     # the other stages
     ("fit-no-images", "fit-diffusion --images nosuch --root {ws}", 2, "nosuch"),
     ("fit-empty-levels", "fit-diffusion --config {base}/no-levels.yaml --root {ws}", 2, "needs at least 1 item"),
@@ -193,7 +198,8 @@ def test_recompute_caps_k_at_the_cached_samples(tiny_model_dir, tmp_path):
     net = load_model(f"dra:{tiny_model_dir}")
     images = image_set(tmp_path, "t-train", "real", 20, 8)
     identity = {"image_set": images.fingerprint, "image_set_name": images.name, "model": "tiny", "timestep": 100,
-                "layer": "dec.4x4_in1", "sigma": 0.5, "noise_seed": 0, "pool": "none", "views": ViewSpec(1, 0, False).identity()}
+                "layer": "dec.4x4_in1", "sigma": 0.5, "noise_seed": 0, "pool": "none",
+                "views": ViewSpec(1, 0, False).identity()}
     shards = [images.read_shard(p.index) for p in images.plan()]
     targets = [compute_targets(net, s.ids, s.images, s.labels, "dec.4x4_in1", NoiseLevel(0.5, 100), 0, "none",
                                ViewSpec(1, 0, False), images.fingerprint)[:, 0] for s in shards]

@@ -42,7 +42,8 @@ def test_extract_views_train_loader_rows(smoke):
                                         for k in ("DM-AT", "DRA stored", "DRA online"))
     lo = r["loader"]
     assert lo["workers"] == 2 and math.isclose(lo["ratio"], lo["samples_per_s"] / lo["step_consumes"], rel_tol=1e-9)
-    assert r["scale"]["kind"] == "CPU" and set(r["scale"]["runs"]) == {"one", "all"} and r["scale"]["runs"]["all"]["actors"] == 2
+    assert (r["scale"]["kind"] == "CPU" and set(r["scale"]["runs"]) == {"one", "all"}
+            and r["scale"]["runs"]["all"]["actors"] == 2)
 
 
 def test_projection_follows_from_the_measured_rates(smoke):

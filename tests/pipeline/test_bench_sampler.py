@@ -42,7 +42,8 @@ def test_reported_figures_are_consistent(tmp_path):
     assert "freshly initialised" in results["models"]["digits"]["source"]
     variant = results["variants"]["digits/bf16"]           # the GPU code path, exercised with CPU autocast
     assert variant["finite"] and variant["max_abs_diff"] >= variant["mean_abs_diff"] > 0   # bf16 did change the samples
-    assert variant["speedup"] == pytest.approx(results["models"]["digits"]["sampler_seconds"] / variant["sampler_seconds"])
+    assert variant["speedup"] == pytest.approx(results["models"]["digits"]["sampler_seconds"]
+                                               / variant["sampler_seconds"])
     assert "fp16, compile: need a CUDA GPU" in text and "sampler / (NFE x forward)" in text
     for name, r in results["models"].items():              # model.dtype bfloat16's deviation, on any device
         assert 0 < r["bf16_max_abs_diff"] < 0.1 and r["bf16_images"] == min(4, r["batch"]), (name, r)

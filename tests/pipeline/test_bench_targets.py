@@ -14,7 +14,8 @@ def measured(tmp_path_factory, tiny_model_dir, ray_local):
     from conftest import run_cli
     tmp = tmp_path_factory.mktemp("targets")
     (tmp / "pipeline.yaml").write_text(yaml.safe_dump({
-        "root": str(tmp / "ws"), "data": {"shard_size": 64, "test_fraction": 0.9}, "model": {"spec": f"dra:{tiny_model_dir}"},
+        "root": str(tmp / "ws"), "data": {"shard_size": 64, "test_fraction": 0.9},
+        "model": {"spec": f"dra:{tiny_model_dir}"},
         "features": {"views": 6, "layer": "dec.4x4_in1"}, "train": TRAIN, "ray": {"cpu_actors": 1}}))
     run_cli("import", "digits", "-c", tmp / "pipeline.yaml")
     run_cli("extract-features", "--images", "digits-train", "-c", tmp / "pipeline.yaml")

@@ -11,8 +11,10 @@ from stores.images import ImageSet
 @pytest.fixture
 def workspace(cli, tmp_path, tiny_model_dir, ray_local):
     # a small training split (180 images in 3 shards) keeps each extraction to a second or two
-    (tmp_path / "pipeline.yaml").write_text(f"model:\n  spec: dra:{tiny_model_dir}\nfeatures:\n  batch_size: 128\n  views: 4\n"
-                                            f"data:\n  test_fraction: 0.9\ntrain:\n  crop_pad: 1\n")   # views of 1-px crops
+    (tmp_path / "pipeline.yaml").write_text(f"model:\n  spec: dra:{tiny_model_dir}\n"
+                                            f"features:\n  batch_size: 128\n  views: 4\n"
+                                            f"data:\n  test_fraction: 0.9\n"
+                                            f"train:\n  crop_pad: 1\n")   # views of 1-px crops
     code, _, err = cli("import", "digits", "--shard-size", "64")
     assert code == 0, err
     return tmp_path / "dra-data"

@@ -29,7 +29,8 @@ def test_the_runner_makes_one_actor_per_gpu_each_with_its_own_device(probe):
 
 
 def test_the_worker_picks_device_0_of_its_visible_set(probe):
-    """`cuda` (no index) or cuda:0: inside each actor, its one visible GPU; any other index names a GPU it cannot see."""
+    """`cuda` (no index) or cuda:0: inside each actor, its one visible GPU; any other index names a GPU it
+    cannot see."""
     assert all(a["device"] in ("cuda", "cuda:0") for a in probe["actors"])
 
 

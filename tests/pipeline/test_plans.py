@@ -70,7 +70,8 @@ def test_generate_dry_run_of_the_real_recipe_plans_without_the_checkpoint(cli, t
     assert "plan: 20,000,000 images -> cifar10-gen-20m: 2,000 shards of up to 10,000" in text
     assert "is not here: planned with the published architecture of edm-cifar10-32x32-cond-vp.pkl (55,735,299" in text
     assert "heun 20 steps = 39 network evaluations x 42.4 GFLOP" in text
-    assert _number(r"~([\d,.]+) GPU-hours", text) == pytest.approx(20e6 * 39 * 42.38e9 / 989.4e12 / 0.4 / 3600, rel=0.03)
+    assert _number(r"~([\d,.]+) GPU-hours", text) == pytest.approx(20e6 * 39 * 42.38e9 / 989.4e12 / 0.4 / 3600,
+                                                                   rel=0.03)
     # an incompressible 32x32x3 PNG fills 7 tar blocks plus its header, the label 2: 10 x 512 bytes
     assert "5,120 B/image, at most" in text and "~102.4 GB on disk" in text
     assert "dry run: nothing written" in text and not (tmp_path / "ws").exists()
@@ -111,7 +112,8 @@ def test_train_dry_run_plans_missing_stores_from_the_config(cli, tmp_path):
     code, out, err = cli("train", "--dry-run")
     assert code == 0, err
     text = " ".join(out.split())
-    assert "image set cifar10-train is not here yet" in text and "planned as 50,000 images of 3x32x32, 10 classes" in text
+    assert ("image set cifar10-train is not here yet" in text
+            and "planned as 50,000 images of 3x32x32, 10 classes" in text)
     assert "cifar10-gen-20m is not here yet" in text and "planned as 20,000,000 images" in text
     assert ("planned as dec.8x8_in1 at timestep 100, pool none, 256x8x8 per image, 16 view(s) for crop pad 4, flip on"
             in text)
@@ -164,13 +166,16 @@ def test_extract_dry_run_of_the_real_recipe_plans_without_model_or_images(cli, t
     text = " ".join(out.split())
     assert "plan: layer dec.8x8_in1, targets 256x8x8 float16 per view at t=100" in text
     assert "views made for crop pad 4, flip on" in text
-    assert "cifar10-train: 50,000 images x 16 view(s) x 1 noise level(s) x 32.8 KB = 524.3 KB per image, 26.2 GB" in text
-    assert "cifar10-gen-20m: 20,000,000 images x 4 view(s) x 1 noise level(s) x 32.8 KB = 131.1 KB per image, 2.6 TB" in text
+    assert ("cifar10-train: 50,000 images x 16 view(s) x 1 noise level(s) x 32.8 KB = "
+            "524.3 KB per image, 26.2 GB") in text
+    assert ("cifar10-gen-20m: 20,000,000 images x 4 view(s) x 1 noise level(s) x 32.8 KB = "
+            "131.1 KB per image, 2.6 TB") in text
     tap = _number(r"x ([\d.]+) GFLOP \(the network up to dec.8x8_in1", text)
     full = _number(r"a full forward is ([\d.]+)\)", text)
     assert full == pytest.approx(42.4, abs=0.05) and tap < full / 2          # the tap skips most of the decoder
     forwards = 20e6 * 4 + 50e3 * 16                                          # one tapped forward per view
-    assert _number(r"~([\d.]+) GPU-hours", text) == pytest.approx(forwards * tap * 1e9 / 989.4e12 / 0.4 / 3600, rel=0.05)
+    assert _number(r"~([\d.]+) GPU-hours", text) == pytest.approx(forwards * tap * 1e9 / 989.4e12 / 0.4 / 3600,
+                                                                  rel=0.05)
     assert "--pool 2 stores 4x less" in text and not (tmp_path / "ws").exists()
 
 
@@ -189,7 +194,8 @@ def test_a_tap_returns_what_the_full_forward_computes_at_that_layer():
         for h in handles:
             h.remove()
         early = features(net, x, sigma, labels, [names[2], names[len(names) // 2]])
-    assert torch.equal(early[names[2]], seen[names[2]]) and torch.equal(early[names[len(names) // 2]], seen[names[len(names) // 2]])
+    assert (torch.equal(early[names[2]], seen[names[2]])
+            and torch.equal(early[names[len(names) // 2]], seen[names[len(names) // 2]]))
     saw_after = []
     late = net.layer_module(names[-1]).register_forward_hook(lambda *a: saw_after.append(1))
     with torch.no_grad():
@@ -217,5 +223,6 @@ def test_more_loader_workers_than_cpus_refused():
     from pipeline.plans.train import check_loader_workers
     from stores.errors import UserError
     check_loader_workers(2, 2)
-    with pytest.raises(UserError, match="train.loader_workers is 3 but this machine has 2 CPUs; set train.loader_workers to 2"):
+    with pytest.raises(UserError, match="train.loader_workers is 3 but this machine has 2 CPUs; "
+                                        "set train.loader_workers to 2"):
         check_loader_workers(3, 2)

@@ -148,7 +148,8 @@ def test_stage_reruns_redo_damaged_shards(cli, ws):
         code, out, err = cli(*RERUN[kind])
         assert code == 0, err
         shard = next(iter(RERUN_DAMAGE[kind]))
-        assert f"redid damaged shard(s) {shard}" in out if kind == "imported" else f"shard(s) {shard} are damaged" in out
+        assert (f"redid damaged shard(s) {shard}" in out if kind == "imported"
+                else f"shard(s) {shard} are damaged" in out)
         assert "cached" not in out and "is complete" not in out and "already imported: digits-train" not in out
     assert_original_bytes(ws, files, before, RERUN_DAMAGE)
     code, out, err = cli("verify")

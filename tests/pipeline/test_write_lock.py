@@ -76,7 +76,8 @@ WRITERS = {                # command -> (its arguments, the folder it writes: wh
     "train": (["train", "--name", "held", "--no-dra", "--epochs", "1"], lambda ws: ws["root"] / "runs" / "held"),
     "select": (["select", "--scorer", "tiny", "--fraction", "0.5"],
                lambda ws: image_set_dir(ws["root"], "digits-gen-top50")),
-    "eval": (["eval", "tiny", "--n", "8", "--pgd-steps", "1", "--no-autoattack"], lambda ws: ws["root"] / "runs" / "tiny"),
+    "eval": (["eval", "tiny", "--n", "8", "--pgd-steps", "1", "--no-autoattack"],
+             lambda ws: ws["root"] / "runs" / "tiny"),
 }
 
 

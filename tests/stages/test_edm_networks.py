@@ -157,8 +157,9 @@ def _variant_inputs(batch: int = 3):
 # frequencies) filled by the DESIGN.md rule, inputs from _variant_inputs.
 VARIANTS = {
     "ncsnpp": (dict(img_resolution=16, img_channels=3, label_dim=10, model_type="SongUNet", embedding_type="fourier",
-                    channel_mult_noise=2, encoder_type="residual", decoder_type="standard", resample_filter=[1, 3, 3, 1],
-                    model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8], augment_dim=9),
+                    channel_mult_noise=2, encoder_type="residual", decoder_type="standard",
+                    resample_filter=[1, 3, 3, 1], model_channels=16, channel_mult=[1, 2, 2], num_blocks=1,
+                    attn_resolutions=[8], augment_dim=9),
                324451, [-5.32966, -20.37026, 109.62559], [481.35471, 271.76971, 423.07425]),
     "skip": (dict(img_resolution=16, img_channels=3, label_dim=0, model_type="SongUNet", embedding_type="positional",
                   encoder_type="skip", decoder_type="skip", resample_filter=[1, 1], model_channels=16,

@@ -88,10 +88,13 @@ def test_targets_equal_the_layer_output_for_x_plus_sigma_eps(model, digits):
 def test_targets_depend_on_sample_id_not_on_batch(model, digits):
     shard = digits.read_shard(0)
     level = NoiseLevel.from_timestep(200)
-    whole = compute_targets(model, shard.ids[:8], shard.images[:8], shard.labels[:8], "dec.4x4_in1", level, 0, "2", ONE, digits.fingerprint)
-    part = compute_targets(model, shard.ids[4:8], shard.images[4:8], shard.labels[4:8], "dec.4x4_in1", level, 0, "2", ONE, digits.fingerprint)
+    whole = compute_targets(model, shard.ids[:8], shard.images[:8], shard.labels[:8], "dec.4x4_in1",
+                            level, 0, "2", ONE, digits.fingerprint)
+    part = compute_targets(model, shard.ids[4:8], shard.images[4:8], shard.labels[4:8], "dec.4x4_in1",
+                           level, 0, "2", ONE, digits.fingerprint)
     assert np.allclose(whole[4:8], part, atol=1e-3)
-    other_seed = compute_targets(model, shard.ids[4:8], shard.images[4:8], shard.labels[4:8], "dec.4x4_in1", level, 1, "2", ONE, digits.fingerprint)
+    other_seed = compute_targets(model, shard.ids[4:8], shard.images[4:8], shard.labels[4:8], "dec.4x4_in1",
+                                 level, 1, "2", ONE, digits.fingerprint)
     assert np.abs(other_seed - part).max() > 1e-3
 
 

@@ -88,7 +88,8 @@ def test_cli_fit_then_cached_and_model_info(cli, tmp_path):
     assert "saved model" in out and "images/s" in out
     code, out, _ = cli("fit-diffusion", *flags)
     assert code == 0 and "cached: model fit-" in out
-    (tmp_path / "pipeline.yaml").write_text("fit_diffusion:\n  model_channels: 8\n  num_blocks: 1\n  duration_kimg: 0.064\n  batch_size: 32\n")
+    (tmp_path / "pipeline.yaml").write_text("fit_diffusion:\n  model_channels: 8\n  num_blocks: 1\n"
+                                            "  duration_kimg: 0.064\n  batch_size: 32\n")
     code, out, err = cli("model", "info", "--model", "fit")
     assert code == 0, err
     assert "dec.4x4_in1" in out and "8x4x4" not in out.split("dec.4x4_in1")[0][-5:]

@@ -57,7 +57,8 @@ def test_class_agreement_sees_right_and_wrong_classes(digits):
     assert class_agreement(TemplateDenoiser(train), 3, 4, 0, judge) == 1.0
     assert class_agreement(TemplateDenoiser(train, shift=1), 3, 4, 0, judge) == 0.0
     images, labels = conditional_samples(TemplateDenoiser(train), 2, 4, 0, batch_size=7)
-    assert images.shape == (20, 8, 8, 1) and images.dtype.name == "uint8" and sorted(labels) == sorted(list(range(10)) * 2)
+    assert (images.shape == (20, 8, 8, 1) and images.dtype.name == "uint8"
+            and sorted(labels) == sorted(list(range(10)) * 2))
 
 
 def test_fit_defaults_agree_everywhere():

@@ -159,7 +159,8 @@ def _one_line_exit_2(cli, *args):
     return err
 
 
-@pytest.mark.parametrize("n, needle", [("0", "invalid count '0'"), ("-5", "invalid count '-5'"), ("3x", "invalid count '3x'")])
+@pytest.mark.parametrize("n, needle", [("0", "invalid count '0'"), ("-5", "invalid count '-5'"),
+                                       ("3x", "invalid count '3x'")])
 def test_bad_count(cli, tmp_path, spec, n, needle):
     assert needle in _one_line_exit_2(cli, "-c", write_config(tmp_path, spec), "--n", n)
     assert not (tmp_path / "ws").exists()
@@ -249,18 +250,21 @@ def test_two_nodes_both_work(tmp_path, spec, reference):
     base = _free_port_range(60)
     address = f"127.0.0.1:{base}"
     head_ports = ["--head", f"--port={base}", f"--ray-client-server-port={base + 1}", f"--dashboard-port={base + 2}",
-                  f"--dashboard-agent-listen-port={base + 3}", f"--min-worker-port={base + 10}", f"--max-worker-port={base + 29}"]
+                  f"--dashboard-agent-listen-port={base + 3}", f"--min-worker-port={base + 10}",
+                  f"--max-worker-port={base + 29}"]
     worker_ports = [f"--address={address}", f"--dashboard-agent-listen-port={base + 4}",
                     f"--min-worker-port={base + 30}", f"--max-worker-port={base + 49}"]
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1"]
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")        # Ray's socket paths must stay under 108 bytes
-    nodes = [_ray_node(head_ports + common + ["--include-dashboard=false", f"--temp-dir={temp}"], env, tmp_path / "head.log")]
+    nodes = [_ray_node(head_ports + common + ["--include-dashboard=false", f"--temp-dir={temp}"], env,
+                       tmp_path / "head.log")]
     try:
         _wait_for_nodes(address, env, 1, nodes)
         nodes.append(_ray_node(worker_ports + common, env, tmp_path / "worker.log"))
         _wait_for_nodes(address, env, 2, nodes)
         config = write_config(tmp_path, spec)
-        done = subprocess.run([str(Path(sys.executable).with_name("dra-pipe")), "generate", "-c", str(config), "--address", address],
+        done = subprocess.run([str(Path(sys.executable).with_name("dra-pipe")), "generate", "-c", str(config),
+                               "--address", address],
                               env=env, capture_output=True, text=True, timeout=300)
     finally:
         for node in reversed(nodes):

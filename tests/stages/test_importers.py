@@ -122,7 +122,8 @@ def test_dmat_halves_import_as_one_generated_set(cli, tmp_path, monkeypatch):
     assert code == 0, err
     with pytest.raises(UserError, match=r"2 generated image sets \(dmat-20m, dmat-half\).*set train.generated_set"):
         training_generated_set(cfg)
-    assert training_generated_set(load_config(None, {"root": cfg.root, "train.generated_set": "dmat-half"})) == "dmat-half"
+    assert training_generated_set(load_config(None, {"root": cfg.root,
+                                                     "train.generated_set": "dmat-half"})) == "dmat-half"
 
 
 def test_killed_generated_import_resumes(cli, tmp_path, monkeypatch):

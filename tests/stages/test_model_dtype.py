@@ -114,9 +114,11 @@ def test_extract_in_bf16_differs_a_little_and_gets_its_own_key(model, tmp_path):
     assert compute_targets(*args, "float32", "float32").dtype == np.float32
     ident = lambda **kw: feature_identity(images, "fp", LAYER, LEVEL, 0, "none", VIEWS, True, **kw)  # noqa: E731
     assert "compute_dtype" not in ident() and ident()["dtype"] == "float16"
-    assert fingerprint(feature_identity(Named(), "m", LAYER, LEVEL, 0, "none", VIEWS, True))[:16] == "b73e071d22455c7a"  # main, noise keyed by set
+    # main, noise keyed by set
+    assert fingerprint(feature_identity(Named(), "m", LAYER, LEVEL, 0, "none", VIEWS, True))[:16] == "b73e071d22455c7a"
     assert ident(compute_dtype="bfloat16")["compute_dtype"] == "bfloat16"
-    keys = {feature_key(ident()), feature_key(ident(compute_dtype="bfloat16")), feature_key(ident(stored_dtype="float32"))}
+    keys = {feature_key(ident()), feature_key(ident(compute_dtype="bfloat16")),
+            feature_key(ident(stored_dtype="float32"))}
     assert len(keys) == 3
 
 

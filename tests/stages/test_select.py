@@ -52,7 +52,8 @@ def test_keeps_the_most_confident_fraction_of_each_class_with_their_bytes(cli, w
             assert scores[members & kept].min() >= scores[members & ~kept].max() - 1e-6
     assert np.allclose(table["score"], scores[source_ids], atol=1e-6)
     source, got = ws["gen"].read_range(0, N), picked.read_range(0, picked.n)
-    assert np.array_equal(got.images, source.images[source_ids]) and np.array_equal(got.labels, source.labels[source_ids])
+    assert (np.array_equal(got.images, source.images[source_ids])
+            and np.array_equal(got.labels, source.labels[source_ids]))
     assert "selected" in out and "images/s" in out
     code, out, _ = cli("select", "--scorer", "scorer", "--fraction", "0.5")
     assert code == 0 and "nothing to do" in out

@@ -58,8 +58,8 @@ def test_feature_targets_follow_the_model_onto_its_device():
     whose images come from numpy) instead of raising."""
     model = EDMPrecond(**tiny_edm_config()).eval().to(META)
     views = torch.zeros(2, 8, 8, 1, dtype=torch.uint8)
-    out = view_targets(model, torch.tensor([0, 1]), views, np.array([1, 2]), default_layer(model), NoiseLevel(0.5, None),
-                       0, "none", "setA")
+    out = view_targets(model, torch.tensor([0, 1]), views, np.array([1, 2]), default_layer(model),
+                       NoiseLevel(0.5, None), 0, "none", "setA")
     assert out.device == META and out.shape[0] == 2
 
 

@@ -50,7 +50,8 @@ def test_layout_one_zarr_shard_per_image_shard_and_1mb_chunks(tmp_path):
     assert arr.shape == (100, 256, 8, 8) and arr.dtype == np.float16
     assert arr.shards == (40, 256, 8, 8)
     assert arr.chunks[0] * 256 * 8 * 8 * 2 >= 1 << 20            # inner chunks of at least 1 MB
-    shard_files = sorted(p.relative_to(fs.path) for p in (fs.path / "features.zarr" / "targets" / "c").rglob("*") if p.is_file())
+    shard_files = sorted(p.relative_to(fs.path) for p in (fs.path / "features.zarr" / "targets" / "c").rglob("*")
+                         if p.is_file())
     assert [str(p).split("/")[3] for p in shard_files] == ["0", "1", "2"]
     assert inner_chunk_samples(10000, 32768) == 40 and inner_chunk_samples(7, 32768) == 7
 

@@ -122,7 +122,8 @@ def test_the_second_writer_checks_the_identity_under_the_lock(tmp_path):
     before = snapshot(tmp_path, with_lock=False)
     with pytest.raises(UserError, match="another identity"):
         late.begin()
-    assert snapshot(tmp_path, with_lock=False) == before and ImageSet(image_set_dir(tmp_path, "race")).identity == identity(0)
+    assert (snapshot(tmp_path, with_lock=False) == before
+            and ImageSet(image_set_dir(tmp_path, "race")).identity == identity(0))
 
 
 def test_a_complete_set_of_another_identity_is_refused_before_any_lock(tmp_path):

@@ -24,7 +24,8 @@ def build(root, n=50, shard=8, fmt="npy", name="s"):
     fw.begin()
     for p in s.plan():
         sl = slice(p.first_id, p.first_id + p.count)
-        fw.record(write_feature_shard(fw.path, p.index, p.first_id, np.arange(sl.start, sl.stop), np.stack([targets[sl], -targets[sl]], axis=1)))
+        fw.record(write_feature_shard(fw.path, p.index, p.first_id, np.arange(sl.start, sl.stop),
+                                      np.stack([targets[sl], -targets[sl]], axis=1)))
     return s, fw.path, images, labels
 
 
@@ -70,7 +71,8 @@ def test_features_of_other_images_refused(tmp_path):
 
 
 def test_shard_loader_recycles_slots_and_every_kept_batch_stays_intact(tmp_path):
-    """Many more batches than slots (SLOTS_PER_WORKER per worker): a slot refilled too early would corrupt a kept batch."""
+    """Many more batches than slots (SLOTS_PER_WORKER per worker): a slot refilled too early would corrupt a kept
+    batch."""
     from stores.handover import SLOTS_PER_WORKER
     from stores.stream import ShardLoader
     s, fpath, images, labels = build(tmp_path, n=200, shard=8)

@@ -201,7 +201,8 @@ def test_whole_cell_crop_error_of_shifted_targets(setting):
     standard = torch.randint(-2, 3, (setting["B"], 2), generator=torch.Generator().manual_seed(2))
     std_shifted, std_unshifted, _ = _errors(setting, "dec.8x8_in1", flips, standard)
     print(f"\nwhole-cell crop (1-2 cells), dec.8x8_in1: rel error shifted {shifted:.3f}, unshifted {unshifted:.3f}, "
-          f"shifted with margin 1 {margin1:.3f}; standard crop pad 2 (rounded): {std_shifted:.3f} vs {std_unshifted:.3f}")
+          f"shifted with margin 1 {margin1:.3f}; "
+          f"standard crop pad 2 (rounded): {std_shifted:.3f} vs {std_unshifted:.3f}")
     assert shifted < 0.8 * unshifted and shifted < BOUND
     assert margin1 < shifted
     assert std_shifted < std_unshifted

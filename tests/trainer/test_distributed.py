@@ -45,7 +45,8 @@ def test_ctrl_c_during_ray_train_is_one_clean_line(tmp_path):
     workspace(ws, n_real=600, n_gen=0, features=False)
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"root": str(ws), "train": {
         "arch": "small-cnn", "epochs": 50, "batch_size": 32, "holdout": 16, "dra": False, "unsup_fraction": 0.0}}))
-    script = "import sys; from pipeline.cli.main import main; sys.argv = ['dra-pipe', 'train', '--workers', '2']; main()"
+    script = ("import sys; from pipeline.cli.main import main; "
+              "sys.argv = ['dra-pipe', 'train', '--workers', '2']; main()")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120

@@ -29,7 +29,7 @@ def test_head_is_applied_per_token():
     for b, i, j in [(0, 0, 0), (1, 2, 3), (0, 1, 2)]:
         torch.testing.assert_close(out[b, :, i, j], head.mlp(x[b, :, i, j]))
     moved = x.clone()
-    moved[:, :, 0, 0] += 1                                                  # one token changes, one output token changes
+    moved[:, :, 0, 0] += 1                                                  # a token changes, one output token changes
     diff = (head(moved) - out).abs().sum(1)
     assert diff[:, 0, 0].min() > 0 and diff.flatten(1)[:, 1:].max() == 0
 

@@ -46,7 +46,8 @@ RUNS = {
     "trades-dra": {"objective": "trades", "dra": True, "dra_view": "adversarial", "dra_depth": 1},
     "trades": {"objective": "trades", "dra": False},
     "clean": {"objective": "clean", "dra": False},
-    "pgd-at-dra": {"objective": "pgd-at", "dra": True, "dra_view": "clean", "dra_depth": 3, "epsilon": 0.1, "attack_step_size": 0.05},
+    "pgd-at-dra": {"objective": "pgd-at", "dra": True, "dra_view": "clean", "dra_depth": 3, "epsilon": 0.1,
+                   "attack_step_size": 0.05},
     "clean-dra": {"objective": "clean", "dra": True, "dra_depth": 3},
 }
 EVAL_EPS = 0.1          # PGD-10 radius of the robustness checks (see test_trades_keeps_more_pgd_accuracy...)
@@ -118,7 +119,8 @@ class Run:
     def accuracy(self, eps: float = EVAL_EPS) -> dict[str, float]:
         """Clean and PGD-10 accuracy of the EMA weights on the test images (fixed seed; computed once)."""
         if eps not in self._accuracy:
-            self._accuracy[eps] = evaluate(self.ema, self.data.x_test, self.data.y_test, eps, 10, 0, torch.device("cpu"))
+            self._accuracy[eps] = evaluate(self.ema, self.data.x_test, self.data.y_test, eps, 10, 0,
+                                           torch.device("cpu"))
         return self._accuracy[eps]
 
 
@@ -256,4 +258,5 @@ def test_every_objective_and_view_runs_and_learns(runs, name):
 def test_the_runs_cover_every_objective_and_view():
     train = SCHEMA["train"]
     assert {r["objective"] for r in RUNS.values()} == set(train["objective"].choices)
-    assert {r["dra_view"] for r in RUNS.values() if r["dra"] and r["objective"] != "clean"} == set(train["dra_view"].choices)
+    assert ({r["dra_view"] for r in RUNS.values() if r["dra"] and r["objective"] != "clean"}
+            == set(train["dra_view"].choices))

@@ -48,7 +48,8 @@ def test_epoch_split_over_ranks_and_workers_has_no_duplicates(tmp_path):
     for source in (real, gen):
         for epoch in range(3):
             ids = [source.shards[[s[0] for s in source.shards].index(i)][1] + row
-                   for slot in range(4) for i, lo, hi in epoch_pieces(source, 0, epoch, slot, 4) for row in range(lo, hi)]
+                   for slot in range(4) for i, lo, hi in epoch_pieces(source, 0, epoch, slot, 4)
+                   for row in range(lo, hi)]
             assert len(ids) == source.n and len(set(ids)) == source.n    # every shard's rows exactly once
     # the same through DataLoader workers: 2 ranks x 2 workers, 96 real ids -> 24 per slot = 3 batches of 8
     seen = []
@@ -151,7 +152,8 @@ def test_views_mode_streams_each_rows_drawn_view_and_resumes_exactly(tmp_path, w
         assert (batch["targets"][:, 1, 0, 0].numpy() == views).all()          # the target of the drawn view
         drawn += views[~gen_rows].tolist()
     assert set(drawn) == {0, 1, 2, 3}
-    resumed = take(MixPlan(real, gen, 6, 10, seed=3, loader_workers=workers, keys=VIEWS, view_counts=(4, 3), start=5), 7)
+    resumed = take(MixPlan(real, gen, 6, 10, seed=3, loader_workers=workers, keys=VIEWS, view_counts=(4, 3),
+                           start=5), 7)
     for a, b in zip(batches[5:], resumed):
         assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["views"], b["views"])
         assert torch.equal(a["targets"], b["targets"])

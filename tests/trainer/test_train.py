@@ -20,7 +20,8 @@ TINY = {"epochs": 2, "batch_size": 32, "attack_steps": 2, "dra_hidden": 32, "hol
 
 def setup(tmp_path, train=None, **ws):
     sets = workspace(tmp_path / "ws", n_real=ws.pop("n_real", 116), **ws)
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"root": str(tmp_path / "ws"), "train": {**TINY, **(train or {})}}))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"root": str(tmp_path / "ws"),
+                                                            "train": {**TINY, **(train or {})}}))
     return sets
 
 
@@ -70,12 +71,14 @@ def test_killed_run_resumes_exactly(tmp_path, views):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         train(killed, on_step=kill)
-    assert torch.load(RunFolder(killed.run_dir).checkpoint, weights_only=True)["step"] == 4   # mid-epoch (3 steps per epoch)
+    # mid-epoch (3 steps per epoch)
+    assert torch.load(RunFolder(killed.run_dir).checkpoint, weights_only=True)["step"] == 4
     train(killed)
     a, b = (torch.load(RunFolder(j.run_dir).final, weights_only=True)["state_dict"] for j in (straight, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)
     a, b = (torch.load(RunFolder(j.run_dir).best, weights_only=True) for j in (straight, killed))
-    assert a["selected"] == b["selected"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["selected"] == b["selected"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k])
+                                                  for k in a["state_dict"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]   # noqa: E731
     assert strip(RunFolder(straight.run_dir).read_metrics()) == strip(RunFolder(killed.run_dir).read_metrics())
 
@@ -154,10 +157,13 @@ def test_bad_input_one_line_exit_2(cli, tmp_path):
     other = image_set(tmp_path / "ws", "elsewhere-train", "real", 40, 32, seed=9)
     key = feature_set(tmp_path / "ws", other).name
     err = one_line_error(cli, "--features", key)
-    assert other.fingerprint[:12] in err and sets["real"].fingerprint[:12] in err and sets["gen"].fingerprint[:12] in err
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"root": str(tmp_path / "ws"), "train": {**TINY, "dra_layer": "conv9"}}))
+    assert (other.fingerprint[:12] in err and sets["real"].fingerprint[:12] in err
+            and sets["gen"].fingerprint[:12] in err)
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"root": str(tmp_path / "ws"),
+                                                            "train": {**TINY, "dra_layer": "conv9"}}))
     assert "has no layer 'conv9'" in one_line_error(cli)
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"root": str(tmp_path / "ws"), "train": {**TINY, "unsup_fraction": 1.0}}))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"root": str(tmp_path / "ws"),
+                                                            "train": {**TINY, "unsup_fraction": 1.0}}))
     assert "unsup_fraction" in one_line_error(cli)
 
 
@@ -185,7 +191,8 @@ def test_ray_train_two_cpu_workers_on_digits(cli, tmp_path):
     gen = image_set(ws, "digits-gen", "generated", 300, 128, seed=3)
     feature_set(ws, real, (8, 4, 4))
     feature_set(ws, gen, (8, 4, 4))
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"root": str(ws), "train": {**TINY, "epochs": 1, "batch_size": 256, "holdout": 144}}))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(
+        {"root": str(ws), "train": {**TINY, "epochs": 1, "batch_size": 256, "holdout": 144}}))
     code, out, err = cli("train", "--workers", "2", "--name", "ray")
     assert code == 0, err
     run = RunFolder(ws / "runs" / "ray")
@@ -214,7 +221,8 @@ def test_bench_train_times_each_variant_around_its_own_work(tmp_path, monkeypatc
             return out
         return run
     step = Trainer.train_step
-    monkeypatch.setattr(Trainer, "train_step", ticking(step, lambda trainer, batch: 0.010 if trainer.head is None else 0.011))
+    monkeypatch.setattr(Trainer, "train_step",
+                        ticking(step, lambda trainer, batch: 0.010 if trainer.head is None else 0.011))
     compute_targets, targets_computed = bench.compute_targets, []
 
     def counted_targets(*args):
@@ -227,9 +235,11 @@ def test_bench_train_times_each_variant_around_its_own_work(tmp_path, monkeypatc
     console = Console(record=True, width=160)
     figures = bench.bench_train(cfg, console, steps=2, samples=256)
     assert figures["loader_samples_per_s"] == pytest.approx(32 / 0.001)
-    assert figures["step_s/DM-AT"] == pytest.approx(0.010) and figures["step_s/DM-AT+DRA cached"] == pytest.approx(0.011)
+    assert (figures["step_s/DM-AT"] == pytest.approx(0.010)
+            and figures["step_s/DM-AT+DRA cached"] == pytest.approx(0.011))
     assert figures["step_s/DRA naive"] == pytest.approx(0.016)
-    assert figures["ratio_cached_over_dmat"] == pytest.approx(1.1) and figures["ratio_naive_over_cached"] == pytest.approx(16 / 11)
+    assert (figures["ratio_cached_over_dmat"] == pytest.approx(1.1)
+            and figures["ratio_naive_over_cached"] == pytest.approx(16 / 11))
     assert figures["consume_images_per_s"] == pytest.approx(32 / 0.011)
     assert targets_computed == [32, 32, 32]                  # the naive step computes its batch's targets every round
     text = console.export_text()

@@ -39,7 +39,8 @@ def extract(root, images: ImageSet, spec: str, views: ViewSpec, level: NoiseLeve
     writer.begin()
     worker = FeatureWorker(spec, LAYER, "none", 0, 64)
     for p in images.plan():
-        job = ShardJob(p.index, p.first_id, p.count, FeaturePayload(str(images.path), ((str(writer.path), level),), views))
+        job = ShardJob(p.index, p.first_id, p.count,
+                       FeaturePayload(str(images.path), ((str(writer.path), level),), views))
         for record in worker.finish(job, worker.compute(job, lambda n: None)):
             writer.record(record)
     return FeatureSet(writer.path)
@@ -93,7 +94,8 @@ def test_views_targets_equal_the_online_teachers_for_the_same_augmented_images(d
         assert (a[augmented] - online_of_view0(teacher, batch)[augmented]).norm() > 0.05 * b[augmented].norm()
     shipped = pickle.loads(pickle.dumps(teacher))                     # Ray Train ships it; each rank loads its own
     assert teacher._model is not None and shipped._model is None
-    assert torch.equal(shipped(batch["images"][:4], batch["ids"][:4], batch["labels"][:4], batch["generated"][:4]), online_of_view0(teacher, batch)[:4])
+    assert torch.equal(shipped(batch["images"][:4], batch["ids"][:4], batch["labels"][:4], batch["generated"][:4]),
+                       online_of_view0(teacher, batch)[:4])
 
 
 def test_online_teacher_keys_each_rows_noise_by_its_image_set(digits):
@@ -138,7 +140,8 @@ def test_every_mode_trains_and_reports_views_seen(digits, mode):
 def test_train_targets_flag_and_plan(cli, digits):
     for mode, needle in (("online", "targets online (the teacher in the step, exact)"),
                          ("views", "targets views (6 stored views per real image, exact)"),
-                         ("shifted", "targets shifted (whole-cell shift of the un-augmented target: an approximation)")):
+                         ("shifted",
+                          "targets shifted (whole-cell shift of the un-augmented target: an approximation)")):
         code, out, err = cli("train", "--dry-run", "--targets", mode, "-c", digits["root"] / "pipeline.yaml")
         assert code == 0 and needle in " ".join(out.split()), (mode, err)
     code, _, err = cli("train", "--dry-run", "--targets", "nearest", "-c", digits["root"] / "pipeline.yaml")
