@@ -93,7 +93,7 @@ def adjust_targets(targets: torch.Tensor, targets_flip: torch.Tensor | None, fli
 def apply_augment(images: torch.Tensor, targets: torch.Tensor | None, targets_flip: torch.Tensor | None,
                   flips: torch.Tensor, shifts: torch.Tensor, margin: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """A random crop and flip (draw_params), applied with given per-sample flips (B,) bool and pixel shifts (B, 2) (dy, dx)."""
+    """A random crop and flip, applied: per-sample flips (B,) bool and pixel shifts (B, 2) (dy, dx) from draw_params."""
     H, W = images.shape[1:3]
     x = apply_views(images, flips, shifts).permute(0, 3, 1, 2).float().div_(255)                   # (B, C, H, W)
     if targets is None:

@@ -8,6 +8,7 @@ import typer
 
 from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, given, resolve
 from pipeline.generate import run_generate
+from stages.sampler_registry import sampler_help
 
 
 def register(app: typer.Typer) -> None:
@@ -20,7 +21,7 @@ def generate_cmd(
                                        help="generated image-set name [config generate.name, else <data name>-gen]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="run seed: sample i depends only on (seed, i) "
                                                             "[config generate.seed]"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="heun | euler | dpm-solver "
+    sampler: Optional[str] = typer.Option(None, "--sampler", help=f"{sampler_help()} "
                                                                   "[config generate.sampler]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="sampler steps [config generate.steps]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per sampler call "
