@@ -287,6 +287,11 @@ def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarra
         raise ValueError(f"{targets.shape[1]} views written into a feature set that stores another number")
     arrays["ids"] = ids
     stop = first_id + len(ids)
+    for name, values in arrays.items():    # zarr 3.1 silently keeps a corner of a larger slab: refuse it here
+        region = (len(ids), *group[name].shape[1:])
+        if tuple(np.shape(values)) != region:
+            raise ValueError(f"feature shard {index}: {name} slab {tuple(np.shape(values))} does not fit the set's "
+                             f"{region} for ids {first_id}..{stop - 1}")
     for name in arrays:                    # a damaged earlier file of this shard: write the whole shard afresh
         shard_file(set_dir, name, index).unlink(missing_ok=True)
     for name, values in arrays.items():

@@ -107,6 +107,18 @@ def test_overflow_refused_with_count(tmp_path):
         write_feature_shard(w.path, 0, 0, np.arange(4), slab)
 
 
+def test_slab_of_another_shape_refused(tmp_path):
+    """zarr 3.1 writes the top-left corner of a larger slab without a word (a worker that pooled nothing would
+    leave wrong targets behind); the writer refuses it, and a slab with fewer or more ids than the shard."""
+    w = FeatureSetWriter(tmp_path, IDENTITY, 4, 4, (3, 2, 2), 1)
+    w.begin()
+    with pytest.raises(ValueError, match=r"targets slab \(4, 3, 4, 4\) does not fit the set's \(4, 3, 2, 2\)"):
+        write_feature_shard(w.path, 0, 0, np.arange(4), np.zeros((4, 3, 4, 4), np.float16))
+    with pytest.raises(ValueError, match="does not fit"):
+        write_feature_shard(w.path, 0, 0, np.arange(4), np.zeros((3, 3, 2, 2), np.float16))
+    write_feature_shard(w.path, 0, 0, np.arange(4), np.zeros((4, 3, 2, 2), np.float16))
+
+
 def test_layout_change_refused(tmp_path):
     build(tmp_path)
     with pytest.raises(UserError, match="exists with layout"):
