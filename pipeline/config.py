@@ -45,7 +45,8 @@ def _k(kind, default, help, **kw) -> Key:
     return Key(kind, default, help, **kw)
 
 
-RUN_STAGES = ("import", "fit-diffusion", "generate", "extract-features", "train", "eval", "report")
+RUN_STAGES = ("import", "fit-diffusion", "generate", "extract-features", "train", "eval", "analyze", "report")
+ANALYZE_MEASURES = ("teacher-probe", "cka", "rank", "dimension", "sae", "align-uniform", "saliency")
 
 SCHEMA: dict[str, Any] = {
     "root": _k(str, "./dra-data", "workspace root holding images/, features/, models/, runs/"),
@@ -159,8 +160,36 @@ SCHEMA: dict[str, Any] = {
                       "last EMA weights", choices=("best", "final")),
         "rank_n": _k(int, 0, "report: test images whose penultimate features give the effective rank (0 = all)", min=0),
     },
+    "analyze": {
+        "measures": _k(list, list(ANALYZE_MEASURES), "measures `dra-pipe analyze` computes (`dra-pipe analyze --help` "
+                       "defines each)", item=str, item_choices=ANALYZE_MEASURES, min_items=1),
+        "timesteps": _k(list, [25, 100, 200, 400], "teacher probe: DDPM timesteps t in [0, 999] of the teacher's "
+                        "features", item=int, min=0, max=999, min_items=1),
+        "layers": _k(list, ["auto"], "teacher probe: the teacher's tap layers; auto = the bottleneck, all = every "
+                     "tap layer (`dra-pipe model info` lists them)", item=str, min_items=1),
+        "probe_pool": _k(str, "none", "teacher probe: its input, the full token grid (none) or the tokens' mean "
+                         "(global)", choices=("none", "global")),
+        "probe_labels": _k(str, "none", "teacher probe: class label given to a conditional teacher: none (the "
+                           "features cannot hold the label) or true (as the cached targets, which then hold it)",
+                           choices=("none", "true")),
+        "probe_epochs": _k(int, 30, "epochs of every linear probe (teacher probe, classification dimension)", min=1),
+        "probe_lr": _k(float, 0.01, "Adam learning rate of every linear probe (cosine-decayed to 0)", min=0.0),
+        "n_train": _k(int, 0, "first n training images for probes, PCA, the SAE and the ridge map (0 = all)", min=0),
+        "n_test": _k(int, 0, "first n test images every measure is taken on (0 = all)", min=0),
+        "batch_size": _k(int, 256, "images per forward pass, rows per probe and SAE step", min=1, max=65536),
+        "seed": _k(int, 0, "seed of probes, SAE, attacks' random starts and the augmented pairs", min=0, max=MAX_SEED),
+        "sae_expansion": _k(int, 4, "SAE latents per feature dimension", min=1, max=1024),
+        "sae_k": _k(int, 8, "SAE active latents per image (TopK)", min=1),
+        "sae_epochs": _k(int, 50, "SAE training epochs", min=1),
+        "dimension_target": _k(float, 0.95, "classification dimension: fraction of the full probe's accuracy to "
+                               "reach", min=0.01, max=1.0),
+        "pair_crop_pad": _k(int, 1, "align-uniform: random-crop padding in pixels of the two views of an image "
+                            "(plus a flip when train.flip)", min=0, max=64),
+        "ridge": _k(float, 1e-3, "cka: ridge penalty of the linear map whose held-out cosine is the baseline "
+                    "(relative to the features' mean variance)", min=0.0),
+    },
     "run": {
-        "stages": _k(list, ["import", "fit-diffusion", "generate", "extract-features", "train", "eval", "report"],
+        "stages": _k(list, ["import", "fit-diffusion", "generate", "extract-features", "train", "eval", "analyze", "report"],
                      "stages `dra-pipe run` runs, in this order (each skips what is cached)", item=str,
                      item_choices=RUN_STAGES),
         "compare_dra": _k(bool, True, "train (and evaluate) twice, DRA off and on, for the comparison table"),
@@ -321,6 +350,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             node = node[p]
         node[last] = checked
     return _wrap(resolved, source)
+
+
+def config_from(data: dict, where: str, root: str) -> Config:
+    """The defaults <- a resolved configuration another command saved (a run's config.yaml), checked, at `root`."""
+    resolved = _merge(defaults(), _validate(SCHEMA, {k: v for k, v in data.items() if k != "root"}, where))
+    return _wrap({**resolved, "root": root}, where)
 
 
 def to_yaml(cfg: dict) -> str:

@@ -4,7 +4,7 @@ Per run, in runs/<name>/figures/: `curves.png` (every loss term and the held-out
 and `samples.png` (the generated images the run trained on, one row per class).
 Per comparison, in <root>/reports/<names>/: `table.md`, `report.json`, `accuracy.png` (held-out accuracy of every
 run per epoch) and `effective_rank.png`: the paper's representation analysis, the effective rank of the
-classifier's penultimate features on clean test images (see `evaluate.effective_rank`, centred), runs with and
+classifier's penultimate features on clean test images (see `analysis.spectrum.effective_rank`, centred), runs with and
 without DRA side by side, with their normalised singular values.
 
 Accuracies in the table come from each run's eval.json (`dra-pipe eval RUN`); a run without one shows '-'.
@@ -23,16 +23,9 @@ import yaml
 from stores.errors import IntegrityError, UserError
 from stores.identity import write_json_atomic
 from stores.images import DATASET_JSON, ImageSet, image_set_dir
+from trainer.analysis.spectrum import effective_rank, singular_distribution
 from trainer.classifier_files import find_run, load_classifier
-from trainer.evaluate import (
-    EvalSettings,
-    Log,
-    check_fits,
-    effective_rank,
-    penultimate_features,
-    read_images,
-    singular_distribution,
-)
+from trainer.evaluate import EvalSettings, Log, check_fits, penultimate_features, read_images
 from trainer.runs import RunFolder
 from trainer.settings import dra_on
 

@@ -13,7 +13,6 @@ from trainer.evaluate import (
     EvalSettings,
     capture,
     consistency_notes,
-    effective_rank,
     evaluate,
     read_images,
 )
@@ -189,19 +188,6 @@ def test_missing_pyautoattack_is_one_line_unless_autoattack_is_off(cli, ws, monk
     assert code == 2 and one_line(err) and "pip install pyautoattack" in err and "--no-autoattack" in err
     code, out, err = cli("eval", "tiny-dra", "--root", ws["root"], "--n", "8", "--no-autoattack", "--pgd-steps", "2")
     assert code == 0, err
-
-
-def test_effective_rank_of_known_matrices():
-    n = 6
-    assert effective_rank(torch.eye(n), center=False) == pytest.approx(n)
-    assert effective_rank(torch.eye(n)) == pytest.approx(n - 1)              # centring removes the mean direction
-    u, v = torch.randn(50, 1, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
-    assert effective_rank(u @ v) == pytest.approx(1.0, abs=1e-6)
-    assert effective_rank(u @ v + 3.0) == pytest.approx(1.0, abs=1e-6)      # a constant offset is not a direction
-    assert effective_rank(torch.diag(torch.tensor([3.0, 1.0])), center=False) == pytest.approx(
-        float(torch.exp(-(0.75 * torch.log(torch.tensor(0.75)) + 0.25 * torch.log(torch.tensor(0.25))))))
-    assert effective_rank(7 * torch.eye(n), center=False) == pytest.approx(n)  # scale-free
-    assert effective_rank(torch.zeros(5, 3)) == 0.0
 
 
 def test_a_run_is_evaluated_on_its_best_weights_unless_told_final(cli, ws):
