@@ -61,8 +61,9 @@ class Entry:
         return short_key({"entry": self.name, **self.identity})
 
 
-def run_analyze(cfg: Config, runs: list[str], features: list[str] | None = None) -> list[Path]:
-    """Analyze each run (default: the runs `dra-pipe run` trains); returns the analysis.json files written."""
+def run_analyze(cfg: Config, runs: list[str], features: list[str] | None = None, wait: bool = False) -> list[Path]:
+    """Analyze each run (default: the runs `dra-pipe run` trains); returns their analysis.json files. Each run's
+    folder is locked while its analysis is written (another writer: refused, or waited for with `wait`)."""
     from pipeline.variants import default_run_names
     from trainer.evaluate import EvalSettings
     s = AnalyzeSettings.from_config(cfg.analyze)
@@ -71,11 +72,11 @@ def run_analyze(cfg: Config, runs: list[str], features: list[str] | None = None)
     contexts = [prepare(cfg, name, s, features or []) for name in names]       # every check before any write
     plans = [(ctx, entries(ctx)) for ctx in contexts]
     if "teacher-probe" in s.measures:
-        train_clean_references(cfg, contexts)
+        train_clean_references(contexts, wait)
     written, shared = [], {}
     try:
         for ctx, todo in plans:
-            written.append(analyze_run(ctx, todo, shared))
+            written.append(analyze_run(ctx, todo, shared, wait))
     finally:
         for ctx in contexts:
             ctx.scratch.close()
@@ -208,7 +209,7 @@ def clean_reference(run_cfg: Config, run: str) -> tuple[str, Config]:
     return run_name(TrainSettings.from_section(cfg.train), "clean", short_key(job.identity(), 8)), cfg
 
 
-def train_clean_references(cfg: Config, contexts: list[RunContext]) -> None:
+def train_clean_references(contexts: list[RunContext], wait: bool = False) -> None:
     """Train each distinct clean reference (a finished one is found and kept), one after the other."""
     from pipeline.train import run_train
     from trainer.report import load_run
@@ -217,12 +218,18 @@ def train_clean_references(cfg: Config, contexts: list[RunContext]) -> None:
         name, ref_cfg = clean_reference(run_config(load_run(ctx.root, ctx.name), ctx.root), ctx.name)
         if name not in done:
             console.print(f"clean-trained reference {name} (objective clean, DRA off)", highlight=False)
-            run_train(ref_cfg, name)
+            run_train(ref_cfg, name, wait=wait)
             done.add(name)
 
 
-def analyze_run(ctx: RunContext, todo: list[Entry], shared: dict) -> Path:
+def analyze_run(ctx: RunContext, todo: list[Entry], shared: dict, wait: bool = False) -> Path:
     """Compute the entries whose key is new (probe points shared between runs are computed once per process)."""
+    from trainer.runs import RunFolder
+    with RunFolder(ctx.root / "runs" / ctx.name).lock(wait):
+        return _analyze_locked(ctx, todo, shared)
+
+
+def _analyze_locked(ctx: RunContext, todo: list[Entry], shared: dict) -> Path:
     folder = ctx.root / "runs" / ctx.name
     body = read_analysis(folder)
     body.update({"run": ctx.name, "weights": ctx.weights, "fingerprint": ctx.fingerprint})
@@ -232,12 +239,13 @@ def analyze_run(ctx: RunContext, todo: list[Entry], shared: dict) -> Path:
         if old and old.get("key") == entry.key:
             console.print(f"{ctx.name}: {entry.name} cached", highlight=False)
             continue
-        started = time.perf_counter()
-        result = shared[entry.key] if entry.key in shared else entry.compute()
-        shared[entry.key] = result
+        started, reused = time.perf_counter(), shared.get(entry.key)
+        result = reused[1] if reused else entry.compute()
+        shared.setdefault(entry.key, (ctx.name, result))
         body["entries"][entry.name] = {"key": entry.key, "result": result}
         computed += 1
-        console.print(f"{ctx.name}: {entry.name} ({time.perf_counter() - started:.1f} s)", highlight=False)
+        done = f"the same as for {reused[0]}" if reused else f"{time.perf_counter() - started:.1f} s"
+        console.print(f"{ctx.name}: {entry.name} ({done})", highlight=False)
     path = folder / "analysis.json"
     if computed or not path.exists():                  # a rerun that computes nothing writes nothing
         path = write_analysis(folder, body)

@@ -86,3 +86,24 @@ def _probe(points: dict, refs: dict | None, name: str, path: Path) -> Path:
     ax.legend(fontsize="x-small")
     fig.savefig(path, dpi=110)
     return path
+
+
+def plot_effective_rank(ranks: dict[str, dict], path: Path) -> Path:
+    """Bars of the effective rank per run (coloured by DRA on/off) and the normalised singular values."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    bars, spectrum = fig.subplots(1, 2)
+    names = list(ranks)
+    colours = ["tab:orange" if ranks[n]["dra"] else "tab:blue" for n in names]
+    bars.bar(range(len(names)), [ranks[n]["erank"] for n in names], color=colours)
+    bars.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    bars.set(ylabel="effective rank exp(H(p))", title="penultimate features, clean test images")
+    from matplotlib.patches import Patch
+    bars.legend(handles=[Patch(color="tab:orange", label="DRA on"), Patch(color="tab:blue", label="DRA off")])
+    for name in names:
+        p = [v for v in ranks[name]["spectrum"] if v > 1e-10]          # below: numerically zero
+        spectrum.semilogy(range(1, len(p) + 1), p, label=f"{name} ({ranks[name]['erank']:.1f})")
+    spectrum.set(xlabel="singular value index", ylabel="sigma_i / sum sigma", title="normalised singular values")
+    spectrum.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return path

@@ -84,3 +84,20 @@ def rank_entry(folder: Path, fingerprint: str, test_set: str, images: int) -> di
             fingerprint, test_set, images):
         return rank
     return None
+
+
+ANALYSIS_COLUMNS = ("run", *(header for header, _ in SUMMARY.values()))
+
+
+def analysis_rows(runs: list[tuple[str, Path]]) -> list[tuple[str, ...]]:
+    """One row of headline numbers per run that has an analysis (none at all when no run has one)."""
+    rows = []
+    for name, folder in runs:
+        try:
+            body = read_analysis(folder)
+        except IntegrityError:
+            continue
+        if body["entries"]:
+            numbers = summary(body)
+            rows.append((name, *(cell(numbers[k], percent) for k, (_, percent) in SUMMARY.items())))
+    return rows
