@@ -107,13 +107,15 @@ def prepare(cfg: Config, name: str, s: AnalyzeSettings, feature_keys: list[str])
         raise UserError(f"run {info.name}: no teacher feature set of {train.name} to measure CKA against; run "
                         f"`dra-pipe extract-features`, pass --features KEY, or leave cka out of --measures")
     teachers = named or ([own] if own is not None else [])
+    probing = "teacher-probe" in s.measures
+    read_analysis(info.folder.path)                                   # a damaged one is refused before any work
     ctx = RunContext(info.name, root, info.config, s, model.to(ev.torch_device()),
                      state_fingerprint(record["state_dict"]), path.stem, identity, threat_model(record, path)[1],
-                     ev.torch_device(), train, test, default_tap(root, run_cfg, teachers[0] if teachers else None),
-                     teachers, info.eval, _head(info, record, model))
+                     ev.torch_device(), train, test, default_tap(root, run_cfg, (teachers or [None])[0]) if probing
+                     else None, teachers, info.eval, _head(info, record, model))
     ctx.named_features = bool(named)
     _check_teacher(ctx)
-    ctx.clean_ref = clean_reference(run_cfg, info.name)[0] if "teacher-probe" in s.measures else None
+    ctx.clean_ref = clean_reference(run_cfg, info.name)[0] if probing else None
     return ctx
 
 

@@ -53,7 +53,7 @@ class RunContext:
     device: torch.device
     train: ImageSet
     test: ImageSet
-    base_tap: Tap                         # the teacher whose layers and timesteps the probe spans
+    base_tap: Tap | None                  # the teacher whose layers and timesteps the probe spans
     feature_sets: list[FeatureSet]        # teachers CKA is measured against
     eval: dict | None
     head: nn.Module | None                # the trained DRA projection head (checkpoint.pt), if any
