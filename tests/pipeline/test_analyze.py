@@ -129,3 +129,23 @@ def test_every_analyze_key_acts_on_what_it_should_only(workspace, key, value, mo
     before, after = _keys(cfg, base), _keys(cfg, replace(base, **{key: value}))
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert changed == moved
+
+
+def test_the_teacher_reproduces_the_cached_targets(workspace):
+    """The differentiable teacher the probe and CKA attack and read computes what extract-features stored: the
+    same eps per (image set, id), to float16 rounding."""
+    import numpy as np
+    import torch
+
+    from pipeline.analyze_data import cached_target_batches, tap_of, teacher_model
+    from stores.features import FeatureSet, list_feature_sets
+    from stores.images import ImageSet
+    fs = FeatureSet(list_feature_sets(workspace / "ws")[0])
+    train = ImageSet.open(workspace / "ws", "digits-train")
+    tap = tap_of(fs, workspace / "ws")
+    ids, x, y, cached = next(cached_target_batches(train, fs, 16, 16))
+    x.requires_grad_(True)
+    fresh = teacher_model({}, tap).features(x, ids, y, train.fingerprint, tap.layer, tap.timestep, tap.sigma, tap.pool)
+    assert np.allclose(fresh.detach().numpy(), cached.numpy(), rtol=2e-3, atol=2e-3)
+    grad, = torch.autograd.grad(fresh.sum(), [x])
+    assert grad.abs().sum() > 0                                       # differentiable in the image

@@ -70,12 +70,13 @@ def test_ridge_recovers_a_linear_map():
     assert torch.allclose(fitted, w, atol=1e-6) and torch.allclose(bias, torch.full((3,), 1.5, dtype=torch.float64))
 
 
-def test_uniformity_matches_its_closed_form_on_the_circle():
+@pytest.mark.parametrize("t", [1.0, 2.0, 3.5])
+def test_uniformity_matches_its_closed_form_on_the_circle(t):
     """N points evenly on the unit circle: |z_i - z_j|^2 = 2 - 2 cos(theta_ij). The mean of exp(-t |z_i - z_j|^2)
     over all N^2 ordered pairs is an N-point rule for the mean over the circle, exp(-2t) I_0(2t) (modified Bessel
     function; exact to rounding for smooth periodic integrands); the N pairs i = j contribute 1 each, so over the
     N (N - 1) distinct pairs the mean is (N exp(-2t) I_0(2t) - 1) / (N - 1)."""
-    n, t = 720, 2.0
+    n = 720
     angles = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
     z = torch.stack([angles.cos(), angles.sin()], 1) * 3.0          # the scale is normalised away
     circle = math.exp(-2 * t) * float(torch.special.i0(torch.tensor(2 * t, dtype=torch.float64)))

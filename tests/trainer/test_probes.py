@@ -101,3 +101,16 @@ def test_topk_sae_recovers_a_planted_sparse_dictionary():
     best = (atoms @ sae.decoder.detach().T).max(dim=1).values                  # best cosine per true atom
     assert (best > 0.95).float().mean() >= 0.9, best
     assert scores["nmse"] < 0.1 and 0 <= scores["dead_fraction"] < 1 and scores["k"] == 2
+    assert torch.allclose(sae.decoder.detach().norm(dim=1), torch.ones(48))          # unit decoder directions
+
+
+def test_sae_scores_of_an_autoencoder_that_never_fires():
+    """Every code zero: the reconstruction is b_pre, the data mean, so the normalised error is exactly 1 and
+    every latent is dead."""
+    from trainer.analysis.sae import TopKSAE
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(7)) * 3 + 5
+    sae = TopKSAE(6, SaeSettings(latents=12, k=3), x.mean(0), 2.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e6)
+    scores = sae_scores(sae, TensorRows(x))
+    assert scores["nmse"] == pytest.approx(1.0, rel=1e-5) and scores["dead_fraction"] == 1.0
