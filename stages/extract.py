@@ -90,8 +90,8 @@ def target_shape(model: Denoiser, layer: str, pool: str) -> tuple[int, int, int]
 
 def check_compatible(model: Denoiser, images: ImageSet) -> None:
     if (images.resolution, images.channels) != (model.img_resolution, model.img_channels):
-        raise UserError(f"image set {images.name} holds {images.channels}x{images.resolution}x{images.resolution} images, "
-                        f"the model expects {model.img_channels}x{model.img_resolution}x{model.img_resolution}")
+        raise UserError(f"image set {images.name} holds {images.channels}x{images.resolution}x{images.resolution} "
+                        f"images, the model expects {model.img_channels}x{model.img_resolution}x{model.img_resolution}")
     if model.label_dim and images.classes > model.label_dim:
         raise UserError(f"image set {images.name} has {images.classes} classes, the model knows {model.label_dim}")
 

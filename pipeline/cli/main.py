@@ -130,7 +130,7 @@ def main() -> None:
         sys.exit(1)
     except Exception as exc:
         from pipeline.parallel import JobFailed
-        runner = sys.modules.get("pipeline.shards.runner")        # never imported: none of its errors (and no Ray needed)
+        runner = sys.modules.get("pipeline.shards.runner")   # never imported: none of its errors (no Ray needed)
         if isinstance(exc, (JobFailed, *((runner.ShardFailed, runner.WorkerStartError) if runner else ()))):
             print(f"error: {exc}; finished shards are kept, rerun the same command to resume", file=sys.stderr)
             sys.exit(1)

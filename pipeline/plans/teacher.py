@@ -115,5 +115,6 @@ def teacher_for(job, root: Path) -> OnlineTeacher | None:
         raise UserError(f"feature set {fs.key} records no model spec; extract it again with dra-pipe extract-features")
     gen_key = job.feature_keys.get("generated")
     gen = FeatureSet(Path(root) / "features" / gen_key).identity["image_set"] if gen_key else None
-    return OnlineTeacher(spec, ident["layer"], ident["sigma"], ident["timestep"], ident["noise_seed"], str(ident["pool"]),
+    return OnlineTeacher(spec, ident["layer"], ident["sigma"], ident["timestep"], ident["noise_seed"],
+                         str(ident["pool"]),
                          (ident["image_set"], gen), ident.get("model"), ident.get("compute_dtype", "float32"))

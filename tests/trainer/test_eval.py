@@ -120,7 +120,8 @@ def test_consistency_notes_flag_images_pgd_broke_but_autoattack_did_not():
     t = torch.tensor
     flags = {"clean": t([1, 1, 1]).bool(), "pgd_ce": t([1, 0, 0]).bool(), "pgd_margin": t([1, 1, 0]).bool(),
              "autoattack": t([1, 1, 0]).bool()}
-    assert consistency_notes(flags) == ["AutoAttack left 1 image(s) robust that pgd_ce broke; `worst` counts them as broken"]
+    assert consistency_notes(flags) == ["AutoAttack left 1 image(s) robust that pgd_ce broke; `worst` counts them as "
+                                        "broken"]
 
 
 def test_export_then_eval_model_gives_the_run_numbers(cli, ws, tmp_path):
@@ -170,7 +171,8 @@ def bad_files(ws, tmp_path):
     (("eval", "--model", "{tmp}/foreign.pt"), "not a dra-pipe classifier"),
     (("eval", "--model", "{tmp}/garbage.pt"), "not a readable classifier file"),
     (("eval", "--model", "{tmp}/missing.pt"), "no classifier file"),
-    (("eval", "tiny-dra", "--images", "four-test"), "four-test has 4 classes of 1x8x8 images; the classifier predicts 10"),
+    (("eval", "tiny-dra", "--images", "four-test"),
+     "four-test has 4 classes of 1x8x8 images; the classifier predicts 10"),
     (("eval", "tiny-dra", "--images", "cifar10-test"), "no image set cifar10-test"),
     (("export", "nope"), "no run nope under"),
     (("export", "tiny-dra", "--out", "{tmp}/no/such/dir/x.pt"), "does not exist"),
@@ -201,8 +203,10 @@ def test_a_run_is_evaluated_on_its_best_weights_unless_told_final(cli, ws):
         assert code == 0, err
         result = json.loads((run.path / "eval.json").read_text())
         assert result["model"]["file"] == str(run.best) and result["model"]["selected"]["epoch"] == 2
-        assert result["fingerprint"] == state_fingerprint(record["state_dict"]) and "epoch 2, the best by held-out PGD-20" in out
-        code, out, err = cli("eval", "tiny-dra", "--root", ws["root"], "--n", "16", "--no-autoattack", "--weights", "final")
+        assert result["fingerprint"] == state_fingerprint(record["state_dict"])
+        assert "epoch 2, the best by held-out PGD-20" in out
+        code, out, err = cli("eval", "tiny-dra", "--root", ws["root"], "--n", "16", "--no-autoattack",
+                             "--weights", "final")
         assert code == 0, err
         result = json.loads((run.path / "eval.json").read_text())
         assert result["model"]["file"] == str(run.final) and result["model"]["selected"] is None
