@@ -59,7 +59,8 @@ def test_missing_explicit_config_rejected(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("text, value", [("20M", 20_000_000), ("1.5k", 1500), ("1e6", 1_000_000), ("50000", 50000), (7, 7)])
+@pytest.mark.parametrize("text, value", [("20M", 20_000_000), ("1.5k", 1500), ("1e6", 1_000_000), ("50000", 50000),
+                                         (7, 7)])
 def test_parse_count(text, value):
     assert parse_count(text) == value
 
