@@ -71,7 +71,9 @@ def summary(body: dict) -> dict:
 def cell(value, percent: bool) -> str:
     if value is None:
         return "-"
-    return f"{value:.2%}" if percent else f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    if percent:
+        return f"{value:.2%}"
+    return str(value) if isinstance(value, int) else f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
 
 
 def rank_entry(folder: Path, fingerprint: str, test_set: str, images: int) -> dict | None:

@@ -93,6 +93,13 @@ def test_same_inputs_give_the_same_analysis(cli, workspace):
     assert path.read_bytes() == first
 
 
+def test_an_unknown_teacher_layer_is_one_line_and_changes_nothing(cli, workspace):
+    before = _stamps(workspace)
+    code, _, err = cli("analyze", RUNS[0], "--layer", "dec.9x9_nope", "-c", workspace / "pipeline.yaml")
+    assert code == 2 and err.count("\n") == 1 and "unknown teacher layer(s) dec.9x9_nope" in err, err
+    assert _stamps(workspace) == before
+
+
 # which entries each analyze key moves (the others must keep their cache key)
 PER_RUN = {"rank", "dimension", "sae", "align-uniform", "saliency", "cka", "references"}
 PROBES = {"t25", "t100"}

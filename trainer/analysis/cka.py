@@ -61,7 +61,7 @@ class CrossMoments:
 
 def mean_cosine(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(sum of row-wise cosines, rows) of predicted and target (N, D): accumulate, then divide."""
-    cos = F.cosine_similarity(predicted.double(), target.double(), dim=1, eps=1e-8)
+    cos = F.cosine_similarity(predicted.detach().double().cpu(), target.detach().double().cpu(), dim=1, eps=1e-8)
     return torch.stack([cos.sum(), torch.tensor(float(len(cos)), dtype=torch.float64)])
 
 
