@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,18 +61,19 @@ class Entry:
         return short_key({"entry": self.name, **self.identity})
 
 
-def run_analyze(cfg: Config, runs: list[str], features: list[str] | None = None, wait: bool = False) -> list[Path]:
+def run_analyze(cfg: Config, runs: list[str], features: list[str] | None = None, wait: bool = False,
+                strict: bool = True) -> list[Path]:
     """Analyze each run (default: the runs `dra-pipe run` trains); returns their analysis.json files. Each run's
-    folder is locked while its analysis is written (another writer: refused, or waited for with `wait`)."""
+    folder is locked while its analysis is written (another writer: refused, or waited for with `wait`); strict:
+    see prepare."""
     from pipeline.variants import default_run_names
     from trainer.evaluate import EvalSettings
     s = AnalyzeSettings.from_config(cfg.analyze)
     EvalSettings.from_config(cfg.eval).apply_threads()
     names = list(runs) or default_run_names(cfg)
-    contexts = [prepare(cfg, name, s, features or []) for name in names]       # every check before any write
+    contexts = [prepare(cfg, name, s, features or [], strict) for name in names]   # every check before any write
     plans = [(ctx, entries(ctx)) for ctx in contexts]
-    if "teacher-probe" in s.measures:
-        train_clean_references(contexts, wait)
+    train_clean_references([ctx for ctx in contexts if ctx.clean_ref], wait)
     written, shared = [], {}
     try:
         for ctx, todo in plans:
@@ -84,8 +85,9 @@ def run_analyze(cfg: Config, runs: list[str], features: list[str] | None = None,
     return written
 
 
-def prepare(cfg: Config, name: str, s: AnalyzeSettings, feature_keys: list[str]) -> RunContext:
-    """The run's context, every input checked: a problem is one UserError before anything is written."""
+def prepare(cfg: Config, name: str, s: AnalyzeSettings, feature_keys: list[str], strict: bool = True) -> RunContext:
+    """The run's context, every input checked: a problem is one UserError before anything is written. Not strict
+    (the analyze stage of `run` and `sweep`): a measure whose input the workspace lacks is left out, with a note."""
     from trainer.classifier_files import load_classifier, state_fingerprint, threat_model
     from trainer.evaluate import EvalSettings, check_fits
     from trainer.report import load_run
@@ -97,26 +99,35 @@ def prepare(cfg: Config, name: str, s: AnalyzeSettings, feature_keys: list[str])
     model, record = load_classifier(path, stored=True)
     train, test = (open_images(root, f"{info.prefix}-{split}", info.name) for split in ("train", "test"))
     check_fits(record, test)
-    if "teacher-probe" in s.measures and info.eval is None:
-        raise UserError(f"run {info.name} has no eval.json: the teacher probe attacks with the run's evaluation PGD; "
-                        f"run `dra-pipe eval {info.name}` first, or leave teacher-probe out of --measures")
+    if info.eval is None:
+        s = _without(s, "teacher-probe", strict, f"run {info.name} has no eval.json: the teacher probe attacks with "
+                     f"the run's evaluation PGD; run `dra-pipe eval {info.name}` first, or leave teacher-probe out "
+                     f"of --measures")
     identity = _run_identity(info)
-    own = run_feature_set(root, run_cfg, identity, train)
     named = [named_feature_set(root, key, train) for key in feature_keys]
-    if "cka" in s.measures and own is None and not named:
-        raise UserError(f"run {info.name}: no teacher feature set of {train.name} to measure CKA against; run "
-                        f"`dra-pipe extract-features`, pass --features KEY, or leave cka out of --measures")
-    teachers = named or ([own] if own is not None else [])
-    probing = "teacher-probe" in s.measures
+    teachers = named or [f for f in [run_feature_set(root, run_cfg, identity, train)] if f is not None]
+    if not teachers:
+        s = _without(s, "cka", strict, f"run {info.name}: no teacher feature set of {train.name} to measure CKA "
+                     f"against; run `dra-pipe extract-features`, pass --features KEY, or leave cka out of --measures")
     read_analysis(info.folder.path)                                   # a damaged one is refused before any work
     ctx = RunContext(info.name, root, info.config, s, model.to(ev.torch_device()),
                      state_fingerprint(record["state_dict"]), path.stem, identity, threat_model(record, path)[1],
-                     ev.torch_device(), train, test, default_tap(root, run_cfg, (teachers or [None])[0]) if probing
-                     else None, teachers, info.eval, _head(info, record, model))
+                     ev.torch_device(), train, test, None, teachers, info.eval, _head(info, record, model))
     ctx.named_features = bool(named)
-    _check_teacher(ctx)
-    ctx.clean_ref = clean_reference(run_cfg, info.name)[0] if probing else None
+    if "teacher-probe" in s.measures:
+        ctx.base_tap = default_tap(root, run_cfg, (teachers or [None])[0])
+        _check_teacher(ctx)
+        ctx.clean_ref = clean_reference(run_cfg, info.name)[0]
     return ctx
+
+
+def _without(s: AnalyzeSettings, measure: str, strict: bool, why: str) -> AnalyzeSettings:
+    if measure not in s.measures:
+        return s
+    if strict:
+        raise UserError(why)
+    console.print(f"note: {measure} skipped: {why.split(';')[0]}", highlight=False, soft_wrap=True)
+    return replace(s, measures=tuple(m for m in s.measures if m != measure))
 
 
 def _run_identity(info) -> dict:

@@ -137,7 +137,7 @@ def _same_eval(path: Path, cfg: Config) -> bool:
 
 def _stage_analyze(cfg: Config, runs: list[str]) -> None:
     from pipeline.analyze import run_analyze
-    run_analyze(cfg, runs or default_run_names(cfg))
+    run_analyze(cfg, runs or default_run_names(cfg), strict=False)
 
 
 def _stage_report(cfg: Config, runs: list[str]) -> None:

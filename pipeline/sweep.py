@@ -246,7 +246,7 @@ def _train_and_evaluate(cfg: Config, run: str) -> None:
         evaluate_cached(cfg, run)
     if "analyze" in cfg.run.stages:
         from pipeline.analyze import run_analyze
-        run_analyze(cfg, [run], wait=True)
+        run_analyze(cfg, [run], wait=True, strict=False)
 
 
 def _stats(base: Config, runs: list[str]) -> dict:

@@ -2,6 +2,7 @@
 through the real CLI against a copy of the shared bad-input workspace, as tests/pipeline/test_bad_values.py)."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -49,3 +50,21 @@ def an_bad(bad):
 @pytest.mark.parametrize("argv, code, fragment", [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
 def test_bad_analyze_input_gets_one_line(cli, an_bad, tmp_path, argv, code, fragment):
     check_one_line(cli, an_bad, tmp_path, argv, code, fragment)
+
+
+def test_the_run_stage_leaves_out_what_it_cannot_measure(an_bad, tmp_path, capsys, one_thread):
+    """`dra-pipe run`'s analyze stage (not strict): a run without eval.json and a workspace without a teacher feature
+    set get the other measures, and a note for each left out; the command refuses the same in one line."""
+    from pipeline.analyze import run_analyze
+    from pipeline.config import load_config
+    ws = tmp_path / "ws"
+    shutil.copytree(an_bad["base"] / "an-ws" / "images", ws / "images")
+    shutil.copytree(an_bad["base"] / "an-ws" / "runs" / "tiny", ws / "runs" / "tiny")
+    cfg = load_config(None, {"root": str(ws), "analyze.n_train": 256, "analyze.sae_epochs": 2,
+                             "analyze.probe_epochs": 2})
+    run_analyze(cfg, ["tiny"], strict=False)
+    out = capsys.readouterr().out
+    assert "note: teacher-probe skipped: run tiny has no eval.json" in out and "note: cka skipped" in out
+    entries = json.loads((ws / "runs" / "tiny" / "analysis.json").read_bytes())["entries"]
+    assert sorted(entries) == ["align-uniform", "dimension", "rank", "saliency", "sae"]
+    assert not any(p.name.startswith("clean-") for p in (ws / "runs").iterdir())
