@@ -66,5 +66,5 @@ def test_the_run_stage_leaves_out_what_it_cannot_measure(an_bad, tmp_path, capsy
     out = capsys.readouterr().out
     assert "note: teacher-probe skipped: run tiny has no eval.json" in out and "note: cka skipped" in out
     entries = json.loads((ws / "runs" / "tiny" / "analysis.json").read_bytes())["entries"]
-    assert sorted(entries) == ["align-uniform", "dimension", "rank", "saliency", "sae"]
+    assert sorted(entries) == ["align-uniform", "dimension", "rank", "sae", "saliency"]
     assert not any(p.name.startswith("clean-") for p in (ws / "runs").iterdir())
