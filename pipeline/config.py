@@ -189,8 +189,8 @@ SCHEMA: dict[str, Any] = {
                     "(relative to the features' mean variance)", min=0.0),
     },
     "run": {
-        "stages": _k(list, ["import", "fit-diffusion", "generate", "extract-features", "train", "eval", "analyze", "report"],
-                     "stages `dra-pipe run` runs, in this order (each skips what is cached)", item=str,
+        "stages": _k(list, list(RUN_STAGES), "stages `dra-pipe run` runs, in this order (each skips what is cached)",
+                     item=str,
                      item_choices=RUN_STAGES),
         "compare_dra": _k(bool, True, "train (and evaluate) twice, DRA off and on, for the comparison table"),
         "parallel": _k(bool, True, "on the CPU, train (and evaluate) the variants side by side, one process per core "
