@@ -122,6 +122,9 @@ def run_report(cfg: Config, runs: list[str], out: Path | None = None):
         for row in report.summary:
             summary.add_row(*row)
         console.print(summary)
+    if report.analysis:
+        from trainer.analysis_results import ANALYSIS_COLUMNS
+        console.print(_table(ANALYSIS_COLUMNS, report.analysis, "representation measures (dra-pipe analyze)"))
     for note in report.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
     for path in report.figures:
@@ -129,3 +132,10 @@ def run_report(cfg: Config, runs: list[str], out: Path | None = None):
     console.print(f"wrote {report.folder / 'table.md'} and {report.folder / 'report.json'}", highlight=False,
                   soft_wrap=True)
     return report
+
+
+def _table(columns, rows, title: str) -> Table:
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -1,12 +1,11 @@
 """`dra-pipe run`: every stage pipeline.yaml names (run.stages), end to end, reusing what is cached.
 
-The train stage trains each variant (DRA off and on with run.compare_dra, once per seed of run.seeds), the eval
-and report stages evaluate and compare them; on the CPU, side by side (run.parallel). `dra-pipe sweep` runs its
-cells through the same stage runners.
+The train stage trains each variant (DRA off and on with run.compare_dra, once per seed of run.seeds), the eval,
+analyze and report stages evaluate, measure and compare them; on the CPU, side by side (run.parallel). `dra-pipe
+sweep` runs its cells through the same stage runners.
 """
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from pathlib import Path
@@ -14,10 +13,9 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.console import console
 from pipeline.parallel import Job, parallel_slots, run_jobs
+from pipeline.variants import default_run_names, run_name, run_seeds, train_variants
 from stores.errors import UserError
 from stores.images import validate_set_name
-from trainer.settings import TrainSettings
-from trainer.settings import run_name as settings_run_name
 
 
 def run_pipeline(cfg: Config) -> None:
@@ -62,18 +60,6 @@ def _stage_extract(cfg: Config, runs: list[str]) -> None:
     run_extract(cfg, [], [], False)
 
 
-def train_variants(cfg: Config) -> list[Config]:
-    """DRA off and on when comparing (else the configured setting), once per seed of run.seeds."""
-    settings = (False, True) if cfg.run.compare_dra else (cfg.train.dra,)
-    variants = []
-    for dra in settings:
-        for seed in run_seeds(cfg):
-            variant = copy.deepcopy(cfg)
-            variant.train["dra"], variant.train["seed"] = dra, seed
-            variants.append(variant)
-    return variants
-
-
 def check_autoattack(cfg: Config) -> None:
     """The eval stage needs pyautoattack when eval.autoattack is on: say so before the first stage, not after them."""
     from trainer.evaluate import autoattack_available
@@ -88,15 +74,6 @@ def parse_seeds(text: str) -> list[int]:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
-
-
-def run_seeds(cfg: Config) -> list[int]:
-    seeds = cfg.run.seeds
-    if seeds is None:
-        return [cfg.train.seed]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"run.seeds must list distinct seeds, got {seeds!r}; or set it to null for train.seed alone")
-    return list(seeds)
 
 
 def _stage_train(cfg: Config, runs: list[str]) -> list[str]:
@@ -118,7 +95,7 @@ def _train_one(cfg: Config, name: str) -> None:
 
 def _stage_eval(cfg: Config, runs: list[str]) -> None:
     from trainer.evaluate import EvalSettings
-    names = runs or [v.name for v in map(_job_for, train_variants(cfg))]
+    names = runs or default_run_names(cfg)
     settings = EvalSettings.from_config(cfg.eval)
     on_cpu = settings.torch_device().type == "cpu" and settings.cpu_threads > 0
     run_side_by_side(cfg, [Job(n, evaluate_cached, (cfg, n)) for n in names], on_cpu, "evaluating")
@@ -150,18 +127,6 @@ def evaluate_cached(cfg: Config, name: str) -> None:
     run_eval(cfg, name, None)
 
 
-def _job_for(cfg: Config):
-    from pipeline.plans.train import make_job
-    return make_job(cfg, run_name(cfg))
-
-
-def run_name(variant: Config) -> str | None:
-    """NAME-<arch>-<dra|nodra>-<seed> under run.name; None = the trainer's own default (the same without prefix)."""
-    if variant.run.name is None:
-        return None
-    return settings_run_name(TrainSettings.from_section(variant.train), variant.run.name)
-
-
 def _same_eval(path: Path, cfg: Config) -> bool:
     import json
     try:
@@ -170,11 +135,16 @@ def _same_eval(path: Path, cfg: Config) -> bool:
         return False
 
 
+def _stage_analyze(cfg: Config, runs: list[str]) -> None:
+    from pipeline.analyze import run_analyze
+    run_analyze(cfg, runs or default_run_names(cfg), strict=False)
+
+
 def _stage_report(cfg: Config, runs: list[str]) -> None:
     from pipeline.evaluate import run_report
-    run_report(cfg, runs or [v.name for v in map(_job_for, train_variants(cfg))])
+    run_report(cfg, runs or default_run_names(cfg))
 
 
 STAGE_RUNNERS = {"import": _stage_import, "fit-diffusion": _stage_fit, "generate": _stage_generate,
                  "extract-features": _stage_extract, "train": _stage_train, "eval": _stage_eval,
-                 "report": _stage_report}
+                 "analyze": _stage_analyze, "report": _stage_report}

@@ -4,6 +4,7 @@ A sweep is its axes (KEY=V1,V2,...) and its seeds. Each cell of the cross produc
 (cell, seed) one training run, named by the hash of its Job identity, so two cells that resolve to the same
 training (lambda 0 at any timestep) share one run, and a rerun finds every finished run, evaluation and cached
 store where it left them. Stage 1 caches by identity too: extraction runs once per distinct teacher setting.
+With `analyze` in run.stages every run is analysed too, and the table adds the measures' mean +- std.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pipeline.yaml_input import brief
 from stores.errors import UserError
 from stores.identity import short_key, write_json_atomic
 from stores.images import validate_set_name
+from trainer.analysis_results import SUMMARY, read_analysis, summary
 from trainer.settings import TrainSettings, run_name
 
 METRICS = ("clean", "pgd_ce", "pgd_margin", "autoattack")
@@ -85,8 +87,8 @@ def parse_axes(specs: list[str]) -> list[Axis]:
     axes = [parse_axis(s) for s in specs]
     keys = [a.key for a in axes]
     if len(set(keys)) != len(keys):
-        raise UserError(f"sweep axis {next(k for k in keys if keys.count(k) > 1)} is given twice; "
-                        "list all its values in one")
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise UserError(f"sweep axis {twice} is given twice; list all its values in one")
     return axes
 
 
@@ -122,16 +124,19 @@ def _cell_text(stat: dict | None, percent: bool) -> str:
         return "-"
     if percent:
         return f"{stat['mean']:.2%} +- {stat['std']:.2%}"
-    return f"{stat['mean']:.2f} +- {stat['std']:.2f}"
+    return f"{stat['mean']:.2f} +- {stat['std']:.2f}" if abs(stat["mean"]) >= 1 else \
+        f"{stat['mean']:.3f} +- {stat['std']:.3f}"
 
 
 def markdown(axes: list[Axis], rows: list[dict], command: str) -> str:
     """table.md: one row per cell, mean +- sample std over the seeds."""
-    columns = [a.key for a in axes] + ["seeds", *(HEADERS[m] for m in (*METRICS, "erank"))]
+    shown = (*METRICS, "erank", *(k for k in SUMMARY if k != "erank" and any(r["stats"].get(k) for r in rows)))
+    columns = [a.key for a in axes] + ["seeds", *(HEADERS.get(m) or SUMMARY[m][0] for m in shown)]
     lines = [f"`{command}`", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells_text = [_text(row["cell"][a.key]) for a in axes] + [",".join(map(str, row["seeds"]))]
-        cells_text += [_cell_text(row["stats"].get(m), m != "erank") for m in (*METRICS, "erank")]
+        cells_text += [_cell_text(row["stats"].get(m), m in METRICS or (m in SUMMARY and SUMMARY[m][1]))
+                       for m in shown]
         lines.append("| " + " | ".join(cells_text) + " |")
     return "\n".join(lines) + "\n"
 
@@ -239,6 +244,9 @@ def _train_and_evaluate(cfg: Config, run: str) -> None:
         run_train(cfg, run)
     if "eval" in cfg.run.stages:
         evaluate_cached(cfg, run)
+    if "analyze" in cfg.run.stages:
+        from pipeline.analyze import run_analyze
+        run_analyze(cfg, [run], wait=True, strict=False)
 
 
 def _stats(base: Config, runs: list[str]) -> dict:
@@ -249,6 +257,8 @@ def _stats(base: Config, runs: list[str]) -> dict:
     stats = {m: summarise([(i.eval or {}).get(m) for i in infos]) for m in METRICS}
     settings = EvalSettings.from_config(dict(base.eval))
     stats["erank"] = summarise([representation(root, i, settings)["erank"] for i in infos])
+    measured = [summary(read_analysis(i.folder.path)) for i in infos]
+    stats.update({k: summarise([m[k] for m in measured]) for k in SUMMARY if k != "erank"})
     return stats
 
 

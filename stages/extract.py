@@ -138,11 +138,17 @@ def to_model_range(images_uint8) -> torch.Tensor:
 @torch.no_grad()
 def _tapped(model: Denoiser, x: torch.Tensor, eps: torch.Tensor, labels, layer: str, level: NoiseLevel,
             pool: str, compute_dtype: str = "float32") -> torch.Tensor:
-    """Pooled activation at `layer` for x + sigma * eps, the network in `compute_dtype`.
-    x, eps (B, C, H, W) on any device -> (B, Ct, h, w) float32 on the model's device."""
+    return tapped(model, x, eps, labels, layer, level, pool, compute_dtype)
+
+
+def tapped(model: Denoiser, x: torch.Tensor, eps: torch.Tensor, labels, layer: str, level: NoiseLevel,
+           pool: str, compute_dtype: str = "float32") -> torch.Tensor:
+    """Pooled activation at `layer` for x + sigma * eps, the network in `compute_dtype` (labels None: none given).
+    x, eps (B, C, H, W) on any device -> (B, Ct, h, w) float32 on the model's device; differentiable in x when
+    gradients are on."""
     x = x.to(device_of(model))
     x_sigma = x + level.sigma * eps.to(x.device)
-    cond = torch.as_tensor(labels).to(x.device) if model.label_dim else None
+    cond = torch.as_tensor(labels).to(x.device) if model.label_dim and labels is not None else None
     sigma = torch.full((len(x),), level.sigma, dtype=torch.float64, device=x.device)
     with compute_context(compute_dtype, x.device):
         tapped = features(model, x_sigma, sigma, cond, [layer])[layer]
@@ -158,6 +164,14 @@ def view_targets(model: Denoiser, ids, views_uint8, labels, layer: str, level: N
     x = to_model_range(views_uint8)                                                   # (B, C, H, W)
     eps = noise_for(ids, x.shape[1:], noise_seed, level.noise_stream, image_sets)
     return _tapped(model, x, eps, labels, layer, level, pool, compute_dtype)
+
+
+def input_targets(model: Denoiser, x01: torch.Tensor, ids, labels, layer: str, level: NoiseLevel, noise_seed: int,
+                  pool: str, image_set: str, compute_dtype: str = "float32") -> torch.Tensor:
+    """Targets of images x01 (B, C, H, W) float in [0, 1], each with its image's eps as `view_targets` draws it,
+    differentiable in x01 (an attack through the frozen teacher): (B, Ct, h, w) float32."""
+    eps = noise_for(torch.as_tensor(ids).cpu().tolist(), x01.shape[1:], noise_seed, level.noise_stream, image_set)
+    return tapped(model, x01 * 2 - 1, eps, labels, layer, level, pool, compute_dtype)
 
 
 @torch.no_grad()

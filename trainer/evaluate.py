@@ -327,26 +327,3 @@ def penultimate_features(model: Classifier, x: torch.Tensor, batch: int, device:
         for lo in range(0, len(x), batch):
             out.append(model.penultimate(x[lo:lo + batch].to(device)).float().cpu())
     return torch.cat(out)
-
-
-def singular_distribution(features: torch.Tensor, center: bool = True) -> torch.Tensor:
-    """p_i = sigma_i / sum_j sigma_j over the singular values of `features` (N, D), descending (float64)."""
-    m = features.double()
-    if center:
-        m = m - m.mean(dim=0, keepdim=True)
-    s = torch.linalg.svdvals(m)
-    total = s.sum()
-    return s / total if total > 0 else torch.zeros(0, dtype=torch.float64)
-
-
-def effective_rank(features: torch.Tensor, center: bool = True) -> float:
-    """Effective rank (Roy & Vetterli 2007) exp(H(p)), p_i = sigma_i / sum_j sigma_j, of `features` (N, D).
-
-    Centred variant by default: the column means are subtracted first, so the shared mean feature (large after
-    SiLU/ReLU) does not count as a direction. With center=False it is Roy & Vetterli's definition on the raw
-    matrix (the identity of size n then has effective rank n). A zero matrix has effective rank 0.
-    """
-    p = singular_distribution(features, center)
-    if len(p) == 0:
-        return 0.0
-    return float(torch.exp(-torch.special.xlogy(p, p).sum()))

@@ -4,10 +4,12 @@ Per run, in runs/<name>/figures/: `curves.png` (every loss term and the held-out
 and `samples.png` (the generated images the run trained on, one row per class).
 Per comparison, in <root>/reports/<names>/: `table.md`, `report.json`, `accuracy.png` (held-out accuracy of every
 run per epoch) and `effective_rank.png`: the paper's representation analysis, the effective rank of the
-classifier's penultimate features on clean test images (see `evaluate.effective_rank`, centred), runs with and
+classifier's penultimate features on clean test images (see `analysis.spectrum.effective_rank`, centred), runs with and
 without DRA side by side, with their normalised singular values.
 
-Accuracies in the table come from each run's eval.json (`dra-pipe eval RUN`); a run without one shows '-'.
+Accuracies in the table come from each run's eval.json (`dra-pipe eval RUN`); a run without one shows '-'. Runs
+`dra-pipe analyze` measured get a second table of its headline numbers (analysis.json), and their effective rank is
+read from there when it is of the same weights on the same test images.
 """
 from __future__ import annotations
 
@@ -23,16 +25,11 @@ import yaml
 from stores.errors import IntegrityError, UserError
 from stores.identity import write_json_atomic
 from stores.images import DATASET_JSON, ImageSet, image_set_dir
-from trainer.classifier_files import find_run, load_classifier
-from trainer.evaluate import (
-    EvalSettings,
-    Log,
-    check_fits,
-    effective_rank,
-    penultimate_features,
-    read_images,
-    singular_distribution,
-)
+from trainer.analysis.spectrum import effective_rank, singular_distribution
+from trainer.analysis_figures import plot_effective_rank
+from trainer.analysis_results import ANALYSIS_COLUMNS, analysis_rows, rank_entry
+from trainer.classifier_files import find_run, load_classifier, state_fingerprint
+from trainer.evaluate import EvalSettings, Log, check_fits, penultimate_features, read_images
 from trainer.runs import RunFolder
 from trainer.settings import dra_on
 
@@ -95,14 +92,15 @@ def load_run(root: Path, run: str) -> RunInfo:
     folder = find_run(root, run)
     record = _read_stored(folder.final, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     record = {k: v for k, v in record.items() if k != "state_dict"}
-    config = (_read_stored(folder.config, lambda p: yaml.safe_load(p.read_text()) or {}) if folder.config.exists()
-              else {})
+    config = (_read_stored(folder.config, lambda p: yaml.safe_load(p.read_text()) or {})
+              if folder.config.exists() else {})
     eval_path = folder.path / "eval.json"
     evaluated = _read_stored(eval_path, lambda p: json.loads(p.read_bytes())) if eval_path.exists() else None
     return RunInfo(folder.path.name, folder, config or {}, folder.read_metrics(), record, evaluated)
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
+
 def data_label(info: RunInfo) -> str:
     real = f"{info.prefix}-train"
     gen = info.generated_name
@@ -181,6 +179,7 @@ def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
 
 
 # --- figures -----------------------------------------------------------------------------------------------------
+
 def _figure(width: float, height: float, panels: int = 1):
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     fig = Figure(figsize=(width, height), layout="constrained")
@@ -287,26 +286,8 @@ def plot_accuracy(infos: list[RunInfo], path: Path) -> Path:
     return path
 
 
-def plot_effective_rank(ranks: dict[str, dict], path: Path) -> Path:
-    """Bars of the effective rank per run (coloured by DRA on/off) and the normalised singular values."""
-    fig, (bars, spectrum) = _figure(10, 4, 2)
-    names = list(ranks)
-    colours = ["tab:orange" if ranks[n]["dra"] else "tab:blue" for n in names]
-    bars.bar(range(len(names)), [ranks[n]["erank"] for n in names], color=colours)
-    bars.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    bars.set(ylabel="effective rank exp(H(p))", title="penultimate features, clean test images")
-    from matplotlib.patches import Patch
-    bars.legend(handles=[Patch(color="tab:orange", label="DRA on"), Patch(color="tab:blue", label="DRA off")])
-    for name in names:
-        p = [v for v in ranks[name]["spectrum"] if v > 1e-10]          # below: numerically zero
-        spectrum.semilogy(range(1, len(p) + 1), p, label=f"{name} ({ranks[name]['erank']:.1f})")
-    spectrum.set(xlabel="singular value index", ylabel="sigma_i / sum sigma", title="normalised singular values")
-    spectrum.legend(fontsize="small")
-    fig.savefig(path, dpi=110)
-    return path
-
-
 # --- the report --------------------------------------------------------------------------------------------------
+
 @dataclass
 class Report:
     folder: Path
@@ -315,6 +296,7 @@ class Report:
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     summary: list[tuple[str, ...]] = field(default_factory=list)     # mean +- std over seeds (SUMMARY_COLUMNS)
+    analysis: list[tuple[str, ...]] = field(default_factory=list)    # analysis.json's numbers (ANALYSIS_COLUMNS)
 
 
 def report_folder(root: Path, names: list[str]) -> Path:
@@ -330,6 +312,11 @@ def representation(root: Path, info: RunInfo, s: EvalSettings) -> dict:
     model, record = load_classifier(info.folder.weights(s.weights), stored=True)
     images = ImageSet.open(root, name)
     check_fits(record, images)
+    n = images.n if s.rank_n <= 0 else min(s.rank_n, images.n)
+    stored = rank_entry(info.folder.path, state_fingerprint(record["state_dict"]), name, n)   # `dra-pipe analyze`
+    if stored:
+        return {**{k: stored[k] for k in ("erank", "spectrum", "images", "dims", "test_set")}, "dra": info.dra,
+                "centred": True, "source": "analysis.json"}
     x, _ = read_images(images, s.rank_n)
     features = penultimate_features(model, x, s.batch_size, s.torch_device())
     return {"erank": effective_rank(features), "spectrum": singular_distribution(features).tolist(),
@@ -373,10 +360,11 @@ def make_report(root: Path, runs: list[str], s: EvalSettings, out: Path | None =
         log(f"{info.name}: figures")
         run_figures(root, info, report)
         if info.eval is None:
-            report.notes.append(f"{info.name}: not evaluated yet; "
-                                f"`dra-pipe eval {info.name}` fills clean/PGD/AutoAttack")
+            report.notes.append(f"{info.name}: not evaluated yet; `dra-pipe eval {info.name}` fills "
+                                f"clean/PGD/AutoAttack")
         report.rows.append(table_row(info, ranks.get(info.name, {}).get("erank")))
     report.summary = seed_summary(infos, ranks)
+    report.analysis = analysis_rows([(i.name, i.folder.path) for i in infos])
     if any(i.metrics for i in infos):
         report.figures.append(plot_accuracy(infos, report.folder / "accuracy.png"))
     if ranks:
@@ -389,11 +377,15 @@ def _write(report: Report, infos: list[RunInfo], ranks: dict[str, dict]) -> None
     table = markdown_table(report.columns, report.rows)
     if report.summary:
         table += "\nMean +- sample std over seeds:\n\n" + markdown_table(SUMMARY_COLUMNS, report.summary)
+    if report.analysis:
+        table += "\nRepresentation measures (`dra-pipe analyze`):\n\n" + markdown_table(ANALYSIS_COLUMNS,
+                                                                                         report.analysis)
     (report.folder / "table.md").write_text(table)
     body = {"created": datetime.now().isoformat(timespec="seconds"), "columns": list(report.columns),
             "runs": [{"name": i.name, "row": dict(zip(report.columns, row)), "eval": i.eval,
                       "representation": {k: v for k, v in ranks.get(i.name, {}).items() if k != "spectrum"} or None}
                      for i, row in zip(infos, report.rows)],
             "seed_summary": [dict(zip(SUMMARY_COLUMNS, row)) for row in report.summary],
+            "analysis": [dict(zip(ANALYSIS_COLUMNS, row)) for row in report.analysis],
             "figures": [str(p) for p in report.figures], "notes": report.notes}
     write_json_atomic(report.folder / "report.json", json.loads(json.dumps(body)))

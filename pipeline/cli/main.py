@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from pipeline.cli import bench, data, eval, extract, generate, models, repair, run, select, sweep, train
+from pipeline.cli import analyze, bench, data, eval, extract, generate, models, repair, run, select, sweep, train
 from pipeline.config import key_spec
 from pipeline.console import interrupt_reported, stopped_waiting
 from stores.errors import IntegrityError, StoppedWaiting, Terminated, UserError, install_sigterm_handler
@@ -17,7 +17,7 @@ from stores.errors import IntegrityError, StoppedWaiting, Terminated, UserError,
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="dra-pipe: diffusion models as data source and as frozen teacher for adversarial training.\n\n"
                        "Stage 1 writes images and diffusion features once into sharded stores; stage 2 streams them.")
-for group in (data, models, generate, extract, select, repair, train, eval, run, sweep, bench):
+for group in (data, models, generate, extract, select, repair, train, eval, analyze, run, sweep, bench):
     group.register(app)
 
 
@@ -130,7 +130,7 @@ def main() -> None:
         sys.exit(1)
     except Exception as exc:
         from pipeline.parallel import JobFailed
-        runner = sys.modules.get("pipeline.shards.runner")  # never imported: none of its errors (and no Ray needed)
+        runner = sys.modules.get("pipeline.shards.runner")   # never imported: none of its errors (no Ray needed)
         if isinstance(exc, (JobFailed, *((runner.ShardFailed, runner.WorkerStartError) if runner else ()))):
             print(f"error: {exc}; finished shards are kept, rerun the same command to resume", file=sys.stderr)
             sys.exit(1)

@@ -15,7 +15,7 @@ def test_repo_default_config_is_valid_and_documented():
     cfg = load_config(REPO / "pipeline.yaml")
     assert cfg.data.importer == "digits"
     text = (REPO / "pipeline.yaml").read_text()
-    for section in ("root", "data", "model", "generate", "features", "train", "eval", "ray"):
+    for section in ("root", "data", "model", "generate", "features", "train", "eval", "analyze", "ray"):
         assert f"\n{section}:" in "\n" + text
 
 

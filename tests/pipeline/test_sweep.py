@@ -77,3 +77,16 @@ def test_bad_axes_one_line_nothing_written(cli, tmp_path, axis, needle):
     code, _, err = cli("sweep", axis)
     assert code == 2 and needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "dra-data").exists()
+
+
+def test_table_carries_the_analysis_measures_as_mean_and_std():
+    """Cells analysed (`analyze` in run.stages) add a column per headline measure; measures nobody took add none."""
+    from pipeline.sweep import Axis, markdown, summarise
+    stats = {"clean": summarise([0.9, 0.8]), "pgd_ce": None, "pgd_margin": None, "autoattack": None,
+             "erank": summarise([30.0, 32.0]), "cka": summarise([0.2, 0.4]), "probe_robust": summarise([0.05, 0.07]),
+             "sae_nmse": None}
+    table = markdown([Axis("train.dra_lambda", (0.0, 0.1))], [{"cell": {"train.dra_lambda": 0.1}, "seeds": [0, 1],
+                                                                "stats": stats}], "dra-pipe sweep")
+    header, _, row = table.splitlines()[2:5]
+    assert header.endswith("| eff. rank | CKA | probe robust |") and "SAE nmse" not in header
+    assert row.endswith("| 31.00 +- 1.41 | 0.300 +- 0.141 | 6.00% +- 1.41% |")

@@ -13,7 +13,6 @@ from trainer.evaluate import (
     EvalSettings,
     capture,
     consistency_notes,
-    effective_rank,
     evaluate,
     read_images,
 )
@@ -121,8 +120,8 @@ def test_consistency_notes_flag_images_pgd_broke_but_autoattack_did_not():
     t = torch.tensor
     flags = {"clean": t([1, 1, 1]).bool(), "pgd_ce": t([1, 0, 0]).bool(), "pgd_margin": t([1, 1, 0]).bool(),
              "autoattack": t([1, 1, 0]).bool()}
-    assert consistency_notes(flags) == ["AutoAttack left 1 image(s) robust that pgd_ce broke; "
-                                        "`worst` counts them as broken"]
+    assert consistency_notes(flags) == ["AutoAttack left 1 image(s) robust that pgd_ce broke; `worst` counts them as "
+                                        "broken"]
 
 
 def test_export_then_eval_model_gives_the_run_numbers(cli, ws, tmp_path):
@@ -193,19 +192,6 @@ def test_missing_pyautoattack_is_one_line_unless_autoattack_is_off(cli, ws, monk
     assert code == 0, err
 
 
-def test_effective_rank_of_known_matrices():
-    n = 6
-    assert effective_rank(torch.eye(n), center=False) == pytest.approx(n)
-    assert effective_rank(torch.eye(n)) == pytest.approx(n - 1)              # centring removes the mean direction
-    u, v = torch.randn(50, 1, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
-    assert effective_rank(u @ v) == pytest.approx(1.0, abs=1e-6)
-    assert effective_rank(u @ v + 3.0) == pytest.approx(1.0, abs=1e-6)      # a constant offset is not a direction
-    assert effective_rank(torch.diag(torch.tensor([3.0, 1.0])), center=False) == pytest.approx(
-        float(torch.exp(-(0.75 * torch.log(torch.tensor(0.75)) + 0.25 * torch.log(torch.tensor(0.25))))))
-    assert effective_rank(7 * torch.eye(n), center=False) == pytest.approx(n)  # scale-free
-    assert effective_rank(torch.zeros(5, 3)) == 0.0
-
-
 def test_a_run_is_evaluated_on_its_best_weights_unless_told_final(cli, ws):
     run = ws["dra"]
     record = torch.load(run.final, weights_only=True)
@@ -217,8 +203,8 @@ def test_a_run_is_evaluated_on_its_best_weights_unless_told_final(cli, ws):
         assert code == 0, err
         result = json.loads((run.path / "eval.json").read_text())
         assert result["model"]["file"] == str(run.best) and result["model"]["selected"]["epoch"] == 2
-        assert (result["fingerprint"] == state_fingerprint(record["state_dict"])
-                and "epoch 2, the best by held-out PGD-20" in out)
+        assert result["fingerprint"] == state_fingerprint(record["state_dict"])
+        assert "epoch 2, the best by held-out PGD-20" in out
         code, out, err = cli("eval", "tiny-dra", "--root", ws["root"], "--n", "16", "--no-autoattack",
                              "--weights", "final")
         assert code == 0, err

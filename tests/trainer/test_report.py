@@ -8,8 +8,9 @@ from trainsets import image_set
 
 from pipeline.config import defaults
 from stores.images import ImageSet
+from trainer.analysis.spectrum import effective_rank
 from trainer.classifier_files import load_classifier
-from trainer.evaluate import EvalSettings, effective_rank, penultimate_features, read_images
+from trainer.evaluate import EvalSettings, penultimate_features, read_images
 from trainer.report import mosaic, samples_per_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
