@@ -72,12 +72,8 @@ def _select_into(root: Path, folder: Path, name: str, identity: dict, source: Im
 
 
 def _open_source(root: Path, name: str) -> ImageSet:
-    if not (image_set_dir(root, name) / DATASET_JSON).exists():
-        raise UserError(f"no image set {name} under {root}/images; `dra-pipe generate` writes it (`dra-pipe ls` lists "
-                        f"sets)")
-    source = ImageSet.open(root, name)
-    source.require_complete("finish it first")
-    return source
+    return ImageSet.open_complete(root, name, "`dra-pipe generate` writes it (`dra-pipe ls` lists sets)",
+                                  "finish it first")
 
 
 def load_scorer(root: Path, arg: str, weights: str, images: ImageSet):

@@ -100,6 +100,16 @@ class ImageSet:
                                  f"this set's dataset.json, or delete {self.path} and make the set again")
 
     @classmethod
+    def open_complete(cls, root: Path, name: str, missing: str, fix: str) -> ImageSet:
+        """The set, complete: UserError naming `missing` (how to make it) when absent, and require_complete's
+        errors (naming `fix`) when its shards are not all there."""
+        if not (image_set_dir(root, name) / DATASET_JSON).exists():
+            raise UserError(f"no image set {name} under {root}/images; {missing}")
+        images = cls.open(root, name)
+        images.require_complete(fix)
+        return images
+
+    @classmethod
     def open(cls, root: Path, name: str) -> ImageSet:
         return cls(image_set_dir(root, name))
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from stores.errors import UserError
 from stores.identity import write_json_atomic
-from stores.images import DATASET_JSON, ImageSet, image_set_dir
+from stores.images import ImageSet
 from trainer.attacks import pgd_attack
 from trainer.classifier_files import now_text, package_version, state_fingerprint, threat_model
 from trainer.classifiers import Classifier
@@ -80,12 +80,8 @@ class EvalSettings:
 
 
 def open_test_set(root: Path, name: str) -> ImageSet:
-    if not (image_set_dir(root, name) / DATASET_JSON).exists():
-        raise UserError(f"no image set {name} under {root}/images; import the data first "
-                        f"(`dra-pipe import`) or name another set with --images")
-    images = ImageSet.open(root, name)
-    images.require_complete("import it again, or name another set with --images")
-    return images
+    return ImageSet.open_complete(root, name, "import the data first (`dra-pipe import`) or name another set with "
+                                  "--images", "import it again, or name another set with --images")
 
 
 def check_fits(record: dict, images: ImageSet) -> None:
