@@ -21,6 +21,7 @@ from pipeline.config import Config, check_value, key_spec, load_config
 from pipeline.console import console
 from pipeline.parallel import Job
 from pipeline.run import STAGE_RUNNERS, check_autoattack, evaluate_cached, parse_seeds, run_side_by_side
+from pipeline.sweep_effects import effects_markdown, interactions, main_effects
 from pipeline.yaml_input import brief
 from stores.errors import UserError
 from stores.identity import short_key, write_json_atomic
@@ -266,8 +267,14 @@ def _write(out: Path, axes: list[Axis], seeds: list[int], rows: list[dict], comm
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown(axes, rows, command))
     plot(axes, rows, out / "robust_accuracy.png")
+    measured = [m for m in (*METRICS, *SUMMARY) if any(r["stats"].get(m) for r in rows)]
+    effects, crossed = main_effects(axes, rows, measured), interactions(axes, rows, measured)
+    names = {**{k: label for k, (label, _) in SUMMARY.items()}, **HEADERS}
+    percent = {*METRICS, *(k for k, (_, is_percent) in SUMMARY.items() if is_percent)}
+    (out / "effects.md").write_text(effects_markdown(effects, crossed, percent, names))
     write_json_atomic(out / "results.json", {"command": command, "axes": {a.key: list(a.values) for a in axes},
-                                             "seeds": seeds, "cells": rows, "seconds": round(seconds, 1)})
+                                             "seeds": seeds, "cells": rows, "effects": effects,
+                                             "interactions": crossed, "seconds": round(seconds, 1)})
     console.print((out / "table.md").read_text(), highlight=False, markup=False)
-    console.print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {out / 'robust_accuracy.png'}",
-                  highlight=False)
+    console.print(f"wrote {out / 'table.md'}, {out / 'effects.md'} (paired per-seed differences), "
+                  f"{out / 'results.json'} and {out / 'robust_accuracy.png'}", highlight=False)

@@ -65,6 +65,10 @@ def test_outputs_and_rerun_is_a_noop(swept):
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 5 and "train.dra_lambda" in table and "+-" in table   # header + 4 cells
     assert (out / "robust_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    lam = [e for e in results["effects"] if e["axis"] == "train.dra_lambda" and e["metric"] == "clean"]
+    assert len(lam) == 2 and {e["context"]["features.timesteps"][0] for e in lam} == {25, 100}
+    assert len(results["interactions"]) >= 1 and "paired" in (out / "effects.md").read_text().lower()
     assert second == first                                         # the second sweep trained nothing
 
 
@@ -90,3 +94,37 @@ def test_table_carries_the_analysis_measures_as_mean_and_std():
     header, _, row = table.splitlines()[2:5]
     assert header.endswith("| eff. rank | CKA | probe robust |") and "SAE nmse" not in header
     assert row.endswith("| 31.00 +- 1.41 | 0.300 +- 0.141 | 6.00% +- 1.41% |")
+
+
+def _row(cell: dict, clean: list[float], rank: list[float]) -> dict:
+    from pipeline.sweep import summarise
+    return {"cell": cell, "seeds": [0, 1, 2], "stats": {"clean": summarise(clean), "erank": summarise(rank)}}
+
+
+def test_paired_effects_are_per_seed_differences_with_a_paired_t():
+    """A 2x2 grid with hand-made numbers: the effect of lambda is per seed (second minus first), at each setting
+    of the other axis, and its t and p are the paired t test's; the interaction is the difference of effects."""
+    from scipy.stats import ttest_rel
+
+    from pipeline.sweep import Axis
+    from pipeline.sweep_effects import effects_markdown, interactions, main_effects
+    axes = [Axis("train.dra_lambda", (0.0, 0.1)), Axis("train.unsup_fraction", (0.0, 0.5))]
+    rows = [_row({"train.dra_lambda": 0.0, "train.unsup_fraction": 0.0}, [0.50, 0.60, 0.70], [30, 31, 32]),
+            _row({"train.dra_lambda": 0.1, "train.unsup_fraction": 0.0}, [0.52, 0.61, 0.74], [33, 33, 35]),
+            _row({"train.dra_lambda": 0.0, "train.unsup_fraction": 0.5}, [0.55, 0.65, 0.70], [20, 22, 21]),
+            _row({"train.dra_lambda": 0.1, "train.unsup_fraction": 0.5}, [0.55, 0.70, 0.71], [24, 25, 23])]
+    effects = main_effects(axes, rows, ["clean", "erank"])
+    lam = next(e for e in effects if e["axis"] == "train.dra_lambda" and e["metric"] == "clean"
+               and e["context"] == {"train.unsup_fraction": 0.0})
+    assert lam["differences"] == pytest.approx([0.02, 0.01, 0.04]) and lam["agreeing"] == 3
+    reference = ttest_rel([0.52, 0.61, 0.74], [0.50, 0.60, 0.70])
+    assert lam["t"] == pytest.approx(reference.statistic) and lam["p"] == pytest.approx(reference.pvalue)
+    synthetic_rank = next(e for e in effects if e["axis"] == "train.unsup_fraction" and e["metric"] == "erank"
+                          and e["context"] == {"train.dra_lambda": 0.0})
+    assert synthetic_rank["differences"] == pytest.approx([-10, -9, -11]) and synthetic_rank["t"] < 0
+    assert len(effects) == 8                                       # 2 axes x 2 contexts x 2 measures
+    crossed = {e["metric"]: e for e in interactions(axes, rows, ["clean", "erank"])}
+    assert crossed["clean"]["differences"] == pytest.approx([0.0 - 0.02, 0.05 - 0.01, 0.01 - 0.04])
+    text = effects_markdown(effects, list(crossed.values()), {"clean"}, {"erank": "eff. rank"})
+    assert "| train.dra_lambda: 0.0 -> 0.1 (at train.unsup_fraction=0.0) | clean | +2.33 pt |" in text
+    assert "eff. rank" in text and "Interaction" in text
