@@ -55,3 +55,19 @@ def test_the_plan_of_a_vit_recipe_states_its_trades_step_beside_wrn_28_10_and_it
     assert "optimizer auto: adamw (betas 0.9, 0.999), peak lr 0.001 (warmup, then cosine to 0), weight decay 0.05" \
         in text
     assert "classifier layer block6 -> head" in text and "-> targets 256x8x8" in text
+
+
+def test_attention_on_the_cpu_is_counted_as_on_the_meta_device():
+    """torch's CPU attention kernel is missing from its FLOP registry: without pipeline.estimates' alias a ViT's
+    training step counted on the CPU (the plan's `compute:` line) would leave attention out."""
+    from pipeline.estimates import count_flops
+    from trainer.vit import ViT
+    torch.manual_seed(0)
+    model = ViT(dim=32, depth=2, heads=2, patch=2, arch="vit-s/2", num_classes=10, in_channels=3, resolution=8,
+                mean=0.5, std=0.25)
+    with torch.device("meta"):
+        meta = ViT(dim=32, depth=2, heads=2, patch=2, arch="vit-s/2", num_classes=10, in_channels=3, resolution=8,
+                   mean=0.5, std=0.25)
+    on_cpu = count_flops(lambda: model(torch.rand(1, 3, 8, 8)))
+    assert on_cpu == count_flops(lambda: meta(torch.rand(1, 3, 8, 8, device="meta")))
+    assert on_cpu == 2 * (2 * (12 * 16 * 32 * 32 + 2 * 16 * 16 * 32) + 16 * 12 * 32 + 32 * 10)
