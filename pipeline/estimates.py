@@ -20,6 +20,13 @@ STATED_RATE = H100_BF16_DENSE_PEAK * UTILISATION
 STATED_DEVICE = "one H100 at 40% of its dense bf16 peak"
 
 
+# torch's CPU attention kernels, which its FLOP registry leaves out: counted as the GPU kernels are
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                  flop_registry[torch.ops.aten._scaled_dot_product_flash_attention],
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                  flop_registry[torch.ops.aten._scaled_dot_product_flash_attention_backward]}
+
+
 class _FlopCount(TorchDispatchMode):
     """Sums torch's FLOP formulas over every dispatched op. Unlike FlopCounterMode it tracks no modules, whose
     backward hooks break `torch.autograd.grad` (every PGD attack step)."""
@@ -31,7 +38,7 @@ class _FlopCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = flop_registry.get(func._overloadpacket) or _CPU_ATTENTION.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out

@@ -10,6 +10,7 @@ from typing import Any
 from stages.sampler_registry import SAMPLERS, sampler_help  # torch-free registries: names and help
 from stages.specs import spec_help
 from trainer.architectures import ARCHITECTURES, architecture_help
+from trainer.settings import OPTIMIZERS, optimizer_help, per_optimizer
 
 DEFAULT_CONFIG_NAME = "pipeline.yaml"
 MAX_COUNT = 10 ** 10           # stores.tarshard.KEY_DIGITS: a sample id has 10 digits
@@ -112,8 +113,17 @@ SCHEMA: dict[str, Any] = {
                             "else generate's set", nullable=True),
         "unsup_fraction": _k(float, 0.5, "fraction of each batch drawn from generated data, in [0, 1)",
                              min=0.0, max=1.0, below_max=True),
-        "lr": _k(float, 0.1, "peak SGD learning rate (Nesterov 0.9; warmup then cosine, per step)", min=0.0),
-        "weight_decay": _k(float, 5e-4, "weight decay (skipped on BN and biases)", min=0.0),
+        "optimizer": _k(str, "auto", "optimizer: sgd (Nesterov, momentum 0.9; DM-AT) or adamw; auto = per "
+                        f"architecture: {optimizer_help()}", choices=("auto", *OPTIMIZERS)),
+        "lr": _k(float, None, "peak learning rate (warmup over 2.5% of the steps, then cosine to 0, per step); null = "
+                 f"the optimizer's: {per_optimizer('lr')}", min=0.0, nullable=True),
+        "weight_decay": _k(float, None, "weight decay (SGD's L2, AdamW's decoupled; skipped on norms, biases and "
+                           f"position embeddings); null = the optimizer's: {per_optimizer('weight_decay')}",
+                           min=0.0, nullable=True),
+        "adam_beta1": _k(float, 0.9, "AdamW beta1 (decay of the gradient's running mean; SGD: unused)",
+                         min=0.0, max=1.0, below_max=True),
+        "adam_beta2": _k(float, 0.999, "AdamW beta2 (decay of the squared gradient's running mean; SGD: unused)",
+                         min=0.0, max=1.0, below_max=True),
         "label_smoothing": _k(float, 0.1, "label smoothing of the cross-entropy", min=0.0, max=1.0),
         "trades_beta": _k(float, 5.0, "TRADES beta", min=0.0),
         "epsilon": _k(float, 0.2, "L-inf radius in [0, 1] pixel units (digits: 17 grey levels, so 8/255 is "

@@ -117,12 +117,12 @@ def epoch_line(row: dict) -> str:
 
 def show_plan(job, planned: list[str] | None = None) -> None:
     """The plan, then its cost: FLOPs counted on the real networks, GPU-hours at the stated rate, time here."""
-    from pipeline.plans.costs import step_cost
+    from pipeline.plans.costs import classifier_line, step_cost
     from pipeline.plans.train import describe
     from trainer.loop import set_cpu_threads
     for note in planned or []:
         console.print(f"planned: {note}", highlight=False, soft_wrap=True)
-    for line in describe(job):
+    for line in [*describe(job), classifier_line(job)]:
         console.print(line, highlight=False, soft_wrap=True)
     set_cpu_threads(job.settings.loader_workers)
     _show_cost(job, step_cost(job))

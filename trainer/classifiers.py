@@ -13,6 +13,8 @@ Stage names and shapes at the standard resolutions (default DRA layer marked *):
   layer4 512x4x4 (+ final 512x4x4 for the pre-activation net).
 - `small-cnn` at 8x8: conv1 32x8x8, conv2 64x8x8, *conv3 64x4x4 (stride 2): matches a 4x4 diffusion target
   such as the digits EDM bottleneck `dec.4x4_in1`.
+
+The ViTs (`vit-s/2` .. `vit-b/4`) are Classifiers too, in trainer/vit.py.
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ class Job:
 
     def identity(self) -> dict:
         """What makes two runs the same run: a run folder refuses to resume with anything else."""
-        train = {k: v for k, v in self.settings.as_dict().items() if k not in NOT_IDENTITY}
+        train = {k: v for k, v in self.settings.identity_dict().items() if k not in NOT_IDENTITY}
         if not self.dra:                          # dra off and lambda 0 are the same run; head settings unused
             train = {**{k: v for k, v in train.items() if not k.startswith("dra")}, "dra": False}
         return {"train": train, "real": _fingerprint(self.real), "generated": _fingerprint(self.generated),

@@ -6,7 +6,7 @@ One step on a batch of B images (real rows first, then generated) with their cac
     x_adv      = attack(model, x, y)                         # TRADES: max KL(p(x) || p(x')); PGD-AT: max CE
     logits     = model(x), model(x_adv)                      # (B, classes); the DRA view also yields f (B, Cf, h', w')
     loss       = AT loss + lambda * mean over kept tokens of 1 - cos(head(match_grid(f)), t)
-    SGD step at lr_at(step), EMA update
+    SGD or AdamW step at lr_at(step), EMA update
 
 `align` (trainer/views.py, `train.dra_targets`): a stored view's augmentation and its exact target (views), a
 random crop/flip and the online teacher's target of it (online), or the whole-cell shift (shifted).
@@ -110,7 +110,8 @@ class Trainer:
         self.ddp = self.net
         if dist.world_size > 1:
             self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ddp_device_ids(device))
-        self.opt = make_optimizer(self.model, self.head, s.lr, s.weight_decay)
+        self.opt = make_optimizer(self.model, self.head, s.peak_lr, s.decay, optimizer=s.optimizer_name,
+                                  betas=s.adam_betas)
         self.ema = EMA(self.model, s.ema_decay, warmup_steps=round(EMA_WARMUP * job.total_steps))
         self.aug_gen = torch.Generator().manual_seed(derived_seed(s.seed, dist.rank, 1))
         self.attack_gen = torch.Generator(device).manual_seed(derived_seed(s.seed, dist.rank, 2))
@@ -141,7 +142,7 @@ class Trainer:
                 terms["dra"] = dra_loss(out["projected"], t, mask)
                 loss = loss + s.dra_lambda * terms["dra"]
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, self.job.total_steps, s.lr)
+            group["lr"] = lr_at(self.step, self.job.total_steps, s.peak_lr)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -331,7 +332,7 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
 def _epoch_row(job: Job, trainer: Trainer, meter: EpochMeter, holdout) -> dict:
     s = job.settings
     row = {"epoch": trainer.step // job.steps_per_epoch, "step": trainer.step,
-           "lr": lr_at(trainer.step - 1, job.total_steps, s.lr), **meter.row(s.batch_size)}
+           "lr": lr_at(trainer.step - 1, job.total_steps, s.peak_lr), **meter.row(s.batch_size)}
     if job.dra:
         row.update(views_seen(job, trainer.step))
     if holdout is not None:

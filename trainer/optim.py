@@ -1,4 +1,4 @@
-"""DM-AT's optimisation pieces: SGD with selective weight decay, cosine-with-warmup LR, EMA of the weights."""
+"""DM-AT's optimisation pieces: SGD (or AdamW, for ViTs) with selective weight decay, cosine-with-warmup LR, EMA."""
 from __future__ import annotations
 
 import copy
@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+NO_DECAY_NAMES = ("bias", "pos_embed", "cls_token")     # besides every parameter of a normalisation layer
 
 
 def _decay_groups(modules: list[nn.Module]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(decayed, not decayed): normalisation-layer parameters and biases are not decayed."""
+    """(decayed, not decayed): normalisation-layer parameters, biases, position embeddings and class tokens are
+    not decayed."""
     decay, no_decay, seen = [], [], set()
     for module in modules:
         for sub in module.modules():
@@ -19,21 +21,27 @@ def _decay_groups(modules: list[nn.Module]) -> tuple[list[nn.Parameter], list[nn
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
-                (no_decay if isinstance(sub, _NORMS) or name == "bias" else decay).append(p)
+                (no_decay if isinstance(sub, _NORMS) or name in NO_DECAY_NAMES else decay).append(p)
     return decay, no_decay
 
 
 def make_optimizer(model: nn.Module, head: nn.Module | None, lr: float, weight_decay: float,
-                   nesterov: bool = True, momentum: float = 0.9) -> torch.optim.SGD:
-    """SGD over the classifier and the DRA head (if any): group 0 decayed weights, group 1 BN params and biases.
+                   nesterov: bool = True, momentum: float = 0.9, optimizer: str = "sgd",
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """SGD or AdamW over the classifier and the DRA head (if any): group 0 the decayed weights, group 1 the
+    parameters exempt from decay (norms, biases, position embeddings).
 
     DM-AT exempts BN parameters from weight decay; biases are exempt too here (DM-AT decays the last linear
-    layer's bias, its only other bias).
+    layer's bias, its only other bias). SGD: Nesterov momentum, L2 decay added to the gradient; AdamW: `betas`,
+    decay decoupled from the gradient (Loshchilov & Hutter), which is what ViT recipes tune.
     """
     decay, no_decay = _decay_groups([m for m in (model, head) if m is not None])
-    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=momentum, nesterov=nesterov)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    raise ValueError(f"optimizer must be sgd or adamw, got {optimizer!r}")
 
 
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_fraction: float = 0.025) -> float:

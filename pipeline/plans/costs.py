@@ -1,4 +1,5 @@
-"""What one training step costs: FLOPs counted on the real networks, and seconds measured here (dry runs)."""
+"""What one training step costs: FLOPs counted on the real networks, and seconds measured here (dry runs); and
+the classifier's bare TRADES step beside WRN-28-10's, to size a ViT against the paper's CNN."""
 from __future__ import annotations
 
 import time
@@ -8,8 +9,12 @@ import torch
 from torch import nn
 
 from pipeline.estimates import count_flops
+from trainer.attacks import trades_adversary, trades_loss
+from trainer.classifiers import build_classifier
 from trainer.job import Job
 from trainer.loop import Dist, Trainer, derived_seed, evaluate
+
+REFERENCE_ARCH = "wrn-28-10"
 
 
 @dataclass(frozen=True)
@@ -66,3 +71,32 @@ def synthetic_batch(job: Job, size: int, seed: int) -> dict[str, torch.Tensor]:
         batch["targets_v1"] = torch.randn((size, *job.target_shape), generator=g).half()
         batch["views"] = torch.zeros(size, dtype=torch.long)             # view 0 of every image
     return batch
+
+
+def trades_step_flops(arch: str, channels: int, resolution: int, classes: int, attack_steps: int) -> int:
+    """FLOPs per image of one TRADES step of the bare classifier (no DRA head, no EMA): the clean forward and the
+    `attack_steps` forward and input-gradient passes of the attack, then the clean and adversarial forwards and
+    the backward to the weights. Counted on the meta device (shapes only: nothing computed or allocated) with 0
+    and 1 attack steps; each further step adds the same. Attention counts its two matmuls (four backward)."""
+    with torch.device("meta"):
+        model = build_classifier(arch, classes, channels, resolution, 0.5, 0.25).train()
+        x = torch.rand(1, channels, resolution, resolution)
+        y = torch.zeros(1, dtype=torch.long)
+
+    def step(steps: int) -> None:
+        x_adv = trades_adversary(model, x, 8 / 255, 2 / 255, steps)
+        total, _, _ = trades_loss(model(x), model(x_adv), y)
+        total.backward()
+    none, one = (count_flops(lambda k=k: step(k)) for k in (0, 1))
+    return none + attack_steps * (one - none)
+
+
+def classifier_line(job: Job) -> str:
+    """The plan's line: this classifier's GFLOP per image per TRADES step next to WRN-28-10's on the same data."""
+    s = job.settings
+    shape = (job.channels, job.resolution, job.classes, s.attack_steps)
+    mine = trades_step_flops(s.arch, *shape)
+    reference = mine if s.arch == REFERENCE_ARCH else trades_step_flops(REFERENCE_ARCH, *shape)
+    return (f"classifier {s.arch}: {mine / 1e9:,.4g} GFLOP per image per TRADES step ({s.attack_steps} attack "
+            f"steps, no DRA head), {REFERENCE_ARCH} {reference / 1e9:,.4g} on the same {job.resolution}x"
+            f"{job.resolution} images ({mine / reference:.2g}x)")

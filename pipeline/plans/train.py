@@ -154,7 +154,9 @@ def describe(job: Job) -> list[str]:
              f"{job.steps_per_epoch} steps per epoch (ceil({job.real.n} / {s.batch_size})) x {s.epochs} epochs "
              f"= {job.total_steps} steps",
              f"objective {s.objective}, L-inf eps {s.epsilon:g}, {s.attack_steps} steps of "
-             f"{s.attack_step_size:g}; classifier {s.arch}"]
+             f"{s.attack_step_size:g}; classifier {s.arch}",
+             f"optimizer {optimizer_text(s)}, peak lr {s.peak_lr:g} (warmup, then cosine to 0), weight decay "
+             f"{s.decay:g}"]
     if job.dra:
         lines.append(f"DRA on: lambda {s.dra_lambda:g}, targets {_targets_text(job)}, {s.dra_view} view, "
                      f"classifier layer {job.dra_layer} -> "
@@ -164,6 +166,13 @@ def describe(job: Job) -> list[str]:
         lines.append("DRA off: plain " + ("DM-AT" if job.generated else "adversarial training")
                      + ", no feature set used")
     return lines
+
+
+def optimizer_text(s: TrainSettings) -> str:
+    """'sgd (Nesterov, momentum 0.9)' or 'adamw (betas 0.9, 0.999)', and 'auto: ' before it when auto chose it."""
+    name = s.optimizer_name
+    detail = "Nesterov, momentum 0.9" if name == "sgd" else f"betas {s.adam_beta1:g}, {s.adam_beta2:g}"
+    return f"{'auto: ' if s.optimizer == 'auto' else ''}{name} ({detail})"
 
 
 def _targets_text(job: Job) -> str:

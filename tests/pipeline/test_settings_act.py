@@ -55,8 +55,12 @@ NON_DEFAULT = {
     "train.batch_size": 8,
     "train.generated_set": "other-gen",
     "train.unsup_fraction": 0.25,
-    "train.lr": 0.05,
-    "train.weight_decay": 0.01,
+    # auto: SGD for the small CNN; with lr and decay fixed only the update rule differs, else AdamW's defaults too
+    "train.optimizer": [Change("adamw", context={"train.lr": 0.1, "train.weight_decay": 5e-4}), "adamw"],
+    "train.lr": [0.05, Change(0.01, context={"train.optimizer": "adamw"})],
+    "train.weight_decay": [0.01, Change(0.5, context={"train.optimizer": "adamw"})],
+    "train.adam_beta1": Change(0.5, context={"train.optimizer": "adamw"}),
+    "train.adam_beta2": Change(0.9, context={"train.optimizer": "adamw"}),
     "train.label_smoothing": 0.0,
     "train.trades_beta": 2.0,
     "train.epsilon": 0.03,                            # below the step 0.05: the training attack's step is cut

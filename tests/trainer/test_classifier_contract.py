@@ -2,8 +2,9 @@
 manner of diffusers' SchedulerCommonTest: `feature_layers()` shapes are what `forward_features` returns, in stage
 order, with the logits of the same pass; `penultimate` is exactly what the last linear layer sees; the shape
 probe touches nothing. Each net is built at the smallest input that leaves its last stage a grid of 2x2 or more
-(so that pooling is not the identity): 8x8, 16x16 for the ResNets (three stride-2 stages); wrn-70-16 still has
-its 266.8M parameters, so the nets are built once per module.
+(so that pooling is not the identity): 8x8, 16x16 for the ResNets (three stride-2 stages); the ViTs at 8x8 have
+grids of 4x4 (patch 2) and 2x2 (patch 4) tokens. wrn-70-16 still has its 266.8M parameters and vit-b/* their
+85M, so the nets are built once per module.
 """
 from __future__ import annotations
 

@@ -117,4 +117,5 @@ def test_errors_name_valid_choices():
         model.forward_features(torch.rand(1, 1, 8, 8), "block3")
     with pytest.raises(UserError, match="2 values but the images have 3 channels"):
         build_classifier("small-cnn", 10, 3, 8, mean=(0.5, 0.5), std=0.5)
-    assert set(ARCHITECTURES) == {"small-cnn", "preact-resnet18", "resnet18", "wrn-28-10", "wrn-34-10", "wrn-70-16"}
+    assert set(ARCHITECTURES) == {"small-cnn", "preact-resnet18", "resnet18", "wrn-28-10", "wrn-34-10", "wrn-70-16",
+                                  "vit-s/2", "vit-s/4", "vit-b/2", "vit-b/4"}

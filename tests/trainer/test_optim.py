@@ -1,4 +1,4 @@
-"""SGD parameter groups, cosine-with-warmup learning rate, EMA with warmup and copied BN statistics."""
+"""SGD and AdamW parameter groups, cosine-with-warmup learning rate, EMA with warmup and copied BN statistics."""
 from __future__ import annotations
 
 import math
@@ -52,6 +52,45 @@ def test_weight_decay_actually_skips_bn():
     opt.step()
     torch.testing.assert_close(model.stages.conv1[1].weight.detach(), bn_w)             # no decay
     torch.testing.assert_close(model.stages.conv1[0].weight.detach(), conv_w * 0.9)     # w -= lr * wd * w
+
+
+def _tiny_vit():
+    from trainer.vit import ViT
+    torch.manual_seed(0)
+    return ViT(dim=16, depth=2, heads=2, patch=2, arch="vit-s/2", num_classes=10, in_channels=1, resolution=4,
+               mean=0.5, std=0.5)
+
+
+def test_adamw_groups_exempt_norms_biases_and_position_embeddings():
+    model = _tiny_vit()
+    opt = make_optimizer(model, None, lr=1e-3, weight_decay=0.05, optimizer="adamw", betas=(0.8, 0.95))
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
+    assert decay["betas"] == (0.8, 0.95) and decay["lr"] == 1e-3
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n in names.values() if n.endswith("weight") and "norm" not in n}
+    assert "stages.embed.pos_embed" in exempt and "stages.block1.norm1.weight" in exempt
+    assert "stages.norm.norm.weight" in exempt and "stages.block2.attn.qkv.bias" in exempt
+
+
+def test_adamw_decay_is_decoupled_and_skips_position_embeddings():
+    """With zero gradients AdamW moves only by its decay, w -= lr * wd * w, and not on exempt parameters."""
+    model = _tiny_vit()
+    opt = make_optimizer(model, None, lr=0.5, weight_decay=0.1, optimizer="adamw")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    pos, qkv = model.stages["embed"].pos_embed.detach().clone(), model.stages["block1"].attn.qkv.weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(model.stages["embed"].pos_embed.detach(), pos)
+    torch.testing.assert_close(model.stages["block1"].attn.qkv.weight.detach(), qkv * 0.95)
+
+
+def test_unknown_optimizer_refused():
+    with pytest.raises(ValueError, match="sgd or adamw"):
+        make_optimizer(_small(), None, lr=0.1, weight_decay=0.0, optimizer="adam")
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():

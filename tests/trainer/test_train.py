@@ -52,6 +52,8 @@ def test_dry_run_prints_plan_and_trains_nothing(cli, tmp_path):
     assert code == 0, err
     assert "3 steps per epoch (ceil(96 / 32)) x 3 epochs = 9 steps" in out
     assert "16 real + 16 generated" in out and sets["real_features"].name in out and "s per step" in out
+    assert "classifier small-cnn: " in out and "GFLOP per image per TRADES step (2 attack steps" in out
+    assert "optimizer auto: sgd (Nesterov, momentum 0.9), peak lr 0.1" in out
     assert not (tmp_path / "ws" / "runs").exists()
 
 
