@@ -44,6 +44,9 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
                                log=lambda line: console.print(f"  {line}", highlight=False, soft_wrap=True))
         result["weights"] = path.stem if folder else str(path)        # best or final: which file was evaluated
         write_eval_json(result, target)
+        if into_run and Path(target).name == "eval.json":
+            from trainer.trackers import record_eval
+            record_eval(folder.path, cfg.train.loggers, result, record.get("steps", 0))
     show_eval(result)
     console.print(f"wrote {target}", highlight=False, soft_wrap=True)
     return result
