@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -73,7 +74,9 @@ class TensorBoard:
     def __init__(self, run_dir: Path, purge_step: int | None):
         from tensorboardX import SummaryWriter
         self.folder = run_dir / TB_FOLDER
-        self.writer = SummaryWriter(str(self.folder), purge_step=purge_step, flush_secs=30)
+        # a writer names its file by the second it starts: a suffix keeps two in one second from sharing it
+        self.writer = SummaryWriter(str(self.folder), purge_step=purge_step, flush_secs=30,
+                                    filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -116,7 +119,7 @@ class WandB:
 
     def __init__(self, run_dir: Path, name: str, config: dict, group: dict, state: dict):
         import wandb
-        state.setdefault("wandb_id", wandb.util.generate_id())
+        state.setdefault("wandb_id", uuid.uuid4().hex[:12])
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=name, id=state["wandb_id"],
                               resume="allow", dir=str(run_dir), mode=wandb_mode(), config=config,
                               group=group.get("sweep"), tags=[group["cell"]] if group.get("cell") else None,
@@ -141,12 +144,16 @@ class WandB:
         self.run.summary.update({f"final/{k}": v for k, v in metrics.items()})
 
     def close(self) -> None:
-        self.run.finish(quiet=True)
+        self.run.finish()
 
 
 def mlflow_uri(root: Path) -> str:
-    """MLFLOW_TRACKING_URI when set, else a local mlruns/ at the workspace root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or (root / "mlruns").resolve().as_uri()
+    """MLFLOW_TRACKING_URI when set, else a local mlruns/ at the workspace root (MLflow's file store: it needs no
+    database package, and MLflow 3 asks for MLFLOW_ALLOW_FILE_STORE to use it)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return (root / "mlruns").resolve().as_uri()
 
 
 class MLflow:
