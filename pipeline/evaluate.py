@@ -23,6 +23,9 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
     from trainer.evaluate import EvalSettings, autoattack_available, evaluate_file, open_test_set, write_eval_json
     if (run is None) == (model_file is None):
         raise UserError("give a run name or --model FILE (one of them)")
+    if run is not None:
+        from trainer.trackers import check_loggers
+        check_loggers(cfg.train.loggers)             # eval's numbers go to the run's trackers too
     s = EvalSettings.from_config(cfg.eval)
     s.apply_threads()
     if s.autoattack and not autoattack_available():
