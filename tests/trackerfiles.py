@@ -79,6 +79,8 @@ def wandb_records(path: Path) -> list:
             at += left
             continue
         length, kind = struct.unpack_from("<HB", data, at + 4)
+        if at + 7 + length > len(data):
+            break                                             # still being written
         payload = data[at + 7:at + 7 + length]
         at += 7 + length
         if kind == 0 and length == 0:
@@ -89,11 +91,23 @@ def wandb_records(path: Path) -> list:
     return out
 
 
+def finished_records(path: Path, timeout: float = 30.0) -> list:
+    """The file's records once its exit record is there: W&B's service process may still be writing them when
+    run.finish() has returned."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def wandb_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{key: [(step, value), ...]} over every offline W&B run file of the run."""
     out: dict[str, list] = {}
     for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        for record in wandb_records(path):
+        for record in finished_records(path):
             if record.WhichOneof("record_type") != "history":
                 continue
             items = {("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in record.history.item}

@@ -168,7 +168,9 @@ class MLflow:
                 tags.update({"mlflow.parentRunId": group["mlflow_parent"], "sweep.cell": group.get("cell", "")})
             run = self.client.create_run(mlflow_experiment(self.client), run_name=name, tags=tags)
             state["mlflow_run_id"] = run.info.run_id
-            self.client.log_batch(run.info.run_id, params=_params(flat(config)))
+            params = _params(flat(config))
+            for lo in range(0, len(params), 100):                       # MLflow takes 100 params per batch
+                self.client.log_batch(run.info.run_id, params=params[lo:lo + 100])
         self.run_id = state["mlflow_run_id"]
         self.last = max((m.step for m in self.client.get_metric_history(self.run_id, "train/epoch")), default=-1)
 
@@ -185,7 +187,10 @@ class MLflow:
         self.client.log_text(self.run_id, text, f"{tag}.yaml")
 
     def summary(self, hparams: dict, metrics: dict, step: int) -> None:
-        self.client.log_batch(self.run_id, metrics=_metrics({f"final/{k}": v for k, v in metrics.items()}, step))
+        held = self.client.get_run(self.run_id).data.metrics                   # each final number once
+        new = {f"final/{k}": v for k, v in metrics.items() if held.get(f"final/{k}") != v}
+        if new:
+            self.client.log_batch(self.run_id, metrics=_metrics(new, step))
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
@@ -275,14 +280,16 @@ class Trackers:
 
     def eval(self, result: Mapping, step: int) -> None:
         """`dra-pipe eval`'s numbers (eval.json) at the run's last step, then the hparams summary again."""
-        self._each("scalars", {f"eval/{k}": float(result[k]) for k in EVAL_KEYS if result.get(k) is not None}, step)
-        self.summary(step)
+        numbers = {f"eval/{k}": float(result[k]) for k in EVAL_KEYS if result.get(k) is not None}
+        self._each("scalars", numbers, step)
+        self.summary(step, numbers)
 
-    def summary(self, step: int) -> None:
-        """The run's train settings (and sweep cell) with its final numbers, for TensorBoard's HParams tab."""
+    def summary(self, step: int, numbers: Mapping[str, float] | None = None) -> None:
+        """The run's train settings (and sweep cell) with its final numbers (those of its files, then `numbers`),
+        for TensorBoard's HParams tab."""
         hparams = flat({"train": self.config.get("train") or {}})
         hparams.update({k: self.group[k] for k in ("sweep", "cell") if self.group.get(k)})
-        self._each("summary", hparams, final_metrics(self.run_dir), step)
+        self._each("summary", hparams, {**final_metrics(self.run_dir), **(numbers or {})}, step)
 
 
 def final_metrics(run_dir: Path) -> dict[str, float]:

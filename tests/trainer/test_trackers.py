@@ -180,6 +180,11 @@ def test_mlflow_local_run_holds_every_row_under_its_sweep(tmp_path, monkeypatch)
     held = {tag: sorted((m.step, m.value) for m in client.get_metric_history(run_id, tag))
             for tag in expected(run.read_metrics())}
     assert_same_curves(held, run.read_metrics(), replayed=True)
+    record_eval(run.path, ["mlflow"], {"clean": 0.75, "pgd_ce": 0.5}, job.total_steps)
+    history = lambda tag: [(m.step, m.value) for m in client.get_metric_history(run_id, tag)]   # noqa: E731
+    assert history("eval/clean") == [(job.total_steps, 0.75)]
+    assert history("final/eval/pgd_ce") == [(job.total_steps, 0.5)]
+    assert history("final/heldout/pgd_acc") == [(job.total_steps, pytest.approx(run.read_metrics()[-1]["pgd_acc"]))]
 
 
 def test_wandb_stays_offline_without_a_key_or_network(monkeypatch):
