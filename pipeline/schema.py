@@ -150,8 +150,8 @@ SCHEMA: dict[str, Any] = {
         "checkpoint_every": _k(int, 0, "also checkpoint every this many steps (0 = at epoch ends only)", min=0),
         "loggers": _k(list, ["tensorboard"], "live tracking of every metrics.jsonl row, the figures, the config and "
                       "the final numbers: tensorboard (runs/<name>/tb/), wandb (offline unless WANDB_MODE=online or "
-                      "an API key), mlflow (<root>/mlruns unless MLFLOW_TRACKING_URI); wandb and mlflow are extras: "
-                      "pip install 'dra-pipe[wandb]'; [] = none", item=str, item_choices=LOGGERS),
+                      "an API key), mlflow (<root>/mlruns unless MLFLOW_TRACKING_URI); wandb and mlflow are optional "
+                      "extras (README: Watching runs); [] = none", item=str, item_choices=LOGGERS),
         "seed": _k(int, 0, "training seed", min=0, max=MAX_SEED),
         "workers": _k(int, 1, "data-parallel Ray Train workers (ranks)", min=1),
         "loader_workers": _k(int, 1, "DataLoader worker processes per rank", min=0, max=64),
