@@ -23,6 +23,9 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
     from trainer.evaluate import EvalSettings, autoattack_available, evaluate_file, open_test_set, write_eval_json
     if (run is None) == (model_file is None):
         raise UserError("give a run name or --model FILE (one of them)")
+    if run is not None:
+        from trainer.trackers import check_loggers
+        check_loggers(cfg.train.loggers)             # eval's numbers go to the run's trackers too
     s = EvalSettings.from_config(cfg.eval)
     s.apply_threads()
     if s.autoattack and not autoattack_available():
@@ -44,6 +47,9 @@ def run_eval(cfg: Config, run: str | None, model_file: Path | None, images_name:
                                log=lambda line: console.print(f"  {line}", highlight=False, soft_wrap=True))
         result["weights"] = path.stem if folder else str(path)        # best or final: which file was evaluated
         write_eval_json(result, target)
+        if into_run and Path(target).name == "eval.json":
+            from trainer.trackers import record_eval
+            record_eval(folder.path, cfg.train.loggers, result, record.get("steps", 0))
     show_eval(result)
     console.print(f"wrote {target}", highlight=False, soft_wrap=True)
     return result

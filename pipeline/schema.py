@@ -11,6 +11,7 @@ from stages.sampler_registry import SAMPLERS, sampler_help  # torch-free registr
 from stages.specs import spec_help
 from trainer.architectures import ARCHITECTURES, architecture_help
 from trainer.settings import OPTIMIZERS, optimizer_help, per_optimizer
+from trainer.trackers import LOGGERS
 
 DEFAULT_CONFIG_NAME = "pipeline.yaml"
 MAX_COUNT = 10 ** 10           # stores.tarshard.KEY_DIGITS: a sample id has 10 digits
@@ -157,6 +158,10 @@ SCHEMA: dict[str, Any] = {
                       min=0),
         "holdout_pgd_steps": _k(int, 20, "PGD steps of the per-epoch held-out evaluation", min=1),
         "checkpoint_every": _k(int, 0, "also checkpoint every this many steps (0 = at epoch ends only)", min=0),
+        "loggers": _k(list, ["tensorboard"], "live tracking of every metrics.jsonl row, the figures, the config and "
+                      "the final numbers: tensorboard (runs/<name>/tb/), wandb (offline unless WANDB_MODE=online or "
+                      "an API key), mlflow (<root>/mlruns unless MLFLOW_TRACKING_URI); wandb and mlflow are optional "
+                      "extras (README: Watching runs); [] = none", item=str, item_choices=LOGGERS),
         "seed": _k(int, 0, "training seed", min=0, max=MAX_SEED),
         "workers": _k(int, 1, "data-parallel Ray Train workers (ranks)", min=1),
         "loader_workers": _k(int, 1, "DataLoader worker processes per rank", min=0, max=64),

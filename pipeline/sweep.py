@@ -28,6 +28,7 @@ from stores.identity import short_key, write_json_atomic
 from stores.images import validate_set_name
 from trainer.analysis_results import SUMMARY, read_analysis, summary
 from trainer.settings import TrainSettings, run_name
+from trainer.trackers import check_loggers, sweep_parent
 
 METRICS = ("clean", "pgd_ce", "pgd_margin", "autoattack")
 HEADERS = {"clean": "clean", "pgd_ce": "PGD-CE", "pgd_margin": "PGD-margin", "autoattack": "AutoAttack",
@@ -186,13 +187,15 @@ def run_sweep(base: Config, axes: list[Axis], seeds_text: str | None, name: str 
     plans = [(cell, [_variant(base, cell, seed) for seed in seeds]) for cell in cells(axes)]   # all checked first
     for _, variants in plans:
         check_autoattack(variants[0])
+        check_loggers(variants[0].train.loggers)
     out = Path(base.root) / "sweeps" / name
     console.print(f"sweep {name}: {len(plans)} cell(s) x {len(seeds)} seed(s) -> {out}", highlight=False)
     started, cell_runs = time.perf_counter(), []
     for i, (cell, variants) in enumerate(plans, 1):
         console.rule(f"cell {i}/{len(plans)}: {label(cell)}")
         cell_runs.append(_prepare_cell(variants))
-    _train_all(base, plans, cell_runs)
+    group = {"sweep": name, "mlflow_parent": sweep_parent(Path(base.root), base.train.loggers, name)}
+    _train_all(base, plans, cell_runs, group)
     rows = [{"cell": cell, "seeds": seeds, "runs": runs, "stats": _stats(base, runs)}
             for (cell, _), runs in zip(plans, cell_runs)]
     _write(out, axes, seeds, rows, command, time.perf_counter() - started)
@@ -223,26 +226,26 @@ def _prepare_cell(variants: list[Config]) -> list[str]:
     return runs
 
 
-def _train_all(base: Config, plans: list, cell_runs: list[list[str]]) -> None:
+def _train_all(base: Config, plans: list, cell_runs: list[list[str]], group: dict) -> None:
     """Every distinct training of the grid, then its evaluation, in one pool: side by side on the CPU (run.parallel),
-    so no core waits for a cell's last seed."""
+    so no core waits for a cell's last seed. group: the sweep's name (and MLflow parent run) its trackers share."""
     import torch
-    todo: dict[str, Config] = {}
-    for (_, variants), runs in zip(plans, cell_runs):
+    todo: dict[str, tuple[Config, dict]] = {}
+    for (cell, variants), runs in zip(plans, cell_runs):
         for run, cfg in zip(runs, variants):
             if run in todo:
                 console.print(f"same training as an earlier cell: {run}", highlight=False)
-            todo.setdefault(run, cfg)
-    on_cpu = not torch.cuda.is_available() and all(cfg.train.workers == 1 for cfg in todo.values())
+            todo.setdefault(run, (cfg, {**group, "cell": label(cell)}))
+    on_cpu = not torch.cuda.is_available() and all(cfg.train.workers == 1 for cfg, _ in todo.values())
     console.rule(f"{len(todo)} distinct trainings")
-    run_side_by_side(base, [Job(run, _train_and_evaluate, (cfg, run)) for run, cfg in todo.items()], on_cpu,
-                     "training and evaluating")
+    run_side_by_side(base, [Job(run, _train_and_evaluate, (cfg, run, cell)) for run, (cfg, cell) in todo.items()],
+                     on_cpu, "training and evaluating")
 
 
-def _train_and_evaluate(cfg: Config, run: str) -> None:
+def _train_and_evaluate(cfg: Config, run: str, group: dict | None = None) -> None:
     from pipeline.train import run_train
     if "train" in cfg.run.stages:
-        run_train(cfg, run)
+        run_train(cfg, run, group=group)
     if "eval" in cfg.run.stages:
         evaluate_cached(cfg, run)
     if "analyze" in cfg.run.stages:

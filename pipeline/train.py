@@ -14,16 +14,21 @@ RESUME_HINT = "rerun the same command to resume from the last checkpoint"
 
 
 def run_train(cfg: Config, name: str | None = None, features: str | None = None, dry_run: bool = False,
-              wait: bool = False) -> dict:
+              wait: bool = False, group: dict | None = None) -> dict:
     """Plan, then train (or resume) to the end; returns the last metrics row. The run folder is locked from before
     its config.yaml and run.json are written to the end (this driver holds it while Ray Train workers write).
-    A Ctrl-C while training is reported (one line) and raised again as KeyboardInterrupt."""
+    A Ctrl-C while training is reported (one line) and raised again as KeyboardInterrupt.
+    group: the sweep and cell the run is trained for (its trackers group by them)."""
+    from dataclasses import replace
+
     from pipeline.plans.train import make_job
+    from trainer.trackers import check_loggers
     planned: list[str] | None = [] if dry_run else None
-    job = make_job(cfg, name, features, planned)
+    job = replace(make_job(cfg, name, features, planned), group=group)
     if dry_run:
         show_plan(job, planned)
         return {}
+    check_loggers(job.settings.loggers)
     check_writable(Path(cfg.root))
     from pipeline.plans.teacher import teacher_for
     teacher = teacher_for(job, Path(cfg.root))             # online mode: checked before the run folder is written

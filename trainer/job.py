@@ -17,7 +17,7 @@ from trainer.dra import match_grid
 from trainer.loader import Source, split_batch
 from trainer.settings import TrainSettings
 
-NOT_IDENTITY = ("checkpoint_every",)          # train keys that cannot change the result
+NOT_IDENTITY = ("checkpoint_every", "loggers")          # train keys that cannot change the result
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Job:
     view_counts: tuple = (0, 0)          # stored views per image of the real and the generated feature set
     view_seed: int | None = None         # the feature sets' view seed (views mode)
     mirror_view: bool = False            # view 1 of every feature set used is the image's mirror (made with flips)
+    group: dict | None = None            # the sweep and cell it is trained for (trackers group by them)
 
     def __post_init__(self):
         if (self.target_shape is not None) != self.dra:

@@ -35,6 +35,7 @@ from trainer.job import Job
 from trainer.loader import MixPlan, make_loader
 from trainer.optim import EMA, lr_at, make_optimizer
 from trainer.runs import RunFolder
+from trainer.trackers import Trackers, open_for_training
 from trainer.views import Teacher, align, views_seen
 
 EMA_WARMUP = 0.025            # DM-AT: the EMA copies the weights for the first 2.5% of the steps
@@ -291,7 +292,7 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
 
     teacher: the online teacher (train.dra_targets: online), built by the pipeline; picklable for Ray Train."""
     dist = dist or Dist()
-    s, run = job.settings, RunFolder(job.run_dir)
+    run = RunFolder(job.run_dir)
     trainer = Trainer(job, dist, teacher)
     meter = EpochMeter()
     state = run.load_checkpoint()
@@ -301,6 +302,20 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
         if dist.main:
             run.truncate_metrics(state["metrics_bytes"])
     holdout = load_holdout(job) if dist.main else None
+    with open_for_training(job, dist.rank, trainer.step) as trackers:
+        _loop(job, trainer, meter, run, holdout, trackers, on_step, on_epoch)
+        if not dist.main:
+            return {}
+        run.save_final(_final_record(job, trainer))
+        trackers.finish(trainer.step)
+    rows = run.read_metrics()
+    return rows[-1] if rows else {}
+
+
+def _loop(job: Job, trainer: Trainer, meter: EpochMeter, run: RunFolder, holdout, trackers: Trackers,
+          on_step: StepHook | None, on_epoch: Callable[[dict], None] | None) -> None:
+    """Steps to the end: per epoch a metrics row (and its tracked scalars) and a checkpoint."""
+    s, dist = job.settings, trainer.dist
     batches = iter(make_loader(trainer.mix_plan(), pin_memory=dist.device.type == "cuda", borrow=True))
     trainer.model.train()
     while trainer.step < job.total_steps:
@@ -317,16 +332,12 @@ def train(job: Job, dist: Dist | None = None, on_step: StepHook | None = None,
             if dist.main:
                 _keep_if_best(run, job, trainer, row)
                 run.append_metrics(row)
+                trackers.row(row)
                 if on_epoch:
                     on_epoch(row)
         every = s.checkpoint_every
         if epoch_end or (every and trainer.step % every == 0):
             _checkpoint(run, trainer, meter)
-    if not dist.main:
-        return {}
-    run.save_final(_final_record(job, trainer))
-    rows = run.read_metrics()
-    return rows[-1] if rows else {}
 
 
 def _epoch_row(job: Job, trainer: Trainer, meter: EpochMeter, holdout) -> dict:

@@ -55,6 +55,7 @@ class TrainSettings:
     holdout: int                 # last real training images held out for per-epoch accuracy
     holdout_pgd_steps: int       # PGD steps of the per-epoch held-out evaluation
     checkpoint_every: int        # also checkpoint every this many steps (0 = at epoch ends only)
+    loggers: list                # live trackers: tensorboard | wandb | mlflow (trainer/trackers.py)
     seed: int                    # training seed
     workers: int                 # data-parallel Ray Train workers (ranks)
     loader_workers: int          # DataLoader worker processes per rank

@@ -104,6 +104,8 @@ NON_DEFAULT = {
 }
 NEUTRAL = {
     "train.checkpoint_every": (1, "a checkpoint after every step saves state, and a resumed run replays exactly"),
+    "train.loggers": ([], "the trackers only read what the run writes (tests/trainer/test_trackers.py reads them "
+                          "back): the same weights, losses and held-out accuracy without them"),
     "eval.cpu_threads": (2, "the CPU kernels give the same numbers with 1 or 2 threads (torch's threads are set "
                             "back to 1 by the one_thread fixture)"),
 }

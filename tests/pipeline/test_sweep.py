@@ -72,6 +72,22 @@ def test_outputs_and_rerun_is_a_noop(swept):
     assert second == first                                         # the second sweep trained nothing
 
 
+def test_trackers_group_the_runs_by_sweep_and_cell(swept):
+    """TensorBoard's HParams tab filters by sweep and cell; every run also holds its evaluation's numbers."""
+    from trackerfiles import hparams, scalars
+
+    from pipeline.sweep import label
+    tmp, _ = swept
+    cells = json.loads((tmp / "ws" / "sweeps" / "grid" / "results.json").read_text())["cells"]
+    for cell in cells[2:]:                                         # runs of their own (lambda 0 is shared)
+        for run in cell["runs"]:
+            tb = tmp / "ws" / "runs" / run / "tb"
+            session = hparams(tb / "hparams")
+            parts = set(label(cell["cell"]).split(", "))                  # results.json sorts the cell's keys
+            assert session["sweep"] == "grid" and set(session["cell"].split(", ")) == parts, run
+            assert "eval/pgd_ce" in scalars(tb) and "hparam/eval/pgd_ce" in scalars(tb / "hparams")
+
+
 @pytest.mark.parametrize("axis, needle", [("train.nokey=1", "unknown configuration key 'train.nokey'"),
                                           ("train.dra_lambda", "write KEY=V1,V2"),
                                           ("train.epochs=2,x", "key 'train.epochs'"),
