@@ -24,6 +24,8 @@ import yaml
 
 from stores.errors import UserError
 from stores.identity import write_json_atomic
+from trainer.architectures import architecture
+from trainer.settings import OPTIMIZER_DEFAULTS
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 MODULES = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
@@ -292,6 +294,14 @@ class Trackers:
         self._each("summary", hparams, {**final_metrics(self.run_dir), **(numbers or {})}, step)
 
 
+def resolved_train(train: Mapping) -> dict:
+    """The train section with a null lr / weight_decay replaced by the optimizer's value the run used."""
+    if not {"arch", "optimizer"} <= set(train):
+        return dict(train)
+    optimizer = architecture(train["arch"]).optimizer if train["optimizer"] == "auto" else train["optimizer"]
+    return {**train, **{k: OPTIMIZER_DEFAULTS[optimizer][k] for k in ("lr", "weight_decay") if train.get(k) is None}}
+
+
 def final_metrics(run_dir: Path) -> dict[str, float]:
     """The last epoch's held-out accuracy and eval.json's accuracies (where written)."""
     from trainer.runs import RunFolder
@@ -306,8 +316,10 @@ def final_metrics(run_dir: Path) -> dict[str, float]:
 
 def open_trackers(run_dir: Path, loggers, config: dict, group: dict | None = None,
                   purge_step: int | None = None) -> Trackers:
-    """The run's trackers; their ids (and the sweep cell) are kept in trackers.json for the next process."""
+    """The run's trackers; their ids (and the sweep cell) are kept in trackers.json for the next process. They
+    record the config with a null train.lr / weight_decay resolved to the value the run used."""
     run_dir = Path(run_dir)
+    config = {**config, "train": resolved_train(config.get("train") or {})}
     state_path = run_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     group = group if group is not None else state.get("group") or {}

@@ -66,7 +66,8 @@ def test_tensorboard_holds_every_row_the_figure_config_and_hparams(tmp_path):
     assert {"config/text_summary", "figures/curves"} <= tags(tb)
     assert (run.path / "figures" / "curves.png").exists()
     session = hparams(tb / "hparams")
-    assert session["train.lr"] == job.settings.lr and session["sweep"] == "grid" and session["cell"] == "train.lr=0.1"
+    assert session["train.lr"] == job.settings.peak_lr == 0.1      # null lr: the optimizer's, as the run used
+    assert session["sweep"] == "grid" and session["cell"] == "train.lr=0.1"
     final = scalars(tb / "hparams")
     assert final["hparam/heldout/pgd_acc"] == [(job.total_steps, pytest.approx(rows[-1]["pgd_acc"]))]
 
@@ -176,7 +177,7 @@ def test_mlflow_local_run_holds_every_row_under_its_sweep(tmp_path, monkeypatch)
     run_id = json.loads((run.path / "trackers.json").read_text())["mlflow_run_id"]
     client = MlflowClient(tracking_uri=(root / "mlruns").resolve().as_uri())
     assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
-    assert client.get_run(run_id).data.params["train.lr"] == str(job.settings.lr)
+    assert client.get_run(run_id).data.params["train.lr"] == str(job.settings.peak_lr)
     held = {tag: sorted((m.step, m.value) for m in client.get_metric_history(run_id, tag))
             for tag in expected(run.read_metrics())}
     assert_same_curves(held, run.read_metrics(), replayed=True)
