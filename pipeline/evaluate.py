@@ -93,20 +93,61 @@ def show_eval(result: dict) -> None:
         console.print(f"warning: {line}", highlight=False, soft_wrap=True)
 
 
+EXPORT_FORMATS = ("dra-pipe", "robustbench")
+
+
 def export_run(cfg: Config, run: str, out: Path | None = None, explicit_weights: bool = False,
-               force: bool = False) -> Path:
-    """Write run `run`'s classifier (eval.weights: best or final) to `out` (default ./<run>.pt); returns the file."""
+               force: bool = False, export_format: str = "dra-pipe") -> Path:
+    """Write run `run`'s classifier (eval.weights: best or final) to `out` (default ./<run>.pt, or
+    ./<run>.robustbench.pt and its model_info <run>.robustbench.json); returns the file."""
     from trainer.classifier_files import export_classifier, find_run
+    if export_format not in EXPORT_FORMATS:
+        raise UserError(f"--format {export_format!r}: use one of {', '.join(EXPORT_FORMATS)}")
     folder = find_run(Path(cfg.root), run)
     source = folder.weights(cfg.eval.weights, explicit=explicit_weights)
-    target = check_output_file(out or Path(f"{folder.path.name}.pt"), Path(cfg.root), force=force)
+    suffix = ".robustbench.pt" if export_format == "robustbench" else ".pt"
+    target = check_output_file(out or Path(f"{folder.path.name}{suffix}"), Path(cfg.root), force=force)
     if folder.weights_note(cfg.eval.weights):
         console.print(f"note: {folder.weights_note(cfg.eval.weights)}", highlight=False, soft_wrap=True)
+    if export_format == "robustbench":
+        return export_robustbench(cfg, folder, source, target, force)
     written = export_classifier(source, target, folder.path.name, stored=True)
     params = sum(t.numel() for t in written["state_dict"].values())
     console.print(f"exported {written['arch']} of run {folder.path.name} ({params:,} values, L-inf eps "
                   f"{written['threat_model']['epsilon']:g}, fingerprint {written['fingerprint'][:16]}) to {target}; "
                   f"evaluate it with `dra-pipe eval --model {target}`", highlight=False, soft_wrap=True)
+    return target
+
+
+def export_robustbench(cfg: Config, folder, source: Path, target: Path, force: bool) -> Path:
+    """The classifier as a state dict in RobustBench's layout (trainer.robustbench; dra-pipe's own names where
+    RobustBench has no definition) and, beside it, RobustBench's model_info with the run's eval.json figures."""
+    import json
+
+    from pipeline.workflow import data_prefix
+    from stores.atomic import torch_save_atomically
+    from stores.identity import write_json_atomic
+    from trainer.classifier_files import load_classifier
+    from trainer.robustbench import TO_FILL, definition, family, model_info, normalises, to_robustbench
+    info_path = check_output_file(target.with_suffix(".json"), Path(cfg.root), force=force)
+    model, record = load_classifier(source, stored=True)
+    known = family(model.arch) is not None
+    torch_save_atomically(to_robustbench(model) if known else model.state_dict(), target)
+    evaluated = json.loads(folder.path.joinpath("eval.json").read_text()) if (folder.path / "eval.json").exists() \
+        else None
+    evaluated = evaluated if evaluated and evaluated.get("weights") == source.stem else None
+    info = model_info(record, evaluated, data_prefix(cfg))
+    write_json_atomic(info_path, info)
+    say = lambda line: console.print(line, highlight=False, soft_wrap=True)      # noqa: E731
+    say(f"exported {model.arch} of run {folder.path.name} as a RobustBench state dict to {target}")
+    say(f"  loads into {definition(model)}" if known else
+        f"  RobustBench has no definition of {model.arch}: the state dict keeps dra-pipe's names "
+        "(trainer.classifiers builds it)")
+    if known and family(model.arch) != "wrn" and normalises(model):
+        say(f"  note: RobustBench's {model.arch} does not normalise inside; normalise inputs with mean "
+            f"{record['mean']} and std {record['std']} before it")
+    say(f"wrote {info_path} (RobustBench model_info; fill the fields marked {TO_FILL}: "
+        f"{', '.join(k for k, v in info.items() if str(v).startswith(TO_FILL))})")
     return target
 
 

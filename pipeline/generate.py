@@ -1,10 +1,12 @@
 """Generate: N class-conditional images from the configured model into a generated image set, on Ray workers.
 
 Wires `stages.generate` (the sampling worker and the set's identity) to `pipeline.shards` (actors, overlap,
-retries) and the image store (the driver records each shard after its data).
+retries) and the image store (the driver records each shard after its data). With fewer shards than workers,
+each shard is sampled in parts by several workers and written whole by the driver (pipeline.shards.parts).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -12,8 +14,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipeline.config import Config, parse_count
 from pipeline.console import console, human_bytes, shard_list
+from pipeline.shards.parts import ComputeOnly, ShardAssembler, split_jobs
 from pipeline.workflow import generated_set, real_train_set
 from stores.images import ImageSet, ImageSetWriter, ShardPlans, plan_shards, validate_set_name
 from stores.manifest import ShardRecord
@@ -209,10 +214,25 @@ def execute(job: GenerateJob, actors: ActorPlan, max_attempts: int,
     remove_temporaries(job.writer.path)
     jobs = [ShardJob(p.index, p.first_id, p.count) for p in job.writer.pending()]      # read under the lock
     factory = partial(GenerateWorker, job.spec, job.settings, str(job.writer.path))
-    summary = run_with_progress("generate", "images", jobs, factory, actors, max_attempts, partial(_record, job.writer),
+    record = partial(_record, job.writer)
+    parts = split_jobs(jobs, actors.actors, job.settings.batch_size)
+    if len(parts) > len(jobs):                     # fewer shards than workers: every worker samples a part
+        assembler = ShardAssembler(jobs, parts, partial(_write_whole, job, time.perf_counter()))
+        factory, record = ComputeOnly(factory), assembler.record
+    summary = run_with_progress("generate", "images", parts, factory, actors, max_attempts, record,
                                 on_progress, poll_seconds, kept=partial(_kept, job))
+    summary.shards = len(jobs) if len(parts) > len(jobs) else summary.shards
     show_summary(job, summary, actors)
     return summary
+
+
+def _write_whole(job: GenerateJob, started: float, shard: ShardJob, sampled: list[tuple]) -> None:
+    """Write and record a shard from its parts' (images, labels, started), in id order."""
+    from stores.tarshard import write_tar_shard
+    images, labels = np.concatenate([s[0] for s in sampled]), np.concatenate([s[1] for s in sampled])
+    record = write_tar_shard(job.writer.path, shard.index, shard.first_id, images, labels,
+                             job.settings.image_format, started)
+    _record(job.writer, shard, record)
 
 
 def _kept(job: GenerateJob) -> str:
@@ -232,6 +252,8 @@ def show_summary(job: GenerateJob, summary: RunSummary, actors: ActorPlan) -> No
     nodes = len(summary.shards_per_node)
     counts = (("retries", summary.retries), ("workers replaced", summary.replaced))
     extra = "".join(f", {k} {v}" for k, v in counts if v)
+    if len(summary.items_per_worker) > 1:
+        extra += ", per worker " + " / ".join(f"{w} {n:,}" for w, n in sorted(summary.items_per_worker.items()))
     console.print(f"generated {summary.items:,} images ({summary.shards} shards) in {summary.seconds:.1f} s: "
                   f"{rate:,.1f} images/s on {actors.describe()}, {nodes} node{'s' if nodes != 1 else ''}, "
                   f"model busy {summary.busy_fraction:.0%}{extra}", highlight=False, soft_wrap=True)

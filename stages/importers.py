@@ -18,8 +18,8 @@ from PIL import Image
 
 from stages.npz_source import npz_files_split
 from stages.sources import SplitSource, check_labels, class_labels
+from stores.checksums import cached_file_sha256
 from stores.errors import UserError
-from stores.identity import file_sha256
 from stores.images import DATASET_JSON, ImageSet, ImageSetWriter, dataset_fingerprint, make_identity
 from stores.workspace import check_writable
 
@@ -196,10 +196,10 @@ def planned_train_split(importer: str, test_fraction: float, split_seed: int) ->
 def _source_checksum(importer: str, path: Path | None) -> str:
     """sha256 of the source, streamed (a 31 GB .npz is read once, never held)."""
     if importer == "digits":
-        return file_sha256(_digits_file())
+        return cached_file_sha256(_digits_file())
     if path.is_dir():
         return _folder_checksum(path)
-    return file_sha256(path)
+    return cached_file_sha256(path)
 
 
 # --- digits -------------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def _folder_checksum(path: Path) -> str:
     _, files = _folder_files(path)
     h = hashlib.sha256()
     for f, k in files:
-        h.update(f"{f.relative_to(path)}\0{k}\0{file_sha256(f)}\n".encode())
+        h.update(f"{f.relative_to(path)}\0{k}\0{cached_file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,13 +177,14 @@ class ImageSet:
     def read_shard(self, index: int, verify: bool = True) -> ShardData:
         """Decode one shard; with verify, its sha256 must equal the manifest's.
 
-        A shard this process has verified is not hashed again while its stat (inode, size, mtime, ctime) is
-        unchanged: an epoch-after-epoch reader pays the hash once per process, not once per read."""
+        A shard verified before is not hashed again while its stat is unchanged (this process: inode, size, mtime,
+        ctime; earlier ones: the persistent checksum cache): a reader pays the hash once, not once per read."""
         record = self.records.get(index)
         if record is None:
             raise IntegrityError(f"{self.path}: shard {index} is not complete (not in the manifest); rerun the stage "
                                  f"that writes this set")
         path = self.path / shard_name(index)
+        taken = time.time_ns()
         try:
             stat = file_stat(path)
         except FileNotFoundError:
@@ -193,7 +195,7 @@ class ImageSet:
             if hashlib.sha256(data).hexdigest() != record.sha256:
                 raise IntegrityError(f"{path}: sha256 differs from the manifest (corrupted); "
                                      f"run `dra-pipe verify {self.name}`")
-            mark_intact(path, record.bytes, record.sha256, stat)
+            mark_intact(path, record.bytes, record.sha256, stat, taken)
         return self._decode(data, record, path, check_headers=not verify)
 
     def _decode(self, data: memoryview, record: ShardRecord, path: Path, check_headers: bool) -> ShardData:

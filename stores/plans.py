@@ -66,3 +66,20 @@ class ShardPlans(Sequence):
 def plan_shards(n: int, shard_size: int) -> ShardPlans:
     """Contiguous id ranges: shard i holds ids [i*S, min((i+1)*S, n))."""
     return ShardPlans(n, shard_size)
+
+
+def part_ranges(first_id: int, count: int, parts: int, align: int) -> list[tuple[int, int]]:
+    """Split ids [first_id, first_id + count) into at most `parts` contiguous (first_id, count) ranges whose
+    starts lie a multiple of `align` past first_id: a worker sampling a range in batches of `align` forms the
+    very batches one worker sampling the whole range would, so every image is the same either way."""
+    if parts < 1 or align < 1:
+        raise ValueError("parts and align must be at least 1")
+    blocks = -(-count // align)                                  # batches in the range
+    parts = max(1, min(parts, blocks))
+    per, extra = divmod(blocks, parts)
+    ranges, start = [], first_id
+    for k in range(parts):
+        size = min((per + (k < extra)) * align, first_id + count - start)
+        ranges.append((start, size))
+        start += size
+    return ranges

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stores.checksums import checksum_cache
 from stores.errors import IntegrityError
 from stores.manifest import ShardRecord, worker_name
 
@@ -100,20 +101,37 @@ def file_stat(path: Path) -> tuple:
 
 
 def known_intact(path: Path, size: int, sha256: str, stat: tuple) -> bool:
-    """True if this process hashed the file intact before and it has not changed since (same stat)."""
-    return _INTACT.get((str(path), size, sha256)) == stat
+    """True if the file was hashed intact before and has not changed since: in this process (same stat), or in
+    an earlier one (the persistent cache's (path, size, mtime, inode))."""
+    if _INTACT.get((str(path), size, sha256)) == stat:
+        return True
+    ino, actual, mtime_ns = stat[:3]
+    return actual == size and checksum_cache().lookup(path, _StatView(actual, mtime_ns, ino)) == sha256
 
 
-def mark_intact(path: Path, size: int, sha256: str, stat: tuple) -> None:
-    """Record that the file, as it was at `stat` (taken before it was read), hashed to its record."""
+def mark_intact(path: Path, size: int, sha256: str, stat: tuple, stat_taken_ns: int | None = None) -> None:
+    """Record that the file, as it was at `stat` (taken at `stat_taken_ns`, before it was read), hashed to its
+    record. Without the time the persistent cache is left alone (a hash right after a write is not trusted)."""
     _INTACT[(str(path), size, sha256)] = stat
+    if stat_taken_ns is not None:
+        ino, actual, mtime_ns = stat[:3]
+        checksum_cache().record(path, _StatView(actual, mtime_ns, ino), sha256, stat_taken_ns)
+
+
+class _StatView:
+    """The fields of an os.stat_result the checksum cache compares."""
+
+    def __init__(self, size: int, mtime_ns: int, ino: int):
+        self.st_size, self.st_mtime_ns, self.st_ino = size, mtime_ns, ino
 
 
 def file_problem(path: Path, size: int, sha256: str, rehash: bool = False) -> str | None:
     """What is wrong with a stored file against its record (existence, size, sha256), or None when it is intact.
 
-    A file this process found intact is not hashed again while its inode, size, mtime and ctime are unchanged
-    (a writer checks its set when it opens it and again under the lock); `rehash` always hashes (verify)."""
+    A file found intact before is not hashed again while its stat is unchanged (see known_intact: a writer checks
+    its set when it opens it and again under the lock, a rerun in a new process trusts the persistent cache);
+    `rehash` always hashes (verify), and forgets the cached digest of a file it finds damaged."""
+    taken = time.time_ns()
     try:
         seen = file_stat(path)
     except FileNotFoundError:
@@ -122,6 +140,16 @@ def file_problem(path: Path, size: int, sha256: str, rehash: bool = False) -> st
         return "not validly recorded"
     if not rehash and known_intact(path, size, sha256, seen):
         return None
+    problem = _hashed_problem(path, size, sha256)
+    if problem is None:
+        mark_intact(path, size, sha256, seen, taken)
+    else:
+        _INTACT.pop((str(path), size, sha256), None)
+        checksum_cache().forget(path)
+    return problem
+
+
+def _hashed_problem(path: Path, size: int, sha256: str) -> str | None:
     digest, actual = file_sha256_and_size(path)
     if actual < size:
         return f"truncated ({actual} of {size} bytes)"
@@ -129,7 +157,6 @@ def file_problem(path: Path, size: int, sha256: str, rehash: bool = False) -> st
         return f"wrong size ({actual}, expected {size} bytes)"
     if digest != sha256:
         return "corrupted (sha256 differs)"
-    mark_intact(path, size, sha256, seen)
     return None
 
 

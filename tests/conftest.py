@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The persistent checksum cache of this test session, never the user's (subprocesses and Ray workers inherit it).
+os.environ["DRA_PIPE_CHECKSUM_CACHE"] = str(Path(tempfile.mkdtemp(prefix="dra-checksums-")) / "checksums.json")
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Classifier files: a run's final.pt or best.pt, or an exported file, and finding a finished run.
+"""Classifier files: a run's final.pt or best.pt, an exported file or a RobustBench-format state dict (loaded through
+trainer.robustbench), and finding a finished run.
 
 A classifier file is a dict with format "dra-pipe-classifier" and the keys in RECORD_KEYS; `export_classifier`
 writes one with a fingerprint (sha256 of the state dict) for others.
@@ -17,6 +18,7 @@ from torch import nn
 from stores.atomic import torch_save_atomically
 from stores.errors import IntegrityError, UserError
 from trainer.classifiers import Classifier, build_classifier
+from trainer.robustbench import robustbench_record
 from trainer.runs import FINAL_FORMAT, RunFolder
 
 RECORD_KEYS = ("arch", "num_classes", "in_channels", "resolution", "mean", "std", "state_dict", "threat_model")
@@ -40,6 +42,8 @@ def _load_classifier(path: Path) -> tuple[Classifier, dict]:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:                                   # a pickle error, a truncated zip, ...
         raise UserError(f"{path}: not a readable classifier file ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if isinstance(record, dict) and "format" not in record:       # a bare state dict: RobustBench's layout?
+        record = robustbench_record(record, str(path))
     if not isinstance(record, dict) or record.get("format") != FINAL_FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise UserError(f"{path}: not a dra-pipe classifier (format {found!r}); export one with `dra-pipe export`")

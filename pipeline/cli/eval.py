@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
 
 def eval_cmd(
     run: Optional[str] = typer.Argument(None, help="run name under <root>/runs (or a run folder)"),
-    model: Optional[Path] = typer.Option(None, "--model", help="evaluate an exported classifier file instead of a run"),
+    model: Optional[Path] = typer.Option(None, "--model", help="evaluate an exported classifier "
+                                                         "file, or a RobustBench-format WRN / ResNet-18 state dict "
+                                                         "(at L-inf 8/255), instead of a run"),
     images: Optional[str] = typer.Option(None, "--images", help="image set to evaluate on (default: <data name>-test)"),
     n: Optional[int] = typer.Option(None, "--n", help="first n test images, 0 = all [config eval.n]"),
     pgd_steps: Optional[int] = typer.Option(None, "--pgd-steps", help="PGD steps [config eval.pgd_steps]"),
@@ -53,11 +55,14 @@ def export_cmd(
     force: bool = ForceOpt,
     weights: Optional[str] = typer.Option(None, "--weights", help="best (held-out PGD selection) or final weights "
                                                                   "[config eval.weights]"),
+    export_format: str = typer.Option("dra-pipe", "--format", help="dra-pipe (one file with architecture, "
+                                      "normalisation and threat model) or robustbench (a state dict RobustBench's "
+                                      "model definition loads, plus its model_info JSON)"),
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Write a run's classifier (EMA weights, architecture, normalisation, threat model) to one file for others."""
     cfg = resolve(config, root, {"eval.weights": weights})
-    export_run(cfg, run, out, explicit_weights=weights is not None, force=force)
+    export_run(cfg, run, out, explicit_weights=weights is not None, force=force, export_format=export_format)
 
 
 # --- report ------------------------------------------------------------------------------------------------------

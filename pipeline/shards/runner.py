@@ -81,6 +81,7 @@ class RunSummary:
     retries: int = 0
     replaced: int = 0
     shards_per_node: dict[str, int] = field(default_factory=dict)
+    items_per_worker: dict[str, int] = field(default_factory=dict)   # w0, w1, ...: items each slot computed
 
 
 class _Slot:
@@ -196,6 +197,7 @@ class _Driver:
         self.summary.shards += 1
         self.summary.items += job.count
         self.finished[slot.name] = self.finished.get(slot.name, 0) + 1
+        self.summary.items_per_worker[slot.name] = self.summary.items_per_worker.get(slot.name, 0) + job.count
         node = slot.state.get("node", "?")
         self.summary.shards_per_node[node] = self.summary.shards_per_node.get(node, 0) + 1
 
