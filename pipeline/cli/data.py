@@ -37,9 +37,11 @@ def config_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 
 
 def import_cmd(
-    importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder"),
+    importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder | imagenet64"),
     sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH",
-                                                 help="file or folder to import (CIFAR tarball, .npz, image folder); "
+                                                 help="file or folder to import (CIFAR tarball, .npz, image folder; "
+                                                      "imagenet64: the folder holding train_data_batch_1..10 and "
+                                                      "val_data); "
                                                       "npz: repeat it to append several files into one set, in order "
                                                       "[config data.source, when IMPORTER is data.importer]"),
     generated: bool = typer.Option(False, "--generated", help="npz only: the files hold generated images "
