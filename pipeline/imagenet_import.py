@@ -88,11 +88,12 @@ def _already_imported(root: Path, name: str, listing: str, resolution: int, cfg:
     return same and s.complete
 
 
-def _decode_chunks(cfg: Config, split, staging: Path, jobs: list[ShardJob], resolution: int) -> None:
+def _decode_chunks(cfg: Config, split, staging: Path, jobs: list[ShardJob], resolution: int):
+    """Decode and stage the chunks `jobs` on Ray workers; returns (run summary, actor plan), or None for none."""
     from pipeline.shards.cluster import cluster_nodes, plan_actors, ray_session
     from pipeline.shards.progress import run_with_progress
     if not jobs:
-        return
+        return None
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
         actors = plan_actors(cluster_nodes(), cfg.ray.cpu_actors)
         factory = partial(ChunkWorker, [str(f) for f in split.files], split.labels, resolution, str(staging))
@@ -102,6 +103,7 @@ def _decode_chunks(cfg: Config, split, staging: Path, jobs: list[ShardJob], reso
     console.print(f"decoded {summary.items:,} {split.split} images in {summary.seconds:.1f} s: "
                   f"{summary.items / max(summary.seconds, 1e-9):,.1f} images/s on {actors.describe()}",
                   highlight=False)
+    return summary, actors
 
 
 def _identity(source: Path, split, chunks, ids, names, resolution, listing, cfg) -> tuple:
