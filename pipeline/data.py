@@ -12,7 +12,7 @@ from stores.errors import IntegrityError, UserError
 
 
 def import_data(cfg: Config, importer: str, sources: list[str], name: str | None, generated: bool = False,
-                wait: bool = False) -> None:
+                wait: bool = False, resolution: int = 64) -> None:
     """`dra-pipe import`: sources and name as given (empty / None: the defaults below), then run_import.
 
     data.source and data.name belong to data.importer: another importer gets neither. Generated files are always
@@ -21,6 +21,13 @@ def import_data(cfg: Config, importer: str, sources: list[str], name: str | None
         run_import(cfg, importer, sources, name or generated_import_name(cfg), wait, generated=True)
         return
     configured = cfg.data.source if importer == cfg.data.importer else None
+    if importer == "imagenet":
+        from pipeline.imagenet_import import import_imagenet
+        if len(sources) > 1:
+            raise UserError(f"import imagenet reads one --from folder, got {len(sources)}; give one --from")
+        import_imagenet(cfg, sources[0] if sources else configured, name or (cfg.data.name if configured else None),
+                        resolution, wait)
+        return
     run_import(cfg, importer, sources or configured, name or (cfg.data.name if configured else None), wait)
 
 

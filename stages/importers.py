@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stages import imagenet64
 from stages.npz_source import npz_files_split
 from stages.sources import SplitSource, check_labels, class_labels
 from stores.checksums import cached_file_sha256
@@ -71,22 +72,24 @@ def _source_paths(importer: str, source: str | list[str] | None, generated: bool
     if importer != "digits" and not sources:
         raise UserError(f"import {importer} needs --from PATH (the file or folder to import)")
     if len(sources) > 1 and importer != "npz":
-        raise UserError(f"import {importer} reads one --from {'folder' if importer == 'folder' else 'file'}, got "
+        one = "folder" if importer in FOLDER_IMPORTERS else "file"
+        raise UserError(f"import {importer} reads one --from {one}, got "
                         f"{len(sources)}; give one --from (only import npz appends several files)")
     paths = [Path(s) for s in sources]
     for path in paths:
         if not path.exists():
             raise UserError(f"{path}: no such file or folder; check --from")
-        if path.is_dir() != (importer == "folder"):
-            raise UserError(f"{path}: import {importer} reads a {'folder' if importer == 'folder' else 'file'}; "
-                            "check --from")
+        if path.is_dir() != (importer in FOLDER_IMPORTERS):
+            kind = "folder" if importer in FOLDER_IMPORTERS else "file"
+            raise UserError(f"{path}: import {importer} reads a {kind}; check --from")
     twice = [p for k, p in enumerate(paths) if any(p.resolve() == q.resolve() for q in paths[:k])]
     if twice:
         raise UserError(f"{twice[0]}: given twice as --from; give each file once")
     return paths
 
 
-IMPORTERS = ("digits", "cifar10", "cifar100", "npz", "folder")
+IMPORTERS = ("digits", "cifar10", "cifar100", "npz", "folder", "imagenet64")
+FOLDER_IMPORTERS = ("folder", "imagenet64")      # --from names a folder
 
 
 def _npz_provenance(checksums: list[str], split: SplitSource) -> dict:
@@ -112,11 +115,14 @@ def _generated_npz_identity(checksums: list[str], split: SplitSource, shard_size
 def _splits(importer: str, paths: list[Path], test_fraction: float, split_seed: int) -> list[SplitSource]:
     described = {"digits": lambda: _digits(test_fraction, split_seed), "cifar10": lambda: _cifar(paths[0], 10),
                  "cifar100": lambda: _cifar(paths[0], 100), "npz": lambda: [npz_files_split(paths)],
-                 "folder": lambda: _folder(paths[0])}
+                 "folder": lambda: _folder(paths[0]),
+                 "imagenet64": lambda: imagenet64.splits(paths[0], _NumpyOnlyUnpickler)}
     return described[importer]()
 
 
 def _checksums(importer: str, paths: list[Path]) -> list[str]:
+    if importer == "imagenet64":
+        return [imagenet64.checksum(paths[0])]
     return [_source_checksum(importer, p) for p in paths] if paths and importer != "digits" else \
         [_source_checksum(importer, None)]
 

@@ -9,7 +9,7 @@ import typer
 from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
 from stores.errors import UserError
 
-BENCHES = ("stores", "generate", "extract", "sampler", "train", "targets", "gpu")
+BENCHES = ("stores", "generate", "extract", "sampler", "train", "targets", "gpu", "import")
 CifarOpt = typer.Option(False, "--cifar/--no-cifar", help="targets: also time the online teacher on the CIFAR-size "
                         "pair (WRN-28-10 + EDM CIFAR-10; minutes here)")
 
@@ -19,14 +19,14 @@ def register(app: typer.Typer) -> None:
 
 
 def bench_cmd(
-    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train | targets | gpu"),
+    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train | targets | gpu | import"),
     samples: int = typer.Option(100_000, "--samples", help="stores: samples in the synthetic benchmark set; targets: "
                                                            "real images measured (at most one shard)"),
     batch: int = typer.Option(512, "--batch", help="stores: batch size of the streaming reader"),
     workers: int = typer.Option(2, "--workers", help="stores: DataLoader worker processes"),
     cold: bool = typer.Option(True, "--cold/--warm-only", help="stores: also time cold passes (drops the page cache; "
                                                                "needs root)"),
-    n: Optional[int] = typer.Option(None, "--n", help="generate: images to generate per pass"),
+    n: Optional[int] = typer.Option(None, "--n", help="generate: images per pass; import: JPEGs made (2000)"),
     work_dir: Optional[Path] = typer.Option(None, "--dir", help="where to build benchmark data (default: ROOT/bench)"),
     cifar: bool = CifarOpt,
     smoke: bool = typer.Option(False, "--smoke", help="gpu: the same code paths on the CPU with tiny sizes (about a "
@@ -36,10 +36,7 @@ def bench_cmd(
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Measure a stage against its bare baseline in the same run (ratios, not absolute times)."""
-    for flag, value, least in (("--samples", samples, 1), ("--batch", batch, 1), ("--workers", workers, 0),
-                               ("--n", n, 1)):
-        if value is not None and value < least:
-            raise UserError(f"bench {flag} {value}: give a number >= {least}")
+    _check_counts(samples, batch, workers, n)
     cfg = resolve(config, root)
     work = work_dir or Path(cfg.root) / "bench"
     if what == "stores":
@@ -60,6 +57,9 @@ def bench_cmd(
     elif what == "targets":
         from pipeline.bench.targets import bench_targets
         bench_targets(cfg, console, images=min(samples, 4096), cifar=cifar)
+    elif what == "import":
+        from pipeline.bench.imports import bench_import
+        bench_import(cfg, n or 2000, 64, console)
     elif what == "gpu":
         from pipeline.bench.gpu import bench_gpu
         from pipeline.outputs import check_output_file
@@ -68,3 +68,10 @@ def bench_cmd(
         bench_gpu(work / ("gpu-smoke" if smoke else "gpu"), console, smoke=smoke, out=out)
     else:
         raise UserError(f"unknown benchmark {what!r}; available: {', '.join(BENCHES)}")
+
+
+def _check_counts(samples: int, batch: int, workers: int, n: int | None) -> None:
+    for flag, value, least in (("--samples", samples, 1), ("--batch", batch, 1), ("--workers", workers, 0),
+                               ("--n", n, 1)):
+        if value is not None and value < least:
+            raise UserError(f"bench {flag} {value}: give a number >= {least}")

@@ -37,9 +37,13 @@ def config_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 
 
 def import_cmd(
-    importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder"),
+    importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder | imagenet | imagenet64"),
     sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH",
-                                                 help="file or folder to import (CIFAR tarball, .npz, image folder); "
+                                                 help="file or folder to import (CIFAR tarball, .npz, image folder; "
+                                                      "imagenet: DIR/train/<synset>/*.JPEG and DIR/val (class "
+                                                      "folders, or flat with DIR/LOC_val_solution.csv); "
+                                                      "imagenet64: the folder holding train_data_batch_1..10 and "
+                                                      "val_data); "
                                                       "npz: repeat it to append several files into one set, in order "
                                                       "[config data.source, when IMPORTER is data.importer]"),
     generated: bool = typer.Option(False, "--generated", help="npz only: the files hold generated images "
@@ -52,12 +56,18 @@ def import_cmd(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="samples per shard [config data.shard_size]"),
     image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless, default) or npy (raw) "
                                                                       "[config data.image_format]"),
+    resolution: int = typer.Option(64, "--resolution", help="imagenet only (the other importers keep their "
+                                                            "sources' size): side of the square images, centre "
+                                                            "crop then LANCZOS resize"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="imagenet only: CPU workers decoding in "
+                                                                  "parallel [config ray.cpu_actors]"),
     wait: bool = WaitOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Import a real data set into image stores (one per split), or DM-AT's generated .npz files (--generated)."""
-    cfg = resolve(config, root, {"data.shard_size": shard_size, "data.image_format": image_format})
-    import_data(cfg, importer, [str(s) for s in sources or []], name, generated, wait)
+    cfg = resolve(config, root, {"data.shard_size": shard_size, "data.image_format": image_format,
+                                 "ray.cpu_actors": workers})
+    import_data(cfg, importer, [str(s) for s in sources or []], name, generated, wait, resolution)
 
 
 def ls_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):

@@ -62,7 +62,7 @@ ROWS = [
     ("folder-16-bit", "import folder --from {base}/sixteen --root {base}/new", 2, "mode I;16 is not 8 bits"),
     ("folder-bomb", "import folder --from {base}/bomb --root {base}/new", 2, "too large to decode safely"),
     ("folder-empty-class", "import folder --from {base}/classes --root {base}/new", 2, "class folder b holds no"),
-    ("unknown-importer", "import imagenet --root {base}/new", 2, "unknown importer"),
+    ("unknown-importer", "import imagenet21k --root {base}/new", 2, "unknown importer"),
     ("npz-from-folder", "import npz --from {base}/classes --root {base}/new", 2, "import npz reads a file"),
     ("generated-not-npz", "import cifar10 --generated --from {base}/nodata.tar.gz --root {base}/new", 2,
      "--generated applies to import npz"),
