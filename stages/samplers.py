@@ -167,8 +167,8 @@ def ipndm_sampler(denoiser, latents: torch.Tensor, class_labels: torch.Tensor | 
                   num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
                   rho: float = 7.0) -> torch.Tensor:
     """iPNDM on the EDM steps, N NFE: an explicit multistep over the slopes d = (x - D) / t, order rising with
-    the history up to 4 (fixed: the sampler's name is its identity); the last step (to sigma = 0) is first order, so it returns D as the other
-    samplers do (diffusers' `lower_order_final`). latents [B, C, H, W] -> samples float64."""
+    the history up to 4 (fixed: the sampler's name is its identity); the last step (to sigma = 0) is first order,
+    so it returns D as the other samplers do (diffusers' `lower_order_final`). latents [B, C, H, W] -> float64."""
     lo, hi = _sigma_range(denoiser, sigma_min, sigma_max)
     t_steps = edm_sigma_steps(num_steps, lo, hi, rho).tolist()  # N + 1 floats, t_N = 0
     x = latents.to(torch.float64) * t_steps[0]  # [B, C, H, W]
