@@ -1,7 +1,9 @@
 """One contract over every registered sampler (stages.sampler_registry.SAMPLERS), in the manner of diffusers'
 SchedulerCommonTest: fixed latents give bitwise the same samples; the noise levels the network sees run from
 sigma_max (clamped to the denoiser's range) down the EDM steps to sigma_min, and the last step lands on sigma = 0;
-the network is called exactly as many times as the registry declares; the registry's churn flag is the truth.
+the network is called exactly as many times as the registry declares; the registry's churn flag is the truth;
+sample i run alone equals sample i in a batch (it depends only on seed, i and the sampler settings); steps below a
+sampler's declared minimum, and churn for a sampler without it, are refused as user errors.
 """
 from __future__ import annotations
 
