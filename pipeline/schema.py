@@ -81,7 +81,8 @@ SCHEMA: dict[str, Any] = {
         "name": _k(str, None, "generated image-set name; default: <data name>-gen", nullable=True),
         "seed": _k(int, 0, "run seed: sample i's label and noise depend only on (seed, i)", min=0, max=MAX_SEED),
         "sampler": _k(str, "heun", f"sampler: {sampler_help()}", choices=tuple(SAMPLERS)),
-        "steps": _k(int, 18, "sampler steps (Heun: 2*steps-1 network evaluations)", min=1, max=1000),
+        "steps": _k(int, 18, "sampler steps (Heun: 2*steps-1 network evaluations, the others: steps; "
+                    "see generate.sampler)", min=1, max=1000),
         "churn": _k(float, 0.0, "EDM S_churn (0 = deterministic)", min=0.0),
         "batch_size": _k(int, 256, "images per sampler batch", min=1, max=65536),
     },

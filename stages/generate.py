@@ -51,6 +51,8 @@ class GenerateSettings:
         if self.steps < 2:
             raise UserError(f"--steps must be at least 2 (got {self.steps}): "
                             "the EDM discretisation needs two noise levels")
+        if self.steps < entry.min_steps:
+            raise UserError(f"--steps must be at least {entry.min_steps} for {self.sampler} (got {self.steps})")
         if self.churn > 0 and not entry.takes_churn:
             with_churn = " and ".join(name for name, e in SAMPLERS.items() if e.takes_churn)
             raise UserError(f"churn applies to the {with_churn} samplers only; "

@@ -20,6 +20,7 @@ class SamplerEntry:
     evaluations: Callable[[int], int]  # network evaluations per image for `steps` sampler steps
     takes_churn: bool                  # accepts S_churn (and noise_fn)
     help: str                          # one short phrase
+    min_steps: int = 2                 # fewest steps it runs (EDM's discretisation needs two noise levels)
 
     def function(self) -> Callable:
         """The sampler function (imports stages.samplers, hence torch)."""
@@ -27,6 +28,10 @@ class SamplerEntry:
 
     def nfe(self, steps: int) -> int:
         return self.evaluations(steps)
+
+    def steps_for_nfe(self, nfe: int) -> int | None:
+        """The steps that make exactly `nfe` network evaluations; None when no step count does."""
+        return next((s for s in range(self.min_steps, nfe + 1) if self.evaluations(s) == nfe), None)
 
     def help_line(self) -> str:
         return f"{self.name} ({self.help})"
@@ -40,6 +45,10 @@ SAMPLERS: dict[str, SamplerEntry] = {e.name: e for e in (
                  "first order on the same noise levels: steps evaluations"),
     SamplerEntry("dpm-solver", "dpm_solver_sampler", lambda steps: steps, False,
                  "DPM-Solver++ 2M via diffusers, no churn: steps evaluations"),
+    SamplerEntry("dpm-solver-3m", "dpm_solver_3m_sampler", lambda steps: steps, False,
+                 "DPM-Solver++ 3M via diffusers, no churn, steps >= 3: steps evaluations", min_steps=3),
+    SamplerEntry("ipndm", "ipndm_sampler", lambda steps: steps, False,
+                 "iPNDM (4th-order multistep, Zhang & Chen 2023), no churn: steps evaluations"),
 )}
 
 

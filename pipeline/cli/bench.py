@@ -13,6 +13,11 @@ BENCHES = ("stores", "generate", "extract", "sampler", "train", "targets", "gpu"
 CifarOpt = typer.Option(False, "--cifar/--no-cifar", help="targets: also time the online teacher on the CIFAR-size "
                         "pair (WRN-28-10 + EDM CIFAR-10; minutes here)")
 
+FidelityOpt = typer.Option(False, "--fidelity", help="sampler: every sampler at NFE 5-35 against Heun at 35 NFE "
+                                                     "(RMS in grey levels, judge agreement, images/s)")
+ImagesOpt = typer.Option(64, "--images", help="sampler --fidelity: digits images per run (the CIFAR-shaped network: "
+                                              "a sixteenth, at least 1)")
+
 
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_cmd)
@@ -33,10 +38,12 @@ def bench_cmd(
                                                       "minute)"),
     out: Optional[Path] = typer.Option(None, "--out", help="gpu: write the table as JSON here (default: "
                                                            "ROOT/bench/gpu/gpu.json)"),
+    fidelity: bool = FidelityOpt, images: int = ImagesOpt,
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Measure a stage against its bare baseline in the same run (ratios, not absolute times)."""
-    _check_counts(samples, batch, workers, n)
+    _check_sizes((("--samples", samples, 1), ("--batch", batch, 1), ("--workers", workers, 0), ("--n", n, 1),
+                  ("--images", images, 1)))
     cfg = resolve(config, root)
     work = work_dir or Path(cfg.root) / "bench"
     if what == "stores":
@@ -49,8 +56,7 @@ def bench_cmd(
         from pipeline.bench.extract import bench_extract
         bench_extract(cfg, console)
     elif what == "sampler":
-        from pipeline.bench.sampler import bench_sampler
-        bench_sampler(cfg, console)
+        _bench_sampler(cfg, fidelity, images)
     elif what == "train":
         from pipeline.bench.train import bench_train
         bench_train(cfg, console, work_dir=work / "train")
@@ -70,8 +76,17 @@ def bench_cmd(
         raise UserError(f"unknown benchmark {what!r}; available: {', '.join(BENCHES)}")
 
 
-def _check_counts(samples: int, batch: int, workers: int, n: int | None) -> None:
-    for flag, value, least in (("--samples", samples, 1), ("--batch", batch, 1), ("--workers", workers, 0),
-                               ("--n", n, 1)):
+def _check_sizes(sizes) -> None:
+    """UserError for the first (flag, value, least) whose value is below least."""
+    for flag, value, least in sizes:
         if value is not None and value < least:
             raise UserError(f"bench {flag} {value}: give a number >= {least}")
+
+
+def _bench_sampler(cfg, fidelity: bool, images: int) -> None:
+    if fidelity:
+        from pipeline.bench.fidelity import bench_fidelity
+        bench_fidelity(cfg, console, images=images, cifar_images=max(1, images // 16), min_seconds=1.0)
+    else:
+        from pipeline.bench.sampler import bench_sampler
+        bench_sampler(cfg, console)

@@ -1,7 +1,9 @@
 """One contract over every registered sampler (stages.sampler_registry.SAMPLERS), in the manner of diffusers'
 SchedulerCommonTest: fixed latents give bitwise the same samples; the noise levels the network sees run from
 sigma_max (clamped to the denoiser's range) down the EDM steps to sigma_min, and the last step lands on sigma = 0;
-the network is called exactly as many times as the registry declares; the registry's churn flag is the truth.
+the network is called exactly as many times as the registry declares; the registry's churn flag is the truth;
+sample i run alone equals sample i in a batch (it depends only on seed, i and the sampler settings); steps below a
+sampler's declared minimum, and churn for a sampler without it, are refused as user errors.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from stages.noise import labels_for, latents_for
 from stages.sampler_registry import SAMPLERS
 from stages.samplers import NFECounter, sample
 from stages.sigma import edm_sigma_steps
+from stores.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +55,8 @@ def network():
 
 
 def _settings(name: str, steps: int, churn: float = 0.0) -> GenerateSettings:
-    return GenerateSettings(name, steps, churn if SAMPLERS[name].takes_churn else 0.0, seed=3)
+    return GenerateSettings(name, max(steps, SAMPLERS[name].min_steps), churn if SAMPLERS[name].takes_churn else 0.0,
+                            seed=3)
 
 
 def _latents(shape=(1, 8, 8)) -> torch.Tensor:
@@ -75,6 +79,7 @@ def test_fixed_latents_give_the_same_samples(network, name, churn):
 @pytest.mark.parametrize("name", NAMES)
 def test_noise_levels_run_from_sigma_max_to_zero(name, steps, sigma_range, want):
     """sigma_range: the denoiser's own (sigma_min, sigma_max), which narrows the requested 0.002 .. 80."""
+    steps = max(steps, SAMPLERS[name].min_steps)
     den = RecordingDenoiser(*(sigma_range or ()))
     out = sample(name, den, _latents((1, 2, 2)), num_steps=steps, sigma_min=0.002, sigma_max=80.0, rho=7.0)
     levels = sorted(set(den.sigmas), reverse=True)
@@ -92,11 +97,12 @@ def test_network_called_as_often_as_declared(name, steps):
     counter = NFECounter(RecordingDenoiser())
     settings = _settings(name, steps, churn=10.0)
     sample(name, counter, _latents((1, 2, 2)), **settings.sampler_options(IDS))
-    assert counter.calls == SAMPLERS[name].nfe(steps) == settings.nfe
+    assert counter.calls == SAMPLERS[name].nfe(settings.steps) == settings.nfe
 
 
 @pytest.mark.parametrize("name, steps, nfe", [("heun", 18, 35), ("heun", 6, 11), ("euler", 18, 18),
-                                              ("dpm-solver", 10, 10)])
+                                              ("dpm-solver", 10, 10), ("dpm-solver-3m", 10, 10),
+                                              ("ipndm", 10, 10)])
 def test_declared_evaluations(name, steps, nfe):
     """Heun's last step is an Euler step (2N - 1); Euler and DPM-Solver++ 2M evaluate once per step."""
     counter = NFECounter(RecordingDenoiser())
@@ -109,3 +115,35 @@ def test_churn_flag_matches_the_function(name):
     entry = SAMPLERS[name]
     options = inspect.signature(entry.function()).parameters
     assert ("S_churn" in options) == entry.takes_churn and entry.help_line().startswith(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_i_depends_only_on_seed_i_and_settings(network, name):
+    """Sample 2 of ids [0, 1, 2, 3] equals sample 0 of ids [2]: no batch-mate leaks into it."""
+    settings = _settings(name, 4, churn=30.0)
+    labels = labels_for(IDS, network.label_dim, 3)
+    whole = sample(name, network, _latents(), labels, **settings.sampler_options(IDS))
+    alone = sample(name, network, latents_for([2], (1, 8, 8), seed=3), labels_for([2], network.label_dim, 3),
+                   **settings.sampler_options([2]))
+    torch.testing.assert_close(alone[0], whole[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_settings_are_user_errors(name):
+    entry = SAMPLERS[name]
+    with pytest.raises(UserError, match=f"at least {entry.min_steps}"):
+        GenerateSettings(name, entry.min_steps - 1, 0.0).check()
+    GenerateSettings(name, entry.min_steps, 0.0).check()
+    if not entry.takes_churn:
+        with pytest.raises(UserError, match="churn applies to the"):
+            GenerateSettings(name, 10, 1.0).check()
+
+
+def test_unknown_sampler_is_a_user_error():
+    with pytest.raises(UserError, match="unknown sampler 'unipc'"):
+        GenerateSettings("unipc", 10, 0.0).check()
+
+
+def test_steps_for_nfe_inverts_the_evaluations():
+    assert SAMPLERS["heun"].steps_for_nfe(35) == 18 and SAMPLERS["heun"].steps_for_nfe(10) is None
+    assert SAMPLERS["dpm-solver-3m"].steps_for_nfe(5) == 5 and SAMPLERS["dpm-solver-3m"].steps_for_nfe(2) is None

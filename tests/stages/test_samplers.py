@@ -216,8 +216,8 @@ def test_churn_gamma_capped_and_noise_scaled():
 
 
 def test_registry_and_sample_errors():
-    assert set(SAMPLERS) == {"heun", "euler", "dpm-solver"}
-    with pytest.raises(UserError, match="heun, euler, dpm-solver"):
+    assert set(SAMPLERS) == {"heun", "euler", "dpm-solver", "dpm-solver-3m", "ipndm"}
+    with pytest.raises(UserError, match="heun, euler, dpm-solver, dpm-solver-3m, ipndm"):
         sample("ddim", GaussianDenoiser(MU, STD), _latents(2), None)
     with pytest.raises(UserError, match="S_churn"):
         sample("dpm-solver", GaussianDenoiser(MU, STD), _latents(2), None, S_churn=1)
