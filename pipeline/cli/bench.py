@@ -67,11 +67,7 @@ def bench_cmd(
         from pipeline.bench.imports import bench_import
         bench_import(cfg, n or 2000, 64, console)
     elif what == "gpu":
-        from pipeline.bench.gpu import bench_gpu
-        from pipeline.outputs import check_output_file
-        if out is not None:                   # a table written again replaces the last one: no --force needed
-            check_output_file(out, Path(cfg.root), force=True)
-        bench_gpu(work / ("gpu-smoke" if smoke else "gpu"), console, smoke=smoke, out=out)
+        _bench_gpu(cfg, work, smoke, out)
     else:
         raise UserError(f"unknown benchmark {what!r}; available: {', '.join(BENCHES)}")
 
@@ -81,6 +77,14 @@ def _check_sizes(sizes) -> None:
     for flag, value, least in sizes:
         if value is not None and value < least:
             raise UserError(f"bench {flag} {value}: give a number >= {least}")
+
+
+def _bench_gpu(cfg, work: Path, smoke: bool, out: Path | None) -> None:
+    from pipeline.bench.gpu import bench_gpu
+    from pipeline.outputs import check_output_file
+    if out is not None:                       # a table written again replaces the last one: no --force needed
+        check_output_file(out, Path(cfg.root), force=True)
+    bench_gpu(work / ("gpu-smoke" if smoke else "gpu"), console, smoke=smoke, out=out)
 
 
 def _bench_sampler(cfg, fidelity: bool, images: int) -> None:

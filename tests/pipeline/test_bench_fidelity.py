@@ -9,8 +9,15 @@ import pytest
 from conftest import conformance_dir
 from rich.console import Console
 
-from pipeline.bench.fidelity import (bench_fidelity, conformance_network, nfe_needed, nfe_needed_line, off_fraction,
-                                     rms_levels, speed_ratios)
+from pipeline.bench.fidelity import (
+    bench_fidelity,
+    conformance_network,
+    nfe_needed,
+    nfe_needed_line,
+    off_fraction,
+    rms_levels,
+    speed_ratios,
+)
 from pipeline.bench.sampler import CIFAR10_CONFIG
 from pipeline.config import load_config
 from stages.sampler_registry import SAMPLERS
