@@ -12,11 +12,15 @@ from stores.errors import IntegrityError, UserError
 
 
 def import_data(cfg: Config, importer: str, sources: list[str], name: str | None, generated: bool = False,
-                wait: bool = False, resolution: int = 64) -> None:
+                wait: bool = False) -> None:
     """`dra-pipe import`: sources and name as given (empty / None: the defaults below), then run_import.
 
     data.source and data.name belong to data.importer: another importer gets neither. Generated files are always
     named, and go to the set the trainer is told to use."""
+    from pipeline.schema import SCHEMA
+    known = SCHEMA["data"]["importer"].choices
+    if importer not in known:
+        raise UserError(f"unknown importer {importer!r}; use one of {', '.join(known)}")
     if generated:
         run_import(cfg, importer, sources, name or generated_import_name(cfg), wait, generated=True)
         return
@@ -26,9 +30,18 @@ def import_data(cfg: Config, importer: str, sources: list[str], name: str | None
         if len(sources) > 1:
             raise UserError(f"import imagenet reads one --from folder, got {len(sources)}; give one --from")
         import_imagenet(cfg, sources[0] if sources else configured, name or (cfg.data.name if configured else None),
-                        resolution, wait)
+                        cfg.data.resolution, wait)
         return
     run_import(cfg, importer, sources or configured, name or (cfg.data.name if configured else None), wait)
+
+
+def import_configured(cfg: Config) -> None:
+    """The run's import stage: data.importer from data.source into sets named data.name (or the importer)."""
+    if cfg.data.importer == "imagenet":
+        from pipeline.imagenet_import import import_imagenet
+        import_imagenet(cfg, cfg.data.source, cfg.data.name, cfg.data.resolution)
+    else:
+        run_import(cfg, cfg.data.importer, cfg.data.source, cfg.data.name)
 
 
 def generated_import_name(cfg: Config) -> str:

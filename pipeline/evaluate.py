@@ -63,8 +63,9 @@ def _header(record: dict, path: Path, test, s) -> None:
         console.print(f"weights: epoch {chosen['epoch']}, the best by {chosen['by']} ({chosen['pgd_acc']:.2%}; clean "
                       f"{chosen['clean_acc']:.2%}); eval.weights: final takes the last epoch's",
                       highlight=False, soft_wrap=True)
-    console.print(f"eval {record['arch']} from {path} on {test.name}: {n} of {test.n} images, L-inf eps {eps:g}, "
-                  f"PGD {s.pgd_steps} steps x {s.pgd_restarts} restart(s)"
+    chosen_by = ", n / classes per class" if s.subset == "per-class" and n < test.n else ""
+    console.print(f"eval {record['arch']} from {path} on {test.name}: {n} of {test.n} images{chosen_by}, L-inf eps "
+                  f"{eps:g}, PGD {s.pgd_steps} steps x {s.pgd_restarts} restart(s)"
                   + (f", AutoAttack {s.autoattack_version}" if s.autoattack
                      else ", AutoAttack skipped (eval.autoattack: false)"),
                   highlight=False, soft_wrap=True)

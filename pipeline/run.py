@@ -34,8 +34,8 @@ def run_pipeline(cfg: Config) -> None:
 
 
 def _stage_import(cfg: Config, runs: list[str]) -> None:
-    from pipeline.data import run_import, show_catalog
-    run_import(cfg, cfg.data.importer, cfg.data.source, cfg.data.name)
+    from pipeline.data import import_configured, show_catalog
+    import_configured(cfg)
     show_catalog(Path(cfg.root))
 
 

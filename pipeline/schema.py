@@ -46,7 +46,7 @@ SCHEMA: dict[str, Any] = {
     "root": _k(str, "./dra-data", "workspace root holding images/, features/, models/, runs/"),
     "data": {
         "importer": _k(str, "digits", "real data set to import",
-                       choices=("digits", "cifar10", "cifar100", "npz", "folder")),
+                       choices=("digits", "cifar10", "cifar100", "npz", "folder", "imagenet", "imagenet64")),
         "source": _k(str, None, "file or folder to import from (not needed for digits)", nullable=True),
         "name": _k(str, None, "image-set name prefix; default: the importer's name", nullable=True),
         "shard_size": _k(int, 10000, "samples per image shard (and per feature shard)", min=1, max=10_000_000),
@@ -54,6 +54,8 @@ SCHEMA: dict[str, Any] = {
                            choices=("png", "npy")),
         "test_fraction": _k(float, 0.2, "digits only: fraction held out as the test split", min=0.01, max=0.9),
         "split_seed": _k(int, 0, "digits only: seed of the deterministic train/test split", min=0, max=MAX_SEED),
+        "resolution": _k(int, 64, "imagenet only: side of the square images (centre crop, then LANCZOS resize); the "
+                         "other importers keep their sources' size", min=8, max=4096),
     },
     "model": {
         "spec": _k(str, "fit", f"diffusion model: {spec_help(fit=True)}"),
@@ -168,7 +170,10 @@ SCHEMA: dict[str, Any] = {
         "loader_workers": _k(int, 1, "DataLoader worker processes per rank", min=0, max=64),
     },
     "eval": {
-        "n": _k(int, 0, "evaluate the first n test images (0 = all)", min=0),
+        "n": _k(int, 0, "test images evaluated, chosen by eval.subset (0 = all)", min=0),
+        "subset": _k(str, "first", "which eval.n images: first = the first n; per-class = n / classes of each class, "
+                     "its lowest sample ids (a fixed, class-balanced subset, as RobustBench's 5,000 ImageNet images "
+                     "are 5 per class)", choices=("first", "per-class")),
         "pgd_steps": _k(int, 20, "PGD steps (L-inf, random start)", min=1),
         "pgd_step_size": _k(float, None, "PGD step size in [0, 1] pixel units; null = 2.5 eps / steps",
                             min=0.0, max=1.0, nullable=True),

@@ -188,14 +188,26 @@ def _write_split(root: Path, name: str, identity: dict, split: SplitSource, prog
 
 # The official CIFAR python tarballs: training images, classes, channels, resolution (for plans without them).
 CIFAR_TRAIN_SHAPE = {"cifar10": (50_000, 10, 3, 32), "cifar100": (50_000, 100, 3, 32)}
+IMAGENET_TRAIN_IMAGES = 1_281_167          # ILSVRC-2012 train (also Downsampled ImageNet's 10 batches together)
+IMAGENET_CLASSES = 1000
+TEST_SPLITS = {"imagenet": "val", "imagenet64": "val"}      # the split a classifier is evaluated on; else "test"
 
 
-def planned_train_split(importer: str, test_fraction: float, split_seed: int) -> tuple[int, int, int, int] | None:
+def test_split(importer: str) -> str:
+    """The importer's evaluation split: ImageNet's is val (its test labels are not public), the others' test."""
+    return TEST_SPLITS.get(importer, "test")
+
+
+def planned_train_split(importer: str, test_fraction: float, split_seed: int,
+                        resolution: int = 64) -> tuple[int, int, int, int] | None:
     """(n, classes, channels, resolution) of the training split an import would write, when knowable without
-    its source file (the embedded digits, the official CIFAR tarballs); None for npz and folder sources."""
+    its source file (the embedded digits, the official CIFAR tarballs, ILSVRC-2012 at `resolution`, Downsampled
+    ImageNet at 64); None for npz and folder sources."""
     if importer == "digits":
         train = _digits(test_fraction, split_seed)[0]
         return train.n, train.classes, train.channels, train.resolution
+    if importer in ("imagenet", "imagenet64"):
+        return IMAGENET_TRAIN_IMAGES, IMAGENET_CLASSES, 3, resolution if importer == "imagenet" else 64
     return CIFAR_TRAIN_SHAPE.get(importer)
 
 

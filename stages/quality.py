@@ -14,7 +14,7 @@ import torch
 
 from stages.noise import latents_for
 from stages.samplers import sample
-from stores.images import ImageSet
+from stores.images import ImageSet, test_set_name
 
 
 @dataclass
@@ -43,10 +43,10 @@ def _all(images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sibling_test_set(train: ImageSet) -> ImageSet | None:
-    """`<prefix>-test` next to `<prefix>-train`, if it exists."""
+    """`<prefix>-test` (or ImageNet's `<prefix>-val`) next to `<prefix>-train`, if it exists."""
     if not train.name.endswith("-train"):
         return None
-    path = train.path.with_name(train.name[: -len("-train")] + "-test")
+    path = train.path.with_name(test_set_name(train.path.parent.parent, train.name[: -len("-train")]))
     return ImageSet(path) if (path / "dataset.json").exists() else None
 
 

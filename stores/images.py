@@ -34,6 +34,15 @@ def image_set_dir(root: Path, name: str) -> Path:
     return Path(root) / "images" / name
 
 
+def test_set_name(root: Path, prefix: str) -> str:
+    """The evaluation split next to <prefix>-train: <prefix>-test, else <prefix>-val (ImageNet's) when only it is
+    here; <prefix>-test when neither is (for the error that follows)."""
+    test, val = f"{prefix}-test", f"{prefix}-val"
+    if not (image_set_dir(root, test) / DATASET_JSON).exists() and (image_set_dir(root, val) / DATASET_JSON).exists():
+        return val
+    return test
+
+
 MAX_NAME_BYTES = 128      # folder names stop at 255 bytes; prefixes, suffixes and `.NAME.tmp-PID` siblings need room
 
 

@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from stores.errors import UserError
 from stores.identity import write_json_atomic
-from stores.images import ImageSet
+from stores.images import ImageSet, ShardData
 from trainer.attacks import pgd_attack
 from trainer.classifier_files import now_text, package_version, state_fingerprint, threat_model
 from trainer.classifiers import Classifier
@@ -44,7 +45,8 @@ def _quiet(_: str) -> None:
 class EvalSettings:
     """The `eval` section of pipeline.yaml."""
 
-    n: int = 0                          # first n test images (0 = all)
+    n: int = 0                          # test images (0 = all)
+    subset: str = "first"               # which n: the first n, or n / classes per class (per-class)
     pgd_steps: int = 20
     pgd_step_size: float | None = None  # None: 2.5 eps / steps (Madry et al.)
     pgd_restarts: int = 1
@@ -93,10 +95,41 @@ def check_fits(record: dict, images: ImageSet) -> None:
                         f"classifier predicts {have[0]} classes of {have[1]}x{have[2]}x{have[2]} images")
 
 
-def read_images(images: ImageSet, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n images (0 = all): (N, C, H, W) float in [0, 1] and labels (N,)."""
-    data = images.read_range(0, images.n if n <= 0 else min(n, images.n))
+def read_images(images: ImageSet, n: int, subset: str = "first") -> tuple[torch.Tensor, torch.Tensor]:
+    """n images (0 = all), the first n or n / classes per class: (N, C, H, W) float in [0, 1] and labels (N,)."""
+    if n <= 0 or n >= images.n:
+        data = images.read_range(0, images.n)
+    elif subset == "per-class":
+        data = per_class_subset(images, n)
+    else:
+        data = images.read_range(0, n)
     return torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(data.labels)
+
+
+def per_class_subset(images: ImageSet, n: int) -> ShardData:
+    """n / classes images of each class, its lowest sample ids, in id order: a fixed, balanced subset that does not
+    depend on how the set is ordered (ImageNet's val in class folders would give the first n/50 classes only).
+    Reads shard by shard until every class has its share."""
+    per, left = divmod(n, images.classes)
+    if left or per == 0:
+        raise UserError(f"eval.n {n} with eval.subset per-class: give a multiple of the {images.classes} classes of "
+                        f"{images.name}")
+    taken, parts = np.zeros(images.classes, dtype=np.int64), []
+    for p in images.plan():
+        shard = images.read_shard(p.index)
+        keep = np.zeros(len(shard.labels), dtype=bool)
+        for i, label in enumerate(shard.labels):
+            if taken[label] < per:
+                taken[label] += 1
+                keep[i] = True
+        parts.append(ShardData(shard.ids[keep], shard.images[keep], shard.labels[keep]))
+        if (taken == per).all():
+            break
+    if (taken < per).any():
+        short = int(np.argmin(taken))
+        raise UserError(f"image set {images.name} holds {taken[short]} images of class {short}, fewer than the {per} "
+                        f"eval.subset per-class takes of each; lower eval.n or use eval.subset: first")
+    return ShardData(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "images", "labels")))
 
 
 # --- attacks -------------------------------------------------------------------------------------------------
@@ -294,7 +327,7 @@ def evaluate_file(model_path: Path, record: dict, model: Classifier, images: Ima
     """evaluate() on the first s.n images of `images`, with the provenance eval.json records."""
     check_fits(record, images)
     _, eps = threat_model(record, model_path)
-    x, y = read_images(images, s.n)
+    x, y = read_images(images, s.n, s.subset)
     if s.n > images.n:
         log(f"eval.n {s.n} is more than the {images.n} images of {images.name}: using all of them")
     result = evaluate(model, x, y, eps, s, log)

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import Config
-from pipeline.data import run_import
+from pipeline.data import import_configured
 from pipeline.extract import execute, noise_levels, open_image_sets, plan_outputs
 from pipeline.models import fit_settings, resolve_model_spec
 from pipeline.shards.cluster import cluster_nodes, plan_actors, ray_session
@@ -39,7 +39,7 @@ from stores.images import ImageSet
 def bench_extract(cfg: Config, console: Console) -> dict:
     work = Path(cfg.root) / "bench" / "extract"
     if not (Path(cfg.root) / "images" / real_train_set(cfg) / "dataset.json").exists():
-        run_import(cfg, cfg.data.importer, cfg.data.source, cfg.data.name)
+        import_configured(cfg)
     spec, label = _model_spec(cfg, work, resolve_model_spec)
     images = _largest_set(cfg, open_image_sets)
     level = noise_levels(cfg, [])[0]

@@ -56,9 +56,10 @@ def import_cmd(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="samples per shard [config data.shard_size]"),
     image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless, default) or npy (raw) "
                                                                       "[config data.image_format]"),
-    resolution: int = typer.Option(64, "--resolution", help="imagenet only (the other importers keep their "
-                                                            "sources' size): side of the square images, centre "
-                                                            "crop then LANCZOS resize"),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="imagenet only (the other importers keep "
+                                                                       "their sources' size): side of the square "
+                                                                       "images, centre crop then LANCZOS resize "
+                                                                       "[config data.resolution]"),
     workers: Optional[int] = typer.Option(None, "--workers", help="imagenet only: CPU workers decoding in "
                                                                   "parallel [config ray.cpu_actors]"),
     wait: bool = WaitOpt,
@@ -66,8 +67,8 @@ def import_cmd(
 ):
     """Import a real data set into image stores (one per split), or DM-AT's generated .npz files (--generated)."""
     cfg = resolve(config, root, {"data.shard_size": shard_size, "data.image_format": image_format,
-                                 "ray.cpu_actors": workers})
-    import_data(cfg, importer, [str(s) for s in sources or []], name, generated, wait, resolution)
+                                 "ray.cpu_actors": workers, "data.resolution": resolution})
+    import_data(cfg, importer, [str(s) for s in sources or []], name, generated, wait)
 
 
 def ls_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt):

@@ -26,7 +26,9 @@ def eval_cmd(
                                                          "file, or a RobustBench-format WRN / ResNet-18 state dict "
                                                          "(at L-inf 8/255), instead of a run"),
     images: Optional[str] = typer.Option(None, "--images", help="image set to evaluate on (default: <data name>-test)"),
-    n: Optional[int] = typer.Option(None, "--n", help="first n test images, 0 = all [config eval.n]"),
+    n: Optional[int] = typer.Option(None, "--n", help="test images, 0 = all [config eval.n]"),
+    subset: Optional[str] = typer.Option(None, "--subset", help="first (the first n) or per-class (n / classes of "
+                                                                "each class) [config eval.subset]"),
     pgd_steps: Optional[int] = typer.Option(None, "--pgd-steps", help="PGD steps [config eval.pgd_steps]"),
     restarts: Optional[int] = typer.Option(None, "--restarts", help="PGD restarts [config eval.pgd_restarts]"),
     autoattack: Optional[bool] = typer.Option(None, "--autoattack/--no-autoattack", help="run AutoAttack "
@@ -41,8 +43,9 @@ def eval_cmd(
     config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 ):
     """Clean, PGD (cross-entropy and margin) and AutoAttack accuracy of a run's EMA weights or an exported file."""
-    cfg = resolve(config, root, {"eval.n": n, "eval.pgd_steps": pgd_steps, "eval.pgd_restarts": restarts,
-                                 "eval.autoattack": autoattack, "eval.weights": weights})
+    cfg = resolve(config, root, {"eval.n": n, "eval.subset": subset, "eval.pgd_steps": pgd_steps,
+                                 "eval.pgd_restarts": restarts, "eval.autoattack": autoattack,
+                                 "eval.weights": weights})
     run_eval(cfg, run, model, images, out, wait, explicit_weights=weights is not None, force=force)
 
 

@@ -50,7 +50,7 @@ class PlannedImages:
 def planned_real(cfg: Config) -> PlannedImages:
     """The real training set an import of the configured source would write."""
     d = cfg.data
-    shape = planned_train_split(d.importer, d.test_fraction, d.split_seed)
+    shape = planned_train_split(d.importer, d.test_fraction, d.split_seed, d.resolution)
     if shape is None:
         raise UserError(f"no image set {real_train_set(cfg)} under {cfg.root}/images, and the size of a {d.importer} "
                         f"import is unknown before it runs; run `dra-pipe import` first, even for a dry run")

@@ -88,6 +88,7 @@ NON_DEFAULT = {
     # reader slots = ranks x loader workers: two workers split each source in two shares, so batches differ
     "train.loader_workers": 2,
     "eval.n": 8,
+    "eval.subset": Change("per-class", context={"eval.n": 10}),      # one image of each digit, not the first 10
     "eval.pgd_steps": 5,
     "eval.pgd_step_size": 0.01,
     "eval.pgd_restarts": 2,

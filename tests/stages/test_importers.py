@@ -197,7 +197,7 @@ def test_bad_sources_one_line_exit_2_nothing_written(cli, tmp_path, case, needle
         "cifar-bad-label": ("cifar10", tmp_path / "bad.tar.gz"),
         "npz-counts": ("npz", None), "npz-negative": ("npz", None), "npz-nolabel": ("npz", None),
         "npz-not-zip": ("npz", tmp_path / "x.png"),
-        "unknown": ("imagenet", tmp_path / "x.png"),
+        "unknown": ("imagenet21k", tmp_path / "x.png"),
     }[case]
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "x.png")
     if case == "cifar-bad-label":

@@ -216,3 +216,19 @@ def test_a_run_is_evaluated_on_its_best_weights_unless_told_final(cli, ws):
     finally:
         run.best.unlink()
         (run.path / "eval.json").unlink(missing_ok=True)
+
+
+def test_per_class_subset_takes_each_class_lowest_ids_and_refuses_what_it_cannot_balance(cli, ws):
+    test = ImageSet.open(ws["root"], "digits-test")
+    every = test.read_range(0, test.n)
+    x, y = read_images(test, 30, "per-class")
+    assert torch.bincount(y, minlength=10).tolist() == [3] * 10
+    want = sorted(i for c in range(10) for i in [j for j in range(test.n) if every.labels[j] == c][:3])
+    assert torch.equal(x, torch.from_numpy(every.images[want]).permute(0, 3, 1, 2).float() / 255)
+    assert torch.equal(y, torch.from_numpy(every.labels[want]))
+    most = int(torch.bincount(torch.from_numpy(every.labels)).min()) + 1
+    for n, wanted in ((25, "give a multiple of the 10 classes"), (10 * most, "fewer than")):
+        code, _, err = cli("eval", "tiny-dra", "--root", ws["root"], "--n", str(n), "--subset", "per-class",
+                           "--no-autoattack", "--out", str(ws["root"].parent / "never.json"))
+        assert code == 2 and one_line(err) and wanted in err, err
+        assert not (ws["root"].parent / "never.json").exists()
