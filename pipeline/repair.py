@@ -104,7 +104,9 @@ def plan_repair(cfg: Config, kind: str, path: Path, sources: list[str], model: s
         return plan
     images = ImageSet(path)
     src = images.identity["source"]
-    if "importer" in src:
+    if src.get("importer") == "imagenet":
+        plan.redo, plan.on_ray = _imagenet_redo(cfg, images, shards, sources, wait), True
+    elif "importer" in src:
         plan.redo = _import_redo(cfg, images, sources, wait)
     elif "model" in src:
         plan.redo, plan.on_ray = _generate_redo(cfg, images, model, wait), True
@@ -151,6 +153,22 @@ def _import_redo(cfg: Config, images: ImageSet, sources: list[str], wait: bool) 
         result = repair_imported(Path(cfg.root), images.name, images.identity, images.n, paths, wait=wait)
         return sum(p.count for p in images.plan() if p.index in set(result.redone))
     return redo
+
+
+def _imagenet_redo(cfg: Config, images: ImageSet, shards: list[int], sources: list[str],
+                   wait: bool) -> Callable[[], int]:
+    """An imported ImageNet split: its recorded folder (or --from DIR), checked by its file listing."""
+    from pipeline.imagenet_repair import imagenet_split_of, repair_imagenet_split
+    if len(sources) > 1:
+        raise UserError(f"image set {images.name} was imported from one ImageNet folder, --from gives "
+                        f"{len(sources)}; pass that folder once")
+    recorded = _provenance(images.meta).get("sources", [])
+    if not sources and not recorded:
+        raise UserError(f"image set {images.name} does not record its folder; pass --from DIR, the ImageNet folder "
+                        f"it was imported from")
+    source = Path(sources[0] if sources else recorded[0])
+    split = imagenet_split_of(images, source)
+    return lambda: repair_imagenet_split(cfg, images, source, split, shards, wait)
 
 
 # --- generated sets -----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """`dra-pipe import imagenet` on Ray: labels, bad-file counts and list, resume, 1 worker = 2 workers, bad layouts."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,3 +77,32 @@ def test_other_layouts_exit_2_in_one_line(cli, tmp_path, source):
     (source / "LOC_val_solution.csv").unlink()
     code, _, err = cli("import", "imagenet", "--from", source)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "LOC_val_solution.csv" in err
+
+
+def test_repair_decodes_only_the_chunks_a_damaged_shard_needs_and_restores_its_bytes(cli, tmp_path, source):
+    code, _, err = cli("import", "imagenet", "--from", source, "--resolution", "16", "--shard-size", "4")
+    assert code == 0, err
+    ws = tmp_path / "dra-data"
+    before = shard_bytes(ws, "imagenet-train")
+    damaged = ws / "images" / "imagenet-train" / "shard-000002.tar"
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:600] + bytes(255 - b for b in data[600:700]) + data[700:])   # same size, other bytes
+    code, _, err = cli("verify", "imagenet-train")
+    assert code == 1 and "shard 2" in err + _
+    moved = tmp_path / "moved"
+    source.rename(moved)
+    shutil.copytree(moved, tmp_path / "copy")
+    code, _, err = cli("repair", "imagenet-train")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pass --from DIR" in err
+    changed = Path(shutil.copytree(moved, tmp_path / "changed"))                   # copies keep their mtimes
+    (changed / "train" / SYNSETS[0] / f"{SYNSETS[0]}_0.JPEG").write_bytes(b"not the same file")
+    code, _, err = cli("repair", "imagenet-train", "--from", changed)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not the folder" in err
+    assert shard_bytes(ws, "imagenet-train")["shard-000002.tar"] != before["shard-000002.tar"]   # nothing written
+    code, out, err = cli("repair", "imagenet-train", "--from", tmp_path / "copy")
+    assert code == 0, err
+    # 14 files in chunks of 4 keep 4, 3, 3 and 2 images (2 skipped): shard 2 (ids 8-11) needs chunks 2 and 3 alone
+    assert "decoded 6 train images" in out
+    assert shard_bytes(ws, "imagenet-train") == before
+    code, _, _ = cli("verify", "imagenet-train")
+    assert code == 0
