@@ -64,14 +64,15 @@ def _import_split(cfg: Config, source: Path, split: imagenet.FolderSplit, name: 
     chunk = cfg.data.shard_size
     jobs = [ShardJob(i, lo, min(chunk, len(split.files) - lo)) for i, lo in enumerate(range(0, len(split.files),
                                                                                              chunk))]
-    _decode_chunks(cfg, split, staging, [j for j in jobs if not chunk_path(staging, j.index).exists()], resolution)
+    decode_chunks(cfg, split, staging, [j for j in jobs if not chunk_path(staging, j.index).exists()], resolution)
     chunks = [read_chunk(staging, j.index) for j in jobs]
     if any(c is None for c in chunks):
         from stores.errors import IntegrityError
         raise IntegrityError(f"{staging}: a staged chunk is unreadable; delete that folder and import again")
-    identity, provenance, skipped, converted = _identity(source, split, chunks, ids, names, resolution, listing, cfg)
+    identity, provenance, skipped, converted = split_identity_of(source, split, chunks, ids, names, resolution,
+                                                                 listing, cfg)
     n = sum(c.kept for c in chunks)
-    _write_set(root, name, identity, provenance, n, staging, [c.kept for c in chunks], wait)
+    write_set_from_chunks(root, name, identity, provenance, n, staging, [c.kept for c in chunks], wait)
     console.print(f"imported {name}: {n:,} images ({converted} converted, {len(skipped)} skipped"
                   + (f": {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}" if skipped else "")
                   + f"; each one's note is in {name}/{DATASET_JSON}), fingerprint "
@@ -88,7 +89,7 @@ def _already_imported(root: Path, name: str, listing: str, resolution: int, cfg:
     return same and s.complete
 
 
-def _decode_chunks(cfg: Config, split, staging: Path, jobs: list[ShardJob], resolution: int):
+def decode_chunks(cfg: Config, split, staging: Path, jobs: list[ShardJob], resolution: int):
     """Decode and stage the chunks `jobs` on Ray workers; returns (run summary, actor plan), or None for none."""
     from pipeline.shards.cluster import cluster_nodes, plan_actors, ray_session
     from pipeline.shards.progress import run_with_progress
@@ -106,7 +107,7 @@ def _decode_chunks(cfg: Config, split, staging: Path, jobs: list[ShardJob], reso
     return summary, actors
 
 
-def _identity(source: Path, split, chunks, ids, names, resolution, listing, cfg) -> tuple:
+def split_identity_of(source: Path, split, chunks, ids, names, resolution, listing, cfg) -> tuple:
     """(identity, provenance, skipped files, converted count): the identity holds every file's sha256 (hashed),
     the transform, the filter and the skipped files; the provenance every converted or skipped file's note."""
     notes = [(str(f.relative_to(source)), note) for f, note in zip(split.files, _all(chunks, "notes")) if note]
@@ -123,8 +124,8 @@ def _identity(source: Path, split, chunks, ids, names, resolution, listing, cfg)
     return identity, provenance, skipped, len(notes) - len(skipped)
 
 
-def _write_set(root: Path, name: str, identity: dict, provenance: dict, n: int, staging: Path, kept: list[int],
-               wait: bool) -> None:
+def write_set_from_chunks(root: Path, name: str, identity: dict, provenance: dict, n: int, staging: Path,
+                          kept: list[int], wait: bool) -> None:
     """The set's missing shards from the staged chunks (one chunk's images in memory at a time)."""
     starts = np.concatenate([[0], np.cumsum(kept)])
     writer = ImageSetWriter(root, name, identity, n, provenance)

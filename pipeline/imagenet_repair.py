@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.imagenet_import import _decode_chunks, _write_set, listing_hash
+from pipeline.imagenet_import import decode_chunks, listing_hash, write_set_from_chunks
 from stages import imagenet
 from stages.imagenet_chunks import chunk_path
 from stores.errors import UserError
@@ -50,9 +50,9 @@ def repair_imagenet_split(cfg: Config, images: ImageSet, source: Path, split: im
                                      for p in bad)]
     staging = Path(cfg.root) / "images" / f".staging-{images.name}-repair"
     staging.mkdir(parents=True, exist_ok=True)
-    _decode_chunks(cfg, split, staging, [j for j in needed if not chunk_path(staging, j.index).exists()],
-                   images.resolution)
-    _write_set(Path(cfg.root), images.name, images.identity, images.meta.get("provenance"), images.n, staging, kept,
-               wait)
+    decode_chunks(cfg, split, staging, [j for j in needed if not chunk_path(staging, j.index).exists()],
+                  images.resolution)
+    write_set_from_chunks(Path(cfg.root), images.name, images.identity, images.meta.get("provenance"), images.n,
+                          staging, kept, wait)
     shutil.rmtree(staging, ignore_errors=True)
     return sum(p.count for p in bad)

@@ -47,7 +47,7 @@ def bare_rate(files: list[Path], resolution: int) -> float:
 
 
 def bench_import(cfg: Config, images: int, resolution: int, console: Console) -> dict:
-    from pipeline.imagenet_import import _decode_chunks, _identity, _write_set, listing_hash
+    from pipeline.imagenet_import import decode_chunks, listing_hash, split_identity_of, write_set_from_chunks
     from stages import imagenet
     from stages.imagenet_chunks import read_chunk
     from stores.manifest import ShardJob
@@ -60,13 +60,13 @@ def bench_import(cfg: Config, images: int, resolution: int, console: Console) ->
         staging, chunk = work / "staging", max(1, images // (4 * max(cfg.ray.cpu_actors, 1)))
         staging.mkdir()
         jobs = [ShardJob(i, lo, min(chunk, images - lo)) for i, lo in enumerate(range(0, images, chunk))]
-        summary, actors = _decode_chunks(cfg, split, staging, jobs, resolution)
+        summary, actors = decode_chunks(cfg, split, staging, jobs, resolution)
         after = bare_rate(split.files, resolution)
         chunks = [read_chunk(staging, j.index) for j in jobs]
-        identity, provenance, _, _ = _identity(work / "in", split, chunks, ids, None, resolution,
+        identity, provenance, _, _ = split_identity_of(work / "in", split, chunks, ids, None, resolution,
                                                listing_hash(split), cfg)
         started = time.perf_counter()
-        _write_set(work / "root", "bench-train", identity, provenance, sum(c.kept for c in chunks), staging,
+        write_set_from_chunks(work / "root", "bench-train", identity, provenance, sum(c.kept for c in chunks), staging,
                    [c.kept for c in chunks], False)
         write_rate = images / (time.perf_counter() - started)
     finally:
