@@ -71,12 +71,16 @@ def test_tiny_real_run(tmp_path):
     cfg = load_config(None, {"root": str(tmp_path), **TINY_FIT})
     out = io.StringIO()
     results = bench_fidelity(cfg, Console(file=out, width=240), images=3, cifar_images=1, cifar_config=TINY_CIFAR,
-                             device="cpu", nfes=(5, 6))
+                             device="cpu", nfes=(5, 6, 35))
     text = out.getvalue()
     assert set(results["models"]) == {"digits", "cifar10"}
     for r in results["models"].values():
         assert {(row["sampler"], row["nfe"]) for row in r["rows"]} == (
-            {(name, 5) for name in SAMPLERS} | {(name, 6) for name in SAMPLERS if name != "heun"})
+            {(name, 5) for name in SAMPLERS} | {(name, 6) for name in SAMPLERS if name != "heun"}
+            | {(name, 35) for name in SAMPLERS})
+        # the reference is Heun at 199 NFE: Heun-35 is a measured row, its RMS the closeness the others must match
+        heun35 = next(row for row in r["rows"] if (row["sampler"], row["nfe"]) == ("heun", 35))
+        assert r["default_rms"] == heun35["rms"] > 0 and r["as_close_as_default"]["heun"] == 35
         assert r["skipped"] == {"heun": [6]}
         for row in r["rows"]:
             assert SAMPLERS[row["sampler"]].nfe(row["steps"]) == row["nfe"] and row["images_per_s"] > 0
@@ -84,6 +88,8 @@ def test_tiny_real_run(tmp_path):
         assert set(r["speed_ratio"]) == set(SAMPLERS) - {"heun"}
     for name in SAMPLERS:
         assert f"({name})" in text and "NFE needed for RMS <= 1 level: " in text
+    assert text.count("NFE needed to be as close as Heun-35 (") == 2 * len(SAMPLERS)
+    assert "against Heun 100 steps (199 NFE, converged)" in " ".join(text.split())
     assert "heun cannot make exactly NFE 6: skipped" in text
 
 
