@@ -60,6 +60,7 @@ def _import_split(cfg: Config, source: Path, split: imagenet.FolderSplit, name: 
         console.print(f"already imported: {name} (listing unchanged) - nothing to do", highlight=False)
         return
     staging = root / "images" / f".staging-{name}-{listing[:16]}"
+    _drop_stale_staging(staging)
     staging.mkdir(parents=True, exist_ok=True)
     chunk = cfg.data.shard_size
     jobs = [ShardJob(i, lo, min(chunk, len(split.files) - lo)) for i, lo in enumerate(range(0, len(split.files),
@@ -78,6 +79,17 @@ def _import_split(cfg: Config, source: Path, split: imagenet.FolderSplit, name: 
                   + f"; each one's note is in {name}/{DATASET_JSON}), fingerprint "
                   f"{ImageSet.open(root, name).fingerprint[:12]}", highlight=False, soft_wrap=True)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _drop_stale_staging(staging: Path) -> None:
+    """Staging folders of this set from another listing (the folder changed after an interrupted import) can never
+    be resumed: remove them, saying so, so their decoded chunks do not stay on disk unseen."""
+    prefix = staging.name[:-16]
+    for old in staging.parent.glob(f"{prefix}*"):
+        suffix = old.name[len(prefix):]
+        if old != staging and old.is_dir() and len(suffix) == 16 and set(suffix) <= set("0123456789abcdef"):
+            console.print(f"removing {old}: staged by an interrupted import of another file listing", highlight=False)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _already_imported(root: Path, name: str, listing: str, resolution: int, cfg: Config) -> bool:

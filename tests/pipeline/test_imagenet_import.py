@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 from test_imagenet_folder import SYNSETS, make_imagenet  # noqa: E402
@@ -69,6 +70,26 @@ def test_resume_and_two_workers_give_the_same_bytes(cli, tmp_path, source, monke
     assert "decoded 4 train images" in out               # only the chunk that was not staged
     assert shard_bytes(tmp_path / "cut", "imagenet-train") == shard_bytes(tmp_path / "one", "imagenet-train")
     assert not list((tmp_path / "cut" / "images").glob(".staging-*"))
+
+
+def test_a_changed_folder_after_an_interrupted_import_drops_the_old_staging(cli, tmp_path, source, monkeypatch):
+    from stores.images import ImageSetWriter
+
+    def interrupted(self, record):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ImageSetWriter, "record", interrupted)
+    code, _, _ = cli("import", "imagenet", "--from", source, "--resolution", "16", "--shard-size", "4")
+    assert code != 0
+    monkeypatch.undo()
+    images = tmp_path / "dra-data" / "images"
+    old = list(images.glob(".staging-imagenet-train-*"))
+    assert len(old) == 1
+    Image.new("RGB", (30, 20)).save(source / "train" / SYNSETS[0] / "added.JPEG")      # another listing
+    code, out, err = cli("import", "imagenet", "--from", source, "--resolution", "16", "--shard-size", "4")
+    assert code == 0, err
+    assert f"removing {old[0]}" in " ".join(out.split()) and not old[0].exists()
+    assert ImageSet.open(tmp_path / "dra-data", "imagenet-train").n == 13
+    assert not list(images.glob(".staging-*"))
 
 
 def test_other_layouts_exit_2_in_one_line(cli, tmp_path, source):
