@@ -18,9 +18,9 @@ def real_train_set(cfg: Config) -> str:
 
 
 def real_test_set(cfg: Config) -> str:
-    """<prefix>-test, or <prefix>-val for ImageNet (stages.importers.test_split)."""
-    from stages.importers import test_split
-    return f"{data_prefix(cfg)}-{test_split(cfg.data.importer)}"
+    """<prefix>-test, or <prefix>-val for ImageNet (stages.importers.eval_split)."""
+    from stages.importers import eval_split
+    return f"{data_prefix(cfg)}-{eval_split(cfg.data.importer)}"
 
 
 DTYPE_SUFFIXES = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16"}

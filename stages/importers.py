@@ -193,7 +193,7 @@ IMAGENET_CLASSES = 1000
 TEST_SPLITS = {"imagenet": "val", "imagenet64": "val"}      # the split a classifier is evaluated on; else "test"
 
 
-def test_split(importer: str) -> str:
+def eval_split(importer: str) -> str:
     """The importer's evaluation split: ImageNet's is val (its test labels are not public), the others' test."""
     return TEST_SPLITS.get(importer, "test")
 

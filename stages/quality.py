@@ -14,7 +14,7 @@ import torch
 
 from stages.noise import latents_for
 from stages.samplers import sample
-from stores.images import ImageSet, test_set_name
+from stores.images import ImageSet, eval_set_name
 
 
 @dataclass
@@ -46,7 +46,7 @@ def _sibling_test_set(train: ImageSet) -> ImageSet | None:
     """`<prefix>-test` (or ImageNet's `<prefix>-val`) next to `<prefix>-train`, if it exists."""
     if not train.name.endswith("-train"):
         return None
-    path = train.path.with_name(test_set_name(train.path.parent.parent, train.name[: -len("-train")]))
+    path = train.path.with_name(eval_set_name(train.path.parent.parent, train.name[: -len("-train")]))
     return ImageSet(path) if (path / "dataset.json").exists() else None
 
 

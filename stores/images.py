@@ -34,7 +34,7 @@ def image_set_dir(root: Path, name: str) -> Path:
     return Path(root) / "images" / name
 
 
-def test_set_name(root: Path, prefix: str) -> str:
+def eval_set_name(root: Path, prefix: str) -> str:
     """The evaluation split next to <prefix>-train: <prefix>-test, else <prefix>-val (ImageNet's) when only it is
     here; <prefix>-test when neither is (for the error that follows)."""
     test, val = f"{prefix}-test", f"{prefix}-val"

@@ -324,7 +324,7 @@ def consistency_notes(flags: dict[str, torch.Tensor]) -> list[str]:
 
 def evaluate_file(model_path: Path, record: dict, model: Classifier, images: ImageSet, s: EvalSettings,
                   log: Log = _quiet) -> dict:
-    """evaluate() on the first s.n images of `images`, with the provenance eval.json records."""
+    """evaluate() on s.n images of `images` (s.subset chooses which), with the provenance eval.json records."""
     check_fits(record, images)
     _, eps = threat_model(record, model_path)
     x, y = read_images(images, s.n, s.subset)

@@ -24,7 +24,7 @@ import yaml
 
 from stores.errors import IntegrityError, UserError
 from stores.identity import write_json_atomic
-from stores.images import DATASET_JSON, ImageSet, image_set_dir, test_set_name
+from stores.images import DATASET_JSON, ImageSet, eval_set_name, image_set_dir
 from trainer.analysis.spectrum import effective_rank, singular_distribution
 from trainer.analysis_figures import plot_effective_rank
 from trainer.analysis_results import ANALYSIS_COLUMNS, analysis_rows, rank_entry
@@ -306,7 +306,7 @@ def report_folder(root: Path, names: list[str]) -> Path:
 
 def representation(root: Path, info: RunInfo, s: EvalSettings) -> dict:
     """Effective rank and normalised singular values of the run's penultimate features on its clean test split."""
-    name = test_set_name(root, info.prefix)
+    name = eval_set_name(root, info.prefix)
     if not (image_set_dir(root, name) / DATASET_JSON).exists():
         raise UserError(f"no test set {name} under {root}/images for run {info.name}")
     model, record = load_classifier(info.folder.weights(s.weights), stored=True)

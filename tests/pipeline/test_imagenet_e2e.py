@@ -3,7 +3,8 @@
 A folder of 10 synsets holds JPEGs of varied sizes and modes (and two files that cannot be read), its val split in
 class folders. The teacher is an EDM pickle of a tiny ADM (`DhariwalUNet`, 10 classes, random weights) in the
 official format. The run imports at 64x64, generates, extracts views at the ADM's 8x8 bottleneck, trains
-`vit-b/4` with DRA for one epoch and evaluates it with AutoAttack on one validation image per class. A ViT-B is too
+`vit-b/4` with DRA for one epoch, evaluates it with AutoAttack on one validation image per class and reports (the
+effective rank on the val split). A ViT-B is too
 slow for 2 cores, so `vit-b/4` is built with the same class and patch at width 32, depth 2 (the registered entry is
 put back after the test), as in test_vit_train.py.
 """
@@ -65,7 +66,7 @@ def write_config(tmp_path, teacher):
                   "epsilon": 4 / 255, "attack_step_size": 1 / 255, "crop_pad": 0, "flip": True, "dra_hidden": 16,
                   "holdout": 8, "holdout_pgd_steps": 1, "loader_workers": 0},
         "eval": {"n": 10, "subset": "per-class", "pgd_steps": 2, "batch_size": 10},
-        "run": {"stages": ["import", "generate", "extract-features", "train", "eval"], "compare_dra": False},
+        "run": {"stages": ["import", "generate", "extract-features", "train", "eval", "report"], "compare_dra": False},
     }
     path = tmp_path / "imagenet64.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -109,6 +110,9 @@ def test_imagenet_64_from_jpeg_folder_to_autoattack(cli, tmp_path, ray_local, ti
     assert result["test_set"]["name"] == "imagenet-val" and result["n"] == 10
     assert result["settings"]["subset"] == "per-class" and result["autoattack"] is not None
     assert result["autoattack"] <= result["clean"]
+
+    report = json.loads((ws / "reports" / "vit-b-4-dra-0" / "report.json").read_text())
+    assert "imagenet-val" in json.dumps(report)                # the effective rank on ImageNet's val split
 
 
 def test_data_resolution_sets_the_import_size(cli, tmp_path, ray_local):
