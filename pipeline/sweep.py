@@ -205,9 +205,34 @@ def run_sweep(base: Config, axes: list[Axis], seeds_text: str | None, name: str 
 def _variant(base: Config, cell: dict, seed: int) -> Config:
     """The cell's configuration for one seed (one setting per cell: no DRA on/off comparison inside it)."""
     origin = None if base._origin == "<defaults>" else base._origin
-    cfg = load_config(origin, {"root": base.root, **cell, "train.seed": seed, "run.compare_dra": False})
+    overrides = {"root": base.root, **cell, "train.seed": seed, "run.compare_dra": False}
+    cfg = load_config(origin, {**overrides, **_generated_name(base, cell)})
     cfg["run"]["seeds"] = None
     return cfg
+
+
+GENERATED_BY = ("generate.", "model.", "fit_diffusion.", "data.")      # keys a generated set's images depend on
+
+
+def _generated_name(base: Config, cell: dict) -> dict:
+    """A cell that changes how the generated images are made gets its own generated set (and trains on it):
+    generate.name <generate's set>-<the changed values>, e.g. digits-gen-ipndm-5; a cell that changes none, or
+    names the set itself, keeps the base's."""
+    from pipeline.workflow import generated_set
+    if "generate.name" in cell or "train.generated_set" in cell:
+        return {}
+    changed = {k: v for k, v in sorted(cell.items()) if k.startswith(GENERATED_BY) and v != _base_value(base, k)}
+    if not changed:
+        return {}
+    text = "-".join(_text(v) for v in changed.values())
+    suffix = text if len(text) <= 32 and all(c.isalnum() or c in "._" for c in text.replace("-", "")) \
+        else short_key(changed, 8)
+    return {"generate.name": f"{generated_set(base)}-{suffix}"}
+
+
+def _base_value(base: Config, key: str):
+    section, _, name = key.partition(".")
+    return base[section][name]
 
 
 def _prepare_cell(variants: list[Config]) -> list[str]:

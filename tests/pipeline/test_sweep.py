@@ -88,6 +88,24 @@ def test_trackers_group_the_runs_by_sweep_and_cell(swept):
             assert "eval/pgd_ce" in scalars(tb) and "hparam/eval/pgd_ce" in scalars(tb / "hparams")
 
 
+def test_a_generate_axis_gives_each_cell_its_own_generated_set(tmp_path, tiny_model_dir, ray_local):
+    """generate.steps=3,4 (the base has 4): the 4-step cell keeps the base's set, the 3-step one gets digits-gen-3,
+    and each trains on its own images (issue 27's sampler sweep)."""
+    from conftest import run_cli
+
+    from stores.images import ImageSet
+    _config(tmp_path, tiny_model_dir)
+    run_cli("sweep", "generate.steps=3,4", "train.dra=false", "--seeds", "0", "--name", "nfe",
+            "-c", tmp_path / "pipeline.yaml")
+    ws = tmp_path / "ws"
+    four, three = ImageSet.open(ws, "digits-gen"), ImageSet.open(ws, "digits-gen-3")
+    assert (four.identity["source"]["steps"], three.identity["source"]["steps"]) == (4, 3)
+    cells = json.loads((ws / "sweeps" / "nfe" / "results.json").read_text())["cells"]
+    trained_on = [json.loads((ws / "runs" / c["runs"][0] / "run.json").read_text())["identity"]["generated"]
+                  for c in cells]
+    assert trained_on == [three.fingerprint, four.fingerprint]
+
+
 @pytest.mark.parametrize("axis, needle", [("train.nokey=1", "unknown configuration key 'train.nokey'"),
                                           ("train.dra_lambda", "write KEY=V1,V2"),
                                           ("train.epochs=2,x", "key 'train.epochs'"),
