@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,10 @@ import yaml
 from model_files import write_edm_pickle
 from PIL import Image
 
-from stages.edm.networks import EDMPrecond
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
+from test_imagenet_folder import add_odd_files  # noqa: E402
+
+from stages.edm.networks import EDMPrecond  # noqa: E402
 from stores.features import FeatureSet, list_feature_sets
 from stores.images import ImageSet
 from trainer import architectures
@@ -45,13 +50,7 @@ def make_folder(root):
             for i, (w, h) in enumerate(sizes):
                 tone = rng.integers(0, 256, (h, w, 3)) // 2 + 12 * k             # classes differ in brightness
                 Image.fromarray(tone.astype(np.uint8)).save(folder / f"{synset}_{i}.JPEG")
-    odd = root / "train" / SYNSETS[3]
-    Image.fromarray(rng.integers(0, 256, (70, 90), dtype=np.uint8), "L").save(odd / "grey.JPEG")
-    Image.fromarray(rng.integers(0, 256, (90, 70, 4), dtype=np.uint8), "CMYK").save(odd / "cmyk.JPEG")
-    Image.fromarray(rng.integers(0, 256, (66, 77, 3), dtype=np.uint8)).save(odd / "png.JPEG", format="PNG")
-    (odd / "empty.JPEG").write_bytes(b"")
-    whole = (odd / f"{SYNSETS[3]}_0.JPEG").read_bytes()
-    (odd / "truncated.JPEG").write_bytes(whole[:len(whole) // 2])
+    add_odd_files(root / "train" / SYNSETS[3], rng, f"{SYNSETS[3]}_0.JPEG")
     return root
 
 

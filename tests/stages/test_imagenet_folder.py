@@ -11,6 +11,17 @@ from stores.errors import UserError
 SYNSETS = ["n01440764", "n01443537", "n02102040"]
 
 
+def add_odd_files(folder, rng, whole_jpeg: str) -> None:
+    """Converted on import: a greyscale, a CMYK and a PNG named .JPEG; skipped: an empty file and `whole_jpeg` cut
+    in half."""
+    Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8), "L").save(folder / "grey.JPEG")
+    Image.fromarray(rng.integers(0, 256, (30, 20, 4), dtype=np.uint8), "CMYK").save(folder / "cmyk.JPEG")
+    Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(folder / "png.JPEG", format="PNG")
+    (folder / "empty.JPEG").write_bytes(b"")
+    whole = (folder / whole_jpeg).read_bytes()
+    (folder / "truncated.JPEG").write_bytes(whole[:len(whole) // 2])
+
+
 def make_imagenet(root, flat_val=True):
     """train: 3 synsets (created out of order) with JPEGs of varied sizes and modes and bad files; val: flat + CSV."""
     rng = np.random.default_rng(0)
@@ -19,13 +30,7 @@ def make_imagenet(root, flat_val=True):
         folder.mkdir(parents=True)
         for i, (w, h) in enumerate([(40, 30), (25, 50), (33, 33)]):
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{synset}_{i}.JPEG")
-    bad = root / "train" / SYNSETS[1]
-    Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8), "L").save(bad / "grey.JPEG")
-    Image.fromarray(rng.integers(0, 256, (30, 20, 4), dtype=np.uint8), "CMYK").save(bad / "cmyk.JPEG")
-    Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(bad / "png.JPEG", format="PNG")
-    (bad / "empty.JPEG").write_bytes(b"")
-    whole = (bad / f"{SYNSETS[1]}_0.JPEG").read_bytes()
-    (bad / "truncated.JPEG").write_bytes(whole[:len(whole) // 2])
+    add_odd_files(root / "train" / SYNSETS[1], rng, f"{SYNSETS[1]}_0.JPEG")
     val = root / "val"
     val.mkdir()
     rows = ["ImageId,PredictionString"]
