@@ -107,6 +107,21 @@ def tiny_edm_config(resolution: int = 8, channels: int = 1, classes: int = 10) -
                 model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[resolution // 2], dropout=0.0)
 
 
+def save_tiny_generator(tmp_path_factory, seed: int, classes: int) -> str:
+    """A spec (dra:DIR) of a saved 8x8 grey SongUNet with one level and no attention: the cheapest generator the
+    generate tests sample from; `seed` gives its random weights."""
+    import torch
+
+    from stages.edm.networks import EDMPrecond
+    from stages.models import save_own
+    torch.manual_seed(seed)
+    net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=classes, model_type="SongUNet", model_channels=8,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0, augment_dim=0)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    save_own(net.eval(), folder, {"test": True})
+    return f"dra:{folder}"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny model (own format) for `--model dra:DIR`."""

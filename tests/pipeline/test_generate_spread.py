@@ -2,13 +2,12 @@
 set holds the same bytes as one worker's."""
 import numpy as np
 import pytest
-import torch
 import yaml
+from conftest import save_tiny_generator
 
 from pipeline.shards.parts import ShardAssembler, split_jobs
-from stages.edm.networks import EDMPrecond
 from stages.generate import GenerateSettings, GenerateWorker, generated_identity
-from stages.models import load_model, save_own
+from stages.models import load_model
 from stores.images import ImageSet, ImageSetWriter
 from stores.manifest import ShardJob
 from stores.plans import part_ranges
@@ -42,12 +41,7 @@ def test_jobs_split_only_when_workers_would_idle():
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    torch.manual_seed(2)
-    net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=CLASSES, model_type="SongUNet", model_channels=8,
-                     channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0, augment_dim=0)
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_own(net.eval(), folder, {"test": True})
-    return f"dra:{folder}"
+    return save_tiny_generator(tmp_path_factory, seed=2, classes=CLASSES)
 
 
 def one_worker_set(root, spec: str) -> ImageSet:

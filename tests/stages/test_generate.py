@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import save_tiny_generator
 
 from pipeline.config import load_config
-from stages.edm.networks import EDMPrecond
 from stages.generate import GenerateSettings, GenerateWorker, generated_identity, sample_floats
-from stages.models import load_model, save_own
+from stages.models import load_model
 from stores.images import ImageSet, ImageSetWriter
 from stores.manifest import ShardJob
 
@@ -32,12 +32,7 @@ NAME = "digits-gen"
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    torch.manual_seed(0)
-    net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=CLASSES, model_type="SongUNet", model_channels=8,
-                     channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0, augment_dim=0)
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_own(net.eval(), folder, {"test": True})
-    return f"dra:{folder}"
+    return save_tiny_generator(tmp_path_factory, seed=0, classes=CLASSES)
 
 
 def settings(seed=SEED) -> GenerateSettings:

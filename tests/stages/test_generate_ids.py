@@ -2,12 +2,11 @@
 images, and image i is the same whatever the shard size and the number of workers."""
 import numpy as np
 import pytest
-import torch
 import yaml
+from conftest import save_tiny_generator
 
-from stages.edm.networks import EDMPrecond
 from stages.generate import GenerateSettings, GenerateWorker, generated_identity
-from stages.models import load_model, save_own
+from stages.models import load_model
 from stores.images import ImageSet, ImageSetWriter
 from stores.manifest import ShardJob
 
@@ -18,12 +17,7 @@ BATCH, STEPS, SEED, CLASSES, N = 4, 3, 11, 4, 24     # shard sizes below are mul
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    torch.manual_seed(1)
-    net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=CLASSES, model_type="SongUNet", model_channels=8,
-                     channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0, augment_dim=0)
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_own(net.eval(), folder, {"test": True})
-    return f"dra:{folder}"
+    return save_tiny_generator(tmp_path_factory, seed=1, classes=CLASSES)
 
 
 def one_worker_set(root, spec: str, shard_size: int) -> ImageSet:
