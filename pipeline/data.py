@@ -9,6 +9,7 @@ from pipeline.config import Config
 from pipeline.console import console, human_bytes, shard_list
 from pipeline.progress import RateBar
 from stores.errors import IntegrityError, UserError
+from stores.remote import as_url
 
 
 def import_data(cfg: Config, importer: str, sources: list[str], name: str | None, generated: bool = False,
@@ -142,9 +143,9 @@ def show_catalog(root: Path) -> list[str]:
     from stores.catalog import catalog
     entries = catalog(root)
     if not entries:
-        console.print(f"nothing under {root} yet: `dra-pipe import digits` creates the first sets")
+        console.print(f"nothing under {as_url(root)} yet: `dra-pipe import digits` creates the first sets")
         return []
-    table = Table("store", "name", "kind", "samples", "shards", "bytes", "identity", "state", title=f"{root}")
+    table = Table("store", "name", "kind", "samples", "shards", "bytes", "identity", "state", title=as_url(root))
     for e in entries:
         state = "complete" if e.complete else \
             (f"error: {e.error}" if e.error else f"partial {e.shards_done}/{e.shards_total}")

@@ -43,7 +43,17 @@ RUN_STAGES = ("import", "fit-diffusion", "generate", "extract-features", "train"
 ANALYZE_MEASURES = ("teacher-probe", "cka", "rank", "dimension", "sae", "align-uniform", "saliency")
 
 SCHEMA: dict[str, Any] = {
-    "root": _k(str, "./dra-data", "workspace root holding images/, features/, models/, runs/"),
+    "root": _k(str, "./dra-data", "workspace root holding images/, features/, models/, runs/: a folder, or "
+               "s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (credentials from AWS_*/GOOGLE_* as usual)"),
+    "store": {
+        "cache_dir": _k(str, None, "object-store root only: this node's folder for the local cache of the bucket "
+                        "(small files, and shards as they are read); null = $DRA_PIPE_CACHE or ~/.cache/dra-pipe/store",
+                        nullable=True),
+        "cache_gb": _k(float, None, "object-store root only: most GB of shard data kept in the cache (least recently "
+                       "used leaves first); null = no bound", nullable=True, min=0.001),
+        "lease_seconds": _k(float, 30.0, "object-store root only: a writer's lease on a set expires this long after "
+                            "its holder stops refreshing it (dies)", min=1.0, max=3600.0),
+    },
     "data": {
         "importer": _k(str, "digits", "real data set to import",
                        choices=("digits", "cifar10", "cifar100", "npz", "folder", "imagenet", "imagenet64")),

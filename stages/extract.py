@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,10 +22,12 @@ from stages.models import device_of, load_model, pick_device
 from stages.noise import noise_for
 from stages.precision import compute_context, dtype_identity
 from stages.sigma import sigma_from_timestep, timestep_from_sigma
+from stages.specs import localize_spec
 from stages.taps import describe_layers, features
 from stores.errors import UserError
 from stores.features import STORED_DTYPES, FeatureShardRecord, write_feature_shard
 from stores.images import ImageSet
+from stores.remote import localize
 from stores.views import ViewSpec, all_views, apply_views
 
 
@@ -208,7 +209,7 @@ class FeatureWorker:
 
     def __init__(self, model_spec: str, layer: str, pool: str, noise_seed: int, batch_size: int,
                  compute_dtype: str = "float32", stored_dtype: str = "float16"):
-        self.model = load_model(model_spec).to(pick_device())    # a GPU actor's one visible GPU, else the CPU
+        self.model = load_model(localize_spec(model_spec)).to(pick_device())   # a GPU actor's GPU, else the CPU
         self.layer, self.pool = layer, pool
         self.noise_seed, self.batch_size = noise_seed, batch_size
         self.stored_dtype, self.compute_dtype = stored_dtype, compute_dtype
@@ -219,7 +220,9 @@ class FeatureWorker:
         (batch_size // V images, so a forward holds about batch_size views)."""
         started = time.perf_counter()
         payload: FeaturePayload = job.payload
-        images = self._image_sets.setdefault(payload.image_set, ImageSet(Path(payload.image_set)))
+        if payload.image_set not in self._image_sets:      # this node's view of an object-store workspace
+            self._image_sets[payload.image_set] = ImageSet(localize(payload.image_set, need=True))
+        images = self._image_sets[payload.image_set]
         shard = images.read_shard(job.index)
         if shard.ids[0] != job.first_id or len(shard.ids) != job.count:
             raise RuntimeError(f"image shard {job.index} holds ids {shard.ids[0]}.., the job expects {job.first_id}..")
@@ -238,7 +241,7 @@ class FeatureWorker:
         """Write one zarr shard per feature set (refused if any value overflowed float16)."""
         started, slabs = intermediate
         ids = np.arange(job.first_id, job.first_id + job.count, dtype=np.int64)
-        return [write_feature_shard(Path(folder), job.index, job.first_id, ids, targets, started=started)
+        return [write_feature_shard(localize(folder, need=True), job.index, job.first_id, ids, targets, started=started)
                 for (folder, _), targets in zip(job.payload.outputs, slabs)]
 
 

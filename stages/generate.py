@@ -26,10 +26,11 @@ from stages.noise import churn_noise_fn, labels_for, latents_for
 from stages.precision import check_compute_dtype, compute_context, dtype_identity, in_dtype
 from stages.sampler_registry import SAMPLERS, sampler_entry
 from stages.samplers import sample
-from stages.specs import parse_spec
+from stages.specs import localize_spec, parse_spec
 from stores.errors import UserError
 from stores.images import make_identity
 from stores.manifest import ShardJob, ShardRecord
+from stores.remote import localize
 from stores.tarshard import BLOCK, encode_image, write_tar_shard
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0     # EDM's defaults, recorded in the identity
@@ -122,9 +123,9 @@ class GenerateWorker:
     """Samples and writes shards of one generated set; the model loads once per worker."""
 
     def __init__(self, spec: str, settings: GenerateSettings, set_dir: str):
-        self.settings, self.set_dir = settings, Path(set_dir)
+        self.settings, self.set_dir = settings, localize(set_dir)        # this node's view of an object store
         self.device = pick_device()
-        self.model = load_model(spec).to(self.device)
+        self.model = load_model(localize_spec(spec)).to(self.device)
 
     def compute(self, job: ShardJob, progress: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, float]:
         """Sample ids [first_id, first_id + count) in batches that start at first_id."""

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from stages.edm.networks import EDMPrecond
 from stages.fingerprint import model_fingerprint
+from stores import remote
 from stores.errors import IntegrityError, UserError
 
 FORMAT = "dra-pipe-model"
@@ -42,6 +43,8 @@ def save_own(model: EDMPrecond, folder: Path, provenance: dict) -> str:
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+    for file in sorted(folder.iterdir()):      # an object-store workspace: workers on other nodes load it from there
+        remote.published(file)
     return fingerprint
 
 

@@ -75,6 +75,14 @@ class ModelSpec:
         return self.with_path(Path(self.path).resolve())
 
 
+def localize_spec(text: str) -> str:
+    """The spec as a Ray worker on another node sees it: a model inside an object-store workspace is brought into
+    this node's cache (stores.remote.localize)."""
+    from stores.remote import localize
+    spec = parse_spec(text)
+    return str(spec.with_path(localize(spec.path, need=True)))
+
+
 def parse_spec(text: str) -> ModelSpec:
     """`KIND:PATH` -> ModelSpec; UserError naming the known kinds for anything else (`fit` included: resolve it
     first with pipeline.models.resolve_model_spec)."""

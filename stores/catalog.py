@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stores import remote
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSet, list_feature_sets
 from stores.images import ImageSet, list_image_sets
@@ -83,11 +84,12 @@ class Problem:
 def verify_image_set(path: Path) -> list[Problem]:
     s = ImageSet(path)
     problems = []
+    orphans = _unreferenced(s.path, {shard_name(i) for i in s.records})
     for plan in s.plan():
         file = s.path / shard_name(plan.index)
         record = s.records.get(plan.index)
         if record is None or record.first_id != plan.first_id or record.count != plan.count:
-            problems.append(Problem(s.name, plan.index, str(file), "missing (never completed)"))
+            problems.append(Problem(s.name, plan.index, str(file), _never_completed(shard_name(plan.index) in orphans)))
             continue
         problems += _check_file(s.name, plan.index, file, record.bytes, record.sha256)
     return problems
@@ -97,14 +99,25 @@ def verify_feature_set(path: Path) -> list[Problem]:
     f = FeatureSet(path)
     n, size = f.layout["n"], f.layout["shard_size"]
     problems = []
+    orphans = {name.split("/")[3] for name in _unreferenced(f.path, {
+        f.file_path(a, i).relative_to(f.path).as_posix() for i in f.records for a in f.array_names()})}
     for index in range(-(-n // size)):
         record = f.records.get(index)
         if record is None:
-            problems.append(Problem(f.key, index, str(f.path), "missing (never completed)"))
+            problems.append(Problem(f.key, index, str(f.path), _never_completed(str(index) in orphans)))
             continue
         for array, facts in record.files.items():
             problems += _check_file(f.key, index, f.file_path(array, index), facts["bytes"], facts["sha256"])
     return problems
+
+
+def _unreferenced(set_dir: Path, recorded: set[str]) -> list[str]:
+    return remote.unreferenced_objects(set_dir, recorded) if remote.mirror_of(set_dir) else []
+
+
+def _never_completed(object_left: bool) -> str:
+    return ("missing (never recorded: an unreferenced object is there, left by a writer stopped between its upload "
+            "and its record)" if object_left else "missing (never completed)")
 
 
 def _check_file(set_name: str, index: int, file: Path, size: int, sha256: str) -> list[Problem]:

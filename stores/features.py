@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from stores import remote
 from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, short_key, write_json_atomic
 from stores.locks import LockedWriter, holds_only_the_lock
@@ -121,6 +122,7 @@ class FeatureSet:
         for name in self.array_names():
             path = self.file_path(name, index)
             expected = record.files[name]["bytes"]
+            remote.fetch(path, expected, record.files[name]["sha256"])
             if not path.exists() or path.stat().st_size != expected:
                 actual = path.stat().st_size if path.exists() else "missing"
                 raise IntegrityError(f"{path}: {actual} on disk, {META_JSON} says {expected} bytes; "
@@ -143,6 +145,8 @@ class FeatureSet:
         if record is None:
             raise IntegrityError(f"{self.path}: feature shard {index} is not complete (not in {META_JSON}); "
                                  "rerun extract-features")
+        ids_file = record.files["ids"]
+        remote.fetch(self.file_path("ids", index), ids_file["bytes"], ids_file["sha256"])
         ids = self.group["ids"][record.first_id:record.first_id + record.count]
         if (ids < 0).any():
             raise IntegrityError(f"{self.file_path('ids', index)}: ids missing (fill values); "
@@ -164,6 +168,7 @@ class FeatureSet:
             out[:record.count] = self.read_shard(index)[array]
             return out[:record.count]
         path = self.file_path(array, index)
+        remote.fetch(path, record.files[array]["bytes"], record.files[array]["sha256"])
         data = buffer.read(path, record.files[array]["bytes"])
         chunk = self._chunk_samples()
         n_chunks = self.layout["shard_size"] // chunk
@@ -230,6 +235,8 @@ class FeatureSetWriter(LockedWriter):
         store = self.path / ZARR_NAME
         if not (store / "zarr.json").exists():
             self._create_arrays(store)
+            for metadata in sorted(store.rglob("zarr.json")):
+                remote.published(metadata)
         self._write_meta()
 
     def _create_arrays(self, store: Path) -> None:
@@ -307,6 +314,7 @@ def write_feature_shard(set_dir: Path, index: int, first_id: int, ids: np.ndarra
     for name in arrays:
         digest, size = file_sha256_and_size(shard_file(set_dir, name, index))
         files[name] = {"sha256": digest, "bytes": size}
+        remote.published(shard_file(set_dir, name, index))     # whole, before the driver records the shard
     return FeatureShardRecord(index=index, first_id=first_id, count=len(ids), files=files,
                               seconds=time.perf_counter() - started, worker=worker_name())
 

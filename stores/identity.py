@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stores import remote
 from stores.errors import IntegrityError
 
 
@@ -53,3 +54,4 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    remote.published(path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stores import remote
 from stores.errors import IntegrityError, UserError
 from stores.identity import canonical_json, read_json_record, write_json_atomic
 from stores.locks import LockedWriter, holds_only_the_lock
@@ -193,6 +194,7 @@ class ImageSet:
             raise IntegrityError(f"{self.path}: shard {index} is not complete (not in the manifest); rerun the stage "
                                  f"that writes this set")
         path = self.path / shard_name(index)
+        fetched = remote.fetch(path, record.bytes, record.sha256)      # an object store's shard: into the cache
         taken = time.time_ns()
         try:
             stat = file_stat(path)
@@ -200,6 +202,8 @@ class ImageSet:
             raise IntegrityError(f"{path}: missing, though the manifest lists it; "
                                  f"run `dra-pipe verify {self.name}`") from None
         data = self._buffer.read(path, record.bytes)
+        if fetched:
+            mark_intact(path, record.bytes, record.sha256, stat)
         if verify and not known_intact(path, record.bytes, record.sha256, stat):
             if hashlib.sha256(data).hexdigest() != record.sha256:
                 raise IntegrityError(f"{path}: sha256 differs from the manifest (corrupted); "
@@ -325,6 +329,7 @@ class ImageSetWriter(LockedWriter):
         """Remove what this writer created (bad input found midway): nothing half-written stays."""
         if self._lock is not None and self.created and self.path.exists():
             shutil.rmtree(self.path)                # under the lock: a waiting writer sees the folder gone
+            remote.removed(self.path)
         self.close()
 
 

@@ -37,7 +37,7 @@ def writer_lock(folder: Path, what: str, wait: bool = False,
 
 
 class WriterLock:
-    _held: dict[str, list] = {}          # this process's locks: lock path -> [open file, depth]
+    _held: dict[str, list] = {}          # this process's locks: lock path -> [open file, depth, lease or None]
 
     def __init__(self, folder: Path, what: str, wait: bool = False, announce: Callable[[str], None] | None = None):
         self.folder = Path(folder).absolute()
@@ -45,6 +45,7 @@ class WriterLock:
         self.what, self.wait = what, wait
         self.announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
         self.acquired = False
+        self.lease = None
 
     def __enter__(self) -> WriterLock:
         return self.acquire()
@@ -57,7 +58,7 @@ class WriterLock:
         if key in self._held:
             self._held[key][1] += 1
         else:
-            self._held[key] = [self._take(), 1]
+            self._held[key] = [self._take(), 1, self.lease]
         self.acquired = True
         return self
 
@@ -70,6 +71,8 @@ class WriterLock:
         if entry[1] > 0:
             return
         del self._held[str(self.path)]
+        if entry[2] is not None:
+            entry[2].release()
         empty = holds_only_the_lock(self.folder)
         self.path.unlink(missing_ok=True)          # still held: a waiter finds its file gone and starts over, and a
         if empty:                                  # refused or finished writer leaves no lock file behind
@@ -80,33 +83,49 @@ class WriterLock:
         entry[0].close()                           # closing the file releases the flock
 
     def _take(self):
-        """Open, flock (non-blocking, polled so Ctrl-C stops a wait at once), check it is still the folder's file."""
-        announced = False
+        """Open, flock (non-blocking, polled so Ctrl-C stops a wait at once), check it is still the folder's file;
+        in a mirror of an object store, also take the folder's lease (stores.lease) for writers on other nodes."""
+        self._announced = False
         try:
             while True:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 f = open(self.path, "a+")                  # never truncates: a refused writer changes nothing
                 if not _try_flock(f):
-                    holder = _describe(read_holder(f))
+                    holder = read_holder(f)
                     f.close()
-                    if not self.wait:
-                        raise UserError(f"{self.what} is being written by {holder}; wait for it to finish, or pass "
-                                        f"--wait to wait for it")
-                    if not announced:
-                        announced = True               # before the line: a Ctrl-C right after it is a stopped wait
-                        self.announce(f"waiting for {self.what}: it is being written by {holder} "
-                                      "(Ctrl-C stops waiting)")
-                    time.sleep(POLL_SECONDS)
+                    self._busy(holder)
                 elif _same_file(f, self.path):
+                    lease, holder = _take_lease(self.folder)
+                    if holder is not None:
+                        f.close()
+                        self._busy(holder)
+                        continue
+                    self.lease = lease
                     _record_holder(f)
                     remove_stale_temporaries(self.folder)
                     return f
                 else:
                     f.close()                              # the holder removed the folder before releasing: retry
         except KeyboardInterrupt:
-            if announced:                              # the CLI prints this as its one interrupt line
+            if self._announced:                        # the CLI prints this as its one interrupt line
                 raise StoppedWaiting(f"stopped waiting for {self.what}; this command wrote nothing") from None
             raise
+
+    def _busy(self, holder: dict | None) -> None:
+        """Refuse (UserError naming the holder), or announce the wait once and sleep a poll period."""
+        holder = _describe(holder)
+        if not self.wait:
+            raise UserError(f"{self.what} is being written by {holder}; wait for it to finish, or pass "
+                            f"--wait to wait for it")
+        if not self._announced:
+            self._announced = True                     # before the line: a Ctrl-C right after it is a stopped wait
+            self.announce(f"waiting for {self.what}: it is being written by {holder} (Ctrl-C stops waiting)")
+        time.sleep(POLL_SECONDS)
+
+
+def _take_lease(folder: Path):
+    from stores.lease import take_lease
+    return take_lease(folder, _command_line(), _now())
 
 
 def _try_flock(f) -> bool:
@@ -135,11 +154,18 @@ def _describe(holder: dict | None) -> str:
 
 
 def _record_holder(f) -> None:
-    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else []
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "command": shlex.join(argv)[:300],
-              "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "command": _command_line(), "since": _now()}
     os.ftruncate(f.fileno(), 0)
     os.pwrite(f.fileno(), (json.dumps(record, sort_keys=True) + "\n").encode(), 0)
+
+
+def _command_line() -> str:
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else []
+    return shlex.join(argv)[:300]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _same_file(f, path: Path) -> bool:

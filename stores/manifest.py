@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stores import remote
 from stores.errors import IntegrityError
 
 MANIFEST_NAME = "manifest.parquet"
@@ -70,3 +71,4 @@ def write_manifest(set_dir: Path, records: dict[int, ShardRecord]) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    remote.published(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stores import remote
 from stores.checksums import checksum_cache
 from stores.errors import IntegrityError
 from stores.manifest import ShardRecord, worker_name
@@ -77,6 +78,7 @@ def write_tar_shard(set_dir: Path, index: int, first_id: int, images: np.ndarray
         os.fsync(raw.fileno())
     digest, size = file_sha256_and_size(tmp)
     os.replace(tmp, final)
+    remote.published(final)                  # on an object store: the whole object, before anyone records it
     return ShardRecord(index=index, first_id=first_id, count=len(labels), bytes=size, sha256=digest,
                        seconds=time.perf_counter() - started, worker=worker_name())
 
@@ -131,13 +133,15 @@ def file_problem(path: Path, size: int, sha256: str, rehash: bool = False) -> st
     A file found intact before is not hashed again while its stat is unchanged (see known_intact: a writer checks
     its set when it opens it and again under the lock, a rerun in a new process trusts the persistent cache);
     `rehash` always hashes (verify), and forgets the cached digest of a file it finds damaged."""
+    if not isinstance(size, int) or not isinstance(sha256, str):
+        return "not validly recorded"
+    if remote.mirror_of(path) is not None:   # on an object store the object is the file; the mirror only a cache
+        return remote.object_problem(path, size, sha256, rehash)
     taken = time.time_ns()
     try:
         seen = file_stat(path)
     except FileNotFoundError:
         return "deleted"
-    if not isinstance(size, int) or not isinstance(sha256, str):
-        return "not validly recorded"
     if not rehash and known_intact(path, size, sha256, seen):
         return None
     problem = _hashed_problem(path, size, sha256)

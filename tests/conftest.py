@@ -194,3 +194,25 @@ def bad(tmp_path_factory):
     """The bad-input workspace (tests/badinputs.py), built once for every module that runs rows against it."""
     from badinputs import make_bad_workspace
     return make_bad_workspace(tmp_path_factory.mktemp("bad-input"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3 API server on localhost (moto's, authentication on) for the session's object-store tests."""
+    from s3server import start_server
+    server = start_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server, monkeypatch, tmp_path):
+    """`s3://<fresh bucket>/ws` as the workspace root: credentials and endpoint in the environment as a user sets
+    them, and this test's own cache folder (a node's local disk)."""
+    from stores import remote
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DRA_PIPE_CACHE", str(tmp_path / "cache"))
+    bucket = s3_server.new_bucket()
+    yield f"s3://{bucket}/ws"
+    remote.detach_all()

@@ -10,6 +10,8 @@ import typer
 from pipeline.config import Config, load_config
 from pipeline.console import console, interrupt_reported, report_interrupt  # noqa: F401  (console: for the commands)
 from stores.errors import UserError
+from stores.objectstore import is_url
+from stores.remote import attach
 
 ConfigOpt = typer.Option(Path("pipeline.yaml"), "--config", "-c", help="pipeline.yaml to read "
                                                                        "(defaults apply if ./pipeline.yaml is absent)")
@@ -24,7 +26,13 @@ def given_path(text: str) -> Path:
     return Path(given(text))
 
 
-RootOpt = typer.Option(None, "--root", parser=given_path, help="workspace root; overrides `root:` of the config")
+def given_root(text: str) -> Path | str:
+    """A folder, or an object-store URL kept as text (Path would fold s3:// into s3:/)."""
+    return text if is_url(given(text)) else Path(text)
+
+
+RootOpt = typer.Option(None, "--root", parser=given_root, help="workspace root, a folder or s3://BUCKET/PREFIX "
+                       "(gs:// too); overrides `root:` of the config")
 WaitOpt = typer.Option(False, "--wait", help="if another process is writing the same output, wait until it finishes "
                        "(default: refuse, naming its host and pid)")
 
@@ -34,6 +42,9 @@ def resolve(config: Path, root: Optional[Path], overrides: dict[str, Any] | None
     if root is not None:
         over["root"] = str(root)
     cfg = load_config(config, over)
+    if is_url(cfg.root):                         # work through this node's mirror of the bucket (stores.remote)
+        cfg["root"] = str(attach(cfg.root, cfg.store.cache_dir, cfg.store.cache_gb, cfg.store.lease_seconds))
+        return cfg
     cfg["root"] = str(Path(cfg.root).expanduser().resolve())   # Ray workers run elsewhere: absolute paths only
     if Path(cfg.root).exists() and not Path(cfg.root).is_dir():
         raise UserError(f"workspace root {cfg.root} is a file, not a folder; pass --root DIR "

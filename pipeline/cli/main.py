@@ -13,6 +13,7 @@ from pipeline.cli import analyze, bench, data, eval, extract, generate, models, 
 from pipeline.config import key_spec
 from pipeline.console import interrupt_reported, stopped_waiting
 from stores.errors import IntegrityError, StoppedWaiting, Terminated, UserError, install_sigterm_handler
+from stores.remote import as_url, push_changed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="dra-pipe: diffusion models as data source and as frozen teacher for adversarial training.\n\n"
@@ -57,7 +58,7 @@ INTERRUPTED = "interrupted: finished shards and checkpoints are kept; rerun the 
 
 def one_line(exc: Exception) -> str:
     """A message that quotes a library's error can hold newlines: the user gets one line all the same."""
-    return " ".join(str(exc).split())
+    return " ".join(as_url(str(exc)).split())
 
 
 def usage_line(exc: click_errors.UsageError) -> str:
@@ -88,6 +89,19 @@ def _interrupted_status() -> int:
     return 143 if Terminated.seen else 130         # 128 + SIGTERM's number, as a shell reports a terminated job
 
 
+def _run_and_push(command):
+    """Run the command; with an object-store root, then upload the small files it wrote in place (figures,
+    tracker logs): the store's own records and shards are uploaded as they are completed."""
+    try:
+        code = command.main(prog_name="dra-pipe", standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            push_changed()
+        raise
+    push_changed()
+    return code
+
+
 def main() -> None:
     """Entry point: bad input -> one line and exit 2; damaged data -> one line and exit 1; Ctrl-C or SIGTERM ->
     one line and exit 130 or 143."""
@@ -97,7 +111,7 @@ def main() -> None:
     command = typer.main.get_command(app)
     _prepare_help(command)
     try:
-        code = command.main(prog_name="dra-pipe", standalone_mode=False)
+        code = _run_and_push(command)
         if code == 130 and not interrupt_reported():              # typer turns Ctrl-C into a silent Exit(130)
             print(f"interrupted: {StoppedWaiting.last}" if StoppedWaiting.last else INTERRUPTED, file=sys.stderr)
         if isinstance(code, int) and code:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import ray
 
 from stores.errors import Terminated, UserError, install_sigterm_handler
+from stores.remote import ENV as REMOTE_ENV
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def keep_sigterm_handler() -> None:
 
 def _init(address: str | None, num_cpus: int) -> None:
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if os.environ.get(REMOTE_ENV):                 # an object-store root: workers on every node find the bucket
+        quiet["runtime_env"] = {"env_vars": {REMOTE_ENV: os.environ[REMOTE_ENV]}}
     if address:
         check_reachable(address)
     try:

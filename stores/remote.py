@@ -1,0 +1,342 @@
+"""A workspace on an object store, worked through a node-local mirror that is only a cache.
+
+`root: s3://bucket/prefix` maps to the folder `<cache>/s3/bucket/prefix` on each node (`store.cache_dir`, else
+$DRA_PIPE_CACHE, else ~/.cache/dra-pipe/store). The bucket is the truth; the mirror can be deleted at any time.
+- At a command's start the small files (identities, manifests, meta.json, zarr metadata, run files) are pulled.
+- Shard data (image tars, zarr shard files) is fetched when read, checked against its recorded sha256, and kept
+  within `store.cache_gb` (least recently used first out).
+- Every file a writer completes (the local rename of the store contract) is uploaded whole before the writer goes
+  on, so a shard object exists before a manifest that records it is uploaded.
+Ray workers on other nodes get the URL through $DRA_PIPE_REMOTE and translate the driver's paths (`localize`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stores.errors import IntegrityError
+from stores.objectstore import ObjectStore
+
+ENV = "DRA_PIPE_REMOTE"
+CACHE_ENV = "DRA_PIPE_CACHE"
+SYNC_STATE = ".sync-state.json"
+LEASE_NAME = ".lease"
+STORE_RECORDS = ("dataset.json", "manifest.parquet", "meta.json", "zarr.json")   # always uploaded as written
+SHARD_DATA = re.compile(r"(^|/)images/[^/]+/shard-\d+\.tar$|(^|/)features/[^/]+/features\.zarr/[^/]+/c/")
+LOCAL_ONLY = re.compile(r"(^|/)(\.lock|\.lease|\.sync-state\.json)$|\.tmp-\d+|(^|/)bench/")
+
+
+@dataclass
+class Mirror:
+    root: Path
+    store: ObjectStore
+    cache_bytes: int | None = None
+    lease_seconds: float = 30.0
+    synced: dict[str, list] = field(default_factory=dict)      # key -> [etag, size, mtime_ns] of the local copy
+    listings: dict[str, dict[str, int]] = field(default_factory=dict)   # folder key -> {key: size}, per process
+    used: dict[str, tuple[int, int]] = field(default_factory=dict)      # shard-data key -> (size, last use tick)
+    tick: int = 0
+
+    def key(self, path: Path) -> str:
+        return Path(path).absolute().relative_to(self.root).as_posix()
+
+    def save_state(self) -> None:
+        tmp = self.root / f"{SYNC_STATE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(self.synced))
+        os.replace(tmp, self.root / SYNC_STATE)
+
+
+_MIRRORS: dict[str, Mirror] = {}
+_STARTED = time.time_ns()                          # push_changed uploads only what was written since
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dra-pipe" / "store").expanduser()
+
+
+def attach(url: str, cache_dir: str | None = None, cache_gb: float | None = None, lease_seconds: float = 30.0,
+           pull: bool = True) -> Path:
+    """Check the bucket is usable, register its mirror and return the mirror's root (pulling the small files)."""
+    store = ObjectStore(url)
+    root = (cache_root(cache_dir) / store.scheme / store.bucket / store.prefix).absolute()
+    if str(root) in _MIRRORS:
+        mirror = _MIRRORS[str(root)]
+    else:
+        store.check_reachable()
+        root.mkdir(parents=True, exist_ok=True)
+        mirror = Mirror(root, store, None if cache_gb is None else int(cache_gb * 1e9), lease_seconds,
+                        _read_state(root))
+        _MIRRORS[str(root)] = mirror
+    os.environ[ENV] = json.dumps({"url": store.url, "mirror": str(root), "cache_gb": cache_gb,
+                                  "lease_seconds": lease_seconds})
+    if pull:
+        pull_small_files(mirror)
+    return root
+
+
+def _read_state(root: Path) -> dict[str, list]:
+    try:
+        return json.loads((root / SYNC_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def localize(path: str | Path, need: bool = False) -> Path:
+    """A path the driver sent, as this node sees it: under this node's mirror when the driver's is remote. With
+    `need`, the small files under it (a model, a set's records) are brought here first."""
+    spec = json.loads(os.environ.get(ENV) or "null")
+    if not spec or not str(path).startswith(spec["mirror"]):
+        return Path(path)
+    root = attach(spec["url"], cache_gb=spec.get("cache_gb"), lease_seconds=spec.get("lease_seconds", 30.0),
+                  pull=False)
+    local = root / Path(path).relative_to(spec["mirror"])
+    if need:
+        mirror, key = mirror_of(local)
+        for info in mirror.store.list(key + "/") + [i for i in [mirror.store.head(key)] if i]:
+            target = mirror.root / info.key
+            if not is_shard_data(info.key) and not LOCAL_ONLY.search(info.key) and \
+                    (mirror.synced.get(info.key, [None])[0] != info.etag or not target.exists()):
+                _download(mirror, info.key, target)
+                st = target.stat()
+                mirror.synced[info.key] = [info.etag, st.st_size, st.st_mtime_ns]
+    return local
+
+
+def mirror_of(path: Path) -> tuple[Mirror, str] | None:
+    """The mirror holding `path` and its key there, or None for a path outside every mirror."""
+    _adopt_inherited()
+    if not _MIRRORS:
+        return None
+    full = Path(path).absolute()
+    for mirror in _MIRRORS.values():
+        if full == mirror.root or mirror.root in full.parents:
+            return mirror, mirror.key(full)
+    return None
+
+
+def _adopt_inherited() -> None:
+    """A child process (a side-by-side training run, a Ray worker) writes into the mirror its parent named in
+    $DRA_PIPE_REMOTE: register it here too, so that what it completes is uploaded."""
+    spec = json.loads(os.environ.get(ENV) or "null")
+    if spec and spec["mirror"] not in _MIRRORS:
+        cache = spec.get("cache_gb")
+        _MIRRORS[spec["mirror"]] = Mirror(Path(spec["mirror"]), ObjectStore(spec["url"]),
+                                          None if cache is None else int(cache * 1e9), spec.get("lease_seconds", 30.0),
+                                          _read_state(Path(spec["mirror"])))
+
+
+def as_url(text: str | Path) -> str:
+    """A message or path with every mirror folder written as its bucket URL: what the user named."""
+    text = str(text)
+    for root, mirror in sorted(_MIRRORS.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(root, mirror.store.url)
+    return text
+
+
+def is_shard_data(key: str) -> bool:
+    return bool(SHARD_DATA.search(key))
+
+
+def pull_small_files(mirror: Mirror) -> None:
+    """Bring every object but shard data into the mirror when the local copy is absent or older; drop local
+    copies of small files deleted in the bucket."""
+    remote = {o.key: o for o in mirror.store.list() if not LOCAL_ONLY.search(o.key)}
+    for key, info in remote.items():
+        local = mirror.root / key
+        if is_shard_data(key) or (mirror.synced.get(key, [None])[0] == info.etag and local.exists()):
+            continue
+        _download(mirror, key, local)
+        st = local.stat()
+        mirror.synced[key] = [info.etag, st.st_size, st.st_mtime_ns]
+    for key in [k for k in mirror.synced if k not in remote]:
+        if not is_shard_data(key):
+            (mirror.root / key).unlink(missing_ok=True)
+        del mirror.synced[key]
+    for path in _files(mirror.root):               # a store record the bucket no longer has: a deleted set
+        key = mirror.key(path)
+        if path.name in STORE_RECORDS and key not in remote:
+            path.unlink()
+    mirror.save_state()
+
+
+def _download(mirror: Mirror, key: str, local: Path) -> str:
+    """Download to a temporary sibling, rename; returns the sha256 of what arrived."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            mirror.store.get_into(key, _Hashing(f, digest))
+        os.replace(tmp, local)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest.hexdigest()
+
+
+class _Hashing:
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def write(self, chunk) -> None:
+        self.digest.update(chunk)
+        self.f.write(chunk)
+
+
+def published(path: Path) -> None:
+    """A file just became final in a mirror: upload it whole (a PUT is atomic) before the writer goes on."""
+    found = mirror_of(path)
+    if found is None or LOCAL_ONLY.search(found[1]):
+        return
+    mirror, key = found
+    etag = mirror.store.put_file(key, path)
+    st = Path(path).stat()
+    mirror.synced[key] = [etag, st.st_size, st.st_mtime_ns]
+    folder = key.rsplit("/", 1)[0]
+    if folder in mirror.listings:
+        mirror.listings[folder][key] = st.st_size
+    if is_shard_data(key):
+        _touch(mirror, key, st.st_size)
+
+
+def removed(path: Path) -> None:
+    """A file or folder was deleted from a mirror: delete its objects (the folder's lease stays its holder's)."""
+    found = mirror_of(path)
+    if found is None:
+        return
+    mirror, key = found
+    keys = [o.key for o in mirror.store.list(key + "/") if not o.key.endswith("/" + LEASE_NAME)]
+    keys += [key] if mirror.store.head(key) else []
+    mirror.store.delete(keys)
+    for k in keys:
+        mirror.synced.pop(k, None)
+    mirror.listings = {}
+
+
+def push_changed() -> int:
+    """Upload every small file written into a mirror without `published` (reports, tracker logs); returns how
+    many. Shard data is never pushed here: it is uploaded by its writer, before its record."""
+    pushed = 0
+    for mirror in _MIRRORS.values():
+        for path in _files(mirror.root):
+            key = mirror.key(path)
+            if LOCAL_ONLY.search(key) or is_shard_data(key) or key.startswith("."):
+                continue
+            st = path.stat()
+            if st.st_mtime_ns < _STARTED:          # older files: another command's, or a stale cache's
+                continue
+            if mirror.synced.get(key, [None, None, None])[1:] != [st.st_size, st.st_mtime_ns]:
+                published(path)
+                pushed += 1
+        mirror.save_state()
+    return pushed
+
+
+def _files(root: Path):
+    for folder, _, names in os.walk(root):
+        for name in names:
+            yield Path(folder) / name
+
+
+def fetch(path: Path, size: int, sha256: str) -> bool:
+    """Make the local copy of a recorded shard file: download it when absent or of another size, checking its
+    sha256 against the record (IntegrityError when the object is missing or differs). True when it downloaded
+    (and so checked) the file; a copy already here is checked by its reader as any local file is."""
+    found = mirror_of(path)
+    if found is None:
+        return False
+    mirror, key = found
+    if Path(path).exists() and Path(path).stat().st_size == size:
+        _touch(mirror, key, size)
+        return False
+    try:
+        digest = _download(mirror, key, Path(path))
+    except FileNotFoundError:
+        raise IntegrityError(f"{mirror.store.url}/{key}: missing, though the manifest lists it; run `dra-pipe "
+                             f"verify` and `dra-pipe repair`") from None
+    if digest != sha256:
+        Path(path).unlink(missing_ok=True)
+        raise IntegrityError(f"{mirror.store.url}/{key}: sha256 differs from its record (corrupted); run "
+                             f"`dra-pipe verify` and `dra-pipe repair`")
+    _touch(mirror, key, size)
+    _evict(mirror, keep=key)
+    return True
+
+
+def fetch_file(path: Path) -> None:
+    """A workspace file a worker needs (a model): downloaded when absent here."""
+    found = mirror_of(path)
+    if found is not None and not Path(path).exists():
+        mirror, key = found
+        if mirror.store.head(key) is not None:
+            _download(mirror, key, Path(path))
+
+
+def object_problem(path: Path, size: int, sha256: str, rehash: bool) -> str | None:
+    """What is wrong with a recorded shard object (absent, another size; with rehash its sha256), or None."""
+    mirror, key = mirror_of(path)
+    folder = key.rsplit("/", 1)[0]
+    if folder not in mirror.listings:
+        mirror.listings[folder] = {o.key: o.size for o in mirror.store.list(folder + "/")}
+    actual = mirror.listings[folder].get(key)
+    if actual is None:
+        return "missing"
+    if actual != size:
+        return f"{actual} bytes, the record says {size}"
+    if rehash:
+        Path(path).unlink(missing_ok=True)       # verify checks the object itself, not an older local copy
+        try:
+            fetch(path, size, sha256)
+        except IntegrityError:
+            return "sha256 differs from the record (corrupted)"
+    return None
+
+
+def unreferenced_objects(set_dir: Path, recorded: set[str]) -> list[str]:
+    """Shard objects in a set's folder that no record names: left by a writer stopped between upload and record."""
+    mirror, key = mirror_of(set_dir)
+    return sorted(o.key[len(key) + 1:] for o in mirror.store.list(key + "/")
+                  if is_shard_data(o.key) and o.key[len(key) + 1:] not in recorded)
+
+
+def _touch(mirror: Mirror, key: str, size: int) -> None:
+    mirror.tick += 1
+    mirror.used[key] = (size, mirror.tick)
+
+
+def _evict(mirror: Mirror, keep: str) -> None:
+    """Delete the least recently used shard files of this mirror while it holds more than `store.cache_gb`."""
+    if mirror.cache_bytes is None:
+        return
+    if not mirror.used.get("", None):               # first call: count what earlier processes left here
+        for path in _files(mirror.root):
+            k = mirror.key(path)
+            if is_shard_data(k) and k not in mirror.used and not LOCAL_ONLY.search(k):
+                mirror.used[k] = (path.stat().st_size, 0)
+        mirror.used[""] = (0, 0)
+    total = sum(s for s, _ in mirror.used.values())
+    for key, (size, _) in sorted(mirror.used.items(), key=lambda kv: kv[1][1]):
+        if total <= mirror.cache_bytes:
+            break
+        if key in ("", keep):
+            continue
+        (mirror.root / key).unlink(missing_ok=True)
+        del mirror.used[key]
+        total -= size
+
+
+def detach_all() -> None:
+    """Forget every mirror (tests; a command's end)."""
+    _MIRRORS.clear()
+    os.environ.pop(ENV, None)
+
+
+def remove_mirror(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+    _MIRRORS.pop(str(Path(root).absolute()), None)
