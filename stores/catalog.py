@@ -82,6 +82,7 @@ class Problem:
 
 
 def verify_image_set(path: Path) -> list[Problem]:
+    remote.forget_listing(path)
     s = ImageSet(path)
     problems = []
     orphans = _unreferenced(s.path, {shard_name(i) for i in s.records})
@@ -96,6 +97,7 @@ def verify_image_set(path: Path) -> list[Problem]:
 
 
 def verify_feature_set(path: Path) -> list[Problem]:
+    remote.forget_listing(path)
     f = FeatureSet(path)
     n, size = f.layout["n"], f.layout["shard_size"]
     problems = []

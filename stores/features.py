@@ -274,6 +274,7 @@ def shard_file(set_dir: Path, array: str, index: int) -> Path:
 
 def damaged_feature_shards(set_dir: Path, records: dict[int, FeatureShardRecord]) -> list[int]:
     """Indices of recorded shards with any array file missing or differing from its record (size, sha256)."""
+    remote.forget_listing(set_dir)
     return sorted(i for i, r in records.items()
                   if any(file_problem(shard_file(set_dir, name, i), f.get("bytes"), f.get("sha256"))
                          for name, f in r.files.items()))

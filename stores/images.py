@@ -335,6 +335,7 @@ class ImageSetWriter(LockedWriter):
 
 def damaged_shards(set_dir: Path, records: dict[int, ShardRecord]) -> list[int]:
     """Indices of recorded shards whose file is missing or differs from its record (size, sha256)."""
+    remote.forget_listing(set_dir)
     return sorted(i for i, r in records.items() if file_problem(Path(set_dir) / shard_name(i), r.bytes, r.sha256))
 
 

@@ -39,7 +39,8 @@ class Mirror:
     cache_bytes: int | None = None
     lease_seconds: float = 30.0
     synced: dict[str, list] = field(default_factory=dict)      # key -> [etag, size, mtime_ns] of the local copy
-    listings: dict[str, dict[str, int]] = field(default_factory=dict)   # folder key -> {key: size}, per process
+    listings: dict[str, dict[str, tuple]] = field(default_factory=dict)   # folder key -> {key: (size, etag)}
+    damaged: set[str] = field(default_factory=set)      # keys a rehash found damaged in this process
     used: dict[str, tuple[int, int]] = field(default_factory=dict)      # shard-data key -> (size, last use tick)
     tick: int = 0
 
@@ -61,8 +62,9 @@ def cache_root(cache_dir: str | None = None) -> Path:
 
 
 def attach(url: str, cache_dir: str | None = None, cache_gb: float | None = None, lease_seconds: float = 30.0,
-           pull: bool = True) -> Path:
-    """Check the bucket is usable, register its mirror and return the mirror's root (pulling the small files)."""
+           pull: bool = True, export: bool = True) -> Path:
+    """Check the bucket is usable, register its mirror and return the mirror's root (pulling the small files).
+    `export` names it in $DRA_PIPE_REMOTE for child processes (a worker keeps the driver's name there)."""
     store = ObjectStore(url)
     root = (cache_root(cache_dir) / store.scheme / store.bucket / store.prefix).absolute()
     if str(root) in _MIRRORS:
@@ -73,8 +75,9 @@ def attach(url: str, cache_dir: str | None = None, cache_gb: float | None = None
         mirror = Mirror(root, store, None if cache_gb is None else int(cache_gb * 1e9), lease_seconds,
                         _read_state(root))
         _MIRRORS[str(root)] = mirror
-    os.environ[ENV] = json.dumps({"url": store.url, "mirror": str(root), "cache_gb": cache_gb,
-                                  "lease_seconds": lease_seconds})
+    if export:
+        os.environ[ENV] = json.dumps({"url": store.url, "mirror": str(root), "cache_gb": cache_gb,
+                                      "lease_seconds": lease_seconds})
     if pull:
         pull_small_files(mirror)
     return root
@@ -94,7 +97,7 @@ def localize(path: str | Path, need: bool = False) -> Path:
     if not spec or not str(path).startswith(spec["mirror"]):
         return Path(path)
     root = attach(spec["url"], cache_gb=spec.get("cache_gb"), lease_seconds=spec.get("lease_seconds", 30.0),
-                  pull=False)
+                  pull=False, export=False)
     local = root / Path(path).relative_to(spec["mirror"])
     if need:
         mirror, key = mirror_of(local)
@@ -106,6 +109,18 @@ def localize(path: str | Path, need: bool = False) -> Path:
                 st = target.stat()
                 mirror.synced[info.key] = [info.etag, st.st_size, st.st_mtime_ns]
     return local
+
+
+STORE_VARIABLES = ("AWS_", "GOOGLE_", "GCS_", "DRA_PIPE_STORE_")
+
+
+def worker_environment() -> dict[str, str]:
+    """What a worker process on another node needs to work in this process's object-store root: $DRA_PIPE_REMOTE
+    and the store settings this command was started with (endpoint, credentials; unset them here to let the
+    nodes use their own, an instance role). Empty for a local root."""
+    if not os.environ.get(ENV):
+        return {}
+    return {k: v for k, v in os.environ.items() if k == ENV or k.startswith(STORE_VARIABLES)}
 
 
 def mirror_of(path: Path) -> tuple[Mirror, str] | None:
@@ -198,9 +213,10 @@ def published(path: Path) -> None:
     etag = mirror.store.put_file(key, path)
     st = Path(path).stat()
     mirror.synced[key] = [etag, st.st_size, st.st_mtime_ns]
-    folder = key.rsplit("/", 1)[0]
+    folder = _set_folder(key)
     if folder in mirror.listings:
-        mirror.listings[folder][key] = st.st_size
+        mirror.listings[folder][key] = (st.st_size, etag)
+    mirror.damaged.discard(key)
     if is_shard_data(key):
         _touch(mirror, key, st.st_size)
 
@@ -281,21 +297,38 @@ def fetch_file(path: Path) -> None:
 def object_problem(path: Path, size: int, sha256: str, rehash: bool) -> str | None:
     """What is wrong with a recorded shard object (absent, another size; with rehash its sha256), or None."""
     mirror, key = mirror_of(path)
-    folder = key.rsplit("/", 1)[0]
+    folder = _set_folder(key)                     # one LIST per set, not one per shard folder of a zarr array
     if folder not in mirror.listings:
-        mirror.listings[folder] = {o.key: o.size for o in mirror.store.list(folder + "/")}
-    actual = mirror.listings[folder].get(key)
+        mirror.listings[folder] = {o.key: (o.size, o.etag) for o in mirror.store.list(folder + "/")}
+    actual, etag = mirror.listings[folder].get(key, (None, None))
     if actual is None:
         return "missing"
     if actual != size:
         return f"{actual} bytes, the record says {size}"
-    if rehash:
-        Path(path).unlink(missing_ok=True)       # verify checks the object itself, not an older local copy
+    known = mirror.synced.get(key, [None])[0]
+    if rehash or key in mirror.damaged or (known is not None and known != etag):   # changed since this node saw it
+        Path(path).unlink(missing_ok=True)       # check the object itself, not an older local copy
         try:
             fetch(path, size, sha256)
         except IntegrityError:
+            mirror.damaged.add(key)
             return "sha256 differs from the record (corrupted)"
+        mirror.synced[key] = [etag, size, Path(path).stat().st_mtime_ns]
+        mirror.damaged.discard(key)
     return None
+
+
+def _set_folder(key: str) -> str:
+    """images/<name> or features/<key>: the folder a listing covers."""
+    return "/".join(key.split("/")[:2])
+
+
+def forget_listing(folder: Path) -> None:
+    """The next object_problem in `folder` lists it afresh (workers may have uploaded into it meanwhile)."""
+    found = mirror_of(folder)
+    if found is not None:
+        found[0].listings = {k: v for k, v in found[0].listings.items()
+                             if k != found[1] and not k.startswith(found[1] + "/")}
 
 
 def unreferenced_objects(set_dir: Path, recorded: set[str]) -> list[str]:

@@ -67,6 +67,7 @@ def write_tar_shard(set_dir: Path, index: int, first_id: int, images: np.ndarray
         raise ValueError(f"images must be (N, H, W, C) uint8, got {images.dtype} {images.shape}")
     final = Path(set_dir) / shard_name(index)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    final.parent.mkdir(parents=True, exist_ok=True)      # a worker on another node: the set's first file there
     ext = "png" if image_format == "png" else "npy"
     with open(tmp, "wb") as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:

@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The persistent checksum cache of this test session, never the user's (subprocesses and Ray workers inherit it).
 os.environ["DRA_PIPE_CHECKSUM_CACHE"] = str(Path(tempfile.mkdtemp(prefix="dra-checksums-")) / "checksums.json")
+# Likewise the object-store cache: the session's Ray workers keep this one (another node's disk, as it were) when a
+# test points its own process at another (the s3_root fixture).
+os.environ["DRA_PIPE_CACHE"] = tempfile.mkdtemp(prefix="dra-store-cache-")
 
 
 @pytest.fixture

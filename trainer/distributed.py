@@ -7,6 +7,7 @@ are read from the run folder, not from Ray's Result (in Ray 2.60 its `metrics` c
 """
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from stores.errors import IntegrityError, UserError
+from stores.remote import worker_environment
 from trainer.job import Job
 from trainer.loop import Dist, train
 
@@ -28,8 +30,9 @@ def _worker(config: dict) -> None:
     if dist.device.type == "cuda":
         torch.cuda.set_device(dist.device)    # NCCL's object collectives (the checkpoint's RNG states) use it
     torch.set_num_threads(config["threads"])
+    os.environ.update(config["store_environment"])     # an object-store root: this node's mirror of it
     on_epoch = (lambda row: print(_epoch_line(row), flush=True)) if dist.main else None
-    summary = train(config["job"], dist, on_epoch=on_epoch, teacher=config.get("teacher"))
+    summary = train(config["job"].localized(), dist, on_epoch=on_epoch, teacher=config.get("teacher"))
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
 
 
@@ -69,7 +72,8 @@ def train_distributed(job: Job, workers: int, teacher=None) -> None:
     use_gpu = use_gpus()
     cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
     trainer = _interruptible(TorchTrainer)(
-        _worker, train_loop_config={"job": job, "threads": cpus, "teacher": teacher},
+        _worker, train_loop_config={"job": job, "threads": cpus, "teacher": teacher,
+                                    "store_environment": worker_environment()},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(use_gpu)),
         torch_config=TorchConfig(backend=process_group_backend(use_gpu)),

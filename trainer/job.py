@@ -12,6 +12,7 @@ import numpy as np
 
 from stores.errors import UserError
 from stores.images import ImageSet
+from stores.remote import localize
 from trainer.classifiers import build_classifier
 from trainer.dra import match_grid
 from trainer.loader import Source, split_batch
@@ -62,6 +63,15 @@ class Job:
     def without_dra(self) -> Job:
         """The same job as plain (DM-)AT: no head, no targets (benchmarks time the two side by side)."""
         return replace(self, settings=replace(self.settings, dra=False), target_shape=None, dra_layer=None)
+
+    def localized(self) -> Job:
+        """The job as a Ray Train worker on another node sees it: with an object-store root, its run folder and
+        stores under this node's mirror, their small files (records, a checkpoint to resume) brought here."""
+        def source(s: Source | None) -> Source | None:
+            return s and replace(s, images=str(localize(s.images, need=True)),
+                                 features=s.features and str(localize(s.features, need=True)))
+        return replace(self, run_dir=str(localize(self.run_dir, need=True)), real=source(self.real),
+                       generated=source(self.generated))
 
     def identity(self) -> dict:
         """What makes two runs the same run: a run folder refuses to resume with anything else."""

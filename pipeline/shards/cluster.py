@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 import ray
 
 from stores.errors import Terminated, UserError, install_sigterm_handler
-from stores.remote import ENV as REMOTE_ENV
+from stores.remote import worker_environment
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,7 @@ def keep_sigterm_handler() -> None:
 
 def _init(address: str | None, num_cpus: int) -> None:
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    if os.environ.get(REMOTE_ENV):                 # an object-store root: workers on every node find the bucket
-        quiet["runtime_env"] = {"env_vars": {REMOTE_ENV: os.environ[REMOTE_ENV]}}
+    quiet.update(remote_env())
     if address:
         check_reachable(address)
     try:
@@ -93,6 +91,14 @@ def _init(address: str | None, num_cpus: int) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot start or join {where}: {first}; check --address "
                         f"(auto joins a `ray start --head` cluster on this machine)") from None
+
+
+def remote_env() -> dict:
+    """Ray options that give workers on every node the object-store root this process works in (its URL and
+    the driver's mirror, stores.remote) and the store settings it was started with (endpoint, credentials:
+    unset them on the driver to let the nodes use their own, an instance role): {} for a local root."""
+    variables = worker_environment()
+    return {"runtime_env": {"env_vars": variables}} if variables else {}
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from pipeline.shards.actor import ShardActor, ShardWorker
-from pipeline.shards.cluster import ActorPlan
+from pipeline.shards.cluster import ActorPlan, remote_env
 from stores.manifest import ShardJob
 
 START_WAIT_S = 600.0      # how long workers may wait for the cluster's resources before the stage gives up
@@ -105,7 +105,8 @@ class _Driver:
         self.record, self.on_progress, self.on_event = record, on_progress, on_event or (lambda message: None)
         self.in_flight, self.poll_seconds = in_flight, poll_seconds
         self.actor_cls = ray.remote(max_concurrency=in_flight, concurrency_groups={"status": 1})(ShardActor).options(
-            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, scheduling_strategy="SPREAD", max_restarts=0)
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, scheduling_strategy="SPREAD", max_restarts=0,
+            **remote_env())
         self.slots: list[_Slot] = []
         self.running: dict = {}          # object ref -> (slot, job)
         self.status_refs: dict = {}      # object ref -> slot
