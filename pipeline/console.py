@@ -6,8 +6,17 @@ import sys
 from rich.console import Console
 
 from stores.errors import StoppedWaiting
+from stores.remote import as_url
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+
+class _Console(Console):
+    """Prints an object-store workspace's paths as its bucket URL (what the user named), not the local cache's."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(as_url(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+console = _Console(width=None if sys.stdout.isatty() else 160)
 
 _interrupt_reported = False
 

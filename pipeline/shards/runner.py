@@ -92,10 +92,11 @@ class _Slot:
         self.running = 0
         self.recorded = 0          # items recorded from this actor
         self.state: dict = {}
+        self.ready = True          # a replacement: False until its worker is built (its node may be gone)
 
     @property
     def free(self) -> bool:
-        return self.running < self.in_flight
+        return self.ready and self.running < self.in_flight
 
 
 class _Driver:
@@ -149,7 +150,8 @@ class _Driver:
             return                                     # already replaced (its other job reported first)
         ray.kill(slot.handle, no_restart=True)
         fresh = self._new_slot(slot.name)
-        self.slots[self.slots.index(slot)] = fresh
+        fresh.ready = False                            # no jobs until it runs: with its node lost it never may,
+        self.slots[self.slots.index(slot)] = fresh     # and the other workers finish the queue
         self.status_refs[fresh.handle.setup.remote()] = fresh
         self.summary.replaced += 1
         self.on_event(f"worker {slot.name} died ({error}); started a replacement")
@@ -165,6 +167,11 @@ class _Driver:
         started = time.perf_counter()
         while queue or self.running:
             self._dispatch(queue)
+            if not self.running:
+                self._wait_for_a_worker()
+                continue
+            if not all(s.ready for s in self.slots):
+                self._poll_status()                    # a replacement becomes ready when its worker is built
             ready, _ = ray.wait(list(self.running), num_returns=1, timeout=self.poll_seconds)
             for ref in ready:
                 self._collect(ref, queue)
@@ -202,6 +209,16 @@ class _Driver:
         node = slot.state.get("node", "?")
         self.summary.shards_per_node[node] = self.summary.shards_per_node.get(node, 0) + 1
 
+    def _wait_for_a_worker(self, max_wait: float = START_WAIT_S) -> None:
+        """Every worker died and none of their replacements runs yet (their nodes lost?): wait for one."""
+        started = time.perf_counter()
+        while not any(s.ready for s in self.slots):
+            if time.perf_counter() - started > max_wait:
+                raise WorkerStartError(f"every worker died and no replacement started within {max_wait:.0f} s "
+                                       "(nodes lost? `ray status`)")
+            self._poll_status()
+            time.sleep(self.poll_seconds)
+
     def _retry(self, job: ShardJob, queue: deque, error: str) -> None:
         tries = self.attempts[job.index] = self.attempts.get(job.index, 0) + 1
         if tries >= self.max_attempts:
@@ -227,6 +244,7 @@ class _Driver:
                 slot = self.status_refs.pop(ref)
                 try:
                     slot.state = ray.get(ref)
+                    slot.ready = True
                 except ray.exceptions.RayError:
                     pass                               # a dead actor: its jobs report the death
         asked = set(self.status_refs.values())

@@ -1,14 +1,9 @@
 """`dra-pipe generate` on Ray with a tiny model: determinism, resume, growth, a killed worker, bad input."""
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import save_tiny_generator
+from raynodes import two_nodes
 
 from pipeline.config import load_config
 from stages.generate import GenerateSettings, GenerateWorker, generated_identity, sample_floats
@@ -185,86 +181,13 @@ def test_existing_set_with_another_identity_is_refused(cli, tmp_path, spec):
 
 # --- two nodes on one machine ------------------------------------------------------------------------------
 
-def _free_port_range(count: int) -> int:
-    """First of `count` consecutive ports that are free now."""
-    for _ in range(200):
-        base = 20000 + secrets.randbelow(40000)
-        if all(_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no free port range")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _ray_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """`ray start --block` in its own process group, so that it and its children stop together."""
-    ray_cli = Path(sys.executable).with_name("ray")
-    return subprocess.Popen([str(ray_cli), "start", "--block", "--disable-usage-stats", *args], env=env,
-                            start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def _wait_for_nodes(address: str, env: dict, count: int, nodes: list, timeout: float = 120) -> None:
-    script = f"import ray; ray.init(address={address!r}, logging_level='ERROR'); " \
-             f"print(sum(n['Alive'] for n in ray.nodes()))"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert all(node.poll() is None for node in nodes), "a `ray start` exited; see head.log / worker.log"
-        try:
-            done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
-        except subprocess.TimeoutExpired:
-            continue
-        if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"the Ray cluster at {address} did not reach {count} nodes")
-
-
-def _stop(node: subprocess.Popen) -> None:
-    node.send_signal(signal.SIGTERM)
-    try:
-        node.wait(30)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(node.pid, signal.SIGKILL)      # whatever of this node's own group is left
-    except ProcessLookupError:
-        pass
-    node.wait()
-
-
 @pytest.mark.slow
 def test_two_nodes_both_work(tmp_path, spec, reference):
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    base = _free_port_range(60)
-    address = f"127.0.0.1:{base}"
-    head_ports = ["--head", f"--port={base}", f"--ray-client-server-port={base + 1}", f"--dashboard-port={base + 2}",
-                  f"--dashboard-agent-listen-port={base + 3}", f"--min-worker-port={base + 10}",
-                  f"--max-worker-port={base + 29}"]
-    worker_ports = [f"--address={address}", f"--dashboard-agent-listen-port={base + 4}",
-                    f"--min-worker-port={base + 30}", f"--max-worker-port={base + 49}"]
-    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1"]
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")        # Ray's socket paths must stay under 108 bytes
-    nodes = [_ray_node(head_ports + common + ["--include-dashboard=false", f"--temp-dir={temp}"], env,
-                       tmp_path / "head.log")]
-    try:
-        _wait_for_nodes(address, env, 1, nodes)
-        nodes.append(_ray_node(worker_ports + common, env, tmp_path / "worker.log"))
-        _wait_for_nodes(address, env, 2, nodes)
+    with two_nodes(tmp_path, dict(os.environ)) as (address, env, _):
         config = write_config(tmp_path, spec)
         done = subprocess.run([str(Path(sys.executable).with_name("dra-pipe")), "generate", "-c", str(config),
                                "--address", address],
                               env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        for node in reversed(nodes):
-            _stop(node)
-        shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 CPU workers x 1 thread, 2 nodes" in done.stdout
     assert_matches_reference(ImageSet.open(tmp_path / "ws", NAME), reference)
