@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli
@@ -143,23 +144,41 @@ def test_a_second_writer_on_another_node_is_refused_naming_the_first(cli, ws, s3
         holder.kill()
 
 
-def test_training_from_the_bucket_equals_training_from_a_local_disk(cli, built, ws, s3_server, tmp_path):
+def test_a_run_killed_on_one_node_resumes_exactly_on_a_fresh_node(cli, built, ws, s3_server, tmp_path):
+    """Train straight on a local disk; train from the bucket, stop at step 5 (checkpoints every 2 steps), delete
+    the node's cache, resume from the bucket: the final weights are equal to the last bit."""
     import torch
-    _, local, _ = built
+
+    from pipeline.cli.common import resolve
+    from pipeline.plans.train import make_job
+    from trainer.loop import train
+    from trainer.runs import RunFolder
+    _, local, config = built
     copy = tmp_path / "local"
     shutil.copytree(local, copy)
-    for root in (copy, ws):
-        code, out, err = cli("train", "--name", "r", "--root", root)
-        assert code == 0, err
+    over = {"train.epochs": 2, "train.checkpoint_every": 2, "train.loggers": []}
+    straight = make_job(resolve(config, copy, over), "r")
+    RunFolder(straight.run_dir).prepare(straight.identity(), straight.config)
+    train(straight)
+
+    def stop_at_step_5(step, images, terms):
+        if step == 5:
+            raise KeyboardInterrupt
+    killed = make_job(resolve(config, ws, over), "r")
+    RunFolder(killed.run_dir).prepare(killed.identity(), killed.config)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, on_step=stop_at_step_5)
     remote.detach_all()
-    shutil.rmtree(tmp_path / "cache")                 # a fresh node: eval finds the run in the bucket
+    shutil.rmtree(tmp_path / "cache")                 # another node: only the bucket has the checkpoint
+    resumed = make_job(resolve(config, ws, over), "r")
+    assert torch.load(RunFolder(resumed.run_dir).checkpoint, weights_only=True)["step"] == 4
+    train(resumed)
+    assert same(torch.load(RunFolder(resumed.run_dir).final, weights_only=True),
+                torch.load(RunFolder(straight.run_dir).final, weights_only=True))
     code, out, err = cli("eval", "r", "--root", ws)
     assert code == 0, err
-    stored = objects(s3_server, ws)
-    assert {"runs/r/final.pt", "runs/r/checkpoint.pt", "runs/r/eval.json", "runs/r/metrics.jsonl"} <= set(stored)
-    ours = torch.load(remote.attach(ws) / "runs" / "r" / "final.pt", weights_only=False)
-    theirs = torch.load(copy / "runs" / "r" / "final.pt", weights_only=False)
-    assert same(ours, theirs)
+    assert {"runs/r/final.pt", "runs/r/checkpoint.pt", "runs/r/eval.json", "runs/r/metrics.jsonl"} <= set(
+        objects(s3_server, ws))
 
 
 def same(a, b) -> bool:
@@ -187,3 +206,26 @@ def test_an_unusable_bucket_is_one_line_and_exit_2_with_nothing_written(cli, s3_
     code, out, err = cli("import", "digits", "--root", root or s3_root)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_store_settings_act(cli, ws, tmp_path):
+    """store.cache_dir holds the cache, store.cache_gb bounds its shard data, store.lease_seconds is the lease's
+    life without a refresh."""
+    import json
+    import time
+
+    from pipeline.cli.common import resolve
+    from stores.locks import writer_lock
+    from stores.objectstore import ObjectStore
+    (tmp_path / "small.yaml").write_text(f"store:\n  cache_dir: {tmp_path / 'elsewhere'}\n  cache_gb: 0.001\n"
+                                         "  lease_seconds: 7\n")
+    code, out, err = cli("verify", "-c", "small.yaml", "--root", ws)     # reads every shard of every set
+    assert code == 0, err
+    kept = [p.stat().st_size for p in (tmp_path / "elsewhere").rglob("*")
+            if p.is_file() and remote.is_shard_data(p.as_posix())]
+    assert kept and sum(kept) <= 1_000_000 and not (tmp_path / "cache").exists()
+    remote.detach_all()
+    root = Path(resolve(tmp_path / "small.yaml", ws).root)
+    with writer_lock(root / "images" / "gen", "image set 'gen'"):
+        lease = json.loads(ObjectStore(ws).get("images/gen/.lease"))
+        assert 6 < lease["expires"] - time.time() <= 7

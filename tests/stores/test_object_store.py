@@ -147,3 +147,14 @@ def test_a_missing_bucket_is_named(s3_root, tmp_path):
     with pytest.raises(UserError, match="bucket does not exist"):
         remote.attach("s3://no-such-bucket-here/ws")
     assert not (tmp_path / "cache").exists()
+
+
+def test_gcs_without_credentials_is_named(monkeypatch, tmp_path):
+    """gs:// goes through the same client; with no credentials and no metadata server it says so."""
+    for key in [k for k in os.environ if k.startswith(("GOOGLE_", "GCS_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("DRA_PIPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DRA_PIPE_STORE_RETRY_SECONDS", "2")
+    with pytest.raises(UserError, match="cannot use gs://some-bucket/ws: "):
+        remote.attach("gs://some-bucket/ws")
+    assert not (tmp_path / "cache").exists()
