@@ -151,8 +151,9 @@ def _make_store(scheme: str, bucket: str):
 def describe_failure(exc: Exception) -> str:
     """The server's reason in a few words, and what to check."""
     text = str(exc)
-    for code, meaning in (("token request", "no credentials found (the instance metadata service gave no token); set "
-                                            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or GOOGLE_APPLICATION_CREDENTIALS"),
+    for code, meaning in (("token request", "no credentials found (the instance metadata service gave no token); "
+                                            "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                                            "GOOGLE_APPLICATION_CREDENTIALS"),
                           ("NoSuchBucket", "the bucket does not exist; create it or fix the URL"),
                           ("InvalidAccessKeyId", "the access key is not known; check AWS_ACCESS_KEY_ID or the profile"),
                           ("SignatureDoesNotMatch", "the secret key is wrong; check AWS_SECRET_ACCESS_KEY"),

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from stores import remote
 from stores.atomic import torch_save_atomically
 from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, write_json_atomic
@@ -95,6 +96,8 @@ class RunFolder:
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
+        if self.metrics.exists():        # an object-store root: the rows the checkpoint counts, uploaded before it
+            remote.published(self.metrics)
         _save_atomic(state, self.checkpoint)
 
     def load_checkpoint(self) -> dict | None:

@@ -145,8 +145,8 @@ def test_a_second_writer_on_another_node_is_refused_naming_the_first(cli, ws, s3
 
 
 def test_a_run_killed_on_one_node_resumes_exactly_on_a_fresh_node(cli, built, ws, s3_server, tmp_path):
-    """Train straight on a local disk; train from the bucket, stop at step 5 (checkpoints every 2 steps), delete
-    the node's cache, resume from the bucket: the final weights are equal to the last bit."""
+    """Train straight on a local disk; train from the bucket, stop at step 7 (checkpoints every 2 steps), delete
+    the node's cache, resume from the bucket: the final weights and the metrics rows are equal to the last bit."""
     import torch
 
     from pipeline.cli.common import resolve
@@ -161,20 +161,23 @@ def test_a_run_killed_on_one_node_resumes_exactly_on_a_fresh_node(cli, built, ws
     RunFolder(straight.run_dir).prepare(straight.identity(), straight.config)
     train(straight)
 
-    def stop_at_step_5(step, images, terms):
-        if step == 5:
+    def stop_at_step_7(step, images, terms):       # 5 steps per epoch: in the second, after a checkpoint at 6
+        if step == 7:
             raise KeyboardInterrupt
     killed = make_job(resolve(config, ws, over), "r")
     RunFolder(killed.run_dir).prepare(killed.identity(), killed.config)
     with pytest.raises(KeyboardInterrupt):
-        train(killed, on_step=stop_at_step_5)
+        train(killed, on_step=stop_at_step_7)
     remote.detach_all()
     shutil.rmtree(tmp_path / "cache")                 # another node: only the bucket has the checkpoint
     resumed = make_job(resolve(config, ws, over), "r")
-    assert torch.load(RunFolder(resumed.run_dir).checkpoint, weights_only=True)["step"] == 4
+    assert torch.load(RunFolder(resumed.run_dir).checkpoint, weights_only=True)["step"] == 6
     train(resumed)
     assert same(torch.load(RunFolder(resumed.run_dir).final, weights_only=True),
                 torch.load(RunFolder(straight.run_dir).final, weights_only=True))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]   # noqa: E731
+    rows = strip(RunFolder(resumed.run_dir).read_metrics())
+    assert len(rows) == 2 and rows == strip(RunFolder(straight.run_dir).read_metrics())
     code, out, err = cli("eval", "r", "--root", ws)
     assert code == 0, err
     assert {"runs/r/final.pt", "runs/r/checkpoint.pt", "runs/r/eval.json", "runs/r/metrics.jsonl"} <= set(
