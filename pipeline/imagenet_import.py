@@ -20,6 +20,7 @@ from pipeline.config import Config
 from pipeline.console import console
 from stages import imagenet
 from stages.imagenet_chunks import ChunkWorker, chunk_images, chunk_path, read_chunk
+from stores import remote
 from stores.images import DATASET_JSON, ImageSet, ImageSetWriter, image_set_dir, make_identity, validate_set_name
 from stores.manifest import ShardJob
 from stores.workspace import check_writable
@@ -79,6 +80,7 @@ def _import_split(cfg: Config, source: Path, split: imagenet.FolderSplit, name: 
                   + f"; each one's note is in {name}/{DATASET_JSON}), fingerprint "
                   f"{ImageSet.open(root, name).fingerprint[:12]}", highlight=False, soft_wrap=True)
     shutil.rmtree(staging, ignore_errors=True)
+    remote.removed(staging)
 
 
 def _drop_stale_staging(staging: Path) -> None:
@@ -90,6 +92,7 @@ def _drop_stale_staging(staging: Path) -> None:
         if old != staging and old.is_dir() and len(suffix) == 16 and set(suffix) <= set("0123456789abcdef"):
             console.print(f"removing {old}: staged by an interrupted import of another file listing", highlight=False)
             shutil.rmtree(old, ignore_errors=True)
+            remote.removed(old)
 
 
 def _already_imported(root: Path, name: str, listing: str, resolution: int, cfg: Config) -> bool:

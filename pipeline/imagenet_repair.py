@@ -16,6 +16,7 @@ from pipeline.config import Config
 from pipeline.imagenet_import import decode_chunks, listing_hash, write_set_from_chunks
 from stages import imagenet
 from stages.imagenet_chunks import chunk_path
+from stores import remote
 from stores.errors import UserError
 from stores.images import ImageSet
 from stores.manifest import ShardJob
@@ -55,4 +56,5 @@ def repair_imagenet_split(cfg: Config, images: ImageSet, source: Path, split: im
     write_set_from_chunks(Path(cfg.root), images.name, images.identity, images.meta.get("provenance"), images.n,
                           staging, kept, wait)
     shutil.rmtree(staging, ignore_errors=True)
+    remote.removed(staging)
     return sum(p.count for p in bad)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.imagenet import decode
+from stores import remote
 from stores.manifest import ShardJob
 
 
@@ -61,11 +62,13 @@ class ChunkWorker:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        remote.published(final)            # an object-store root: the driver's write pass may run on another node
         return len(labels)
 
 
 def read_chunk(staging: Path, index: int) -> Chunk | None:
     """The staged chunk's records, or None when it is unreadable."""
+    remote.fetch_file(chunk_path(staging, index))
     try:
         with np.load(chunk_path(staging, index), allow_pickle=False) as z:
             return Chunk(len(z["labels"]), [str(s) for s in z["sha256"]], [str(s) for s in z["notes"]])

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from stores import remote
 from stores.errors import UserError
 from stores.images import ImageSet, ImageSetWriter, make_identity
 
@@ -102,6 +103,7 @@ def load_or_score(folder: Path, scorer: Scorer, images: ImageSet, batch: int, de
     tmp = folder / f".scores.tmp-{os.getpid()}.npz"
     np.savez(tmp, scores=scores, labels=labels, made_by=np.array(json.dumps(made_by)))
     os.replace(tmp, path)
+    remote.published(path)
     return scores, labels, False
 
 
@@ -129,4 +131,5 @@ def write_table(folder: Path, kept: np.ndarray, labels: np.ndarray, scores: np.n
     tmp = folder / f".{TABLE_FILE}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)
     os.replace(tmp, folder / TABLE_FILE)
+    remote.published(folder / TABLE_FILE)
     return folder / TABLE_FILE

@@ -120,3 +120,17 @@ def test_repair_decodes_only_the_chunks_a_damaged_shard_needs_and_restores_its_b
     assert shard_bytes(ws, "imagenet-train") == before
     code, _, _ = cli("verify", "imagenet-train")
     assert code == 0
+
+
+def test_an_import_into_a_bucket_gives_the_bytes_of_a_local_import_and_leaves_no_staging(cli, tmp_path, source,
+                                                                                         s3_root, s3_server):
+    args = ("import", "imagenet", "--from", source, "--resolution", "16", "--shard-size", "4")
+    assert cli(*args)[0] == 0
+    code, out, err = cli(*args, "--root", s3_root)
+    assert code == 0, err
+    bucket = s3_root.split("/")[2]
+    stored = s3_server.objects(bucket)
+    for name in ("imagenet-train", "imagenet-val"):
+        local = shard_bytes(tmp_path / "dra-data", name)
+        assert local and {k.rsplit("/", 1)[1]: v for k, v in stored.items() if f"/images/{name}/shard-" in k} == local
+    assert not [k for k in stored if "staging" in k]            # the decoded chunks went with the folder
