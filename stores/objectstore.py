@@ -143,9 +143,24 @@ def _make_store(scheme: str, bucket: str):
     if os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
         options["allow_http"] = True
     try:
-        return from_url(f"{scheme}://{bucket}", client_options=options, retry_config=retry)
+        return from_url(f"{scheme}://{bucket}", client_options=options, retry_config=retry, **_profile(scheme))
     except Exception as exc:
         raise UserError(f"cannot use {scheme}://{bucket}: {describe_failure(exc)}") from None
+
+
+def _profile(scheme: str) -> dict:
+    """An AWS profile (AWS_PROFILE, ~/.aws/config and credentials: SSO, assume-role, credential_process) through
+    boto3's resolver, when no keys are in the environment; otherwise obstore's own chain (keys in AWS_*, then the
+    instance role)."""
+    if scheme != "s3" or os.environ.get("AWS_ACCESS_KEY_ID"):
+        return {}
+    files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+             os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")]
+    if not os.environ.get("AWS_PROFILE") and not any(os.path.exists(os.path.expanduser(f)) for f in files):
+        return {}
+    import boto3
+    from obstore.auth.boto3 import Boto3CredentialProvider
+    return {"credential_provider": Boto3CredentialProvider(boto3.Session())}
 
 
 def describe_failure(exc: Exception) -> str:

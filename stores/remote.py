@@ -29,7 +29,7 @@ SYNC_STATE = ".sync-state.json"
 LEASE_NAME = ".lease"
 STORE_RECORDS = ("dataset.json", "manifest.parquet", "meta.json", "zarr.json")   # always uploaded as written
 SHARD_DATA = re.compile(r"(^|/)images/[^/]+/shard-\d+\.tar$|(^|/)features/[^/]+/features\.zarr/[^/]+/c/")
-LOCAL_ONLY = re.compile(r"(^|/)(\.lock|\.lease|\.sync-state\.json)$|\.tmp-\d+|(^|/)bench/")
+LOCAL_ONLY = re.compile(r"(^|/)(\.lock|\.lease|\.sync-state\.json)$|\.tmp-\d+")
 
 
 @dataclass
@@ -94,7 +94,7 @@ def localize(path: str | Path, need: bool = False) -> Path:
     """A path the driver sent, as this node sees it: under this node's mirror when the driver's is remote. With
     `need`, the small files under it (a model, a set's records) are brought here first."""
     spec = json.loads(os.environ.get(ENV) or "null")
-    if not spec or not str(path).startswith(spec["mirror"]):
+    if not spec or not _within(Path(path), Path(spec["mirror"])):
         return Path(path)
     root = attach(spec["url"], cache_gb=spec.get("cache_gb"), lease_seconds=spec.get("lease_seconds", 30.0),
                   pull=False, export=False)
@@ -130,9 +130,14 @@ def mirror_of(path: Path) -> tuple[Mirror, str] | None:
         return None
     full = Path(path).absolute()
     for mirror in _MIRRORS.values():
-        if full == mirror.root or mirror.root in full.parents:
+        if _within(full, mirror.root):
             return mirror, mirror.key(full)
     return None
+
+
+def _within(path: Path, root: Path) -> bool:
+    path = path.absolute()
+    return path == root or root in path.parents
 
 
 def _adopt_inherited() -> None:
@@ -173,9 +178,9 @@ def pull_small_files(mirror: Mirror) -> None:
         if not is_shard_data(key):
             (mirror.root / key).unlink(missing_ok=True)
         del mirror.synced[key]
-    for path in _files(mirror.root):               # a store record the bucket no longer has: a deleted set
-        key = mirror.key(path)
-        if path.name in STORE_RECORDS and key not in remote:
+    for path in _files(mirror.root):               # a store record the bucket no longer has: a deleted set (not
+        key = mirror.key(path)                     # one a writer on this node is just uploading: it holds .lock)
+        if path.name in STORE_RECORDS and key not in remote and not (path.parent / ".lock").exists():
             path.unlink()
     mirror.save_state()
 

@@ -158,3 +158,21 @@ def test_gcs_without_credentials_is_named(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="cannot use gs://some-bucket/ws: "):
         remote.attach("gs://some-bucket/ws")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("secret_ok", [True, False])
+def test_a_profile_gives_the_credentials(s3_root, s3_server, monkeypatch, tmp_path, secret_ok):
+    """No keys in the environment, AWS_PROFILE naming a profile of a shared credentials file (as `aws configure`
+    writes it): its keys are used, and a wrong one is named."""
+    secret = s3_server.secret_key if secret_ok else "wrong"
+    (tmp_path / "credentials").write_text(f"[lab]\naws_access_key_id = {s3_server.access_key}\n"
+                                          f"aws_secret_access_key = {secret}\n")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    if secret_ok:
+        assert remote.attach(s3_root).is_dir()
+    else:
+        with pytest.raises(UserError, match="secret key is wrong"):
+            remote.attach(s3_root)
