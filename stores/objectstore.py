@@ -169,6 +169,8 @@ def describe_failure(exc: Exception) -> str:
     for code, meaning in (("token request", "no credentials found (the instance metadata service gave no token); "
                                             "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
                                             "GOOGLE_APPLICATION_CREDENTIALS"),
+                          ("reading pem file", "the service-account key (GOOGLE_APPLICATION_CREDENTIALS) holds no "
+                                               "readable private key"),
                           ("NoSuchBucket", "the bucket does not exist; create it or fix the URL"),
                           ("InvalidAccessKeyId", "the access key is not known; check AWS_ACCESS_KEY_ID or the profile"),
                           ("SignatureDoesNotMatch", "the secret key is wrong; check AWS_SECRET_ACCESS_KEY"),

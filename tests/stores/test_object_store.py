@@ -1,6 +1,7 @@
 """The object-store layer against a real S3 API server on localhost: whole PUTs, the lease, the mirror's cache."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -149,13 +150,16 @@ def test_a_missing_bucket_is_named(s3_root, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_gcs_without_credentials_is_named(monkeypatch, tmp_path):
-    """gs:// goes through the same client; with no credentials and no metadata server it says so."""
-    for key in [k for k in os.environ if k.startswith(("GOOGLE_", "GCS_"))]:
-        monkeypatch.delenv(key)
+def test_gcs_with_a_damaged_service_account_key_is_named(monkeypatch, tmp_path):
+    """gs:// goes through the same client: a key file without a private key is one UserError, nothing written
+    (offline: never the metadata server)."""
+    key = tmp_path / "sa.json"
+    key.write_text(json.dumps({"type": "service_account", "client_email": "x@y.iam.gserviceaccount.com",
+                               "private_key": "not a key", "private_key_id": "1",
+                               "token_uri": "http://127.0.0.1:9/token"}))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
     monkeypatch.setenv("DRA_PIPE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("DRA_PIPE_STORE_RETRY_SECONDS", "2")
-    with pytest.raises(UserError, match="cannot use gs://some-bucket/ws: "):
+    with pytest.raises(UserError, match="cannot use gs://some-bucket.*no readable private key"):
         remote.attach("gs://some-bucket/ws")
     assert not (tmp_path / "cache").exists()
 
