@@ -14,6 +14,7 @@ from datetime import timedelta
 from stores.errors import UserError
 
 SCHEMES = ("s3", "gs")
+MULTIPART_BYTES = 64 << 20
 
 
 def is_url(text: object) -> bool:
@@ -69,9 +70,12 @@ class ObjectStore:
             raise _store_error(self, key, exc) from None
 
     def put_file(self, key: str, path: os.PathLike) -> str:
+        """One PUT up to MULTIPART_BYTES (faster for shard-sized files: README, object-store workspaces), multipart
+        above (parallel parts; S3 refuses single PUTs over 5 GB). Either is visible only once complete."""
         import obstore
+        big = os.path.getsize(path) > MULTIPART_BYTES
         try:
-            return obstore.put(self._store, self._key(key), os.fspath(path))["e_tag"]
+            return obstore.put(self._store, self._key(key), os.fspath(path), use_multipart=big)["e_tag"]
         except Exception as exc:
             raise _store_error(self, key, exc) from None
 
