@@ -11,6 +11,7 @@ Main side: SlotLoader runs the stream in DataLoader workers and hands the batche
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stores import remote
 from stores.errors import IntegrityError, UserError
 
 SLOTS_PER_WORKER = 6                 # DataLoader keeps prefetch_factor (2 by default, 4 in the trainer) batches per
@@ -123,9 +125,13 @@ class SlotLoader:
         self.stream, self.borrow, self.pinned = stream, borrow, pin_memory
         self.lent: int | None = None           # the slot of the borrowed batch the caller holds
         generator = None if seed is None else torch.Generator().manual_seed(seed)
+        # obstore hangs in a process forked after it ran: with a bucket attached, workers start fresh (forkserver)
+        # with this process's environment (the forkserver's is the one it was started with)
+        fresh = workers and remote.attached()
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers,
                                  prefetch_factor=prefetch if workers else None, generator=generator,
-                                 pin_memory=pin_memory)
+                                 pin_memory=pin_memory, multiprocessing_context="forkserver" if fresh else None,
+                                 worker_init_fn=functools.partial(_environment, dict(os.environ)) if fresh else None)
 
     def __iter__(self):
         self.lent = None
@@ -145,6 +151,11 @@ class SlotLoader:
                 del batch                                    # the slot's mapping goes before the slot is freed
                 self.stream.busy[int(slot)] = 0
                 yield own
+
+
+def _environment(values: dict[str, str], worker: int) -> None:
+    os.environ.clear()
+    os.environ.update(values)
 
 
 def _worker_errors_as_raised(loader):

@@ -151,6 +151,12 @@ def _adopt_inherited() -> None:
                                           _read_state(Path(spec["mirror"])))
 
 
+def attached() -> bool:
+    """Whether this process works through a mirror (and so may have started obstore's runtime)."""
+    _adopt_inherited()
+    return bool(_MIRRORS)
+
+
 def as_url(text: str | Path) -> str:
     """A message or path with every mirror folder written as its bucket URL: what the user named."""
     text = str(text)

@@ -9,17 +9,22 @@ them over through recycled shared buffers (stores.handover), as the trainer's lo
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from stores import remote
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSet
 from stores.handover import EmptyBatches, SlotLoader, SlotStream
 from stores.images import ImageSet
-from stores.tarshard import ShardBuffer
+from stores.tarshard import ShardBuffer, shard_name
+
+PREFETCH_SHARDS = 2      # shards downloaded ahead of the one being decoded, when the sets live in a bucket's mirror
 
 
 def check_pairing(images: ImageSet, features: FeatureSet) -> None:
@@ -30,18 +35,77 @@ def check_pairing(images: ImageSet, features: FeatureSet) -> None:
                         f"{images.name} ({images.fingerprint[:12]}); extract features for {images.name} first")
 
 
-class PairedShardReader:
-    """One process's reader: decodes a shard's images and its target slab into reused buffers."""
+class ShardPrefetch:
+    """Downloads the files of the next shards (image tar, every feature array) into the mirror's cache
+    (stores.remote) in one background thread, while the reader decodes the current one: the loader does not wait
+    for GETs. Only downloads run ahead; decoding stays in the reader. Every download of the reader's shards runs in
+    this one thread, so no file is downloaded twice at once; a failed download raises where its shard is read."""
 
-    def __init__(self, image_path: Path, feature_path: Path | None = None):
+    def __init__(self, images: ImageSet, features: FeatureSet | None, window: int):
+        self.images, self.features, self.window = images, features, window
+        self.pending: dict[int, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None       # started on first use: readers are made before forks
+
+    @classmethod
+    def for_sets(cls, images: ImageSet, features: FeatureSet | None, window: int) -> ShardPrefetch | None:
+        """A prefetcher when the image set lives in a mirror, else None (a local root reads as it always did). The
+        window shrinks so that it and the shard being read fit in `store.cache_gb` together."""
+        found = remote.mirror_of(images.path)
+        if found is None:
+            return None
+        prefetch = cls(images, features, window)
+        cache = found[0].cache_bytes
+        if cache is not None:
+            largest = max((sum(size for _, size, _ in prefetch.files(i)) for i in images.records), default=1)
+            prefetch.window = min(window, cache // max(largest, 1) - 1)
+        return prefetch if prefetch.window > 0 else None
+
+    def files(self, index: int) -> list[tuple[Path, int, str]]:
+        """(path, bytes, sha256) of every recorded file of shard `index`."""
+        record = self.images.records.get(index)
+        out = [(self.images.path / shard_name(index), record.bytes, record.sha256)] if record else []
+        slab = self.features.records.get(index) if self.features is not None else None
+        if slab is not None:
+            out += [(self.features.file_path(name, index), slab.files[name]["bytes"], slab.files[name]["sha256"])
+                    for name in self.features.array_names()]
+        return out
+
+    def ready(self, index: int, upcoming: Sequence[int]) -> None:
+        """Queue shard `index` and the next `window` of `upcoming`, then wait until `index`'s files are here."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dra-prefetch")
+        for i in [index, *upcoming[:self.window]]:
+            if i not in self.pending:
+                self.pending[i] = self._pool.submit(self._fetch, i)
+        self.pending.pop(index).result()
+
+    def _fetch(self, index: int) -> None:
+        for path, size, sha256 in self.files(index):
+            remote.fetch(path, size, sha256)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self.pending = None, {}
+
+
+class PairedShardReader:
+    """One process's reader: decodes a shard's images and its target slab into reused buffers. On an object-store
+    root it downloads the shards named as upcoming ahead (ShardPrefetch, `prefetch` shards); close() ends that."""
+
+    def __init__(self, image_path: Path, feature_path: Path | None = None, prefetch: int = PREFETCH_SHARDS):
         self.images = ImageSet(image_path)
         self.features = FeatureSet(feature_path) if feature_path else None
         if self.features is not None:
             check_pairing(self.images, self.features)
         self._buffer = ShardBuffer()
         self._targets: dict[str, np.ndarray] = {}
+        self.prefetch = ShardPrefetch.for_sets(self.images, self.features, prefetch)
 
-    def read(self, index: int) -> dict[str, np.ndarray]:
+    def read(self, index: int, upcoming: Sequence[int] = ()) -> dict[str, np.ndarray]:
+        """Shard `index`, decoded; `upcoming`: the shards this reader will read next, in order (to prefetch)."""
+        if self.prefetch is not None:
+            self.prefetch.ready(index, upcoming)
         shard = self.images.read_shard(index)
         out = {"ids": shard.ids, "images": shard.images, "labels": shard.labels}
         if self.features is None:
@@ -52,6 +116,10 @@ class PairedShardReader:
         if not np.array_equal(slab_ids, shard.ids):
             raise IntegrityError(f"{self.features.path}: ids of shard {index} differ from the images' ids")
         return out
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
 
     def _target_buffer(self, name: str) -> np.ndarray:
         shape = (self.images.shard_size, *self.features.shape)
@@ -88,12 +156,19 @@ class ShardStream(SlotStream):
 
     def __iter__(self):
         reader = PairedShardReader(self.image_path, self.feature_path)
+        try:
+            yield from self._batches(reader)
+        finally:
+            reader.close()
+
+    def _batches(self, reader: PairedShardReader):
         batches = self.empty_batches()
         pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
         held = 0
-        for index in self.my_shards():
+        order = self.my_shards()
+        for k, index in enumerate(order):
             pending = _detach(pending)               # the reader is about to reuse its buffers
-            shard = reader.read(index)
+            shard = reader.read(index, order[k + 1:k + 1 + PREFETCH_SHARDS])
             n = len(shard["ids"])
             perm = (np.random.default_rng([self.seed, self.epoch, index]).permutation(n) if self.shuffle
                     else np.arange(n))
