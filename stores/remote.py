@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,15 +350,24 @@ def unreferenced_objects(set_dir: Path, recorded: set[str]) -> list[str]:
                   if is_shard_data(o.key) and o.key[len(key) + 1:] not in recorded)
 
 
+_CACHE_BOOK = threading.Lock()          # the reader and its prefetch thread both fetch, touch and evict
+
+
 def _touch(mirror: Mirror, key: str, size: int) -> None:
-    mirror.tick += 1
-    mirror.used[key] = (size, mirror.tick)
+    with _CACHE_BOOK:
+        mirror.tick += 1
+        mirror.used[key] = (size, mirror.tick)
 
 
 def _evict(mirror: Mirror, keep: str) -> None:
     """Delete the least recently used shard files of this mirror while it holds more than `store.cache_gb`."""
     if mirror.cache_bytes is None:
         return
+    with _CACHE_BOOK:
+        _evict_over_bound(mirror, keep)
+
+
+def _evict_over_bound(mirror: Mirror, keep: str) -> None:
     if not mirror.used.get("", None):               # first call: count what earlier processes left here
         for path in _files(mirror.root):
             k = mirror.key(path)

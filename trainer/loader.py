@@ -24,7 +24,7 @@ from stores.errors import UserError
 from stores.features import FeatureSet, view_array
 from stores.handover import SLOT_KEY, SlotLoader, SlotStream
 from stores.images import ImageSet
-from stores.stream import TAKE_MODE, PairedShardReader, check_pairing
+from stores.stream import PREFETCH_SHARDS, TAKE_MODE, PairedShardReader, check_pairing
 from trainer.views import view_choices
 
 
@@ -130,12 +130,24 @@ class SlotReader:
 
     def _shard(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         if self._loaded is None or self._loaded[1] != index:
-            self.data = self.reader.read(index)
+            self.data = self.reader.read(index, self._upcoming(index))
         if self._loaded != (self.epoch, index):
             count = next(c for i, _, c in self.source.shards if i == index)
             self.rows = shard_permutation(self.source, self.seed, self.epoch, index, count)
             self._loaded = (self.epoch, index)
         return self.data, self.rows
+
+
+    def _upcoming(self, current: int) -> list[int]:
+        """The next shards this slot reads in this epoch, in order: on an object-store root the reader downloads
+        them while this one is decoded (stores.stream.ShardPrefetch)."""
+        ahead: list[int] = []
+        for index, _, _ in self.pieces[self.piece + 1:]:
+            if len(ahead) == PREFETCH_SHARDS:
+                break
+            if index != current and index not in ahead:
+                ahead.append(index)
+        return ahead
 
 
 def _fill_views(out: np.ndarray, key: str, shard: dict, pick: np.ndarray, views: np.ndarray) -> None:

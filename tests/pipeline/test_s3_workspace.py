@@ -232,3 +232,25 @@ def test_the_store_settings_act(cli, ws, tmp_path):
     with writer_lock(root / "images" / "gen", "image set 'gen'"):
         lease = json.loads(ObjectStore(ws).get("images/gen/.lease"))
         assert 6 < lease["expires"] - time.time() <= 7
+
+
+def test_the_trainers_reader_downloads_the_next_shards_ahead(ws):
+    """The trainer's slot reader names the shards it reads next: while one is decoded, the next two download."""
+    from stores.features import FeatureSet, list_feature_sets
+    from stores.images import ImageSet
+    from trainer.loader import SlotReader, Source
+    root = remote.attach(ws)
+    images = ImageSet.open(root, "digits-train")
+    features = next(FeatureSet(p) for p in list_feature_sets(root)
+                    if FeatureSet(p).identity["image_set_name"] == "digits-train")
+    slot = SlotReader(Source.open(images, features, 0), seed=0, slot=0, slots=1)
+    order = list(dict.fromkeys(index for index, _, _ in slot.pieces))
+    slot._shard(order[0])
+    ahead = slot.reader.prefetch.pending
+    assert list(ahead) == order[1:3]
+    for future in ahead.values():
+        future.result()
+    for index in order[1:3]:
+        assert (images.path / f"shard-{index:06d}.tar").exists() and features.file_path("targets", index).exists()
+    assert not (images.path / f"shard-{order[3]:06d}.tar").exists()
+    slot.reader.close()
