@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from pipeline.cli.common import ConfigOpt, RootOpt, console, resolve
+from stores import remote
 from stores.errors import UserError
 
 BENCHES = ("stores", "generate", "extract", "sampler", "train", "targets", "gpu", "import")
@@ -46,7 +47,10 @@ def bench_cmd(
                   ("--images", images, 1)))
     cfg = resolve(config, root)
     work = work_dir or Path(cfg.root) / "bench"
-    if what == "stores":
+    if what == "stores" and remote.mirror_of(work) is not None:        # --root s3://...: the bucket's reader
+        from pipeline.bench.stores_remote import bench_stores_remote
+        bench_stores_remote(work / "stores-remote", samples, batch, workers, console)
+    elif what == "stores":
         from pipeline.bench.stores import bench_stores
         bench_stores(work, samples, batch, workers, cold, console)
     elif what == "generate":
