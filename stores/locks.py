@@ -149,8 +149,10 @@ def read_holder(f) -> dict | None:
 def _describe(holder: dict | None) -> str:
     if not holder:
         return "another process"
+    lease = (f"; its lease on the bucket expires in {max(0.0, holder['expires'] - time.time()):.0f} s unless its "
+             "holder renews it") if isinstance(holder.get("expires"), (int, float)) else ""
     return (f"pid {holder.get('pid')} on host {holder.get('host')} ({holder.get('command', '?')}, "
-            f"since {holder.get('since', '?')})")
+            f"since {holder.get('since', '?')}{lease})")
 
 
 def _record_holder(f) -> None:

@@ -46,7 +46,7 @@ class Mirror:
     tick: int = 0
 
     def key(self, path: Path) -> str:
-        return Path(path).absolute().relative_to(self.root).as_posix()
+        return Path(path).resolve().relative_to(self.root).as_posix()
 
     def save_state(self) -> None:
         tmp = self.root / f"{SYNC_STATE}.tmp-{os.getpid()}"
@@ -67,7 +67,7 @@ def attach(url: str, cache_dir: str | None = None, cache_gb: float | None = None
     """Check the bucket is usable, register its mirror and return the mirror's root (pulling the small files).
     `export` names it in $DRA_PIPE_REMOTE for child processes (a worker keeps the driver's name there)."""
     store = ObjectStore(url)
-    root = (cache_root(cache_dir) / store.scheme / store.bucket / store.prefix).absolute()
+    root = (cache_root(cache_dir) / store.scheme / store.bucket / store.prefix).resolve()
     if str(root) in _MIRRORS:
         mirror = _MIRRORS[str(root)]
     else:
@@ -129,7 +129,7 @@ def mirror_of(path: Path) -> tuple[Mirror, str] | None:
     _adopt_inherited()
     if not _MIRRORS:
         return None
-    full = Path(path).absolute()
+    full = Path(path).resolve()                    # a symlink into the mirror (bench extract's) names its target
     for mirror in _MIRRORS.values():
         if _within(full, mirror.root):
             return mirror, mirror.key(full)

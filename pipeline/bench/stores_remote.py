@@ -14,7 +14,6 @@ Goal: ours cold / bare >= 0.5.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
