@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
 
 
 def bench_cmd(
-    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train | targets | gpu | import"),
+    what: str = typer.Argument("stores", help="stores | generate | extract | sampler | train | targets | gpu | import "
+                               "(stores with --root s3://...: the bucket's readers against a bare GET)"),
     samples: int = typer.Option(100_000, "--samples", help="stores: samples in the synthetic benchmark set; targets: "
                                                            "real images measured (at most one shard)"),
     batch: int = typer.Option(512, "--batch", help="stores: batch size of the streaming reader"),
