@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ class Mirror:
 
 
 _MIRRORS: dict[str, Mirror] = {}
+_ADOPTED: set[str] = set()                         # $DRA_PIPE_REMOTE values already registered here
 _STARTED = time.time_ns()                          # push_changed uploads only what was written since
 
 
@@ -103,12 +103,8 @@ def localize(path: str | Path, need: bool = False) -> Path:
     if need:
         mirror, key = mirror_of(local)
         for info in mirror.store.list(key + "/") + [i for i in [mirror.store.head(key)] if i]:
-            target = mirror.root / info.key
-            if not is_shard_data(info.key) and not LOCAL_ONLY.search(info.key) and \
-                    (mirror.synced.get(info.key, [None])[0] != info.etag or not target.exists()):
-                _download(mirror, info.key, target)
-                st = target.stat()
-                mirror.synced[info.key] = [info.etag, st.st_size, st.st_mtime_ns]
+            if not LOCAL_ONLY.search(info.key):
+                _bring_small_file(mirror, info)
     return local
 
 
@@ -144,8 +140,12 @@ def _within(path: Path, root: Path) -> bool:
 def _adopt_inherited() -> None:
     """A child process (a side-by-side training run, a Ray worker) writes into the mirror its parent named in
     $DRA_PIPE_REMOTE: register it here too, so that what it completes is uploaded."""
-    spec = json.loads(os.environ.get(ENV) or "null")
-    if spec and spec["mirror"] not in _MIRRORS:
+    value = os.environ.get(ENV)
+    if not value or value in _ADOPTED:               # mirror_of runs per file: parse each value once
+        return
+    _ADOPTED.add(value)
+    spec = json.loads(value)
+    if spec["mirror"] not in _MIRRORS:
         cache = spec.get("cache_gb")
         _MIRRORS[spec["mirror"]] = Mirror(Path(spec["mirror"]), ObjectStore(spec["url"]),
                                           None if cache is None else int(cache * 1e9), spec.get("lease_seconds", 30.0),
@@ -174,13 +174,8 @@ def pull_small_files(mirror: Mirror) -> None:
     """Bring every object but shard data into the mirror when the local copy is absent or older; drop local
     copies of small files deleted in the bucket."""
     remote = {o.key: o for o in mirror.store.list() if not LOCAL_ONLY.search(o.key)}
-    for key, info in remote.items():
-        local = mirror.root / key
-        if is_shard_data(key) or (mirror.synced.get(key, [None])[0] == info.etag and local.exists()):
-            continue
-        _download(mirror, key, local)
-        st = local.stat()
-        mirror.synced[key] = [info.etag, st.st_size, st.st_mtime_ns]
+    for info in remote.values():
+        _bring_small_file(mirror, info)
     for key in [k for k in mirror.synced if k not in remote]:
         if not is_shard_data(key):
             (mirror.root / key).unlink(missing_ok=True)
@@ -190,6 +185,16 @@ def pull_small_files(mirror: Mirror) -> None:
         if path.name in STORE_RECORDS and key not in remote and not (path.parent / ".lock").exists():
             path.unlink()
     mirror.save_state()
+
+
+def _bring_small_file(mirror: Mirror, info) -> None:
+    """Download a small file (never shard data: it is fetched when read) unless this node has its version."""
+    local = mirror.root / info.key
+    if is_shard_data(info.key) or (mirror.synced.get(info.key, [None])[0] == info.etag and local.exists()):
+        return
+    _download(mirror, info.key, local)
+    st = local.stat()
+    mirror.synced[info.key] = [info.etag, st.st_size, st.st_mtime_ns]
 
 
 def _download(mirror: Mirror, key: str, local: Path) -> str:
@@ -388,9 +393,6 @@ def _evict_over_bound(mirror: Mirror, keep: str) -> None:
 def detach_all() -> None:
     """Forget every mirror (tests; a command's end)."""
     _MIRRORS.clear()
+    _ADOPTED.clear()
     os.environ.pop(ENV, None)
 
-
-def remove_mirror(root: Path) -> None:
-    shutil.rmtree(root, ignore_errors=True)
-    _MIRRORS.pop(str(Path(root).absolute()), None)
