@@ -49,8 +49,7 @@ def bench_cmd(
     cfg = resolve(config, root)
     work = work_dir or Path(cfg.root) / "bench"
     if what == "stores" and remote.mirror_of(work) is not None:        # --root s3://...: the bucket's reader
-        from pipeline.bench.stores_remote import bench_stores_remote
-        bench_stores_remote(work / "stores-remote", samples, batch, workers, console)
+        _bench_stores_remote(work, samples, batch, workers)
     elif what == "stores":
         from pipeline.bench.stores import bench_stores
         bench_stores(work, samples, batch, workers, cold, console)
@@ -75,6 +74,11 @@ def bench_cmd(
         _bench_gpu(cfg, work, smoke, out)
     else:
         raise UserError(f"unknown benchmark {what!r}; available: {', '.join(BENCHES)}")
+
+
+def _bench_stores_remote(work: Path, samples: int, batch: int, workers: int) -> None:
+    from pipeline.bench.stores_remote import bench_stores_remote
+    bench_stores_remote(work / "stores-remote", samples, batch, workers, console)
 
 
 def _check_sizes(sizes) -> None:
