@@ -8,6 +8,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.console import console, report_interrupt
 from pipeline.progress import RateBar
+from stores import remote
 from stores.workspace import check_writable
 
 RESUME_HINT = "rerun the same command to resume from the last checkpoint"
@@ -43,6 +44,7 @@ def _prepare_and_train(job, wait: bool, teacher=None) -> dict:
     from trainer.runs import RunFolder
     run = RunFolder(job.run_dir)
     with run.lock(wait):
+        remote.bring(run.path)                  # an object store's root: the checkpoint to resume from
         return _train_run(job, run, teacher)
 
 

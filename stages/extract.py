@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -214,6 +215,7 @@ class FeatureWorker:
         self.noise_seed, self.batch_size = noise_seed, batch_size
         self.stored_dtype, self.compute_dtype = stored_dtype, compute_dtype
         self._image_sets: dict[str, ImageSet] = {}
+        self._feature_sets: dict[str, Path] = {}      # driver's folder -> this node's, its metadata brought once
 
     def compute(self, job, progress) -> tuple[float, list[np.ndarray]]:
         """Decode the image shard once, then targets of every view for every noise level, batch by batch
@@ -241,8 +243,15 @@ class FeatureWorker:
         """Write one zarr shard per feature set (refused if any value overflowed float16)."""
         started, slabs = intermediate
         ids = np.arange(job.first_id, job.first_id + job.count, dtype=np.int64)
-        return [write_feature_shard(localize(folder, need=True), job.index, job.first_id, ids, targets, started=started)
+        return [write_feature_shard(self._feature_set(folder), job.index, job.first_id, ids, targets, started=started)
                 for (folder, _), targets in zip(job.payload.outputs, slabs)]
+
+    def _feature_set(self, folder: str) -> Path:
+        """The set's folder on this node. On an object store its metadata (zarr.json) is brought on first use only:
+        a listing per shard would grow with the set (hundreds of thousands of objects at the DM-AT size)."""
+        if folder not in self._feature_sets:
+            self._feature_sets[folder] = localize(folder, need=True)
+        return self._feature_sets[folder]
 
 
 def recompute_deviation(model: Denoiser, images: ImageSet, feature_set, k: int, seed: int = 0) -> dict:

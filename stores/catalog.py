@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stores import remote
+from stores import remote, remote_checks
 from stores.errors import IntegrityError, UserError
 from stores.features import FeatureSet, list_feature_sets
 from stores.images import ImageSet, list_image_sets
@@ -82,7 +82,7 @@ class Problem:
 
 
 def verify_image_set(path: Path) -> list[Problem]:
-    remote.forget_listing(path)
+    remote_checks.forget_listing(path)
     s = ImageSet(path)
     problems = []
     orphans = _unreferenced(s.path, {shard_name(i) for i in s.records})
@@ -97,7 +97,7 @@ def verify_image_set(path: Path) -> list[Problem]:
 
 
 def verify_feature_set(path: Path) -> list[Problem]:
-    remote.forget_listing(path)
+    remote_checks.forget_listing(path)
     f = FeatureSet(path)
     n, size = f.layout["n"], f.layout["shard_size"]
     problems = []
@@ -114,7 +114,7 @@ def verify_feature_set(path: Path) -> list[Problem]:
 
 
 def _unreferenced(set_dir: Path, recorded: set[str]) -> list[str]:
-    return remote.unreferenced_objects(set_dir, recorded) if remote.mirror_of(set_dir) else []
+    return remote_checks.unreferenced_objects(set_dir, recorded) if remote.mirror_of(set_dir) else []
 
 
 def _never_completed(object_left: bool) -> str:

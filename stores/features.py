@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from stores import remote
+from stores import remote, remote_checks
 from stores.errors import IntegrityError, UserError
 from stores.identity import read_json_record, short_key, write_json_atomic
 from stores.locks import LockedWriter, holds_only_the_lock
@@ -274,7 +274,7 @@ def shard_file(set_dir: Path, array: str, index: int) -> Path:
 
 def damaged_feature_shards(set_dir: Path, records: dict[int, FeatureShardRecord]) -> list[int]:
     """Indices of recorded shards with any array file missing or differing from its record (size, sha256)."""
-    remote.forget_listing(set_dir)
+    remote_checks.forget_listing(set_dir)
     return sorted(i for i, r in records.items()
                   if any(file_problem(shard_file(set_dir, name, i), f.get("bytes"), f.get("sha256"))
                          for name, f in r.files.items()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stores import remote
+from stores import remote, remote_checks
 from stores.errors import IntegrityError, UserError
 from stores.identity import canonical_json, read_json_record, write_json_atomic
 from stores.locks import LockedWriter, holds_only_the_lock
@@ -335,7 +335,7 @@ class ImageSetWriter(LockedWriter):
 
 def damaged_shards(set_dir: Path, records: dict[int, ShardRecord]) -> list[int]:
     """Indices of recorded shards whose file is missing or differs from its record (size, sha256)."""
-    remote.forget_listing(set_dir)
+    remote_checks.forget_listing(set_dir)
     return sorted(i for i, r in records.items() if file_problem(Path(set_dir) / shard_name(i), r.bytes, r.sha256))
 
 

@@ -89,15 +89,14 @@ class ObjectStore:
         except Exception as exc:
             raise _store_error(self, key, exc) from None
 
-    def get_into(self, key: str, f, block: int = 8 << 20) -> int:
-        """Stream the object into an open binary file; returns its size."""
+    def get_into(self, key: str, f, block: int = 8 << 20) -> float:
+        """Stream the object into an open binary file; returns its modification time (seconds since the epoch)."""
         import obstore
         try:
-            size = 0
-            for chunk in obstore.get(self._store, self._key(key)).stream(min_chunk_size=block):
+            result = obstore.get(self._store, self._key(key))
+            for chunk in result.stream(min_chunk_size=block):
                 f.write(chunk)
-                size += len(chunk)
-            return size
+            return result.meta["last_modified"].timestamp()
         except FileNotFoundError:
             raise
         except Exception as exc:

@@ -2,7 +2,8 @@
 
 `root: s3://bucket/prefix` maps to the folder `<cache>/s3/bucket/prefix` on each node (`store.cache_dir`, else
 $DRA_PIPE_CACHE, else ~/.cache/dra-pipe/store). The bucket is the truth; the mirror can be deleted at any time.
-- At a command's start the small files (identities, manifests, meta.json, zarr metadata, run files) are pulled.
+- At a command's start the small files (identities, manifests, meta.json, zarr metadata, run files) are pulled,
+  but for the weights of runs (`runs/*/*.pt`): a command brings those of the runs it opens (`bring`).
 - Shard data (image tars, zarr shard files) is fetched when read, checked against its recorded sha256, and kept
   within `store.cache_gb` (least recently used first out).
 - Every file a writer completes (the local rename of the store contract) is uploaded whole before the writer goes
@@ -29,6 +30,7 @@ SYNC_STATE = ".sync-state.json"
 LEASE_NAME = ".lease"
 STORE_RECORDS = ("dataset.json", "manifest.parquet", "meta.json", "zarr.json")   # always uploaded as written
 SHARD_DATA = re.compile(r"(^|/)images/[^/]+/shard-\d+\.tar$|(^|/)features/[^/]+/features\.zarr/[^/]+/c/")
+DEFERRED = re.compile(r"(^|/)runs/[^/]+/[^/]+\.pt$")     # hundreds of MB per run at CIFAR size: brought on use
 LOCAL_ONLY = re.compile(r"(^|/)(\.lock|\.lease|\.sync-state\.json)$|\.tmp-\d+")
 
 
@@ -108,6 +110,11 @@ def localize(path: str | Path, need: bool = False) -> Path:
     return local
 
 
+def bring(folder: Path) -> None:
+    """The files of one folder a command is about to read, its run weights included (a no-op on a local root)."""
+    localize(folder, need=True)
+
+
 STORE_VARIABLES = ("AWS_", "GOOGLE_", "GCS_", "DRA_PIPE_STORE_")
 
 
@@ -175,7 +182,8 @@ def pull_small_files(mirror: Mirror) -> None:
     copies of small files deleted in the bucket."""
     remote = {o.key: o for o in mirror.store.list() if not LOCAL_ONLY.search(o.key)}
     for info in remote.values():
-        _bring_small_file(mirror, info)
+        if not DEFERRED.search(info.key):
+            _bring_small_file(mirror, info)
     for key in [k for k in mirror.synced if k not in remote]:
         if not is_shard_data(key):
             (mirror.root / key).unlink(missing_ok=True)
@@ -198,13 +206,16 @@ def _bring_small_file(mirror: Mirror, info) -> None:
 
 
 def _download(mirror: Mirror, key: str, local: Path) -> str:
-    """Download to a temporary sibling, rename; returns the sha256 of what arrived."""
+    """Download to a temporary sibling, rename; returns the sha256 of what arrived. The copy keeps the object's
+    modification time, so that "is this file newer than that one" (an eval.json against its weights) holds on
+    every node, whatever order the files arrived in."""
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
     digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
-            mirror.store.get_into(key, _Hashing(f, digest))
+            modified = mirror.store.get_into(key, _Hashing(f, digest))
+        os.utime(tmp, (modified, modified))
         os.replace(tmp, local)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -230,7 +241,7 @@ def published(path: Path) -> None:
     etag = mirror.store.put_file(key, path)
     st = Path(path).stat()
     mirror.synced[key] = [etag, st.st_size, st.st_mtime_ns]
-    folder = _set_folder(key)
+    folder = set_folder(key)
     if folder in mirror.listings:
         mirror.listings[folder][key] = (st.st_size, etag)
     mirror.damaged.discard(key)
@@ -311,48 +322,9 @@ def fetch_file(path: Path) -> None:
             _download(mirror, key, Path(path))
 
 
-def object_problem(path: Path, size: int, sha256: str, rehash: bool) -> str | None:
-    """What is wrong with a recorded shard object (absent, another size; with rehash its sha256), or None."""
-    mirror, key = mirror_of(path)
-    folder = _set_folder(key)                     # one LIST per set, not one per shard folder of a zarr array
-    if folder not in mirror.listings:
-        mirror.listings[folder] = {o.key: (o.size, o.etag) for o in mirror.store.list(folder + "/")}
-    actual, etag = mirror.listings[folder].get(key, (None, None))
-    if actual is None:
-        return "missing"
-    if actual != size:
-        return f"{actual} bytes, the record says {size}"
-    known = mirror.synced.get(key, [None])[0]
-    if rehash or key in mirror.damaged or (known is not None and known != etag):   # changed since this node saw it
-        Path(path).unlink(missing_ok=True)       # check the object itself, not an older local copy
-        try:
-            fetch(path, size, sha256)
-        except IntegrityError:
-            mirror.damaged.add(key)
-            return "sha256 differs from the record (corrupted)"
-        mirror.synced[key] = [etag, size, Path(path).stat().st_mtime_ns]
-        mirror.damaged.discard(key)
-    return None
-
-
-def _set_folder(key: str) -> str:
+def set_folder(key: str) -> str:
     """images/<name> or features/<key>: the folder a listing covers."""
     return "/".join(key.split("/")[:2])
-
-
-def forget_listing(folder: Path) -> None:
-    """The next object_problem in `folder` lists it afresh (workers may have uploaded into it meanwhile)."""
-    found = mirror_of(folder)
-    if found is not None:
-        found[0].listings = {k: v for k, v in found[0].listings.items()
-                             if k != found[1] and not k.startswith(found[1] + "/")}
-
-
-def unreferenced_objects(set_dir: Path, recorded: set[str]) -> list[str]:
-    """Shard objects in a set's folder that no record names: left by a writer stopped between upload and record."""
-    mirror, key = mirror_of(set_dir)
-    return sorted(o.key[len(key) + 1:] for o in mirror.store.list(key + "/")
-                  if is_shard_data(o.key) and o.key[len(key) + 1:] not in recorded)
 
 
 _CACHE_BOOK = threading.Lock()          # the reader and its prefetch thread both fetch, touch and evict

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stores import remote
+from stores import remote, remote_checks
 from stores.checksums import checksum_cache
 from stores.errors import IntegrityError
 from stores.manifest import ShardRecord, worker_name
@@ -137,7 +137,7 @@ def file_problem(path: Path, size: int, sha256: str, rehash: bool = False) -> st
     if not isinstance(size, int) or not isinstance(sha256, str):
         return "not validly recorded"
     if remote.mirror_of(path) is not None:   # on an object store the object is the file; the mirror only a cache
-        return remote.object_problem(path, size, sha256, rehash)
+        return remote_checks.object_problem(path, size, sha256, rehash)
     taken = time.time_ns()
     try:
         seen = file_stat(path)

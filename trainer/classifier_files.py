@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stores import remote
 from stores.atomic import torch_save_atomically
 from stores.errors import IntegrityError, UserError
 from trainer.classifiers import Classifier, build_classifier
@@ -138,6 +139,7 @@ def find_run(root: Path, run: str) -> RunFolder:
             if (root / "runs").is_dir() else []
         listing = f"runs there: {', '.join(known)}" if known else "there are no runs yet; `dra-pipe train` makes one"
         raise UserError(f"no run {run} under {root}/runs ({listing})")
+    remote.bring(folder.path)                   # an object store's root: this run's weights, not pulled at the start
     if not folder.finished:
         state = "training stopped at a checkpoint" if folder.checkpoint.exists() else "training never started"
         raise UserError(f"run {folder.path.name} has no final.pt ({state}); finish it with "

@@ -6,12 +6,14 @@ once into a bucket. Each test works on its own copy of that bucket and its own c
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, run_cli
 
 from stores import remote
@@ -170,14 +172,22 @@ def test_a_run_killed_on_one_node_resumes_exactly_on_a_fresh_node(cli, built, ws
         train(killed, on_step=stop_at_step_7)
     remote.detach_all()
     shutil.rmtree(tmp_path / "cache")                 # another node: only the bucket has the checkpoint
+    fresh = RunFolder(remote.attach(ws) / "runs" / "r")
+    assert fresh.metrics.exists() and not fresh.checkpoint.exists()   # a command's start pulls no run weights
+    remote.detach_all()
+    settings = yaml.safe_load(config.read_text())
+    settings["train"].update(epochs=2, checkpoint_every=2, loggers=[])
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(settings))
+    code, out, err = cli("train", "--name", "r", "--root", ws, "--config", tmp_path / "resume.yaml")
+    assert code == 0 and "resuming from" in out, out + err        # train brought the run's checkpoint
     resumed = make_job(resolve(config, ws, over), "r")
-    assert torch.load(RunFolder(resumed.run_dir).checkpoint, weights_only=True)["step"] == 6
-    train(resumed)
     assert same(torch.load(RunFolder(resumed.run_dir).final, weights_only=True),
                 torch.load(RunFolder(straight.run_dir).final, weights_only=True))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]   # noqa: E731
     rows = strip(RunFolder(resumed.run_dir).read_metrics())
     assert len(rows) == 2 and rows == strip(RunFolder(straight.run_dir).read_metrics())
+    remote.detach_all()
+    shutil.rmtree(tmp_path / "cache")                 # a third node evaluates: eval brings the run's weights
     code, out, err = cli("eval", "r", "--root", ws)
     assert code == 0, err
     assert {"runs/r/final.pt", "runs/r/checkpoint.pt", "runs/r/eval.json", "runs/r/metrics.jsonl"} <= set(
@@ -254,3 +264,50 @@ def test_the_trainers_reader_downloads_the_next_shards_ahead(ws):
         assert (images.path / f"shard-{index:06d}.tar").exists() and features.file_path("targets", index).exists()
     assert not (images.path / f"shard-{order[3]:06d}.tar").exists()
     slot.reader.close()
+
+
+def test_bench_extract_on_a_bucket_uploads_its_shards_and_judges_against_the_mean_of_before_and_after(
+        cli, ws, s3_server):
+    code, out, err = cli("bench", "extract", "--root", ws)
+    assert code == 0, err
+    rates = {row: float(rate.replace(",", "")) for row, rate in
+             re.findall(r"(bare loop before|pipeline|bare loop after)\s+│[^│]+│[^│]+│\s+([\d,.]+)", out)}
+    assert len(rates) == 3, out
+    ratio = float(re.search(r"pipeline / bare \(mean of before and after\): ([\d.]+)", out).group(1))
+    mean = (rates["bare loop before"] + rates["bare loop after"]) / 2
+    assert ratio == pytest.approx(rates["pipeline"] / mean, abs=1.5e-3)
+    uploaded = [k for k in shard_data(objects(s3_server, ws)) if k.startswith("bench/extract/root/features/")]
+    assert len(uploaded) == 6 * 3                       # digits-train's 6 shards: 2 view arrays + ids each
+
+
+def test_a_feature_worker_brings_a_bucket_sets_metadata_once_not_per_shard(ws, s3_server, tiny_model_dir,
+                                                                           monkeypatch):
+    """A listing per shard would grow with the set: quadratic in requests at the DM-AT size."""
+    from stages.extract import FeaturePayload, FeatureWorker, NoiseLevel, feature_identity, target_shape
+    from stages.fingerprint import model_fingerprint
+    from stages.models import load_model
+    from stores.features import FeatureSetWriter
+    from stores.images import ImageSet
+    from stores.manifest import ShardJob
+    from stores.objectstore import ObjectStore
+    from stores.views import ViewSpec
+    root = remote.attach(ws)
+    images, spec, level, views = ImageSet.open(root, "gen"), f"dra:{tiny_model_dir}", NoiseLevel.from_timestep(100), \
+        ViewSpec(1, 0, False, seed=0)
+    net = load_model(spec)
+    identity = feature_identity(images, model_fingerprint(net), "dec.4x4_in1", level, 3, "none", views, True)
+    writer = FeatureSetWriter(root, identity, images.n, images.shard_size, target_shape(net, "dec.4x4_in1", "none"))
+    writer.begin()
+    listed = []
+    real_list = ObjectStore.list
+    monkeypatch.setattr(ObjectStore, "list", lambda store, under="": listed.append(under) or real_list(store, under))
+    worker = FeatureWorker(spec, "dec.4x4_in1", "none", 3, 32)
+    for p in images.plan():
+        job = ShardJob(p.index, p.first_id, p.count, FeaturePayload(str(images.path), ((str(writer.path), level),),
+                                                                    views))
+        for record in worker.finish(job, worker.compute(job, lambda n: None)):
+            writer.record(record)
+    writer.close()
+    set_key = remote.mirror_of(writer.path)[1]
+    assert len(images.plan()) == 3 and sum(under.endswith(set_key + "/") for under in listed) == 1, listed
+    assert len([k for k in shard_data(objects(s3_server, ws)) if k.startswith(set_key + "/")]) == 3 * 2

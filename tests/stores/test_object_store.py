@@ -130,6 +130,22 @@ def test_a_shard_is_fetched_checked_and_the_cache_stays_within_its_bound(s3_root
     assert not (root / "images" / "x" / "shard-000000.tar").exists()
 
 
+def test_a_copy_keeps_its_objects_time_and_run_weights_wait_until_a_command_brings_them(s3_root):
+    """"Is eval.json newer than the weights it scored" must not depend on the order a node downloaded them in."""
+    store = ObjectStore(s3_root)
+    store.put("runs/r/final.pt", b"weights")
+    time.sleep(1.1)                                          # Last-Modified has whole seconds
+    store.put("runs/r/eval.json", b"{}")
+    store.put("runs/r/run.json", b"{}")
+    root = remote.attach(s3_root)                            # a command's start on a fresh node
+    run = root / "runs" / "r"
+    assert (run / "eval.json").exists() and (run / "run.json").exists() and not (run / "final.pt").exists()
+    remote.bring(run)                                        # the weights arrive after eval.json
+    assert (run / "final.pt").read_bytes() == b"weights"
+    assert (run / "eval.json").stat().st_mtime > (run / "final.pt").stat().st_mtime
+    assert abs((run / "eval.json").stat().st_mtime - time.time()) < 60
+
+
 @pytest.mark.parametrize("change, says", [
     ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "secret key is wrong"),
     ({"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN"}, "access key is not known"),
