@@ -4,6 +4,7 @@ Taken with a conditional create (If-None-Match: *), so of two writers exactly on
 every third of `store.lease_seconds` with a conditional replace (If-Match: its own etag), pushing `expires` ahead.
 A holder that died stops refreshing: once `expires` has passed, the next writer takes the lease over with a
 conditional replace of the expired version, so two takers cannot both win. The record names its holder.
+A holder that finds its lease taken over (it could not refresh in time) writes and deletes nothing more there.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from stores.remote import LEASE_NAME, Mirror, mirror_of
 
 class Lease:
     def __init__(self, mirror: Mirror, folder_key: str, command: str, since: str):
-        self.mirror, self.key = mirror, f"{folder_key}/{LEASE_NAME}"
+        self.mirror, self.folder, self.key = mirror, folder_key, f"{folder_key}/{LEASE_NAME}"
         self.seconds = mirror.lease_seconds
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "since": since,
                        "token": uuid.uuid4().hex}
@@ -71,8 +72,9 @@ class Lease:
                 self.etag = self.mirror.store.put(self.key, self._body(), if_etag=self.etag)
             except LostRace:
                 self.lost = True
-                print(f"lost the lease of {self.key} (not refreshed in time; another writer took it over)",
-                      file=sys.stderr, flush=True)
+                self.mirror.lost_leases.add(self.folder)      # this process's next upload there stops it
+                print(f"lost the lease of {self.key} (not refreshed in time; another writer took it over): "
+                      f"stopping at the next write", file=sys.stderr, flush=True)
                 return
             except Exception:                      # the store unreachable for a moment: try again next period
                 continue

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stores.errors import IntegrityError
+from stores.errors import IntegrityError, UserError
 from stores.objectstore import ObjectStore
 
 ENV = "DRA_PIPE_REMOTE"
@@ -45,6 +45,7 @@ class Mirror:
     damaged: set[str] = field(default_factory=set)      # keys a rehash found damaged in this process
     used: dict[str, tuple[int, int]] = field(default_factory=dict)      # shard-data key -> (size, last use tick)
     tick: int = 0
+    lost_leases: set[str] = field(default_factory=set)  # folders another writer took over: not written here again
 
     def key(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.root).as_posix()
@@ -238,6 +239,7 @@ def published(path: Path) -> None:
     if found is None or LOCAL_ONLY.search(found[1]):
         return
     mirror, key = found
+    _check_lease(mirror, key)
     etag = mirror.store.put_file(key, path)
     st = Path(path).stat()
     mirror.synced[key] = [etag, st.st_size, st.st_mtime_ns]
@@ -249,12 +251,22 @@ def published(path: Path) -> None:
         _touch(mirror, key, st.st_size)
 
 
+def _check_lease(mirror: Mirror, key: str) -> None:
+    """Refuse to write or delete in a folder whose lease this process lost: another writer works there now."""
+    for folder in mirror.lost_leases:
+        if key == folder or key.startswith(folder + "/"):
+            raise UserError(f"{mirror.store.url}/{folder}: this writer lost its lease (not refreshed for "
+                            f"{mirror.lease_seconds:.0f} s) and another writer took the set over; stopped before "
+                            f"writing beside it: rerun once that writer is done (or with --wait)")
+
+
 def removed(path: Path) -> None:
     """A file or folder was deleted from a mirror: delete its objects (the folder's lease stays its holder's)."""
     found = mirror_of(path)
     if found is None:
         return
     mirror, key = found
+    _check_lease(mirror, key)
     keys = [o.key for o in mirror.store.list(key + "/") if not o.key.endswith("/" + LEASE_NAME)]
     keys += [key] if mirror.store.head(key) else []
     mirror.store.delete(keys)

@@ -50,6 +50,33 @@ def test_a_second_writer_is_refused_naming_the_holder_and_takes_an_expired_lease
     assert ObjectStore(s3_root).head("images/x/.lease") is None
 
 
+def test_a_writer_whose_lease_was_taken_over_writes_and_deletes_nothing_more_there(s3_root, capfd):
+    import threading
+    root = remote.attach(s3_root, lease_seconds=1.5)
+    folder = root / "images" / "x"
+    mine, _ = take_lease(folder, "dra-pipe generate", "now")
+    mine._stop.set()                                         # this writer stalls past its lease...
+    mine._thread.join()
+    store = ObjectStore(s3_root)
+    store.put("images/x/.lease", json.dumps({"pid": 1, "expires": time.time() + 60}).encode(), if_etag=mine.etag)
+    mine._stop.clear()                                       # ...another node took the set over; it wakes up
+    mine._thread = threading.Thread(target=mine._refresh, daemon=True)
+    mine._thread.start()
+    deadline = time.time() + 10
+    while not mine.lost and time.time() < deadline:
+        time.sleep(0.1)
+    assert mine.lost and "lost the lease" in capfd.readouterr().err
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "shard-000000.tar").write_bytes(b"late")
+    with pytest.raises(UserError, match="lost its lease"):
+        remote.published(folder / "shard-000000.tar")
+    with pytest.raises(UserError, match="lost its lease"):
+        remote.removed(folder)
+    assert store.head("images/x/shard-000000.tar") is None and store.head("images/x/.lease") is not None
+    mine.release()
+    assert json.loads(store.get("images/x/.lease"))["pid"] == 1          # the new holder's lease stays
+
+
 HOLD = """
 import sys, time
 from stores import remote
