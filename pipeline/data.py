@@ -9,6 +9,7 @@ from pipeline.config import Config
 from pipeline.console import console, human_bytes, shard_list
 from pipeline.progress import RateBar
 from stores.errors import IntegrityError, UserError
+from stores.objectstore import is_url
 from stores.remote import as_url
 
 
@@ -27,6 +28,7 @@ def import_data(cfg: Config, importer: str, sources: list[str], name: str | None
         return
     configured = cfg.data.source if importer == cfg.data.importer else None
     if importer == "imagenet":
+        refuse_url_source(sources or ([configured] if configured else []))
         from pipeline.imagenet_import import import_imagenet
         if len(sources) > 1:
             raise UserError(f"import imagenet reads one --from folder, got {len(sources)}; give one --from")
@@ -40,9 +42,45 @@ def import_configured(cfg: Config) -> None:
     """The run's import stage: data.importer from data.source into sets named data.name (or the importer)."""
     if cfg.data.importer == "imagenet":
         from pipeline.imagenet_import import import_imagenet
+        refuse_url_source([cfg.data.source] if cfg.data.source else [])
         import_imagenet(cfg, cfg.data.source, cfg.data.name, cfg.data.resolution)
     else:
         run_import(cfg, cfg.data.importer, cfg.data.source, cfg.data.name)
+
+
+def local_sources(cfg: Config, source: str | list[str] | None) -> tuple[str | list[str] | None, list[str] | None]:
+    """(what to read, what dataset.json records): a source on an object store is brought into this node's cache
+    first, with progress, and its URL is recorded (repair brings it again on any node); a local one is as given."""
+    texts = [source] if isinstance(source, str) else list(source or [])
+    if not any(is_url(t) for t in texts):
+        return source, None
+    local = [bring_source(cfg, t) for t in texts]
+    return (local[0] if isinstance(source, str) else local), texts
+
+
+def bring_source(cfg: Config, text: str) -> str:
+    """One source on an object store, in this node's cache (downloaded only when absent or changed)."""
+    from stores.sources import local_source, missing_bytes
+    total = missing_bytes(text, cfg.store.cache_dir)
+    if not total:
+        return local_source(text, cfg.store.cache_dir)
+    pending = [0]
+    with RateBar(f"download {text}", "MB", total=max(1, total // 1_000_000)) as bar:
+        def on_bytes(n: int) -> None:
+            pending[0] += n
+            if pending[0] >= 1_000_000:
+                bar.advance(pending[0] // 1_000_000)
+                pending[0] %= 1_000_000
+        local = local_source(text, cfg.store.cache_dir, on_bytes)
+    console.print(f"brought {text} into this node's cache: {human_bytes(total)} in {bar.seconds:.1f} s",
+                  highlight=False)
+    return local
+
+
+def refuse_url_source(sources: list[str]) -> None:
+    if any(is_url(s) for s in sources):
+        raise UserError("import imagenet reads a folder on every node's disk (its workers decode the files where "
+                        "they run), not a bucket; copy it to each node (e.g. `aws s3 sync`) and give that folder")
 
 
 def generated_import_name(cfg: Config) -> str:
@@ -105,9 +143,10 @@ def _verify_one(kind: str, path: Path) -> list:
 def run_import(cfg: Config, importer: str, source: str | list[str] | None, name: str | None, wait: bool = False,
                generated: bool = False) -> None:
     from stages.importers import import_source
+    source, recorded = local_sources(cfg, source)
     with RateBar("import", "images") as bar:
         results = import_source(Path(cfg.root), importer, source, name, cfg.data.shard_size, cfg.data.image_format,
-                                cfg.data.test_fraction, cfg.data.split_seed, bar.advance, wait, generated)
+                                cfg.data.test_fraction, cfg.data.split_seed, bar.advance, wait, generated, recorded)
     kind = "generated set " if generated else ""
     for r in results:
         if r.skipped:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.console import console, interrupt_reported, report_interrupt, shard_list
+from pipeline.data import local_sources
 from pipeline.models import model_provenance, recorded_model
 from stages.specs import parse_spec
 from stores.catalog import verify_feature_set, verify_image_set
@@ -129,6 +130,7 @@ def _import_redo(cfg: Config, images: ImageSet, sources: list[str], wait: bool) 
     from stages.importers import recorded_checksums, repair_imported, source_matches
     importer = images.identity["source"]["importer"]
     paths: list[str] = []
+    recorded = None
     if importer != "digits":
         paths = list(sources) or [str(p) for p in _provenance(images.meta).get("sources", [])]
         wanted = len(recorded_checksums(images.identity))
@@ -136,6 +138,7 @@ def _import_redo(cfg: Config, images: ImageSet, sources: list[str], wait: bool) 
         if not paths:
             raise UserError(f"image set {images.name} does not record its source file(s); pass --from PATH, the "
                             f"{importer} source it was imported from{files}")
+        paths, recorded = local_sources(cfg, paths)          # a bucket's source: this node's copy of it
         for path in paths:
             if not Path(path).exists():
                 hint = "pass --from PATH where it is now" if not sources else "check --from"
@@ -150,7 +153,8 @@ def _import_redo(cfg: Config, images: ImageSet, sources: list[str], wait: bool) 
                         f"differs); pass --from the original source")
 
     def redo() -> int:
-        result = repair_imported(Path(cfg.root), images.name, images.identity, images.n, paths, wait=wait)
+        result = repair_imported(Path(cfg.root), images.name, images.identity, images.n, paths, wait=wait,
+                                 recorded=recorded)
         return sum(p.count for p in images.plan() if p.index in set(result.redone))
     return redo
 

@@ -39,16 +39,17 @@ class ImportResult:
 def import_source(root: Path, importer: str, source: str | list[str] | None, name: str | None, shard_size: int,
                   image_format: str, test_fraction: float = 0.2, split_seed: int = 0,
                   progress: Callable[[int], None] | None = None, wait: bool = False,
-                  generated: bool = False) -> list[ImportResult]:
+                  generated: bool = False, recorded: list[str] | None = None) -> list[ImportResult]:
     """Import every split of `source` as image sets `<name>-<split>` (each locked while written; `wait` waits for
     another writer of it instead of refusing). npz takes several files, appended in order into one split;
     `generated` (npz only) writes them as one generated set named `name`, as DM-AT's published data is. Shards of
-    an earlier import that are damaged are redone; dataset.json records the source paths (for `dra-pipe repair`)."""
+    an earlier import that are damaged are redone; dataset.json records the source paths (for `dra-pipe repair`),
+    or `recorded` (the object-store URLs a node's cached copies came from)."""
     paths = _source_paths(importer, source, generated)
     splits = _splits(importer, paths, test_fraction, split_seed)  # every file validated, and the root, before hashing
     check_writable(Path(root))
     checksums = _checksums(importer, paths)
-    provenance = {"sources": [str(p.resolve()) for p in paths]} if paths else None
+    provenance = {"sources": recorded or [str(p.resolve()) for p in paths]} if paths else None
     if generated:
         split = splits[0]
         return [_write_split(root, name or "npz-gen",
@@ -140,7 +141,8 @@ def source_matches(identity: dict, sources: list[str]) -> bool:
 
 
 def repair_imported(root: Path, name: str, identity: dict, n: int, sources: list[str],
-                    progress: Callable[[int], None] | None = None, wait: bool = False) -> ImportResult:
+                    progress: Callable[[int], None] | None = None, wait: bool = False,
+                    recorded: list[str] | None = None) -> ImportResult:
     """Redo the damaged or missing shards of imported set `name` from its sources (checked by `source_matches`)."""
     src = identity["source"]
     generated = identity["kind"] == "generated"
@@ -156,7 +158,7 @@ def repair_imported(root: Path, name: str, identity: dict, n: int, sources: list
     if rebuilt != identity or split.n != n:
         raise UserError(f"{', '.join(sources) or src['importer']}: not the source image set {name} was imported "
                         f"from; pass --from the original source")
-    provenance = {"sources": [str(p.resolve()) for p in paths]} if paths else None
+    provenance = {"sources": recorded or [str(p.resolve()) for p in paths]} if paths else None
     return _write_split(root, name, identity, split, progress, wait, provenance)
 
 

@@ -207,15 +207,19 @@ def _bring_small_file(mirror: Mirror, info) -> None:
 
 
 def _download(mirror: Mirror, key: str, local: Path) -> str:
+    return download(mirror.store, key, local)
+
+
+def download(store: ObjectStore, key: str, local: Path, on_bytes=None) -> str:
     """Download to a temporary sibling, rename; returns the sha256 of what arrived. The copy keeps the object's
     modification time, so that "is this file newer than that one" (an eval.json against its weights) holds on
-    every node, whatever order the files arrived in."""
+    every node, whatever order the files arrived in. on_bytes(n) is told of every chunk written."""
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
     digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
-            modified = mirror.store.get_into(key, _Hashing(f, digest))
+            modified = store.get_into(key, _Hashing(f, digest, on_bytes))
         os.utime(tmp, (modified, modified))
         os.replace(tmp, local)
     except BaseException:
@@ -225,12 +229,14 @@ def _download(mirror: Mirror, key: str, local: Path) -> str:
 
 
 class _Hashing:
-    def __init__(self, f, digest):
-        self.f, self.digest = f, digest
+    def __init__(self, f, digest, on_bytes=None):
+        self.f, self.digest, self.on_bytes = f, digest, on_bytes
 
     def write(self, chunk) -> None:
         self.digest.update(chunk)
         self.f.write(chunk)
+        if self.on_bytes is not None:
+            self.on_bytes(len(chunk))
 
 
 def published(path: Path) -> None:

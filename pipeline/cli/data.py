@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, console, given, resolve
+from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, console, given, given_root, resolve
 from pipeline.config import explain, to_yaml
 from pipeline.data import import_data, list_sets, verify
 from stores.errors import UserError
@@ -38,8 +38,10 @@ def config_cmd(config: Path = ConfigOpt, root: Optional[Path] = RootOpt,
 
 def import_cmd(
     importer: str = typer.Argument(..., help="digits | cifar10 | cifar100 | npz | folder | imagenet | imagenet64"),
-    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH",
-                                                 help="file or folder to import (CIFAR tarball, .npz, image folder; "
+    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH", parser=given_root,
+                                                 help="file or folder to import, on this disk or a bucket's "
+                                                      "s3://BUCKET/KEY (gs:// too: brought into the node's cache "
+                                                      "first) (CIFAR tarball, .npz, image folder; "
                                                       "imagenet: DIR/train/<synset>/*.JPEG and DIR/val (class "
                                                       "folders, or flat with DIR/LOC_val_solution.csv); "
                                                       "imagenet64: the folder holding train_data_batch_1..10 and "

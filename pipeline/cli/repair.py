@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, resolve
+from pipeline.cli.common import ConfigOpt, RootOpt, WaitOpt, given_root, resolve
 from pipeline.repair import repair_sets
 
 
@@ -17,9 +17,10 @@ def register(app: typer.Typer) -> None:
 
 def repair_cmd(
     names: Optional[list[str]] = typer.Argument(None, help="image-set names or feature keys (default: every set)"),
-    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH",
-                                                 help="imported sets: the source file or folder, where the recorded "
-                                                      "one moved (npz: repeat it for each file, in order)"),
+    sources: Optional[list[Path]] = typer.Option(None, "--from", metavar="PATH", parser=given_root,
+                                                 help="imported sets: the source file or folder (or s3://BUCKET/KEY), "
+                                                      "where the recorded one moved (npz: repeat it for each file, "
+                                                      "in order)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="generated and feature sets: the model spec, where "
                                                                     "the recorded one moved"),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPU actors when there is no GPU "
