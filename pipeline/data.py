@@ -55,7 +55,8 @@ def local_sources(cfg: Config, source: str | list[str] | None) -> tuple[str | li
     if not any(is_url(t) for t in texts):
         return source, None
     local = [bring_source(cfg, t) for t in texts]
-    return (local[0] if isinstance(source, str) else local), texts
+    recorded = [t if is_url(t) else str(Path(t).resolve()) for t in texts]
+    return (local[0] if isinstance(source, str) else local), recorded
 
 
 def bring_source(cfg: Config, text: str) -> str:

@@ -57,7 +57,8 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "importer": _k(str, "digits", "real data set to import",
                        choices=("digits", "cifar10", "cifar100", "npz", "folder", "imagenet", "imagenet64")),
-        "source": _k(str, None, "file or folder to import from (not needed for digits)", nullable=True),
+        "source": _k(str, None, "file or folder to import from, or s3://BUCKET/KEY (not needed for digits)",
+                     nullable=True),
         "name": _k(str, None, "image-set name prefix; default: the importer's name", nullable=True),
         "shard_size": _k(int, 10000, "samples per image shard (and per feature shard)", min=1, max=10_000_000),
         "image_format": _k(str, "png", "image encoding inside shards: png (lossless) or npy (raw)",
