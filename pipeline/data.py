@@ -61,10 +61,11 @@ def local_sources(cfg: Config, source: str | list[str] | None) -> tuple[str | li
 
 def bring_source(cfg: Config, text: str) -> str:
     """One source on an object store, in this node's cache (downloaded only when absent or changed)."""
-    from stores.sources import local_source, missing_bytes
-    total = missing_bytes(text, cfg.store.cache_dir)
+    from stores.sources import source_copy
+    copy = source_copy(text, cfg.store.cache_dir)
+    total = sum(o.size for o in copy.missing)
     if not total:
-        return local_source(text, cfg.store.cache_dir)
+        return copy.bring()
     pending = [0]
     with RateBar(f"download {text}", "MB", total=max(1, total // 1_000_000)) as bar:
         def on_bytes(n: int) -> None:
@@ -72,7 +73,7 @@ def bring_source(cfg: Config, text: str) -> str:
             if pending[0] >= 1_000_000:
                 bar.advance(pending[0] // 1_000_000)
                 pending[0] %= 1_000_000
-        local = local_source(text, cfg.store.cache_dir, on_bytes)
+        local = copy.bring(on_bytes)
     console.print(f"brought {text} into this node's cache: {human_bytes(total)} in {bar.seconds:.1f} s",
                   highlight=False)
     return local

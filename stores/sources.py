@@ -6,17 +6,41 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from stores.errors import UserError
-from stores.objectstore import ObjectInfo, ObjectStore, is_url
+from stores.objectstore import ObjectInfo, ObjectStore
 from stores.remote import cache_root, download
 
 STATE = ".sources-state.json"
 
 
-def source_objects(url: str) -> tuple[ObjectStore, str, list[ObjectInfo]]:
-    """(the bucket's store, the key the URL names, the objects to bring): UserError when there are none."""
+@dataclass
+class SourceCopy:
+    """This node's copy of one source URL: what the bucket holds for it, and which of it is not here yet."""
+    store: ObjectStore
+    key: str
+    folder: Path                     # the cache folder of the bucket
+    objects: list[ObjectInfo]
+    state: dict[str, list]           # key -> [etag, size] of the copies made
+
+    @property
+    def missing(self) -> list[ObjectInfo]:
+        return [o for o in self.objects if self.state.get(o.key) != [o.etag, o.size]
+                or not (self.folder / o.key).is_file() or (self.folder / o.key).stat().st_size != o.size]
+
+    def bring(self, on_bytes: Callable[[int], None] | None = None) -> str:
+        """Download what is missing (each file whole, then renamed); the local path to import from."""
+        for info in self.missing:
+            download(self.store, info.key, self.folder / info.key, on_bytes)
+            self.state[info.key] = [info.etag, info.size]
+            _write_state(self.folder / STATE, self.state)
+        return str(self.folder / self.key)
+
+
+def source_copy(url: str, cache_dir: str | None = None) -> SourceCopy:
+    """The objects `url` names (one, or those under it as a folder): UserError when there are none."""
     named = ObjectStore(url)
     if not named.prefix:
         raise UserError(f"{url} names a whole bucket; give the file or folder to import: "
@@ -29,36 +53,8 @@ def source_objects(url: str) -> tuple[ObjectStore, str, list[ObjectInfo]]:
     if not objects:
         raise UserError(f"{named.url}: no such object, and no objects under it as a folder; check --from "
                         f"(data.source)")
-    return store, named.prefix, objects
-
-
-def local_source(text: str, cache_dir: str | None = None,
-                 on_bytes: Callable[[int], None] | None = None) -> str:
-    """The local path to import from: `text` itself when it is not a URL, else this node's copy of it."""
-    if not is_url(text):
-        return text
-    store, key, objects = source_objects(text)
     folder = cache_root(cache_dir) / "sources" / store.scheme / store.bucket
-    state_path = folder / STATE
-    state = _read_state(state_path)
-    for info in objects:
-        local = folder / info.key
-        if state.get(info.key) == [info.etag, info.size] and local.is_file() and local.stat().st_size == info.size:
-            continue
-        download(store, info.key, local, on_bytes)
-        state[info.key] = [info.etag, info.size]
-        _write_state(state_path, state)
-    return str(folder / key)
-
-
-def missing_bytes(text: str, cache_dir: str | None = None) -> int:
-    """Bytes `local_source` would download now (0 for a local path or an unchanged copy)."""
-    if not is_url(text):
-        return 0
-    store, _, objects = source_objects(text)
-    folder = cache_root(cache_dir) / "sources" / store.scheme / store.bucket
-    state = _read_state(folder / STATE)
-    return sum(o.size for o in objects if state.get(o.key) != [o.etag, o.size] or not (folder / o.key).is_file())
+    return SourceCopy(store, named.prefix, folder, objects, _read_state(folder / STATE))
 
 
 def _read_state(path: Path) -> dict[str, list]:

@@ -137,7 +137,6 @@ class SlotReader:
             self._loaded = (self.epoch, index)
         return self.data, self.rows
 
-
     def _upcoming(self, current: int) -> list[int]:
         """The next shards this slot reads in this epoch, in order: on an object-store root the reader downloads
         them while this one is decoded (stores.stream.ShardPrefetch)."""
