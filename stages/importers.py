@@ -49,7 +49,7 @@ def import_source(root: Path, importer: str, source: str | list[str] | None, nam
     splits = _splits(importer, paths, test_fraction, split_seed)  # every file validated, and the root, before hashing
     check_writable(Path(root))
     checksums = _checksums(importer, paths)
-    provenance = _provenance(paths, recorded)
+    provenance = {"sources": recorded or [str(p.resolve()) for p in paths]} if paths else None
     if generated:
         split = splits[0]
         return [_write_split(root, name or "npz-gen",
@@ -158,14 +158,8 @@ def repair_imported(root: Path, name: str, identity: dict, n: int, sources: list
     if rebuilt != identity or split.n != n:
         raise UserError(f"{', '.join(sources) or src['importer']}: not the source image set {name} was imported "
                         f"from; pass --from the original source")
-    provenance = _provenance(paths, recorded)
+    provenance = {"sources": recorded or [str(p.resolve()) for p in paths]} if paths else None
     return _write_split(root, name, identity, split, progress, wait, provenance)
-
-
-def _provenance(paths: list[Path], recorded: list[str] | None) -> dict | None:
-    """dataset.json's record of where the set came from, for `repair`: the URLs given (an object store's source),
-    else the files read."""
-    return {"sources": recorded or [str(p.resolve()) for p in paths]} if paths else None
 
 
 def _write_split(root: Path, name: str, identity: dict, split: SplitSource, progress, wait: bool,
